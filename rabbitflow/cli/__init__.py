@@ -1,0 +1,53 @@
+"""The ``rabbitflow`` command line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import click
+
+from rabbitflow.errors import RabbitflowError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def reports_errors(func: Callable[P, T]) -> Callable[P, T]:
+    """Print an expected rabbitflow error as one line and exit 1.
+
+    ``rabbitflow --debug`` shows the traceback instead."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return func(*args, **kwargs)
+        except RabbitflowError as exc:
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and ctx.find_root().params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for expected errors.")
+@click.version_option(package_name="rabbitflow")
+def cli(debug: bool) -> None:
+    """rabbitflow: declarative RabbitMQ consumers."""
+
+
+def _register() -> None:
+    from rabbitflow.cli import topology
+
+    cli.add_command(topology.topology)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console entry point."""
+    _register()
+    return cli.main(args=argv, prog_name="rabbitflow")

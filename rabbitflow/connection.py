@@ -1,0 +1,45 @@
+"""Opening AMQP connections, with broker errors turned into rabbitflow errors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractConnection
+
+from rabbitflow.errors import AccessRefusedError, UnreachableBrokerError
+from rabbitflow.urls import mask_url
+
+CONNECT_TIMEOUT = 10.0
+
+
+async def connect(
+    url: str,
+    *,
+    name: str = "rabbitflow",
+    heartbeat: int | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+) -> AbstractConnection:
+    """Open a plain (not auto-reconnecting) connection; rabbitflow drives reconnection itself."""
+    extra: dict[str, Any] = {} if heartbeat is None else {"heartbeat": heartbeat}
+    try:
+        connection: AbstractConnection = await aio_pika.connect(
+            url, timeout=timeout, client_properties={"connection_name": name}, **extra
+        )
+        return connection
+    except aiormq.exceptions.ProbableAuthenticationError as exc:
+        raise AccessRefusedError(
+            f"the broker at {mask_url(url)} refused the login or the vhost: {_reason(exc)}"
+        ) from None
+    except (TimeoutError, OSError, socket.gaierror, aiormq.exceptions.AMQPError) as exc:
+        raise UnreachableBrokerError(mask_url(url), _reason(exc)) from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text.replace("\n", " ")

@@ -1,0 +1,164 @@
+"""Every error rabbitflow raises derives from :class:`RabbitflowError` and carries its data.
+
+Two exceptions are control flow for handlers rather than failures: :class:`Retry` asks for a
+delayed retry no earlier than a delay, :class:`Reject` sends the message to the dead-letter
+queue at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class RabbitflowError(Exception):
+    """Root of every rabbitflow error."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a topology file: where, what, and how to fix it."""
+
+    path: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"{where}{self.message}{hint}"
+
+
+class TopologyError(RabbitflowError):
+    """A topology file that cannot be used; lists every problem found in it."""
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        count = len(self.problems)
+        head = f"{self.source}: {count} error{'s' if count != 1 else ''}"
+        return "\n".join([head, *(f"  {problem}" for problem in self.problems)])
+
+
+class TopologySyntaxError(TopologyError):
+    """The file is not valid TOML (or not UTF-8); names the line and column."""
+
+    def __init__(self, source: str, line: int, column: int, message: str) -> None:
+        self.line = line
+        self.column = column
+        self.detail = message
+        RabbitflowError.__init__(self, f"{source}:{line}:{column}: {message}")
+        self.source = source
+        self.problems = (Problem(f"line {line}, column {column}", message),)
+
+    def render(self) -> str:
+        return f"{self.source}:{self.line}:{self.column}: {self.detail}"
+
+
+class ConfigurationError(RabbitflowError):
+    """The application is wired wrongly (handler for an unknown queue, bad import string...)."""
+
+
+class BrokerError(RabbitflowError):
+    """The broker could not be reached or refused an operation."""
+
+
+class UnreachableBrokerError(BrokerError):
+    """No connection could be opened to the broker."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"cannot connect to {url}: {reason}")
+
+
+class AccessRefusedError(BrokerError):
+    """The broker refused an operation for lack of permission (AMQP 403)."""
+
+
+class TopologyConflictError(BrokerError):
+    """An object exists on the broker with other properties than the file asks for."""
+
+    def __init__(
+        self, kind: str, name: str, argument: str, broker_value: object, file_value: object
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.argument = argument
+        self.broker_value = broker_value
+        self.file_value = file_value
+        super().__init__(
+            f"{kind} {name!r} exists with {argument} = {broker_value!r} on the broker, "
+            f"but the topology file asks for {argument} = {file_value!r}; "
+            "RabbitMQ cannot change it in place: delete the object (after draining it) "
+            "or keep the broker's value in the file"
+        )
+
+
+class TopologyMismatchError(BrokerError):
+    """An object the topology needs is missing from the broker (seen with ``--no-declare``)."""
+
+
+class PublishError(RabbitflowError):
+    """A publish was not confirmed by the broker."""
+
+    def __init__(self, exchange: str, routing_key: str, reason: str) -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.reason = reason
+        super().__init__(
+            f"publish to exchange {exchange!r} with routing key {routing_key!r} failed: {reason}"
+        )
+
+
+class UnroutableError(PublishError):
+    """A mandatory publish was returned: no queue is bound for its routing key."""
+
+    def __init__(self, exchange: str, routing_key: str) -> None:
+        super().__init__(exchange, routing_key, "unroutable (no queue bound for this routing key)")
+
+
+class DecodeError(RabbitflowError):
+    """A message body that cannot be decoded or validated; it goes to the DLQ at once."""
+
+    def __init__(self, queue: str, reason: str) -> None:
+        self.queue = queue
+        self.reason = reason
+        super().__init__(reason)
+
+
+class HandlerTimeout(RabbitflowError):
+    """A handler ran longer than its queue's ``timeout``; retried like any failure."""
+
+    def __init__(self, queue: str, seconds: float) -> None:
+        self.queue = queue
+        self.seconds = seconds
+        super().__init__(f"handler for {queue!r} did not finish within {seconds:g}s")
+
+
+class Retry(RabbitflowError):
+    """Raise in a handler to retry the message no earlier than ``delay``.
+
+    ``delay`` is a duration string (``"2m"``), milliseconds as an int, or seconds as a float
+    (e.g. a ``Retry-After`` header value)."""
+
+    def __init__(self, delay: str | int | float | None = None, reason: str = "") -> None:
+        from rabbitflow.duration import parse_duration
+
+        if isinstance(delay, float):
+            self.delay_ms: int | None = round(delay * 1000)
+        else:
+            self.delay_ms = None if delay is None else parse_duration(delay)
+        self.reason = reason
+        super().__init__(reason or f"retry requested (delay {delay})")
+
+
+class Reject(RabbitflowError):
+    """Raise in a handler to send the message to its dead-letter queue without retrying."""
+
+    def __init__(self, reason: str = "rejected by handler") -> None:
+        self.reason = reason
+        super().__init__(reason)

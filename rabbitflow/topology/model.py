@@ -1,0 +1,100 @@
+"""The resolved topology: the file with ``[defaults]`` applied, as the rest of rabbitflow reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rabbitflow.topology.schema import (
+    BindingTable,
+    ExchangeTable,
+    QueueTable,
+    QueueType,
+    TopologyFile,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Delays in ms between attempts (the last repeats) and the total number of handler runs."""
+
+    delays_ms: tuple[int, ...]
+    max_attempts: int
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.delays_ms) and self.max_attempts > 1
+
+    def delay_for(self, attempt: int) -> int:
+        """Delay before attempt ``attempt`` (n >= 2): ``delays[min(n-2, len-1)]``."""
+        return self.delays_ms[min(attempt - 2, len(self.delays_ms) - 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """One work queue with every setting resolved."""
+
+    name: str
+    queue_type: QueueType
+    durable: bool
+    exclusive: bool
+    auto_delete: bool
+    bindings: tuple[BindingTable, ...]
+    prefetch: int
+    concurrency: int | None
+    timeout_ms: int | None
+    retry: RetryPolicy
+    dead_letter: bool
+    crash_limit: int
+    max_body_size: int
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_in_flight(self) -> int:
+        """How many handlers may run at once: ``concurrency`` capped by ``prefetch``."""
+        return min(self.concurrency or self.prefetch, self.prefetch)
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """A validated topology file."""
+
+    source: str
+    broker_url: str | None
+    dead_letter_exchange: str
+    exchanges: dict[str, ExchangeTable]
+    queues: dict[str, QueueConfig]
+
+    @classmethod
+    def from_file(cls, source: str, parsed: TopologyFile) -> Topology:
+        queues = {name: _resolve(name, table, parsed) for name, table in parsed.queues.items()}
+        return cls(
+            source=source,
+            broker_url=parsed.broker.url,
+            dead_letter_exchange=parsed.dead_letter.exchange,
+            exchanges=dict(parsed.exchanges),
+            queues=queues,
+        )
+
+
+def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
+    defaults = parsed.defaults
+    retry = table.retry if table.retry is not None else defaults.retry
+    delays = tuple(retry.delays) if retry is not None else ()
+    max_attempts = (retry.max_attempts if retry is not None else None) or len(delays) + 1
+    return QueueConfig(
+        name=name,
+        queue_type=table.queue_type or defaults.queue_type,
+        durable=table.durable,
+        exclusive=table.exclusive,
+        auto_delete=table.auto_delete,
+        bindings=tuple(table.bindings),
+        prefetch=table.prefetch or defaults.prefetch,
+        concurrency=table.concurrency or defaults.concurrency,
+        timeout_ms=table.timeout if table.timeout is not None else defaults.timeout,
+        retry=RetryPolicy(delays, max_attempts if delays else 1),
+        dead_letter=table.dead_letter if table.dead_letter is not None else defaults.dead_letter,
+        crash_limit=table.crash_limit or defaults.crash_limit,
+        max_body_size=table.max_body_size or defaults.max_body_size,
+        arguments=dict(table.arguments),
+    )

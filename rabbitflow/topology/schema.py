@@ -1,0 +1,132 @@
+"""The pydantic schema of ``topology.toml``, exactly as users write it (before defaults apply)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from rabbitflow.duration import parse_duration, parse_size
+
+QueueType = Literal["quorum", "classic", "stream"]
+ExchangeType = Literal["direct", "topic", "fanout", "headers"]
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class BrokerTable(_Table):
+    """``[broker]``: where to connect when neither ``--url`` nor ``RABBITFLOW_URL`` is given."""
+
+    url: str | None = None
+
+
+class DeadLetterTable(_Table):
+    """``[dead_letter]``: the topic exchange that receives every dead-lettered message."""
+
+    exchange: str = "dlx"
+
+
+class BindingTable(_Table):
+    """A binding from an exchange: ``{ exchange = "orders", routing_key = "order.*" }``."""
+
+    exchange: str
+    routing_key: str = ""
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class RetryTable(_Table):
+    """``retry = { delays = [...], max_attempts = N }``; ``retry = false`` disables retries."""
+
+    delays: list[Duration] = Field(min_length=1)
+    max_attempts: int | None = Field(default=None, ge=1)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.delays)
+
+
+def _retry_switch(value: object) -> object:
+    # ``retry = false`` is stored as an empty policy so that a single type reaches validation.
+    if value is False:
+        return RetryTable.model_construct(delays=[], max_attempts=None)
+    if value is True:
+        raise ValueError('retry = true is not a policy; write retry = { delays = ["1s", "10s"] }')
+    return value
+
+
+RetryField = Annotated[RetryTable | None, BeforeValidator(_retry_switch)]
+
+
+class ExchangeTable(_Table):
+    """``[exchanges.NAME]``."""
+
+    type: ExchangeType
+    durable: bool = True
+    auto_delete: bool = False
+    internal: bool = False
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    bindings: list[BindingTable] = Field(default_factory=list)
+
+
+class DefaultsTable(_Table):
+    """``[defaults]``: applied to every queue that does not set the key itself."""
+
+    queue_type: QueueType = "quorum"
+    prefetch: int = Field(default=32, ge=1, le=65535)
+    concurrency: int | None = Field(default=None, ge=1)
+    timeout: Duration | None = None
+    retry: RetryField = RetryTable(delays=[1_000, 10_000, 60_000])
+    dead_letter: bool = True
+    crash_limit: int = Field(default=10, ge=1)
+    max_body_size: Size = 16 * 1024 * 1024
+
+    @field_validator("prefetch", mode="before")
+    @classmethod
+    def _refuse_unlimited(cls, value: object) -> object:
+        return _refuse_zero_prefetch(value)
+
+
+def _refuse_zero_prefetch(value: object) -> object:
+    if value == 0:
+        raise ValueError(
+            "prefetch 0 means unlimited, which lets the broker push the whole queue into memory; "
+            "set a positive prefetch (e.g. 32)"
+        )
+    return value
+
+
+class QueueTable(_Table):
+    """``[queues.NAME]``; unset keys inherit from ``[defaults]``."""
+
+    queue_type: QueueType | None = None
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    bindings: list[BindingTable] = Field(default_factory=list)
+    prefetch: int | None = Field(default=None, ge=1, le=65535)
+    concurrency: int | None = Field(default=None, ge=1)
+    timeout: Duration | None = None
+    retry: RetryField = None
+    dead_letter: bool | None = None
+    crash_limit: int | None = Field(default=None, ge=1)
+    max_body_size: Size | None = None
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("prefetch", mode="before")
+    @classmethod
+    def _refuse_unlimited(cls, value: object) -> object:
+        return _refuse_zero_prefetch(value)
+
+
+class TopologyFile(_Table):
+    """The whole file."""
+
+    broker: BrokerTable = BrokerTable()
+    defaults: DefaultsTable = DefaultsTable()
+    dead_letter: DeadLetterTable = DeadLetterTable()
+    exchanges: dict[str, ExchangeTable] = Field(default_factory=dict)
+    queues: dict[str, QueueTable] = Field(default_factory=dict)
