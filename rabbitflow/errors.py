@@ -91,11 +91,16 @@ class TopologyConflictError(BrokerError):
         self.broker_value = broker_value
         self.file_value = file_value
         super().__init__(
-            f"{kind} {name!r} exists with {argument} = {broker_value!r} on the broker, "
-            f"but the topology file asks for {argument} = {file_value!r}; "
+            f"{kind} {name!r} exists with {_setting(argument, broker_value)} on the broker, "
+            f"but the topology file asks for {_setting(argument, file_value)}; "
             "RabbitMQ cannot change it in place: delete the object (after draining it) "
             "or keep the broker's value in the file"
         )
+
+
+def _setting(argument: str, value: object) -> str:
+    # None: the argument is not set on that side (RabbitMQ's "received none").
+    return f"no {argument}" if value is None else f"{argument} = {value!r}"
 
 
 class TopologyMismatchError(BrokerError):
