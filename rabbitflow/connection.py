@@ -43,3 +43,12 @@ def _reason(exc: BaseException) -> str:
         return "timed out"
     text = str(exc) or type(exc).__name__
     return text.replace("\n", " ")
+
+
+def underlay(connection: AbstractConnection) -> aiormq.abc.AbstractConnection:
+    """The aiormq connection under an open aio-pika connection (the worker's fast path)."""
+    transport = connection.transport
+    if transport is None:
+        raise UnreachableBrokerError("<closed>", "the connection is closed")
+    amqp: aiormq.abc.AbstractConnection = transport.connection
+    return amqp

@@ -42,9 +42,11 @@ def cli(debug: bool) -> None:
 
 
 def _register() -> None:
-    from rabbitflow.cli import topology
+    from rabbitflow.cli import publish, run, topology
 
     cli.add_command(topology.topology)
+    cli.add_command(run.run)
+    cli.add_command(publish.publish)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -1,0 +1,3 @@
+from rabbitflow.cli import main
+
+main()

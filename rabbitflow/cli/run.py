@@ -1,0 +1,164 @@
+"""``rabbitflow run module:app``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+import structlog
+
+from rabbitflow.cli import reports_errors
+from rabbitflow.importer import UserImportError, load_app
+from rabbitflow.logging import configure_logging
+from rabbitflow.supervisor import Supervisor
+from rabbitflow.urls import resolve_url
+from rabbitflow.worker import Worker, WorkerOptions
+
+log = structlog.get_logger("rabbitflow.run")
+
+
+@click.command()
+@click.argument("target", metavar="MODULE:APP")
+@click.option("--url", help="Broker URL (else RABBITFLOW_URL, the file's [broker].url).")
+@click.option(
+    "--topology",
+    "topology_path",
+    type=click.Path(path_type=Path),
+    help="Topology file (default: the App's, usually ./topology.toml).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes, restarted when they crash.",
+)
+@click.option(
+    "--no-declare",
+    is_flag=True,
+    help="Check the topology exists instead of declaring it (no configure permission).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    default="auto",
+    show_default=True,
+    help="auto: console on a terminal, JSON otherwise.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight handlers get to finish on SIGTERM.",
+)
+@click.option(
+    "--heartbeat",
+    type=click.IntRange(min=0),
+    default=None,
+    help="AMQP heartbeat in seconds (default: the broker's, 60).",
+)
+@click.option(
+    "--loop",
+    type=click.Choice(["auto", "asyncio", "uvloop"]),
+    default="auto",
+    show_default=True,
+    help="Event loop; auto uses uvloop when installed.",
+)
+@reports_errors
+def run(
+    target: str,
+    url: str | None,
+    topology_path: Path | None,
+    workers: int,
+    no_declare: bool,
+    log_format: str,
+    log_level: str,
+    shutdown_timeout: float,
+    heartbeat: int | None,
+    loop: str,
+) -> None:
+    """Consume the queues of MODULE:APP (e.g. ``examples.orders.app:app``)."""
+    configure_logging(log_format, log_level)  # type: ignore[arg-type]
+    if workers > 1:
+        sys.exit(Supervisor(_child_args(), workers).run())
+    try:
+        app = load_app(target)
+    except UserImportError as exc:
+        click.echo(
+            f"error: importing {exc.module!r} failed (the traceback is from your code):", err=True
+        )
+        click.echo(exc.trace, err=True)
+        sys.exit(1)
+    topology = app.load_topology(topology_path)
+    options = WorkerOptions(
+        url=resolve_url(url or app.url, topology.broker_url),
+        declare=not no_declare,
+        shutdown_timeout=shutdown_timeout,
+        heartbeat=heartbeat,
+    )
+    worker = Worker(app, topology, options)
+    _run_loop(worker, loop)
+    # Threads of sync handlers abandoned at the shutdown timeout would keep the interpreter
+    # alive; their messages are already back in the queue, so leave without joining them.
+    if threading.active_count() > 1:
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _child_args() -> list[str]:
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--workers":
+            skip = True
+            continue
+        if arg.startswith("--workers="):
+            continue
+        args.append(arg)
+    return args
+
+
+def _run_loop(worker: Worker, loop: str) -> None:
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise click.UsageError("--loop uvloop: uvloop is not installed") from None
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(_main(worker))
+            return
+    asyncio.run(_main(worker))
+
+
+async def _main(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting now; unacked messages return to their queues")
+            sys.stderr.flush()
+            os._exit(1)
+        worker.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await worker.run()

@@ -1,0 +1,66 @@
+"""Loading ``module:app`` (or ``module:factory()``) the way uvicorn does, with clear errors."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+from pathlib import Path
+
+from rabbitflow.app import App
+from rabbitflow.errors import ConfigurationError
+
+
+class ImportStringError(ConfigurationError):
+    """``module:app`` could not be turned into an :class:`App`."""
+
+
+class UserImportError(ImportStringError):
+    """The user's module raised while being imported; carries its traceback."""
+
+    def __init__(self, module: str, trace: str) -> None:
+        self.module = module
+        self.trace = trace
+        super().__init__(f"importing {module!r} failed:\n{trace}")
+
+
+def load_app(target: str) -> App:
+    """Import ``package.module:attr``; call it when written ``attr()`` (a factory)."""
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ImportStringError(
+            f'import string {target!r} must be "module:attribute", e.g. "myservice.main:app"'
+        )
+    call = attr.endswith("()")
+    attr = attr.removesuffix("()")
+    module = _import(module_name)
+    obj: object = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            apps = [name for name, value in vars(module).items() if isinstance(value, App)]
+            hint = f"; it has {', '.join(apps)}" if apps else ""
+            raise ImportStringError(f"module {module_name!r} has no attribute {attr!r}{hint}")
+        obj = getattr(obj, part)
+    if call or (callable(obj) and not isinstance(obj, App)):
+        obj = obj() if callable(obj) else obj
+    if not isinstance(obj, App):
+        raise ImportStringError(f"{target!r} is a {type(obj).__name__}, not a rabbitflow App")
+    return obj
+
+
+def _import(module_name: str) -> object:
+    # Like `python -m`, the current directory is importable.
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ImportStringError(
+                f"could not import module {module_name!r} (run from the directory that "
+                "contains it, or install it)"
+            ) from None
+        raise UserImportError(module_name, traceback.format_exc()) from None
+    except Exception:
+        raise UserImportError(module_name, traceback.format_exc()) from None

@@ -1,0 +1,57 @@
+"""structlog set-up: JSON lines for machines, coloured console output for people."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any, Literal
+
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+LogFormat = Literal["json", "console", "auto"]
+_SECRET_IN_URL = re.compile(r"(amqps?://[^:/@\s]+:)[^@\s]+@")
+
+
+def mask_secrets(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """Defence in depth: hide a password in any AMQP URL that reaches a log line."""
+    for key, value in event.items():
+        if isinstance(value, str) and "://" in value:
+            event[key] = _SECRET_IN_URL.sub(r"\1***@", value)
+    return event
+
+
+def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
+    """Configure structlog (and the stdlib loggers of aio-pika/aiormq) for a worker process.
+
+    ``auto`` means console output on a terminal and JSON otherwise. Levels below ``level``
+    cost one no-op call: the bound logger is built for the level once.
+    """
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        mask_secrets,
+    ]
+    if use_json:
+        processors.append(structlog.processors.format_exc_info)
+    structlog.configure(
+        processors=[*processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    # aiormq/aio-pika log through the stdlib; keep their warnings, drop their chatter.
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )

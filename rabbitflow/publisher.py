@@ -1,0 +1,121 @@
+"""Publishing with publisher confirms: a publish returns only once the broker has the message."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import aiormq
+from aiormq.abc import AbstractChannel
+from pamqp import commands as spec
+
+from rabbitflow.errors import PublishError, UnroutableError
+from rabbitflow.payload import encode
+
+PERSISTENT = 2
+
+
+class Publisher:
+    """Publishes on one confirm-mode channel; many publishes may await their confirms at once."""
+
+    __slots__ = ("_lock", "channel", "connection")
+
+    def __init__(self, connection: aiormq.abc.AbstractConnection, channel: AbstractChannel) -> None:
+        self.connection = connection
+        self.channel = channel
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, connection: aiormq.abc.AbstractConnection) -> Publisher:
+        return cls(connection, await cls._new_channel(connection))
+
+    @staticmethod
+    async def _new_channel(connection: aiormq.abc.AbstractConnection) -> AbstractChannel:
+        # on_return_raises: a mandatory publish that no queue accepts fails instead of
+        # being confirmed (RabbitMQ confirms returned messages too).
+        return await connection.channel(publisher_confirms=True, on_return_raises=True)
+
+    @property
+    def is_open(self) -> bool:
+        return not self.connection.is_closed
+
+    async def _reopen(self) -> None:
+        # Publishing to a missing exchange makes the broker close the channel (404); the
+        # connection survives, so the next publish gets a fresh channel.
+        async with self._lock:
+            if self.channel.is_closed and not self.connection.is_closed:
+                self.channel = await self._new_channel(self.connection)
+
+    async def send(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        *,
+        mandatory: bool = True,
+        timeout: float | None = 30.0,
+    ) -> None:
+        """Publish raw bytes and wait for the broker's confirm."""
+        try:
+            if self.channel.is_closed:
+                await self._reopen()
+            result = await self.channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+                timeout=timeout,
+            )
+        except aiormq.exceptions.PublishError:
+            raise UnroutableError(exchange, routing_key) from None
+        except aiormq.exceptions.DeliveryError:
+            raise PublishError(exchange, routing_key, "the broker nacked the message") from None
+        except TimeoutError:
+            reason = "no confirm from the broker in time"
+            raise PublishError(exchange, routing_key, reason) from None
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            raise PublishError(exchange, routing_key, f"channel unavailable: {exc!r}") from None
+        if isinstance(result, spec.Basic.Nack):
+            raise PublishError(exchange, routing_key, "the broker nacked the message")
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        payload: object,
+        *,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        content_type: str | None = None,
+        persistent: bool = True,
+        mandatory: bool = True,
+        priority: int | None = None,
+        expiration: int | None = None,
+        reply_to: str | None = None,
+        timeout: float | None = 30.0,
+    ) -> str:
+        """Encode ``payload`` and publish it; return its ``message_id``."""
+        body, detected = encode(payload)
+        message_id = message_id or uuid.uuid4().hex
+        properties = spec.Basic.Properties(
+            content_type=content_type or detected,
+            delivery_mode=PERSISTENT if persistent else 1,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            headers=headers or None,
+            priority=priority,
+            expiration=str(expiration) if expiration is not None else None,
+            reply_to=reply_to,
+        )
+        await self.send(
+            exchange, routing_key, body, properties, mandatory=mandatory, timeout=timeout
+        )
+        return message_id
+
+    async def close(self) -> None:
+        if not self.channel.is_closed:
+            await self.channel.close()

@@ -1,0 +1,77 @@
+"""``rabbitflow run --workers N``: N worker processes, restarted when they crash.
+
+Each child is a plain ``rabbitflow run`` with one worker. SIGTERM/SIGINT are forwarded; the
+supervisor exits when every child has. A child that keeps failing right after start (a
+configuration error, a broker that refuses the topology) stops the supervisor instead of
+restarting forever.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+import structlog
+
+log = structlog.get_logger("rabbitflow.supervisor")
+
+QUICK_FAILURE = 5.0  # seconds: a child dying this soon after start did not really start
+MAX_QUICK_FAILURES = 3
+
+
+class Supervisor:
+    def __init__(self, child_args: Sequence[str], workers: int) -> None:
+        self.child_args = list(child_args)
+        self.workers = workers
+        self.children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self.stopping = False
+        self.quick_failures = 0
+        self.signals = 0
+
+    def _spawn(self, slot: int) -> None:
+        command = [sys.executable, "-m", "rabbitflow", *self.child_args]
+        process = subprocess.Popen(command)
+        self.children[slot] = (process, time.monotonic())
+        log.info("worker started", slot=slot, pid=process.pid)
+
+    def _forward(self, signum: int, _: FrameType | None) -> None:
+        self.signals += 1
+        self.stopping = True
+        sent = signum if self.signals == 1 else signal.SIGKILL
+        for process, _started in self.children.values():
+            if process.poll() is None:
+                process.send_signal(sent)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._forward)
+        signal.signal(signal.SIGINT, self._forward)
+        for slot in range(self.workers):
+            self._spawn(slot)
+        failed = False
+        while self.children:
+            time.sleep(0.2)
+            for slot, (process, started) in list(self.children.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del self.children[slot]
+                if self.stopping:
+                    continue
+                failed = self._on_exit(slot, process.pid, code, started) or failed
+        return 1 if failed else 0
+
+    def _on_exit(self, slot: int, pid: int, code: int, started: float) -> bool:
+        quick = time.monotonic() - started < QUICK_FAILURE
+        self.quick_failures = self.quick_failures + 1 if quick and code != 0 else 0
+        if self.quick_failures >= MAX_QUICK_FAILURES:
+            log.error("workers keep failing at start-up; giving up", exit_code=code)
+            self.stopping = True
+            self._forward(signal.SIGTERM, None)
+            return True
+        log.warning("worker exited; restarting it", slot=slot, pid=pid, exit_code=code)
+        self._spawn(slot)
+        return False

@@ -1,0 +1,317 @@
+"""The consuming process: connection, one channel per consumer, graceful drain, reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiormq
+import structlog
+from aio_pika.abc import AbstractConnection
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from rabbitflow.app import App
+from rabbitflow.connection import connect, underlay
+from rabbitflow.dispatch import Dispatcher
+from rabbitflow.errors import BrokerError, UnreachableBrokerError
+from rabbitflow.handler import Consumer, Signature, inspect_handler
+from rabbitflow.outcome import OutcomePolicy
+from rabbitflow.publisher import Publisher
+from rabbitflow.settle import Acker, Settler
+from rabbitflow.topology import Declarations, Topology, derive
+from rabbitflow.topology.declare import declare, verify
+from rabbitflow.urls import mask_url
+
+log = structlog.get_logger("rabbitflow.worker")
+
+# RabbitMQ's default consumer_timeout: a delivery unacked for longer closes its channel.
+BROKER_CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
+
+
+@dataclass
+class WorkerOptions:
+    url: str
+    declare: bool = True
+    shutdown_timeout: float = 30.0
+    heartbeat: int | None = None
+    max_reconnect_wait: float = 30.0
+
+
+class _Stop(Exception):
+    """Raised inside the reconnect loop when shutdown was requested."""
+
+
+@dataclass
+class _Session:
+    """What one connection holds; dropped as a whole when the connection is lost."""
+
+    connection: AbstractConnection
+    channels: list[aiormq.abc.AbstractChannel] = field(default_factory=list)
+    ackers: list[Acker] = field(default_factory=list)
+    consumer_tags: dict[str, aiormq.abc.AbstractChannel] = field(default_factory=dict)
+
+
+class Worker:
+    """Consumes every queue of ``app`` that has a handler, until :meth:`stop`."""
+
+    def __init__(self, app: App, topology: Topology, options: WorkerOptions) -> None:
+        self.app = app
+        self.topology = topology
+        self.options = options
+        self.declarations: Declarations = derive(topology)
+        self.signatures: dict[str, Signature] = {
+            queue: inspect_handler(consumer) for queue, consumer in app.consumers.items()
+        }
+        self.ready = False
+        self.reconnections = 0
+        self._stopping = asyncio.Event()
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._thread_count(), thread_name_prefix="rabbitflow-handler"
+        )
+        self._session: _Session | None = None
+        self._publisher: Publisher | None = None
+        self._warn_timeouts()
+
+    def _thread_count(self) -> int:
+        sync = [
+            self.topology.queues[q].max_in_flight
+            for q, sig in self.signatures.items()
+            if not sig.is_async
+        ]
+        return max(1, min(sum(sync), 256))
+
+    def _warn_timeouts(self) -> None:
+        for queue in self.app.consumers:
+            timeout = self.topology.queues[queue].timeout_ms
+            if timeout is not None and timeout >= BROKER_CONSUMER_TIMEOUT_MS:
+                log.warning(
+                    "handler timeout is not below RabbitMQ's consumer_timeout (30m by default): "
+                    "a handler running that long gets its channel closed by the broker",
+                    queue=queue,
+                    timeout_ms=timeout,
+                )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Request a graceful shutdown (idempotent)."""
+        if not self._stopping.is_set():
+            log.info(
+                "shutdown requested; draining in-flight messages",
+                in_flight=len(self._in_flight),
+                timeout=self.options.shutdown_timeout,
+            )
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self) -> None:
+        """Connect, declare, run the lifespan hooks and consume until stopped."""
+        log.info(
+            "starting",
+            url=mask_url(self.options.url),
+            queues=sorted(self.app.consumers),
+            declare=self.options.declare,
+        )
+        try:
+            connection = await self._connect()
+        except _Stop:
+            return
+        started = False
+        try:
+            await self._prepare(connection)
+            async with self.app.lifespan_context():
+                started = True
+                await self._serve(connection)
+        finally:
+            self.ready = False
+            self.app.attach(None)
+            if not started and not connection.is_closed:
+                await connection.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            log.info("stopped")
+
+    async def _connect(self) -> AbstractConnection:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(UnreachableBrokerError),
+            wait=wait_random_exponential(multiplier=0.5, max=self.options.max_reconnect_wait),
+            sleep=self._sleep,
+            before_sleep=_log_retry,
+            reraise=True,
+        ):
+            with attempt:
+                return await connect(
+                    self.options.url, name=self.app.name, heartbeat=self.options.heartbeat
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        if self._stopping.is_set():
+            raise _Stop
+
+    async def _prepare(self, connection: AbstractConnection) -> None:
+        if self.options.declare:
+            await declare(connection, self.declarations)
+            log.info(
+                "topology declared",
+                source=self.topology.source,
+                queues=len(self.declarations.queues),
+            )
+        else:
+            await verify(connection, self.declarations)
+            log.info("topology verified (--no-declare)", source=self.topology.source)
+        self._publisher = await Publisher.open(underlay(connection))
+        self.app.attach(self._publisher)
+
+    async def _serve(self, connection: AbstractConnection) -> None:
+        while True:
+            lost = await self._consume(connection)
+            if not lost:
+                return
+            self.reconnections += 1
+            try:
+                connection = await self._connect()
+                await self._prepare(connection)
+            except _Stop:
+                return
+            log.info("reconnected", reconnections=self.reconnections)
+
+    async def _consume(self, connection: AbstractConnection) -> bool:
+        """Consume on ``connection`` until it is lost (return True) or shutdown (False)."""
+        session = _Session(connection)
+        self._session = session
+        amqp = underlay(connection)
+        try:
+            for consumer in self.app.consumers.values():
+                await self._start_consumer(session, amqp, consumer)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.warning("could not start consuming", error=repr(exc))
+            await self._drop(session)
+            return not self._stopping.is_set()
+        self.ready = True
+        log.info("consuming", queues=sorted(self.app.consumers))
+        lost = await self._wait_until_lost_or_stopped(session, amqp)
+        self.ready = False
+        if lost:
+            log.warning("connection to the broker lost; reconnecting", error=lost)
+            await self._drop(session)
+            return not self._stopping.is_set()
+        await self._drain(session)
+        return False
+
+    async def _start_consumer(
+        self, session: _Session, amqp: aiormq.abc.AbstractConnection, consumer: Consumer
+    ) -> None:
+        config = self.topology.queues[consumer.queue]
+        channel = await amqp.channel(publisher_confirms=False)
+        session.channels.append(channel)
+        # basic.qos caps the deliveries the broker pushes before they are acked.
+        await channel.basic_qos(prefetch_count=config.prefetch)
+        acker = Acker(channel)
+        session.ackers.append(acker)
+        assert self._publisher is not None
+        settler = Settler(
+            consumer.queue, acker, self._publisher, self.declarations.routes[consumer.queue]
+        )
+        dispatcher = Dispatcher(
+            consumer,
+            self.signatures[consumer.queue],
+            OutcomePolicy(config.retry, consumer.retry_on, consumer.dead_letter_on),
+            settler,
+            timeout_ms=config.timeout_ms,
+            max_body_size=config.max_body_size,
+            max_in_flight=config.max_in_flight,
+            prefetch=config.prefetch,
+            executor=self._executor,
+            in_flight=self._in_flight,
+        )
+        tag = f"{self.app.name}.{consumer.queue}.{uuid.uuid4().hex[:8]}"
+        await channel.basic_consume(consumer.queue, dispatcher, consumer_tag=tag)
+        session.consumer_tags[tag] = channel
+
+    async def _wait_until_lost_or_stopped(
+        self, session: _Session, amqp: aiormq.abc.AbstractConnection
+    ) -> str | None:
+        closings: list[asyncio.Future[Any]] = [amqp.closing]
+        closings += [channel.closing for channel in session.channels]
+        stop = asyncio.ensure_future(self._stopping.wait())
+        watched = [asyncio.ensure_future(_settled(f)) for f in closings]
+        try:
+            done, _ = await asyncio.wait([stop, *watched], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in [stop, *watched]:
+                future.cancel()
+        if stop in done:
+            return None
+        for future in watched:
+            if future in done and not future.cancelled():
+                return future.result()
+        return "closed"
+
+    async def _drain(self, session: _Session) -> None:
+        """Stop deliveries, let in-flight handlers finish within the timeout, ack, close."""
+        # basic.cancel stops new deliveries; those already in hand stay ours to settle.
+        for tag, channel in session.consumer_tags.items():
+            with contextlib.suppress(Exception):
+                await channel.basic_cancel(tag)
+        pending = set(self._in_flight)
+        if pending:
+            log.info("waiting for in-flight handlers", count=len(pending))
+            _, pending = await asyncio.wait(pending, timeout=self.options.shutdown_timeout)
+        if pending:
+            log.warning(
+                "shutdown timeout reached; unfinished messages go back to the queue",
+                count=len(pending),
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
+        for acker in session.ackers:
+            await acker.close()
+        await self._close(session)
+
+    async def _drop(self, session: _Session) -> None:
+        # Deliveries of a lost channel are requeued by the broker; their tags mean nothing on
+        # a new channel, so handlers still running for them are cancelled, not settled.
+        for task in list(self._in_flight):
+            task.cancel()
+        for acker in session.ackers:
+            acker._task.cancel()
+        await self._close(session)
+
+    async def _close(self, session: _Session) -> None:
+        self.app.attach(None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(session.connection.close(), 5)
+
+
+async def _settled(future: asyncio.Future[Any]) -> str:
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        return repr(exc)
+    return "closed by the broker"
+
+
+def _log_retry(state: Any) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "broker unreachable; retrying",
+        attempt=state.attempt_number,
+        retry_in=round(state.upcoming_sleep, 2),
+        error=str(exc),
+    )
+
+
+__all__ = ["BrokerError", "Worker", "WorkerOptions"]
