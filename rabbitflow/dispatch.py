@@ -15,12 +15,14 @@ from concurrent.futures import Executor
 from typing import Any
 
 from aiormq.abc import DeliveredMessage
+from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_random_exponential
 
 from rabbitflow import headers as h
-from rabbitflow.errors import HandlerTimeout
+from rabbitflow.breaker import CircuitBreaker
+from rabbitflow.errors import HandlerTimeout, Retry
 from rabbitflow.handler import Consumer, Signature
 from rabbitflow.message import Message, read_attempt
-from rabbitflow.outcome import OutcomePolicy
+from rabbitflow.outcome import Action, Outcome, OutcomePolicy
 from rabbitflow.payload import check_envelope
 from rabbitflow.settle import Settler, parse_not_before
 
@@ -29,9 +31,11 @@ class Dispatcher:
     """Runs the handler of one queue for each delivery of one channel."""
 
     __slots__ = (
+        "_breaker",
         "_call",
         "_decode",
         "_executor",
+        "_immediate",
         "_in_flight",
         "_is_async",
         "_limit",
@@ -58,6 +62,8 @@ class Dispatcher:
         prefetch: int,
         executor: Executor,
         in_flight: set[asyncio.Task[Any]],
+        immediate_retries: int = 0,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._queue = consumer.queue
         self._call = consumer.func
@@ -75,6 +81,8 @@ class Dispatcher:
         self._executor = executor
         self._in_flight = in_flight
         self._loop = asyncio.get_running_loop()
+        self._immediate = immediate_retries
+        self._breaker = breaker
 
     async def __call__(self, delivery: DeliveredMessage) -> None:
         task = asyncio.current_task()
@@ -98,27 +106,69 @@ class Dispatcher:
             if not_before is not None and not_before > time.time():
                 await self._settler.defer(delivery, not_before)
                 return
+        breaker = self._breaker
+        if breaker is not None and breaker.is_open:
+            await breaker.wait_runnable()
         try:
             check_envelope(self._queue, delivery.body, props.content_encoding, self._limit)
-            if self._message_only:
-                args: tuple[Any, ...] = (Message(delivery, self._queue, attempt),)
-            else:
-                value = self._decode(self._queue, delivery.body, props.content_type)
-                args = (
-                    (value, Message(delivery, self._queue, attempt))
-                    if self._wants_message
-                    else (value,)
-                )
-            await self._run(args)
+            await self._run(self._arguments(delivery, attempt))
         except asyncio.CancelledError:
             # Shutdown or a lost connection: the delivery stays unacked and the broker
             # requeues it when the channel closes. Never reject it here.
             raise
         except BaseException as exc:
             outcome = self._policy.decide(exc, attempt)
+            if self._immediate and _immediately_retryable(exc, outcome):
+                exc, outcome, attempt = await self._retry_now(delivery, exc, attempt)
+                if outcome.action is Action.ACK:
+                    self._succeeded(delivery)
+                    return
+            if breaker is not None:
+                breaker.record(outcome.action is Action.RETRY)
             await self._settler.fail(delivery, exc, outcome, attempt)
             return
+        self._succeeded(delivery)
+
+    def _succeeded(self, delivery: DeliveredMessage) -> None:
         self._settler.acker.ack(delivery.delivery_tag or 0)
+        if self._breaker is not None:
+            self._breaker.record(False)
+
+    def _arguments(self, delivery: DeliveredMessage, attempt: int) -> tuple[Any, ...]:
+        if self._message_only:
+            return (Message(delivery, self._queue, attempt),)
+        value = self._decode(self._queue, delivery.body, delivery.header.properties.content_type)
+        if self._wants_message:
+            return (value, Message(delivery, self._queue, attempt))
+        return (value,)
+
+    async def _retry_now(
+        self, delivery: DeliveredMessage, exc: BaseException, attempt: int
+    ) -> tuple[BaseException, Outcome, int]:
+        """In-process retries with short exponential backoff and jitter; each is an attempt."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._immediate),
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            reraise=False,
+        )
+        try:
+            async for trial in retrying:
+                with trial:
+                    attempt += 1
+                    try:
+                        await self._run(self._arguments(delivery, attempt))
+                    except asyncio.CancelledError:
+                        raise
+                    except BaseException as error:
+                        exc = error
+                        outcome = self._policy.decide(exc, attempt)
+                        if not _immediately_retryable(exc, outcome):
+                            return exc, outcome, attempt
+                        raise
+                    return exc, Outcome(Action.ACK, "ok"), attempt
+        except RetryError:
+            pass
+        return exc, self._policy.decide(exc, attempt), attempt
 
     async def _run(self, args: tuple[Any, ...]) -> None:
         if self._timeout is None:
@@ -144,3 +194,8 @@ class Dispatcher:
         return self._loop.run_in_executor(
             self._executor, functools.partial(context.run, self._call, *args)
         )
+
+
+def _immediately_retryable(exc: BaseException, outcome: Outcome) -> bool:
+    # An explicit Retry asks for a delay, and a timeout already took its full time.
+    return outcome.action is Action.RETRY and not isinstance(exc, Retry | HandlerTimeout)

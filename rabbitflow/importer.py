@@ -64,3 +64,18 @@ def _import(module_name: str) -> object:
         raise UserImportError(module_name, traceback.format_exc()) from None
     except Exception:
         raise UserImportError(module_name, traceback.format_exc()) from None
+
+
+def exception_types(names: tuple[str, ...], where: str) -> tuple[type[BaseException], ...]:
+    """Import ``retry_on`` / ``dead_letter_on`` names of the topology (``"httpx.HTTPError"``)."""
+    found: list[type[BaseException]] = []
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module_name or "builtins"), attr)
+        except (ImportError, AttributeError, ValueError):
+            raise ConfigurationError(f"{where}: cannot import exception {name!r}") from None
+        if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+            raise ConfigurationError(f"{where}: {name!r} is not an exception class")
+        found.append(obj)
+    return tuple(found)

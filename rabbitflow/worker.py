@@ -15,10 +15,12 @@ from aio_pika.abc import AbstractConnection
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from rabbitflow.app import App
+from rabbitflow.breaker import CircuitBreaker
 from rabbitflow.connection import connect, underlay
 from rabbitflow.dispatch import Dispatcher
 from rabbitflow.errors import BrokerError, UnreachableBrokerError
 from rabbitflow.handler import Consumer, Signature, inspect_handler
+from rabbitflow.importer import exception_types
 from rabbitflow.outcome import OutcomePolicy
 from rabbitflow.publisher import Publisher
 from rabbitflow.settle import Acker, Settler
@@ -53,6 +55,8 @@ class _Session:
     channels: list[aiormq.abc.AbstractChannel] = field(default_factory=list)
     ackers: list[Acker] = field(default_factory=list)
     consumer_tags: dict[str, aiormq.abc.AbstractChannel] = field(default_factory=dict)
+    dispatchers: dict[str, Dispatcher] = field(default_factory=dict)
+    breakers: list[CircuitBreaker] = field(default_factory=list)
 
 
 class Worker:
@@ -66,8 +70,21 @@ class Worker:
         self.signatures: dict[str, Signature] = {
             queue: inspect_handler(consumer) for queue, consumer in app.consumers.items()
         }
+        self.policies = {
+            queue: OutcomePolicy(
+                topology.queues[queue].retry,
+                consumer.retry_on
+                + exception_types(topology.queues[queue].retry_on, f"queues.{queue}.retry_on"),
+                consumer.dead_letter_on
+                + exception_types(
+                    topology.queues[queue].dead_letter_on, f"queues.{queue}.dead_letter_on"
+                ),
+            )
+            for queue, consumer in app.consumers.items()
+        }
         self.ready = False
         self.reconnections = 0
+        self.paused: set[str] = set()
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._executor = ThreadPoolExecutor(
@@ -222,10 +239,11 @@ class Worker:
         settler = Settler(
             consumer.queue, acker, self._publisher, self.declarations.routes[consumer.queue]
         )
+        tag = f"{self.app.name}.{consumer.queue}.{uuid.uuid4().hex[:8]}"
         dispatcher = Dispatcher(
             consumer,
             self.signatures[consumer.queue],
-            OutcomePolicy(config.retry, consumer.retry_on, consumer.dead_letter_on),
+            self.policies[consumer.queue],
             settler,
             timeout_ms=config.timeout_ms,
             max_body_size=config.max_body_size,
@@ -233,10 +251,40 @@ class Worker:
             prefetch=config.prefetch,
             executor=self._executor,
             in_flight=self._in_flight,
+            immediate_retries=config.immediate_retries,
+            breaker=self._breaker(session, channel, consumer.queue),
         )
-        tag = f"{self.app.name}.{consumer.queue}.{uuid.uuid4().hex[:8]}"
+        session.dispatchers[tag] = dispatcher
         await channel.basic_consume(consumer.queue, dispatcher, consumer_tag=tag)
         session.consumer_tags[tag] = channel
+
+    def _breaker(
+        self, session: _Session, channel: aiormq.abc.AbstractChannel, queue: str
+    ) -> CircuitBreaker | None:
+        config = self.topology.queues[queue].circuit_breaker
+        if config is None:
+            return None
+        tags: list[str] = []
+
+        async def pause() -> None:
+            # basic.cancel: the broker stops delivering; the backlog stays in the queue.
+            self.paused.add(queue)
+            for tag, owner in list(session.consumer_tags.items()):
+                if owner is channel:
+                    tags.append(tag)
+                    with contextlib.suppress(Exception):
+                        await channel.basic_cancel(tag)
+
+        async def resume() -> None:
+            self.paused.discard(queue)
+            while tags:
+                tag = tags.pop()
+                with contextlib.suppress(Exception):
+                    await channel.basic_consume(queue, session.dispatchers[tag], consumer_tag=tag)
+
+        breaker = CircuitBreaker(queue, config, pause, resume)
+        session.breakers.append(breaker)
+        return breaker
 
     async def _wait_until_lost_or_stopped(
         self, session: _Session, amqp: aiormq.abc.AbstractConnection
@@ -289,6 +337,8 @@ class Worker:
         await self._close(session)
 
     async def _close(self, session: _Session) -> None:
+        for breaker in session.breakers:
+            breaker.cancel()
         self.app.attach(None)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(session.connection.close(), 5)

@@ -7,6 +7,7 @@ from typing import Any
 
 from rabbitflow.topology.schema import (
     BindingTable,
+    CircuitBreakerTable,
     ExchangeTable,
     QueueTable,
     QueueType,
@@ -48,6 +49,10 @@ class QueueConfig:
     crash_limit: int
     max_body_size: int
     arguments: dict[str, Any] = field(default_factory=dict)
+    immediate_retries: int = 0
+    circuit_breaker: CircuitBreakerTable | None = None
+    retry_on: tuple[str, ...] = ()
+    dead_letter_on: tuple[str, ...] = ()
 
     @property
     def max_in_flight(self) -> int:
@@ -97,4 +102,11 @@ def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
         crash_limit=table.crash_limit or defaults.crash_limit,
         max_body_size=table.max_body_size or defaults.max_body_size,
         arguments=dict(table.arguments),
+        immediate_retries=(
+            table.immediate_retries if table.immediate_retries is not None
+            else defaults.immediate_retries
+        ),
+        circuit_breaker=table.circuit_breaker or defaults.circuit_breaker,
+        retry_on=tuple(table.retry_on),
+        dead_letter_on=tuple(table.dead_letter_on),
     )

@@ -61,6 +61,19 @@ def _retry_switch(value: object) -> object:
 RetryField = Annotated[RetryTable | None, BeforeValidator(_retry_switch)]
 
 
+class CircuitBreakerTable(_Table):
+    """``circuit_breaker = { failure_ratio = 0.5, window = "30s", min_calls = 20 }``.
+
+    When at least ``min_calls`` handler runs in the last ``window`` failed in a proportion of
+    ``failure_ratio`` or more, the consumer pauses for ``cooldown``: its backlog stays in the
+    queue instead of cycling through the retry tiers."""
+
+    failure_ratio: float = Field(default=0.5, gt=0, le=1)
+    window: Duration = 30_000
+    min_calls: int = Field(default=20, ge=1)
+    cooldown: Duration = 30_000
+
+
 class ExchangeTable(_Table):
     """``[exchanges.NAME]``."""
 
@@ -83,6 +96,8 @@ class DefaultsTable(_Table):
     dead_letter: bool = True
     crash_limit: int = Field(default=10, ge=1)
     max_body_size: Size = 16 * 1024 * 1024
+    immediate_retries: int = Field(default=0, ge=0, le=10)
+    circuit_breaker: CircuitBreakerTable | None = None
 
     @field_validator("prefetch", mode="before")
     @classmethod
@@ -114,6 +129,10 @@ class QueueTable(_Table):
     dead_letter: bool | None = None
     crash_limit: int | None = Field(default=None, ge=1)
     max_body_size: Size | None = None
+    immediate_retries: int | None = Field(default=None, ge=0, le=10)
+    circuit_breaker: CircuitBreakerTable | None = None
+    retry_on: list[str] = Field(default_factory=list)
+    dead_letter_on: list[str] = Field(default_factory=list)
     arguments: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("prefetch", mode="before")
