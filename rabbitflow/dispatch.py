@@ -15,16 +15,20 @@ from concurrent.futures import Executor
 from typing import Any
 
 from aiormq.abc import DeliveredMessage
+from opentelemetry.trace import Span
 from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_random_exponential
 
 from rabbitflow import headers as h
 from rabbitflow.breaker import CircuitBreaker
 from rabbitflow.errors import HandlerTimeout, Retry
 from rabbitflow.handler import Consumer, Signature
+from rabbitflow.logging import DELIVERY
 from rabbitflow.message import Message, read_attempt
 from rabbitflow.outcome import Action, Outcome, OutcomePolicy
 from rabbitflow.payload import check_envelope
 from rabbitflow.settle import Settler, parse_not_before
+from rabbitflow.telemetry import Telemetry
+from rabbitflow.tracing import Tracing, current, record_failure
 
 
 class Dispatcher:
@@ -45,6 +49,7 @@ class Dispatcher:
         "_policy",
         "_queue",
         "_settler",
+        "_telemetry",
         "_timeout",
         "_wants_message",
     )
@@ -64,6 +69,7 @@ class Dispatcher:
         in_flight: set[asyncio.Task[Any]],
         immediate_retries: int = 0,
         breaker: CircuitBreaker | None = None,
+        telemetry: Telemetry,
     ) -> None:
         self._queue = consumer.queue
         self._call = consumer.func
@@ -83,6 +89,7 @@ class Dispatcher:
         self._loop = asyncio.get_running_loop()
         self._immediate = immediate_retries
         self._breaker = breaker
+        self._telemetry = telemetry
 
     async def __call__(self, delivery: DeliveredMessage) -> None:
         task = asyncio.current_task()
@@ -109,6 +116,54 @@ class Dispatcher:
         breaker = self._breaker
         if breaker is not None and breaker.is_open:
             await breaker.wait_runnable()
+        DELIVERY.set((self._queue, props.message_id, attempt))
+        telemetry = self._telemetry
+        telemetry.in_flight.value += 1
+        started = time.perf_counter()
+        if telemetry.tracing is None:
+            try:
+                action = await self._process(delivery, attempt)
+            finally:
+                telemetry.in_flight.value -= 1
+                telemetry.duration.observe(time.perf_counter() - started)
+        else:
+            action = await self._traced(delivery, attempt, telemetry.tracing, started)
+        telemetry.outcomes[action].value += 1
+
+    async def _traced(
+        self, delivery: DeliveredMessage, attempt: int, tracing: Tracing, started: float
+    ) -> Action:
+        span = tracing.consume_span(
+            self._queue,
+            delivery.header.properties.headers,
+            self._span_attributes(delivery, attempt),
+        )
+        action: Action | None = None
+        try:
+            with current(span):
+                action = await self._process(delivery, attempt, span)
+            return action
+        finally:
+            self._telemetry.in_flight.value -= 1
+            self._telemetry.duration.observe(time.perf_counter() - started)
+            span.set_attribute("rabbitflow.outcome", action.value if action else "cancelled")
+            span.end()
+
+    def _span_attributes(self, delivery: DeliveredMessage, attempt: int) -> dict[str, Any]:
+        props = delivery.header.properties
+        return {
+            "messaging.destination.name": delivery.exchange or "amq.default",
+            "messaging.rabbitmq.destination.routing_key": delivery.routing_key or "",
+            "messaging.message.id": props.message_id or "",
+            "messaging.message.conversation_id": props.correlation_id or "",
+            "messaging.message.body.size": len(delivery.body),
+            "rabbitflow.attempt": attempt,
+        }
+
+    async def _process(
+        self, delivery: DeliveredMessage, attempt: int, span: Span | None = None
+    ) -> Action:
+        props = delivery.header.properties
         try:
             check_envelope(self._queue, delivery.body, props.content_encoding, self._limit)
             await self._run(self._arguments(delivery, attempt))
@@ -122,12 +177,14 @@ class Dispatcher:
                 exc, outcome, attempt = await self._retry_now(delivery, exc, attempt)
                 if outcome.action is Action.ACK:
                     self._succeeded(delivery)
-                    return
-            if breaker is not None:
-                breaker.record(outcome.action is Action.RETRY)
-            await self._settler.fail(delivery, exc, outcome, attempt)
-            return
+                    return Action.ACK
+            if span is not None:
+                record_failure(span, exc)
+            if self._breaker is not None:
+                self._breaker.record(outcome.action is Action.RETRY)
+            return await self._settler.fail(delivery, exc, outcome, attempt)
         self._succeeded(delivery)
+        return Action.ACK
 
     def _succeeded(self, delivery: DeliveredMessage) -> None:
         self._settler.acker.ack(delivery.delivery_tag or 0)

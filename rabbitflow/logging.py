@@ -5,13 +5,37 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from contextvars import ContextVar
 from typing import Any, Literal
 
 import structlog
+from opentelemetry import trace
 from structlog.typing import EventDict, WrappedLogger
 
 LogFormat = Literal["json", "console", "auto"]
 _SECRET_IN_URL = re.compile(r"(amqps?://[^:/@\s]+:)[^@\s]+@")
+
+
+# (queue, message_id, attempt) of the delivery being handled. Each delivery runs in a task of
+# its own (and sync handlers in a copy of its context), so this never leaks between messages.
+DELIVERY: ContextVar[tuple[str, str | None, int] | None] = ContextVar(
+    "rabbitflow_delivery", default=None
+)
+
+
+def add_delivery_context(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """``queue``, ``message_id``, ``attempt``, ``trace_id``, ``span_id`` on every line logged
+    while a delivery is handled, handler logs included."""
+    current = DELIVERY.get()
+    if current is not None:
+        event.setdefault("queue", current[0])
+        event.setdefault("message_id", current[1])
+        event.setdefault("attempt", current[2])
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", format(context.trace_id, "032x"))
+        event.setdefault("span_id", format(context.span_id, "016x"))
+    return event
 
 
 def mask_secrets(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
@@ -37,6 +61,7 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
     )
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_delivery_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         mask_secrets,

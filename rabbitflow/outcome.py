@@ -18,6 +18,7 @@ class Action(enum.Enum):
     ACK = "ack"
     RETRY = "retry"
     DEAD_LETTER = "dead_letter"
+    REQUEUE = "requeued"  # the copy could not be published: returned to the queue instead
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from pamqp import commands as spec
 
 from rabbitflow.errors import PublishError, UnroutableError
 from rabbitflow.payload import encode
+from rabbitflow.tracing import get_tracing
 
 PERSISTENT = 2
 
@@ -111,9 +112,18 @@ class Publisher:
             expiration=str(expiration) if expiration is not None else None,
             reply_to=reply_to,
         )
-        await self.send(
-            exchange, routing_key, body, properties, mandatory=mandatory, timeout=timeout
-        )
+        tracing = get_tracing()
+        if tracing.tracer is None:
+            await self.send(
+                exchange, routing_key, body, properties, mandatory=mandatory, timeout=timeout
+            )
+            return message_id
+        traced = dict(headers or {})
+        with tracing.publish_span(exchange, routing_key, traced, message_id):
+            properties.headers = traced
+            await self.send(
+                exchange, routing_key, body, properties, mandatory=mandatory, timeout=timeout
+            )
         return message_id
 
     async def close(self) -> None:

@@ -19,9 +19,11 @@ from pamqp import commands as spec
 from rabbitflow import headers as h
 from rabbitflow.duration import format_duration
 from rabbitflow.errors import PublishError
+from rabbitflow.metrics import Metrics
 from rabbitflow.outcome import Action, Outcome
 from rabbitflow.publisher import PERSISTENT, Publisher
 from rabbitflow.topology.derived import QueueRoutes
+from rabbitflow.tracing import get_tracing
 
 log = structlog.get_logger("rabbitflow.settle")
 
@@ -119,13 +121,21 @@ def carried_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
 class Settler:
     """Settles the deliveries of one consumer."""
 
-    __slots__ = ("acker", "publisher", "queue", "routes")
+    __slots__ = ("acker", "metrics", "publisher", "queue", "routes")
 
-    def __init__(self, queue: str, acker: Acker, publisher: Publisher, routes: QueueRoutes) -> None:
+    def __init__(
+        self,
+        queue: str,
+        acker: Acker,
+        publisher: Publisher,
+        routes: QueueRoutes,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.queue = queue
         self.acker = acker
         self.publisher = publisher
         self.routes = routes
+        self.metrics = metrics
 
     async def fail(
         self, delivery: DeliveredMessage, exc: BaseException, outcome: Outcome, attempt: int
@@ -149,8 +159,10 @@ class Settler:
                     reason=_bounded(str(exc), 200),
                 )
                 self.acker.ack(tag)
+                if self.metrics is not None:
+                    self.metrics.retries.labels(self.queue, format_duration(delay)).inc()
                 return Action.RETRY
-            return Action.ACK  # returned to the queue; not acked
+            return Action.REQUEUE
         return await self.dead_letter(delivery, exc, outcome.reason, attempt)
 
     async def dead_letter(
@@ -168,6 +180,8 @@ class Settler:
                 reason=reason,
             )
             self.acker.ack(delivery.delivery_tag or 0)
+            if self.metrics is not None:
+                self.metrics.dead_lettered.labels(self.queue, _error_type(exc)).inc()
             return Action.DEAD_LETTER
         headers = self._failure_headers(delivery, exc, attempt, stack=True)
         if await self._republish(delivery, dlx, self.queue, headers):
@@ -181,8 +195,10 @@ class Settler:
                 detail=_bounded(str(exc), 200),
             )
             self.acker.ack(delivery.delivery_tag or 0)
+            if self.metrics is not None:
+                self.metrics.dead_lettered.labels(self.queue, _error_type(exc)).inc()
             return Action.DEAD_LETTER
-        return Action.ACK
+        return Action.REQUEUE
 
     async def defer(self, delivery: DeliveredMessage, not_before: float) -> None:
         """Park a message whose ``rabbitflow-not-before`` is still ahead, without running it."""
@@ -206,12 +222,7 @@ class Settler:
         headers[h.ERROR_TYPE] = _error_type(exc)
         headers[h.ERROR_MESSAGE] = _bounded(str(exc), h.ERROR_MESSAGE_LIMIT)
         if stack:
-            text = "".join(traceback.format_exception(exc))
-            # Keep the end of the traceback: that is where the failure is.
-            data = text.encode("utf-8", "replace")
-            if len(data) > h.ERROR_STACK_LIMIT:
-                text = "..." + data[-(h.ERROR_STACK_LIMIT - 3) :].decode("utf-8", "ignore")
-            headers[h.ERROR_STACK] = text
+            headers[h.ERROR_STACK] = _stack(exc)
         return headers
 
     async def _republish(
@@ -232,7 +243,8 @@ class Settler:
             app_id=props.app_id,
         )
         try:
-            await self.publisher.send(exchange, routing_key, delivery.body, properties)
+            with get_tracing().publish_span(exchange, routing_key, headers, props.message_id):
+                await self.publisher.send(exchange, routing_key, delivery.body, properties)
             return True
         except PublishError as exc:
             log.error(
@@ -248,6 +260,23 @@ class Settler:
         except Exception as exc:
             log.debug("nack dropped on a closed channel", error=repr(exc))
         return False
+
+
+def _stack(exc: BaseException) -> str:
+    """The traceback, bounded: each chunk (a frame, an exception line) to the error-message
+    limit, so that a huge exception message cannot push the frames out; then the whole to
+    the stack limit, keeping the end, where the failure is."""
+    chunks = traceback.TracebackException.from_exception(exc).format()
+    text = "".join(_bounded_chunk(chunk) for chunk in chunks)
+    data = text.encode("utf-8", "replace")
+    if len(data) > h.ERROR_STACK_LIMIT:
+        text = "..." + data[-(h.ERROR_STACK_LIMIT - 3) :].decode("utf-8", "ignore")
+    return text
+
+
+def _bounded_chunk(chunk: str) -> str:
+    bounded = _bounded(chunk, h.ERROR_MESSAGE_LIMIT)
+    return bounded if bounded is chunk or not chunk.endswith("\n") else bounded + "\n"
 
 
 def _error_type(exc: BaseException) -> str:

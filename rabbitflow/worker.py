@@ -20,12 +20,16 @@ from rabbitflow.connection import connect, underlay
 from rabbitflow.dispatch import Dispatcher
 from rabbitflow.errors import BrokerError, UnreachableBrokerError
 from rabbitflow.handler import Consumer, Signature, inspect_handler
+from rabbitflow.health import HealthServer
 from rabbitflow.importer import exception_types
+from rabbitflow.metrics import Metrics
 from rabbitflow.outcome import OutcomePolicy
 from rabbitflow.publisher import Publisher
 from rabbitflow.settle import Acker, Settler
+from rabbitflow.telemetry import Telemetry
 from rabbitflow.topology import Declarations, Topology, derive
 from rabbitflow.topology.declare import declare, verify
+from rabbitflow.tracing import get_tracing
 from rabbitflow.urls import mask_url
 
 log = structlog.get_logger("rabbitflow.worker")
@@ -41,6 +45,8 @@ class WorkerOptions:
     shutdown_timeout: float = 30.0
     heartbeat: int | None = None
     max_reconnect_wait: float = 30.0
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 class _Stop(Exception):
@@ -62,7 +68,9 @@ class _Session:
 class Worker:
     """Consumes every queue of ``app`` that has a handler, until :meth:`stop`."""
 
-    def __init__(self, app: App, topology: Topology, options: WorkerOptions) -> None:
+    def __init__(
+        self, app: App, topology: Topology, options: WorkerOptions, metrics: Metrics | None = None
+    ) -> None:
         self.app = app
         self.topology = topology
         self.options = options
@@ -82,7 +90,9 @@ class Worker:
             )
             for queue, consumer in app.consumers.items()
         }
-        self.ready = False
+        self.metrics = metrics or Metrics()
+        self.tracing = get_tracing()
+        self._ready = False
         self.reconnections = 0
         self.paused: set[str] = set()
         self._stopping = asyncio.Event()
@@ -126,16 +136,43 @@ class Worker:
         self._stopping.set()
 
     @property
+    def ready(self) -> bool:
+        """Connected, and every consumer consuming (or deliberately paused by its breaker)."""
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+        self.metrics.ready.labels().set(1 if value else 0)
+
+    @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
     async def run(self) -> None:
         """Connect, declare, run the lifespan hooks and consume until stopped."""
+        health = None
+        if self.options.metrics_port is not None:
+            health = HealthServer(
+                self.metrics,
+                lambda: self.ready,
+                self.options.metrics_host,
+                self.options.metrics_port,
+            )
+            await health.start()
+        try:
+            await self._run()
+        finally:
+            if health is not None:
+                await health.close()
+
+    async def _run(self) -> None:
         log.info(
             "starting",
             url=mask_url(self.options.url),
             queues=sorted(self.app.consumers),
             declare=self.options.declare,
+            tracing=self.tracing.enabled,
         )
         try:
             connection = await self._connect()
@@ -195,6 +232,7 @@ class Worker:
             if not lost:
                 return
             self.reconnections += 1
+            self.metrics.reconnections.labels().inc()
             try:
                 connection = await self._connect()
                 await self._prepare(connection)
@@ -237,7 +275,11 @@ class Worker:
         session.ackers.append(acker)
         assert self._publisher is not None
         settler = Settler(
-            consumer.queue, acker, self._publisher, self.declarations.routes[consumer.queue]
+            consumer.queue,
+            acker,
+            self._publisher,
+            self.declarations.routes[consumer.queue],
+            self.metrics,
         )
         tag = f"{self.app.name}.{consumer.queue}.{uuid.uuid4().hex[:8]}"
         dispatcher = Dispatcher(
@@ -253,6 +295,7 @@ class Worker:
             in_flight=self._in_flight,
             immediate_retries=config.immediate_retries,
             breaker=self._breaker(session, channel, consumer.queue),
+            telemetry=Telemetry.bind(self.metrics, consumer.queue, self.tracing),
         )
         session.dispatchers[tag] = dispatcher
         await channel.basic_consume(consumer.queue, dispatcher, consumer_tag=tag)

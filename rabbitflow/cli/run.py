@@ -70,6 +70,18 @@ log = structlog.get_logger("rabbitflow.run")
     help="AMQP heartbeat in seconds (default: the broker's, 60).",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Serve /metrics, /healthz and /readyz on this port.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address for --metrics-port (0.0.0.0 in a container).",
+)
+@click.option(
     "--loop",
     type=click.Choice(["auto", "asyncio", "uvloop"]),
     default="auto",
@@ -87,6 +99,8 @@ def run(
     log_level: str,
     shutdown_timeout: float,
     heartbeat: int | None,
+    metrics_port: int | None,
+    metrics_host: str,
     loop: str,
 ) -> None:
     """Consume the queues of MODULE:APP (e.g. ``examples.orders.app:app``)."""
@@ -107,6 +121,8 @@ def run(
         declare=not no_declare,
         shutdown_timeout=shutdown_timeout,
         heartbeat=heartbeat,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     worker = Worker(app, topology, options)
     _run_loop(worker, loop)

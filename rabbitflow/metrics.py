@@ -1,0 +1,182 @@
+"""Golden-signal metrics in Prometheus text format.
+
+The hot path touches only pre-bound children (an attribute and an integer add): everything
+runs on the event loop thread, so no locks are needed, and label dictionaries are never
+built per message. Rendering happens on scrape.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    parts = []
+    for name, value in zip(names, values, strict=True):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        parts.append(f'{name}="{escaped}"')
+    return "{" + ",".join(parts) + "}"
+
+
+class Value:
+    """One labelled counter or gauge."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+class Buckets:
+    """One labelled histogram."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+class Metric:
+    """A metric family with fixed label names."""
+
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        kind: str,
+        labels: tuple[str, ...] = (),
+        buckets: tuple[float, ...] = DURATION_BUCKETS,
+    ) -> None:
+        self.name = name
+        self.help = help_text
+        self.kind = kind
+        self.label_names = labels
+        self.bucket_bounds = buckets
+        self.children: dict[tuple[str, ...], Value | Buckets] = {}
+
+    def labels(self, *values: str) -> Value:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = Value()
+        assert isinstance(child, Value)
+        return child
+
+    def histogram(self, *values: str) -> Buckets:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = Buckets(self.bucket_bounds)
+        assert isinstance(child, Buckets)
+        return child
+
+    def render(self) -> Iterator[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} {self.kind}"
+        for values, child in sorted(self.children.items()):
+            if isinstance(child, Value):
+                yield f"{self.name}{_labels(self.label_names, values)} {child.value:g}"
+                continue
+            cumulative = 0
+            names = (*self.label_names, "le")
+            for bound, count in zip((*child.bounds, float("inf")), child.counts, strict=True):
+                cumulative += count
+                le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                yield f"{self.name}_bucket{_labels(names, (*values, le))} {cumulative}"
+            suffix = _labels(self.label_names, values)
+            yield f"{self.name}_sum{suffix} {child.sum:g}"
+            yield f"{self.name}_count{suffix} {child.count}"
+
+
+class Metrics:
+    """Every metric rabbitflow exports."""
+
+    def __init__(self) -> None:
+        self.consumed = Metric(
+            "rabbitflow_messages_total",
+            "Deliveries settled, by queue and outcome (ack, retry, dead_letter, requeued).",
+            "counter",
+            ("queue", "outcome"),
+        )
+        self.duration = Metric(
+            "rabbitflow_handler_duration_seconds",
+            "Handler run time per delivery.",
+            "histogram",
+            ("queue",),
+        )
+        self.in_flight = Metric(
+            "rabbitflow_in_flight_messages", "Deliveries being handled now.", "gauge", ("queue",)
+        )
+        self.retries = Metric(
+            "rabbitflow_retries_total",
+            "Messages republished to a retry tier.",
+            "counter",
+            ("queue", "tier"),
+        )
+        self.dead_lettered = Metric(
+            "rabbitflow_dead_lettered_total",
+            "Messages sent to the dead-letter queue.",
+            "counter",
+            ("queue", "error_type"),
+        )
+        self.reconnections = Metric(
+            "rabbitflow_reconnections_total", "Broker reconnections.", "counter"
+        )
+        self.breaker = Metric(
+            "rabbitflow_circuit_breaker_open",
+            "1 while a consumer's circuit breaker is open or half-open.",
+            "gauge",
+            ("queue",),
+        )
+        self.ready = Metric("rabbitflow_ready", "1 when every consumer is consuming.", "gauge")
+
+    def all(self) -> tuple[Metric, ...]:
+        return (
+            self.consumed,
+            self.duration,
+            self.in_flight,
+            self.retries,
+            self.dead_lettered,
+            self.reconnections,
+            self.breaker,
+            self.ready,
+        )
+
+    def render(self) -> str:
+        return "\n".join(line for metric in self.all() for line in metric.render()) + "\n"

@@ -1,0 +1,185 @@
+"""OpenTelemetry: one CONSUMER span per delivery, PRODUCER spans for every publish.
+
+The W3C trace context travels in the message headers (``traceparent``/``tracestate``), so a
+message keeps one trace across its retries, its dead-lettering and a replay from the DLQ.
+
+Configuration follows OpenTelemetry's conventions. A TracerProvider the user installed is used
+as it is. Otherwise ``OTEL_TRACES_EXPORTER`` decides: ``console``, ``otlp`` (needs the
+``rabbitflow[otlp]`` extra) or ``none``; unset means ``otlp`` when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and ``none`` otherwise. ``OTEL_SERVICE_NAME`` and
+``OTEL_TRACES_SAMPLER`` are read by the SDK. With tracing off no span object is created.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+
+from rabbitflow.errors import ConfigurationError
+
+SYSTEM = "rabbitmq"
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+class _HeaderGetter(Getter[dict[str, Any]]):
+    """Reads trace headers that may arrive as bytes or other junk; junk is ignored."""
+
+    def get(self, carrier: dict[str, Any], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        return [value] if isinstance(value, str) else None
+
+    def keys(self, carrier: dict[str, Any]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _HeaderGetter()
+
+
+def _configured_provider() -> trace.TracerProvider | None:
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return provider  # the user installed one: respect it
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if not exporter_name:
+        exporter_name = "otlp" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "none"
+    if exporter_name == "none":
+        return None
+    return _sdk_provider(exporter_name)
+
+
+def _sdk_provider(exporter_name: str) -> trace.TracerProvider:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    exporter: Any
+    if exporter_name == "console":
+        exporter = ConsoleSpanExporter()
+    elif exporter_name == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise ConfigurationError(
+                "OTEL_TRACES_EXPORTER=otlp needs the OTLP exporter: pip install 'rabbitflow[otlp]'"
+            ) from None
+        exporter = OTLPSpanExporter()
+    else:
+        raise ConfigurationError(
+            f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported; use console, otlp or none"
+        )
+    provider = TracerProvider(resource=Resource.create({"service.name": _service_name()}))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _service_name() -> str:
+    return os.environ.get("OTEL_SERVICE_NAME", "rabbitflow")
+
+
+class Tracing:
+    """Spans for one process; ``tracer`` is None when tracing is off."""
+
+    __slots__ = ("tracer",)
+
+    def __init__(self, tracer: Tracer | None) -> None:
+        self.tracer = tracer
+
+    @classmethod
+    def from_environment(cls) -> Tracing:
+        provider = _configured_provider()
+        if provider is None:
+            return cls(None)
+        return cls(provider.get_tracer("rabbitflow"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracer is not None
+
+    def consume_span(
+        self, queue: str, headers: dict[str, Any] | None, attributes: dict[str, Any]
+    ) -> Span:
+        """Start (not yet current) the CONSUMER span of a delivery, parented on its headers."""
+        assert self.tracer is not None
+        parent = propagate.extract(headers or {}, getter=_GETTER)
+        attributes["messaging.system"] = SYSTEM
+        attributes["messaging.operation.type"] = "process"
+        attributes["messaging.operation.name"] = "process"
+        attributes["messaging.rabbitmq.queue"] = queue
+        return self.tracer.start_span(
+            f"process {queue}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+        )
+
+    @contextmanager
+    def publish_span(
+        self, exchange: str, routing_key: str, headers: dict[str, Any], message_id: str | None
+    ) -> Iterator[None]:
+        """A PRODUCER span around a publish; injects its context into ``headers``."""
+        if self.tracer is None:
+            yield
+            return
+        destination = exchange or "amq.default"
+        with self.tracer.start_as_current_span(
+            f"publish {destination}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": SYSTEM,
+                "messaging.operation.type": "publish",
+                "messaging.operation.name": "publish",
+                "messaging.destination.name": destination,
+                "messaging.rabbitmq.destination.routing_key": routing_key,
+                "messaging.message.id": message_id or "",
+            },
+        ) as span:
+            for key in _TRACE_HEADERS:
+                headers.pop(key, None)
+            propagate.inject(headers)
+            try:
+                yield
+            except BaseException as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                raise
+
+
+@contextmanager
+def current(span: Span) -> Iterator[None]:
+    """Make ``span`` current (handler spans nest under it) without ending it on exit."""
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def record_failure(span: Span, exc: BaseException) -> None:
+    span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1024]))
+
+
+_TRACING: Tracing | None = None
+
+
+def get_tracing() -> Tracing:
+    """The process-wide tracing set-up, built on first use."""
+    global _TRACING
+    if _TRACING is None:
+        _TRACING = Tracing.from_environment()
+    return _TRACING
+
+
+def set_tracing(tracing: Tracing | None) -> None:
+    """Replace the process-wide set-up (tests; a user configuring OpenTelemetry late)."""
+    global _TRACING
+    _TRACING = tracing
