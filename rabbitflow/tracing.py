@@ -33,7 +33,9 @@ class _HeaderGetter(Getter[dict[str, Any]]):
 
     def get(self, carrier: dict[str, Any], key: str) -> list[str] | None:
         value = carrier.get(key)
-        if isinstance(value, bytes):
+        # A byte-array field (AMQP type "x", what Java clients send for byte[]) arrives as a
+        # bytearray; an undecodable long string as bytes.
+        if isinstance(value, bytes | bytearray):
             value = value.decode("latin-1")
         return [value] if isinstance(value, str) else None
 
