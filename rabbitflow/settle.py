@@ -30,31 +30,52 @@ log = structlog.get_logger("rabbitflow.settle")
 # After a retry or dead-letter copy could not be published, wait before returning the original
 # to the queue, so that a missing retry queue does not turn into a hot redelivery loop.
 REPUBLISH_BACKOFF = 1.0
+# Longest time a completed delivery waits for its ack to be sent (batched with others).
+ACK_DELAY = 0.002
 
 
 class Acker:
     """Acks completed deliveries of one channel in batches.
 
-    Completed tags are collected and flushed once per event-loop turn. When every tag up to
-    a completed one is settled, one ``basic.ack(multiple=True)`` covers them all; completed
-    tags above a gap (a slow message still in hand) are acked one by one, since ``multiple``
-    would ack the slow message too.
+    Completed tags are flushed when a quarter of the prefetch window is done, or
+    ``ACK_DELAY`` after the first of them, whichever comes first: the broker keeps sending
+    while three quarters of the window are still free, and one frame acks many messages.
+    When every tag up to a completed one is settled, one ``basic.ack(multiple=True)`` covers
+    them all; completed tags above a gap (a slow message still in hand) are acked one by
+    one, since ``multiple`` would ack the slow message too.
     """
 
-    __slots__ = ("_channel", "_done", "_event", "_low", "_settled", "_task")
+    __slots__ = (
+        "_batch",
+        "_channel",
+        "_done",
+        "_event",
+        "_loop",
+        "_low",
+        "_settled",
+        "_task",
+        "_timer",
+    )
 
-    def __init__(self, channel: AbstractChannel) -> None:
+    def __init__(self, channel: AbstractChannel, prefetch: int = 1) -> None:
         self._channel = channel
         self._low = 1  # every tag below this one is settled
         self._settled: set[int] = set()  # settled tags >= _low (acks pending or nacked)
         self._done: list[int] = []  # tags whose ack has not been sent yet
+        self._batch = max(1, prefetch // 4)
         self._event = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._flusher())
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._task = self._loop.create_task(self._flusher())
 
     def ack(self, tag: int) -> None:
-        self._done.append(tag)
+        done = self._done
+        done.append(tag)
         self._settled.add(tag)
-        self._event.set()
+        if len(done) >= self._batch:
+            self._event.set()
+        elif self._timer is None:
+            self._timer = self._loop.call_later(ACK_DELAY, self._event.set)
 
     async def nack(self, tag: int, *, requeue: bool = True) -> None:
         """Return a delivery to its queue now (sent at once, not batched)."""
@@ -65,6 +86,9 @@ class Acker:
         while True:
             await self._event.wait()
             self._event.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             await self.flush()
 
     async def flush(self) -> None:

@@ -271,7 +271,7 @@ class Worker:
         session.channels.append(channel)
         # basic.qos caps the deliveries the broker pushes before they are acked.
         await channel.basic_qos(prefetch_count=config.prefetch)
-        acker = Acker(channel)
+        acker = Acker(channel, config.prefetch)
         session.ackers.append(acker)
         assert self._publisher is not None
         settler = Settler(
