@@ -221,7 +221,7 @@ async def _paced_publish(url: str, queue: str, rate: int, seconds: float) -> Non
         )
         pending.add(asyncio.ensure_future(exchange.publish(message, routing_key=queue)))
         if len(pending) > 500:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
     await asyncio.gather(*pending)
     await connection.close()
 
