@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +13,7 @@ from rabbitflow.topology.model import Topology
 from rabbitflow.topology.schema import BindingTable, QueueTable, TopologyFile
 
 MAX_NAME_BYTES = 255
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 # Exchanges every RabbitMQ vhost has; they may be bound to but never declared.
 BUILTIN_EXCHANGES = frozenset(
     {"amq.direct", "amq.fanout", "amq.topic", "amq.headers", "amq.match", "amq.rabbitmq.trace"}
@@ -74,7 +76,8 @@ def check(parsed: TopologyFile, topology: Topology) -> list[Problem]:
 
 
 def _q(name: str) -> str:
-    return f'"{name}"' if any(c in name for c in '." ') or not name else name
+    # Same quoting as loader.format_path: TOML bare keys are ASCII letters, digits, _ and -.
+    return name if _BARE_KEY.match(name) else '"' + name.replace('"', '\\"') + '"'
 
 
 def _check_names(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]:
@@ -161,7 +164,7 @@ def _check_binding(parsed: TopologyFile, binding: BindingTable, path: str) -> It
                 'match on headers with arguments = { "x-match" = "all", ... }',
             )
         x_match = binding.arguments.get("x-match", "all")
-        if x_match not in _X_MATCH:
+        if not isinstance(x_match, str) or x_match not in _X_MATCH:
             yield Problem(
                 f'{path}.arguments."x-match"',
                 f"{x_match!r} is not a match mode",
@@ -246,7 +249,7 @@ def _check_arguments(table: QueueTable, queue_type: str, base: str) -> Iterator[
 def _check_argument_value(key: str, value: Any, queue_type: str, path: str) -> Iterator[Problem]:
     if key == "x-overflow":
         allowed = _OVERFLOW.get(queue_type, set())
-        if value not in allowed:
+        if not isinstance(value, str) or value not in allowed:
             yield Problem(
                 path,
                 f"{value!r} is not an overflow mode of {queue_type} queues",
