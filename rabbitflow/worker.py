@@ -63,6 +63,11 @@ class _Session:
     consumer_tags: dict[str, aiormq.abc.AbstractChannel] = field(default_factory=dict)
     dispatchers: dict[str, Dispatcher] = field(default_factory=dict)
     breakers: list[CircuitBreaker] = field(default_factory=list)
+    # Set when the broker cancels a consumer (its queue was deleted): treated like a lost
+    # connection, so the topology is declared (or verified) again before consuming resumes.
+    cancelled: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Worker:
@@ -257,7 +262,10 @@ class Worker:
         lost = await self._wait_until_lost_or_stopped(session, amqp)
         self.ready = False
         if lost:
-            log.warning("connection to the broker lost; reconnecting", error=lost)
+            if session.cancelled.done():
+                log.warning("consumer cancelled by the broker; reconnecting", error=lost)
+            else:
+                log.warning("connection to the broker lost; reconnecting", error=lost)
             await self._drop(session)
             return not self._stopping.is_set()
         await self._drain(session)
@@ -271,6 +279,9 @@ class Worker:
         session.channels.append(channel)
         # basic.qos caps the deliveries the broker pushes before they are acked.
         await channel.basic_qos(prefetch_count=config.prefetch)
+        channel.on_consumer_cancel_callbacks.add(
+            lambda _frame: _fail(session.cancelled, consumer.queue)
+        )
         acker = Acker(channel, config.prefetch)
         session.ackers.append(acker)
         assert self._publisher is not None
@@ -334,6 +345,7 @@ class Worker:
     ) -> str | None:
         closings: list[asyncio.Future[Any]] = [amqp.closing]
         closings += [channel.closing for channel in session.channels]
+        closings.append(session.cancelled)
         stop = asyncio.ensure_future(self._stopping.wait())
         watched = [asyncio.ensure_future(_settled(f)) for f in closings]
         try:
@@ -385,6 +397,13 @@ class Worker:
         self.app.attach(None)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(session.connection.close(), 5)
+
+
+def _fail(future: asyncio.Future[None], queue: str) -> None:
+    if not future.done():
+        future.set_exception(
+            BrokerError(f"the broker cancelled the consumer of queue {queue!r} (deleted?)")
+        )
 
 
 async def _settled(future: asyncio.Future[Any]) -> str:
