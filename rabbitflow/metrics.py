@@ -91,6 +91,11 @@ class Metric:
         self.label_names = labels
         self.bucket_bounds = buckets
         self.children: dict[tuple[str, ...], Value | Buckets] = {}
+        if not labels and kind != "histogram":
+            # An unlabelled series is exported at 0 from the start: Prometheus cannot see the
+            # first increase of a series that appears with the value 1 (rate() and increase()
+            # start from its first sample), and an absent rabbitflow_ready is not a 0.
+            self.children[()] = Value()
 
     def labels(self, *values: str) -> Value:
         child = self.children.get(values)
