@@ -325,6 +325,7 @@ class Worker:
             self.paused.add(queue)
             for tag, owner in list(session.consumer_tags.items()):
                 if owner is channel:
+                    del session.consumer_tags[tag]
                     tags.append(tag)
                     with contextlib.suppress(Exception):
                         await channel.basic_cancel(tag)
@@ -332,9 +333,15 @@ class Worker:
         async def resume() -> None:
             self.paused.discard(queue)
             while tags:
-                tag = tags.pop()
+                dispatcher = session.dispatchers.pop(tags.pop())
+                # A fresh consumer tag: RabbitMQ before 3.10.9 / 3.11.1 crashes the channel
+                # (INTERNAL_ERROR) when a quorum-queue consumer comes back under the tag it
+                # just cancelled while deliveries of that tag are in flight (rabbitmq-server#5927).
+                tag = f"{self.app.name}.{queue}.{uuid.uuid4().hex[:8]}"
+                session.dispatchers[tag] = dispatcher
+                session.consumer_tags[tag] = channel
                 with contextlib.suppress(Exception):
-                    await channel.basic_consume(queue, session.dispatchers[tag], consumer_tag=tag)
+                    await channel.basic_consume(queue, dispatcher, consumer_tag=tag)
 
         breaker = CircuitBreaker(queue, config, pause, resume)
         session.breakers.append(breaker)
