@@ -74,9 +74,13 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # aiormq/aio-pika log through the stdlib; keep their warnings, drop their chatter.
-    logging.basicConfig(
-        level=max(numeric, logging.WARNING),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
+    # aiormq/aio-pika log through the stdlib; keep their warnings, drop their chatter. Their
+    # records are rendered like ours, so that --log-format json prints nothing but JSON lines.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *processors],
+        )
     )
+    logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[handler])
