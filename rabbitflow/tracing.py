@@ -170,6 +170,14 @@ def record_failure(span: Span, exc: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1024]))
 
 
+def flush(timeout_ms: int = 5000) -> None:
+    """Export the spans a batching processor still holds (``rabbitflow run`` may leave with
+    ``os._exit``, which skips the SDK's own flush at exit)."""
+    force_flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if callable(force_flush):
+        force_flush(timeout_ms)
+
+
 _TRACING: Tracing | None = None
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import structlog
 
+from rabbitflow import tracing
 from rabbitflow.cli import reports_errors
 from rabbitflow.importer import UserImportError, load_app
 from rabbitflow.logging import configure_logging
@@ -126,6 +127,7 @@ def run(
     )
     worker = Worker(app, topology, options)
     _run_loop(worker, loop)
+    tracing.flush()
     # Threads of sync handlers abandoned at the shutdown timeout would keep the interpreter
     # alive; their messages are already back in the queue, so leave without joining them.
     if threading.active_count() > 1:
