@@ -1,0 +1,440 @@
+"""topology.toml: what loads, and the exact error a user sees for what does not."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rabbitflow.duration import format_duration, parse_duration
+from rabbitflow.errors import TopologyError, TopologySyntaxError
+from rabbitflow.topology import Topology, derive, load_topology, parse_topology
+
+ROOT = Path(__file__).resolve().parent.parent
+LONG_NAME = "é" * 128  # 128 characters but 256 bytes: the limit is in bytes
+
+GOOD: list[tuple[str, str, Callable[[Topology], Any]]] = [
+    (
+        "defaults apply",
+        "[queues.a]\n",
+        lambda t: (
+            t.queues["a"].queue_type == "quorum"
+            and t.queues["a"].prefetch == 32
+            and t.queues["a"].retry.delays_ms == (1_000, 10_000, 60_000)
+            and t.queues["a"].retry.max_attempts == 4
+            and t.queues["a"].crash_limit == 10
+        ),
+    ),
+    (
+        "durations in every form",
+        '[queues.a]\ntimeout = 1500\nretry = { delays = ["250ms", "5s", "1m", "2h"] }\n',
+        lambda t: (
+            t.queues["a"].timeout_ms == 1500
+            and t.queues["a"].retry.delays_ms == (250, 5_000, 60_000, 7_200_000)
+        ),
+    ),
+    (
+        "retry = false",
+        "[queues.a]\nretry = false\n",
+        lambda t: (
+            not t.queues["a"].retry.enabled
+            and [q.role for q in derive(t).queues] == ["work", "dlq"]
+        ),
+    ),
+    (
+        "dead_letter = false",
+        "[defaults]\ndead_letter = false\nretry = false\n[queues.a]\n",
+        lambda t: [q.name for q in derive(t).queues] == ["a"] and not derive(t).exchanges,
+    ),
+    (
+        "headers binding",
+        '[exchanges.h]\ntype = "headers"\n'
+        '[queues.a]\nbindings = [{ exchange = "h", arguments = { "x-match" = "any", k = "v" } }]\n',
+        lambda t: t.queues["a"].bindings[0].arguments == {"x-match": "any", "k": "v"},
+    ),
+    (
+        "binding to a built-in exchange",
+        '[queues.a]\nbindings = [{ exchange = "amq.topic", routing_key = "a.*" }]\n',
+        lambda t: t.queues["a"].bindings[0].exchange == "amq.topic",
+    ),
+    (
+        "exclusive classic queue",
+        '[queues.a]\nqueue_type = "classic"\nexclusive = true\nauto_delete = true\n',
+        lambda t: t.queues["a"].exclusive and t.queues["a"].auto_delete,
+    ),
+    (
+        "stream arguments",
+        '[queues.s]\nqueue_type = "stream"\narguments = { "x-max-age" = "7D" }\n',
+        lambda t: t.queues["s"].arguments == {"x-max-age": "7D"},
+    ),
+    (
+        "256-byte name is the limit, 255 is fine",
+        "[defaults]\nretry = false\ndead_letter = false\n[queues." + "a" * 255 + "]\n",
+        lambda t: len(t.queues) == 1,
+    ),
+]
+
+
+@pytest.mark.parametrize(("toml", "check"), [(g[1], g[2]) for g in GOOD], ids=[g[0] for g in GOOD])
+def test_good_files_load(toml: str, check: Callable[[Topology], Any]) -> None:
+    assert check(parse_topology(toml, "t.toml"))
+
+
+def test_the_example_topology_loads() -> None:
+    topology = load_topology(ROOT / "topology.toml")
+    assert sorted(topology.queues) == [
+        "audit.all",
+        "billing.order-created",
+        "shipping.order-paid",
+        "support.vip-orders",
+    ]
+    assert topology.queues["billing.order-created"].retry.max_attempts == 5
+
+
+# (id, file, the problem line exactly as printed, indented under the file name)
+BAD: list[tuple[str, str, str]] = [
+    (
+        "unknown key",
+        "[queues.a]\nprefetchh = 3\n",
+        'queues.a.prefetchh: unknown key (did you mean "prefetch"?)',
+    ),
+    (
+        "unknown table",
+        "[queue.a]\n",
+        'queue: unknown key (did you mean "queues"?)',
+    ),
+    (
+        "bad duration",
+        '[queues."billing.order-created"]\nretry = { delays = ["5s", "5 parsecs"] }\n',
+        "queues.\"billing.order-created\".retry.delays[1]: '5 parsecs' is not a duration; "
+        'write a number with a unit ("250ms", "5s", "1m", "2h") or an integer of milliseconds',
+    ),
+    (
+        "fractional milliseconds",
+        '[queues.a]\ntimeout = "1.5ms"\n',
+        "queues.a.timeout: '1.5ms' is not a whole number of milliseconds",
+    ),
+    (
+        "unsorted delays",
+        '[queues.a]\nretry = { delays = ["5s", "1s"] }\n',
+        "queues.a.retry.delays[1]: delays must be strictly increasing "
+        "(sort the delays; the last one repeats for further attempts)",
+    ),
+    (
+        "equal delays",
+        '[defaults]\nretry = { delays = ["5s", "5s"] }\n',
+        "defaults.retry.delays[1]: delays must be strictly increasing "
+        "(sort the delays; the last one repeats for further attempts)",
+    ),
+    (
+        "zero delay",
+        '[queues.a]\nretry = { delays = [0, "1s"] }\n',
+        "queues.a.retry.delays[0]: delays must be positive",
+    ),
+    (
+        "amq. queue",
+        '[queues."amq.jobs"]\n',
+        "queues.\"amq.jobs\": names starting with 'amq.' are reserved by RabbitMQ "
+        "(choose another prefix)",
+    ),
+    (
+        "amq. exchange",
+        '[exchanges."amq.orders"]\ntype = "topic"\n',
+        "exchanges.\"amq.orders\": names starting with 'amq.' are reserved by RabbitMQ "
+        "(choose another prefix)",
+    ),
+    (
+        "256-byte name",
+        f'[defaults]\nretry = false\ndead_letter = false\n[queues."{LONG_NAME}"]\n',
+        f'queues."{LONG_NAME}": name is 256 bytes; RabbitMQ allows at most 255',
+    ),
+    (
+        "generated name too long",
+        "[queues." + "a" * 252 + "]\nretry = false\n",
+        f"queues.{'a' * 252}: generated queue name '{'a' * 252}.dlq' is 256 bytes; "
+        "RabbitMQ allows at most 255 (shorten the queue name)",
+    ),
+    (
+        "binding to an undeclared exchange",
+        '[exchanges.orders]\ntype = "topic"\n'
+        '[queues.a]\nbindings = [{ exchange = "order", routing_key = "x" }]\n',
+        "queues.a.bindings[0].exchange: exchange 'order' is not declared "
+        '(did you mean "orders"?)',
+    ),
+    (
+        "quorum and exclusive",
+        "[queues.a]\nexclusive = true\n",
+        'queues.a.exclusive: quorum queues cannot be exclusive (use queue_type = "classic")',
+    ),
+    (
+        "quorum and auto_delete",
+        "[queues.a]\nauto_delete = true\n",
+        'queues.a.auto_delete: quorum queues cannot be auto-delete (use queue_type = "classic")',
+    ),
+    (
+        "argument the queue type does not support",
+        '[queues.a]\narguments = { "x-max-priority" = 10 }\n',
+        'queues.a.arguments."x-max-priority": not supported by quorum queues',
+    ),
+    (
+        "misspelt argument",
+        '[queues.a]\nqueue_type = "classic"\narguments = { "x-max-lenght" = 10 }\n',
+        'queues.a.arguments."x-max-lenght": not supported by classic queues '
+        '(did you mean "x-max-length"?)',
+    ),
+    (
+        "managed argument",
+        '[queues.a]\narguments = { "x-delivery-limit" = 10 }\n',
+        'queues.a.arguments."x-delivery-limit": managed by rabbitflow (set crash_limit instead)',
+    ),
+    (
+        "collision with a generated DLQ",
+        '[queues.a]\n[queues."a.dlq"]\n',
+        "queues.\"a.dlq\": collides with a queue rabbitflow generates for queue 'a' "
+        "(rename one of them)",
+    ),
+    (
+        "collision with a generated retry tier",
+        '[queues.a]\n[queues."a.retry.10s"]\n',
+        "queues.\"a.retry.10s\": collides with a queue rabbitflow generates for queue 'a' "
+        "(rename one of them)",
+    ),
+    (
+        "overflow mode of the wrong type",
+        '[queues.a]\narguments = { "x-overflow" = ["drop-head"] }\n',
+        "queues.a.arguments.\"x-overflow\": ['drop-head'] is not an overflow mode of quorum "
+        "queues (use one of: drop-head, reject-publish)",
+    ),
+    (
+        "headers match mode",
+        '[exchanges.h]\ntype = "headers"\n'
+        '[queues.a]\nbindings = [{ exchange = "h", arguments = { "x-match" = "some" } }]\n',
+        "queues.a.bindings[0].arguments.\"x-match\": 'some' is not a match mode "
+        "(use one of: all, all-with-x, any, any-with-x)",
+    ),
+    (
+        "headers match mode of the wrong type",
+        '[exchanges.h]\ntype = "headers"\n'
+        '[queues.a]\nbindings = [{ exchange = "h", arguments = { "x-match" = ["all"] } }]\n',
+        "queues.a.bindings[0].arguments.\"x-match\": ['all'] is not a match mode",
+    ),
+    (
+        "prefetch 0",
+        "[queues.a]\nprefetch = 0\n",
+        "queues.a.prefetch: prefetch 0 means unlimited, which lets the broker push the whole "
+        "queue into memory; set a positive prefetch (e.g. 32)",
+    ),
+    (
+        "exchange type",
+        '[exchanges.x]\ntype = "topik"\n',
+        "exchanges.x.type: 'topik' is not allowed; expected 'direct', 'topic', 'fanout' or "
+        "'headers'",
+    ),
+    (
+        "missing exchange type",
+        "[exchanges.x]\n",
+        "exchanges.x.type: required key is missing",
+    ),
+    (
+        "retry = true",
+        "[queues.a]\nretry = true\n",
+        'queues.a.retry: retry = true is not a policy; write retry = { delays = ["1s", "10s"] }',
+    ),
+]
+
+
+@pytest.mark.parametrize(("toml", "expected"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_files_name_the_path_and_the_fix(toml: str, expected: str) -> None:
+    with pytest.raises(TopologyError) as raised:
+        parse_topology(toml, "topology.toml")
+    lines = str(raised.value).splitlines()
+    assert lines[0].startswith("topology.toml: ")
+    assert f"  {expected}" in lines[1:] or any(
+        line.startswith(f"  {expected}") for line in lines[1:]
+    ), str(raised.value)
+
+
+def test_several_errors_are_reported_at_once() -> None:
+    toml = '[defaults]\nprefetc = 3\n[queues.a]\nprefetch = 0\n[exchanges.x]\ntype = "topik"\n'
+    with pytest.raises(TopologyError) as raised:
+        parse_topology(toml, "topology.toml")
+    assert str(raised.value).splitlines()[0] == "topology.toml: 3 errors"
+    paths = [problem.path for problem in raised.value.problems]
+    assert paths == ["defaults.prefetc", "exchanges.x.type", "queues.a.prefetch"]
+
+
+def test_several_semantic_errors_are_reported_at_once() -> None:
+    toml = '[queues."amq.a"]\nexclusive = true\nretry = { delays = ["5s", "1s"] }\n'
+    with pytest.raises(TopologyError) as raised:
+        parse_topology(toml, "topology.toml")
+    assert str(raised.value).splitlines()[0] == "topology.toml: 3 errors"
+
+
+def test_toml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "topology.toml"
+    path.write_text("[queues.a]\nprefetch = = 3\n", encoding="utf-8")
+    with pytest.raises(TopologySyntaxError) as raised:
+        load_topology(path)
+    assert (raised.value.line, raised.value.column) == (2, 12)
+    assert str(raised.value) == f"{path}:2:12: TOML syntax error: Invalid value"
+
+
+def test_non_utf8_file_names_the_position(tmp_path: Path) -> None:
+    path = tmp_path / "topology.toml"
+    path.write_bytes("[queues.a]\n# café\n".encode("latin-1"))
+    with pytest.raises(TopologySyntaxError) as raised:
+        load_topology(path)
+    assert str(raised.value) == f"{path}:2:6: the file is not valid UTF-8; save it as UTF-8"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError, match="file not found"):
+        load_topology(tmp_path / "nope.toml")
+
+
+# --- properties -----------------------------------------------------------------------------
+
+
+@given(st.integers(min_value=0, max_value=10**12))
+def test_duration_labels_round_trip(millis: int) -> None:
+    label = format_duration(millis)
+    assert parse_duration(label) == millis
+    number = int(label.rstrip("mhs"))
+    assert number > 0 or millis == 0
+
+
+@given(st.integers(min_value=1, max_value=10**6), st.sampled_from(["ms", "s", "m", "h"]))
+def test_written_durations_survive_formatting(number: int, unit: str) -> None:
+    millis = parse_duration(f"{number}{unit}")
+    assert parse_duration(format_duration(millis)) == millis
+    assert len(format_duration(millis)) <= len(f"{number}{unit}")
+
+
+KEYS = [
+    "broker", "url", "defaults", "dead_letter", "exchange", "exchanges", "queues", "queue_type",
+    "prefetch", "concurrency", "timeout", "retry", "delays", "max_attempts", "crash_limit",
+    "max_body_size", "type", "durable", "auto_delete", "internal", "exclusive", "arguments",
+    "bindings", "routing_key", "x-match", "x-overflow", "x-max-length", "x-message-ttl",
+    "x-queue-type", "x-max-age", "orders", "a", "a.dlq", "amq.x", "",
+]  # fmt: skip
+# TOML strings cannot hold lone surrogates; everything else goes.
+TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
+SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    TEXT,
+    st.sampled_from(["5s", "1m", "0ms", "quorum", "classic", "stream", "topic", "headers", "all"]),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS), inner),
+    max_leaves=25,
+)
+
+
+def _string(text: str) -> str:
+    escaped = (c if c.isprintable() and c not in '"\\' else f"\\U{ord(c):08x}" for c in text)
+    return '"' + "".join(escaped) + '"'
+
+
+def _toml(value: Any) -> str:
+    """Inline TOML for a JSON-like value."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_string(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _string(value)
+    return repr(value)
+
+
+def _loose(sensible: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly a plausible value (so that semantic checks run), sometimes anything at all."""
+    return st.sampled_from(range(20)).flatmap(lambda i: VALUES if i == 19 else sensible)
+
+
+def _table(
+    required: dict[str, st.SearchStrategy[Any]] | None = None, /, **keys: st.SearchStrategy[Any]
+) -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries(
+        {k: _loose(v) for k, v in (required or {}).items()},
+        optional={k: _loose(v) for k, v in keys.items()},
+    )
+
+
+ARGUMENT_KEYS = ["x-overflow", "x-max-length", "x-match", "x-single-active-consumer", "k"]
+ARGUMENTS = st.dictionaries(
+    st.sampled_from(ARGUMENT_KEYS),
+    SCALARS | st.lists(SCALARS, max_size=2) | st.dictionaries(TEXT, SCALARS, max_size=2),
+    max_size=3,
+)
+DURATION = st.sampled_from(["1s", "5s", "10s", "1m", 0, -5, 250])
+RETRY: st.SearchStrategy[Any] = st.one_of(
+    _table({"delays": st.lists(DURATION, max_size=3)}, max_attempts=st.integers(-1, 6)),
+    st.just(False),
+)
+EXCHANGE_NAMES = st.sampled_from(["orders", "h", "dlx", "amq.topic", "amq.match", "", "nope"])
+BINDING = _table({"exchange": EXCHANGE_NAMES}, routing_key=TEXT, arguments=ARGUMENTS)
+QUEUE_SETTINGS: dict[str, st.SearchStrategy[Any]] = {
+    "queue_type": st.sampled_from(["quorum", "classic", "stream"]),
+    "prefetch": st.integers(0, 100),
+    "concurrency": st.integers(1, 100),
+    "timeout": DURATION,
+    "retry": RETRY,
+    "dead_letter": st.booleans(),
+    "crash_limit": st.integers(0, 20),
+    "max_body_size": st.sampled_from(["16MiB", 10]),
+}
+QUEUE = _table(
+    **QUEUE_SETTINGS,
+    durable=st.booleans(),
+    exclusive=st.booleans(),
+    auto_delete=st.booleans(),
+    bindings=st.lists(BINDING, max_size=2),
+    arguments=ARGUMENTS,
+)
+EXCHANGE = _table(
+    {"type": st.sampled_from(["direct", "topic", "fanout", "headers"])},
+    internal=st.booleans(),
+    bindings=st.lists(BINDING, max_size=2),
+    arguments=ARGUMENTS,
+)
+DOCUMENTS = _table(
+    defaults=_table(**QUEUE_SETTINGS),
+    dead_letter=_table(exchange=EXCHANGE_NAMES),
+    exchanges=st.dictionaries(EXCHANGE_NAMES, EXCHANGE, max_size=3),
+    queues=st.dictionaries(st.sampled_from(["a", "b", "a.dlq", "a.retry.1s", "x*", ""]), QUEUE),
+)
+
+
+def _parse_document(document: dict[str, Any]) -> None:
+    text = "\n".join(f"{_string(key)} = {_toml(value)}" for key, value in document.items())
+    with contextlib.suppress(TopologyError):
+        parse_topology(text, "junk.toml")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6))
+def test_random_documents_raise_only_topology_errors(document: dict[str, Any]) -> None:
+    _parse_document(document)
+
+
+@settings(max_examples=500, deadline=None)
+@given(DOCUMENTS)
+def test_plausible_documents_raise_only_topology_errors(document: dict[str, Any]) -> None:
+    _parse_document(document)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_random_bytes_raise_only_topology_errors(raw: bytes) -> None:
+    with contextlib.suppress(TopologyError):
+        parse_topology(raw, "junk.toml")
