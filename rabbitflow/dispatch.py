@@ -181,7 +181,10 @@ class Dispatcher:
             if span is not None:
                 record_failure(span, exc)
             if self._breaker is not None:
-                self._breaker.record(outcome.action is Action.RETRY)
+                # A failure of the kind that is retried counts against the downstream even when
+                # this message is not retried (attempts spent, retry = false); a Reject, a bad
+                # payload or a dead_letter_on type is the message's fault, not the downstream's.
+                self._breaker.record(self._policy.action_for(exc) is Action.RETRY)
             return await self._settler.fail(delivery, exc, outcome, attempt)
         self._succeeded(delivery)
         return Action.ACK
