@@ -179,6 +179,9 @@ class Worker:
             declare=self.options.declare,
             tracing=self.tracing.enabled,
         )
+        # While the worker's connection is down (reconnecting, or closed before the shutdown
+        # hooks run), app.publish() opens the app's own: it must go to the same broker.
+        self.app.url = self.options.url
         try:
             connection = await self._connect()
         except _Stop:
@@ -194,6 +197,7 @@ class Worker:
             self.app.attach(None)
             if not started and not connection.is_closed:
                 await connection.close()
+            await self.app.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
             log.info("stopped")
 
