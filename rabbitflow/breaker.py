@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from rabbitflow.metrics import Value
 from rabbitflow.topology.schema import CircuitBreakerTable
 
 log = structlog.get_logger("rabbitflow.breaker")
@@ -32,6 +33,7 @@ class CircuitBreaker:
 
     __slots__ = (
         "_buckets",
+        "_gauge",
         "_on_close",
         "_on_open",
         "_resume_task",
@@ -47,8 +49,11 @@ class CircuitBreaker:
         config: CircuitBreakerTable,
         on_open: Callable[[], Awaitable[None]],
         on_close: Callable[[], Awaitable[None]],
+        gauge: Value | None = None,
     ) -> None:
         self.queue = queue
+        self._gauge = gauge or Value()  # rabbitflow_circuit_breaker_open: 1 unless closed
+        self._gauge.set(0)
         self.config = config
         self.state = State.CLOSED
         self._buckets: dict[int, list[int]] = {}  # second → [calls, failures]
@@ -73,6 +78,7 @@ class CircuitBreaker:
                 self._open(reason="trial call failed")
             else:
                 self.state = State.CLOSED
+                self._gauge.set(0)
                 self._buckets.clear()
                 log.info("circuit breaker closed", queue=self.queue)
             return
@@ -101,6 +107,7 @@ class CircuitBreaker:
 
     def _open(self, reason: str) -> None:
         self.state = State.OPEN
+        self._gauge.set(1)
         self._runnable.clear()
         self._buckets.clear()
         log.error(

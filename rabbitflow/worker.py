@@ -347,7 +347,8 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await channel.basic_consume(queue, dispatcher, consumer_tag=tag)
 
-        breaker = CircuitBreaker(queue, config, pause, resume)
+        gauge = self.metrics.breaker.labels(queue)
+        breaker = CircuitBreaker(queue, config, pause, resume, gauge)
         session.breakers.append(breaker)
         return breaker
 
