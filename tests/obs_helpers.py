@@ -31,13 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- topology --------------------------------------------------------------------------------
 
 
-def write_topology(directory: Path, *queues: str, retry: str | None = None) -> Path:
-    """One direct exchange ``events`` and classic queues bound to it by their own names."""
-    retry = retry or 'retry = { delays = ["100ms", "200ms"], max_attempts = 3 }'
+def write_topology(directory: Path, *queues: str, extra: str = "") -> Path:
+    """One direct exchange ``events`` and classic queues bound to it by their own names,
+    retried after 100ms then 200ms, 3 attempts; ``extra`` is added to every queue table."""
+    retry = 'retry = { delays = ["100ms", "200ms"], max_attempts = 3 }'
     text = '[exchanges.events]\ntype = "direct"\n'
     for queue in queues:
         text += (
-            f'\n[queues."{queue}"]\nqueue_type = "classic"\nprefetch = 20\n{retry}\n'
+            f'\n[queues."{queue}"]\nqueue_type = "classic"\nprefetch = 20\n{retry}\n{extra}\n'
             f'bindings = [{{ exchange = "events", routing_key = "{queue}" }}]\n'
         )
     path = directory / "topology.toml"

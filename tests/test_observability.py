@@ -28,6 +28,7 @@ from rabbitflow import App, Message, Reject
 from rabbitflow.logging import configure_logging
 from rabbitflow.outcome import Action
 from rabbitflow.tracing import Tracing, set_tracing
+from rabbitflow.worker import Worker
 from tests.obs_helpers import (
     ROOT,
     Spans,
@@ -628,6 +629,37 @@ async def test_metrics_and_health_endpoints(
         assert reconnections is not None
         assert reconnections >= 1
         assert sample(metrics, "rabbitflow_ready") == 1
+
+
+async def test_circuit_breaker_gauge_follows_the_breaker(tmp_path: Path, vhost_url: str) -> None:
+    # given a consumer whose breaker opens after 2 failures out of 2 and cools down for 1s
+    breaker = (
+        'circuit_breaker = { failure_ratio = 1.0, window = "10s", min_calls = 2, cooldown = "1s" }'
+    )
+    app = App(write_topology(tmp_path, "fragile", extra=breaker))
+    down = True
+
+    @app.consumer("fragile")
+    async def handle(message: Message) -> None:
+        if down:
+            raise ConnectionError("downstream is down")
+
+    def gauge(worker: Worker) -> float | None:
+        metrics = parse_metrics(worker.metrics.render())
+        return sample(metrics, "rabbitflow_circuit_breaker_open", queue="fragile")
+
+    async with running(app, vhost_url) as worker:
+        assert gauge(worker) == 0
+        # when the handler fails twice
+        for n in range(2):
+            await app.publish("events", "fragile", {"n": n})
+        # then the gauge says open
+        await wait_for(lambda: gauge(worker) == 1, "rabbitflow_circuit_breaker_open 1")
+        # and once downstream is back, the trial call closes the breaker and the gauge
+        down = False
+        acked = worker.metrics.consumed.labels("fragile", Action.ACK.value)
+        await wait_for(lambda: acked.value == 2, "both messages acked", timeout=15)
+        assert gauge(worker) == 0
 
 
 async def ctl(rabbit: Rabbit, *args: str) -> str:
