@@ -107,6 +107,17 @@ class TopologyMismatchError(BrokerError):
     """An object the topology needs is missing from the broker (seen with ``--no-declare``)."""
 
 
+class QueueNotFoundError(BrokerError):
+    """A queue an operation needs does not exist on the broker (AMQP 404 on a passive declare)."""
+
+    def __init__(self, queue: str, vhost: str, hint: str = "") -> None:
+        self.queue = queue
+        self.vhost = vhost
+        self.hint = hint
+        detail = f": {hint}" if hint else ""
+        super().__init__(f"queue {queue!r} does not exist in vhost {vhost!r}{detail}")
+
+
 class PublishError(RabbitflowError):
     """A publish was not confirmed by the broker."""
 

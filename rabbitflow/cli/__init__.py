@@ -47,6 +47,9 @@ def _register() -> None:
     cli.add_command(topology.topology)
     cli.add_command(run.run)
     cli.add_command(publish.publish)
+    from rabbitflow.cli import dlq
+
+    cli.add_command(dlq.dlq)
 
 
 def main(argv: list[str] | None = None) -> Any:
