@@ -33,12 +33,13 @@ class Outcome:
 class OutcomePolicy:
     """Maps exceptions to actions for one consumer and applies its retry policy."""
 
-    __slots__ = ("_table", "retry")
+    __slots__ = ("_dead_letter_on", "_table", "retry")
 
     def __init__(
         self, retry: RetryPolicy, retry_on: ExceptionTypes = (), dead_letter_on: ExceptionTypes = ()
     ) -> None:
         self.retry = retry
+        self._dead_letter_on = dead_letter_on
         table: dict[type[BaseException], Action] = {
             BaseException: Action.RETRY if not retry_on else Action.DEAD_LETTER,
             HandlerTimeout: Action.RETRY,
@@ -58,13 +59,20 @@ class OutcomePolicy:
                 return action
         return Action.RETRY  # unreachable: BaseException is in every MRO
 
+    def _dead_letter_reason(self, exc: BaseException) -> str:
+        if isinstance(exc, Reject):
+            return "rejected by the handler"
+        if isinstance(exc, DecodeError):
+            return "undecodable payload"
+        if any(isinstance(exc, cls) for cls in self._dead_letter_on):
+            return "matches dead_letter_on"
+        return "not in retry_on"
+
     def decide(self, exc: BaseException, attempt: int) -> Outcome:
         """Retry with the tier for the next attempt, or dead-letter when retries are spent."""
         action = self.action_for(exc)
         if action is Action.DEAD_LETTER:
-            return Outcome(
-                action, "rejected" if isinstance(exc, Reject | DecodeError) else "dead_letter_on"
-            )
+            return Outcome(action, self._dead_letter_reason(exc))
         if not self.retry.enabled:
             return Outcome(Action.DEAD_LETTER, "retries disabled")
         if attempt >= self.retry.max_attempts:

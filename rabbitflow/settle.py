@@ -227,7 +227,8 @@ class Settler:
     async def defer(self, delivery: DeliveredMessage, not_before: float) -> None:
         """Park a message whose ``rabbitflow-not-before`` is still ahead, without running it."""
         remaining = max(int((not_before - datetime.now(UTC).timestamp()) * 1000), 0)
-        _, tier = self.routes.tier_at_least(remaining)
+        # Hop through tiers that do not overshoot, so the message runs close to not-before.
+        _, tier = self.routes.tier_at_most(remaining)
         headers = dict(delivery.header.properties.headers or {})
         headers = {k: v for k, v in headers.items() if not k.startswith(h.BROKER_HEADERS_PREFIX)}
         if await self._republish(delivery, "", tier, headers):

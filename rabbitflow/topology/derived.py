@@ -62,6 +62,13 @@ class QueueRoutes:
         return largest, self.tiers[largest]
 
 
+    def tier_at_most(self, delay_ms: int) -> tuple[int, str]:
+        """The largest tier whose delay is <= ``delay_ms``, else the smallest tier."""
+        fitting = [delay for delay in self.tiers if delay <= delay_ms]
+        delay = max(fitting) if fitting else min(self.tiers)
+        return delay, self.tiers[delay]
+
+
 @dataclass(frozen=True, slots=True)
 class Declarations:
     """Broker objects in dependency order: exchanges, exchange bindings, queues, queue bindings."""
