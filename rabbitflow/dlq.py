@@ -289,14 +289,8 @@ def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     User and trace headers are kept; the failure headers and the attempt are dropped, so the
     message starts a fresh retry cycle; broker ``x-`` headers are dropped, so ``x-death`` does
     not grow on every round trip; ``rabbitflow-replay-count`` goes up by one."""
-    kept = {
-        name: value
-        for name, value in headers.items()
-        if not name.startswith(h.BROKER_HEADERS_PREFIX)
-        and not name.startswith("rabbitflow-error-")
-        and name not in h.FAILURE_HEADERS
-        and name != h.ATTEMPT
-    }
+    kept = h.carried_headers(headers)
+    kept.pop(h.ATTEMPT, None)
     kept[h.REPLAY_COUNT] = _as_int(headers.get(h.REPLAY_COUNT), default=0) + 1
     return kept
 

@@ -6,6 +6,9 @@ They carry no ``x-`` prefix: RabbitMQ reserves that for its own headers (``x-dea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 ATTEMPT = "rabbitflow-attempt"
 ORIGIN_QUEUE = "rabbitflow-origin-queue"
 ORIGIN_EXCHANGE = "rabbitflow-origin-exchange"
@@ -25,3 +28,14 @@ FAILURE_HEADERS = frozenset({ERROR_TYPE, ERROR_MESSAGE, ERROR_STACK, NOT_BEFORE}
 # Set by the broker on dead-lettering and redelivery; never copied onto a republished message,
 # so that x-death cannot grow without bound across retries.
 BROKER_HEADERS_PREFIX = "x-"
+
+
+def carried_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """User and trace headers kept on a copy; broker ``x-*`` and old failure headers dropped."""
+    if not headers:
+        return {}
+    return {
+        key: value
+        for key, value in headers.items()
+        if not key.startswith(BROKER_HEADERS_PREFIX) and key not in FAILURE_HEADERS
+    }

@@ -131,17 +131,6 @@ def _bounded(text: str, limit: int) -> str:
     return data[: limit - 3].decode("utf-8", "ignore") + "..."
 
 
-def carried_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
-    """User and trace headers kept on a copy; broker ``x-*`` and old failure headers dropped."""
-    if not headers:
-        return {}
-    return {
-        key: value
-        for key, value in headers.items()
-        if not key.startswith(h.BROKER_HEADERS_PREFIX) and key not in h.FAILURE_HEADERS
-    }
-
-
 class Settler:
     """Settles the deliveries of one consumer."""
 
@@ -238,7 +227,7 @@ class Settler:
         self, delivery: DeliveredMessage, exc: BaseException, attempt: int, *, stack: bool
     ) -> dict[str, Any]:
         old = delivery.header.properties.headers or {}
-        headers = carried_headers(old)
+        headers = h.carried_headers(old)
         headers[h.ATTEMPT] = attempt
         headers.setdefault(h.ORIGIN_QUEUE, self.queue)
         headers.setdefault(h.ORIGIN_EXCHANGE, delivery.exchange or "")

@@ -61,7 +61,6 @@ class QueueRoutes:
         largest = max(self.tiers)
         return largest, self.tiers[largest]
 
-
     def tier_at_most(self, delay_ms: int) -> tuple[int, str]:
         """The largest tier whose delay is <= ``delay_ms``, else the smallest tier."""
         fitting = [delay for delay in self.tiers if delay <= delay_ms]
