@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -30,12 +31,26 @@ async def connect(
             url, timeout=timeout, client_properties={"connection_name": name}, **extra
         )
         return connection
+    except aiormq.exceptions.InvalidFrameError as exc:
+        if "Connection.Close" not in str(exc):
+            raise UnreachableBrokerError(mask_url(url), _reason(exc)) from None
+        # RabbitMQ answers connection.open with connection.close (530 NOT_ALLOWED) for a
+        # vhost that does not exist or that the user may not access.
+        raise AccessRefusedError(
+            f"the broker at {mask_url(url)} refused vhost {_vhost(url)!r}: it does not exist "
+            "or the user has no permission on it"
+        ) from None
     except aiormq.exceptions.ProbableAuthenticationError as exc:
         raise AccessRefusedError(
             f"the broker at {mask_url(url)} refused the login or the vhost: {_reason(exc)}"
         ) from None
     except (TimeoutError, OSError, socket.gaierror, aiormq.exceptions.AMQPError) as exc:
         raise UnreachableBrokerError(mask_url(url), _reason(exc)) from None
+
+
+def _vhost(url: str) -> str:
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def _reason(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -32,6 +33,16 @@ def reports_errors(func: Callable[P, T]) -> Callable[P, T]:
             sys.exit(1)
 
     return wrapper
+
+
+def quiet_client_logs() -> None:
+    """Leave connection-failure reporting to our one-line error, not aiormq's own log."""
+    # aio-pika and aiormq log connection failures themselves; without a handler Python would
+    # print them to stderr next to our one-line error.
+    for name in ("aio_pika", "aiormq"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(logging.NullHandler())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import click
 
-from rabbitflow.cli import reports_errors
-from rabbitflow.cli.topology import _quiet_client_logs
+from rabbitflow.cli import quiet_client_logs, reports_errors
 from rabbitflow.connection import connect, underlay
 from rabbitflow.publisher import Publisher
 from rabbitflow.topology import load_topology
@@ -65,7 +64,7 @@ def publish(
         except ValueError:
             payload = text
     file_url = load_topology(topology_path).broker_url if topology_path.exists() else None
-    _quiet_client_logs()
+    quiet_client_logs()
     sent = asyncio.run(
         _publish(
             resolve_url(url, file_url),

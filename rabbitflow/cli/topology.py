@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 import warnings
 from collections.abc import Awaitable, Callable
@@ -14,7 +13,7 @@ from typing import TypeVar
 import click
 from aio_pika.abc import AbstractConnection
 
-from rabbitflow.cli import reports_errors
+from rabbitflow.cli import quiet_client_logs, reports_errors
 from rabbitflow.connection import connect
 from rabbitflow.topology.declare import Declared, declare
 from rabbitflow.topology.derived import Declarations, derive
@@ -166,7 +165,7 @@ def _definitions_text(declarations: Declarations, vhost: str) -> str:
 def _with_connection(
     url: str, name: str, action: Callable[[AbstractConnection], Awaitable[T]]
 ) -> T:
-    _quiet_client_logs()
+    quiet_client_logs()
 
     async def run() -> T:
         connection = await connect(url, name=name)
@@ -176,12 +175,3 @@ def _with_connection(
             await connection.close()
 
     return asyncio.run(run())
-
-
-def _quiet_client_logs() -> None:
-    # aio-pika and aiormq log connection failures themselves; without a handler Python would
-    # print them to stderr next to our one-line error.
-    for name in ("aio_pika", "aiormq"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            logger.addHandler(logging.NullHandler())
