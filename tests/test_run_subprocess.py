@@ -123,7 +123,7 @@ def test_prefetch_caps_unacked_deliveries(
     wait_until(finished, 60, "every message to be handled", interval=0.1)
     assert max(unacked) <= 5, unacked
     assert max(unacked) > 0, unacked
-    assert len(unacked) >= 3, f"too few samples to judge: {unacked}"
+    assert len(unacked) >= 2, f"too few samples to judge: {unacked}"
     assert workers.records.ids("done") == Counter(f"m-{i}" for i in range(count))
     worker.stop()
 
