@@ -1,0 +1,356 @@
+"""aiormq-shaped connection and channel objects on top of the in-memory broker.
+
+They implement what rabbitflow calls on an aiormq channel (publish with confirms and returns,
+qos, consume, get, ack/nack/reject, cancel, close), with the same results and exceptions, so
+rabbitflow's real ``Publisher``, ``Acker`` and ``Dispatcher`` run on them unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiormq.exceptions as amqp_errors
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
+
+from rabbitflow.testing._envelope import Envelope, roundtrip
+from rabbitflow.testing._queue import Consumer, MemoryQueue
+
+if TYPE_CHECKING:
+    from rabbitflow.testing.broker import MemoryBroker
+
+ConsumerCallback = Callable[[DeliveredMessage], Awaitable[Any]]
+NO_ROUTE = 312
+
+
+@dataclass(eq=False, slots=True)
+class _Unacked:
+    queue: MemoryQueue
+    envelope: Envelope
+    consumer: Consumer | None
+
+
+class MemoryConnection:
+    """What ``aiormq.Connection`` offers rabbitflow: channels, ``is_closed``, ``close()``."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+        self.channels: list[MemoryChannel] = []
+        self.closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closing.done()
+
+    async def channel(
+        self,
+        channel_number: int | None = None,
+        publisher_confirms: bool = True,
+        frame_size: int | None = None,
+        timeout: float | None = None,
+        on_return_raises: bool = True,
+        **kwargs: Any,
+    ) -> MemoryChannel:
+        """Open a channel; ``on_return_raises`` as in aiormq: a returned publish raises."""
+        if self.is_closed:
+            raise amqp_errors.ConnectionClosed(320, "connection closed")
+        channel = MemoryChannel(self, len(self.channels) + 1, publisher_confirms, on_return_raises)
+        self.channels.append(channel)
+        return channel
+
+    async def close(self, exc: BaseException | None = None) -> None:
+        for channel in self.channels:
+            channel.shut(None)
+        if not self.closing.done():
+            self.closing.set_result(None)
+
+
+class MemoryChannel:
+    """One AMQP channel: its delivery tags, unacked deliveries, prefetch and consumers."""
+
+    def __init__(
+        self,
+        connection: MemoryConnection,
+        number: int,
+        publisher_confirms: bool,
+        on_return_raises: bool,
+    ) -> None:
+        self.connection = connection
+        self.broker = connection.broker
+        self.number = number
+        self.publisher_confirms = publisher_confirms
+        self.on_return_raises = on_return_raises
+        self.on_return_callbacks: set[Callable[[DeliveredMessage], Any]] = set()
+        self.on_consumer_cancel_callbacks: set[Callable[[Any], Any]] = set()
+        self.consumers: dict[str, Consumer] = {}
+        self.closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unacked: dict[int, _Unacked] = {}
+        self._delivery_tag = 0
+        self._publish_tag = 0
+        self._prefetch = 0
+        self._global_prefetch = 0
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closing.done()
+
+    def _check_open(self) -> None:
+        if self.is_closed:
+            raise amqp_errors.ChannelInvalidStateError(f"channel {self.number} is closed")
+
+    def has_capacity(self) -> bool:
+        return not self._global_prefetch or len(self._unacked) < self._global_prefetch
+
+    def fail(self, error: amqp_errors.AMQPError) -> None:
+        """Close the channel as the broker does on a channel error, and remember the error."""
+        self.broker.errors.append(error)
+        self.shut(error)
+
+    def shut(self, error: BaseException | None) -> None:
+        """Close: cancel the consumers and return every unacked delivery to its queue."""
+        if self.is_closed:
+            return
+        for consumer in list(self.consumers.values()):
+            self.broker.remove_consumer(consumer)
+        self.consumers.clear()
+        unacked, self._unacked = self._unacked, {}
+        self.broker.settle([(entry.queue, entry.envelope, True) for entry in unacked.values()])
+        if error is None:
+            self.closing.set_result(None)
+        else:
+            self.closing.set_exception(error)
+            self.closing.exception()  # retrieved: nobody has to await a closed channel
+
+    async def close(self, exc: BaseException | None = None, timeout: float | None = None) -> None:
+        self.shut(None)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    async def basic_publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str = "",
+        routing_key: str = "",
+        properties: spec.Basic.Properties | None = None,
+        mandatory: bool = False,
+        immediate: bool = False,
+        timeout: float | None = None,
+        wait: bool = True,
+    ) -> spec.Basic.Ack | spec.Basic.Nack | None:
+        """Route a message; in confirm mode return ``Basic.Ack`` like aiormq, or raise
+        ``PublishError`` (returned, with ``on_return_raises``) / ``DeliveryError`` (nacked)."""
+        self._check_open()
+        properties = properties or spec.Basic.Properties(delivery_mode=1)
+        if not properties.message_id:
+            properties.message_id = uuid.uuid4().hex  # aiormq gives every publish an id
+        stored = roundtrip(properties)
+        self._check_exchange(exchange)
+        result = self.broker.publish(exchange, routing_key, body, stored, mandatory=mandatory)
+        if result.returned:
+            self._return(exchange, routing_key, body, stored)
+        if not self.publisher_confirms:
+            return None
+        self._publish_tag += 1
+        if result.rejected:
+            raise amqp_errors.DeliveryError(None, spec.Basic.Nack(delivery_tag=self._publish_tag))
+        return spec.Basic.Ack(delivery_tag=self._publish_tag)
+
+    def _check_exchange(self, name: str) -> None:
+        if name == "":
+            return
+        exchange = self.broker.exchanges.get(name)
+        if exchange is None:
+            error: amqp_errors.AMQPError = amqp_errors.ChannelNotFoundEntity(
+                f"NOT_FOUND - no exchange '{name}' in vhost '/'"
+            )
+        elif exchange.internal:
+            error = amqp_errors.ChannelAccessRefused(
+                f"ACCESS_REFUSED - cannot publish to internal exchange '{name}' in vhost '/'"
+            )
+        else:
+            return
+        self.fail(error)
+        raise error
+
+    def _return(
+        self, exchange: str, routing_key: str, body: bytes, properties: spec.Basic.Properties
+    ) -> None:
+        frame = spec.Basic.Return(
+            reply_code=NO_ROUTE, reply_text="NO_ROUTE", exchange=exchange, routing_key=routing_key
+        )
+        header = ContentHeader(body_size=len(body), properties=roundtrip(properties))
+        message = DeliveredMessage(delivery=frame, header=header, body=body, channel=self)  # type: ignore[arg-type]
+        if self.publisher_confirms and self.on_return_raises:
+            raise amqp_errors.PublishError(message, frame)
+        for callback in list(self.on_return_callbacks):
+            callback(message)
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    async def basic_qos(
+        self,
+        *,
+        prefetch_size: int | None = None,
+        prefetch_count: int | None = None,
+        global_: bool = False,
+        timeout: float | None = None,
+    ) -> spec.Basic.QosOk:
+        """``global_=False`` limits each consumer started afterwards; ``True`` the channel."""
+        self._check_open()
+        if global_:
+            self._global_prefetch = prefetch_count or 0
+            self.broker.pump_all()
+        else:
+            self._prefetch = prefetch_count or 0
+        return spec.Basic.QosOk()
+
+    async def basic_consume(
+        self,
+        queue: str,
+        consumer_callback: ConsumerCallback,
+        *,
+        no_ack: bool = False,
+        exclusive: bool = False,
+        arguments: dict[str, Any] | None = None,
+        consumer_tag: str | None = None,
+        timeout: float | None = None,
+    ) -> spec.Basic.ConsumeOk:
+        self._check_open()
+        target = self._queue(queue)
+        tag = consumer_tag or f"amq.ctag-{uuid.uuid4().hex}"
+        if tag in self.consumers:
+            raise amqp_errors.DuplicateConsumerTag(tag)
+        consumer = Consumer(tag, queue, self, consumer_callback, no_ack, self._prefetch)
+        self.consumers[tag] = consumer
+        self.broker.add_consumer(target, consumer)
+        return spec.Basic.ConsumeOk(consumer_tag=tag)
+
+    async def basic_cancel(
+        self, consumer_tag: str, *, nowait: bool = False, timeout: float | None = None
+    ) -> spec.Basic.CancelOk:
+        """Stop deliveries to a consumer; what it holds stays unacked on this channel."""
+        self._check_open()
+        consumer = self.consumers.pop(consumer_tag, None)
+        if consumer is not None:
+            self.broker.remove_consumer(consumer)
+        return spec.Basic.CancelOk(consumer_tag=consumer_tag)
+
+    async def basic_get(
+        self, queue: str = "", no_ack: bool = False, timeout: float | None = None
+    ) -> DeliveredMessage:
+        """One message from the head of ``queue`` (``Basic.GetEmpty`` when there is none)."""
+        self._check_open()
+        target = self._queue(queue)
+        envelope = self.broker.take(target)
+        if envelope is None:
+            empty = spec.Basic.GetEmpty()
+            return DeliveredMessage(delivery=empty, header=ContentHeader(), body=b"", channel=self)  # type: ignore[arg-type]
+        tag = self._track(target, envelope, None, no_ack)
+        frame = spec.Basic.GetOk(
+            delivery_tag=tag,
+            redelivered=envelope.redelivered,
+            exchange=envelope.exchange,
+            routing_key=envelope.routing_key,
+            message_count=len(target.ready),
+        )
+        return self._message(frame, target, envelope)
+
+    def _queue(self, name: str) -> MemoryQueue:
+        target = self.broker.queues.get(name)
+        if target is None:
+            error = amqp_errors.ChannelNotFoundEntity(f"NOT_FOUND - no queue '{name}' in vhost '/'")
+            self.fail(error)
+            raise error
+        return target
+
+    def deliver(self, consumer: Consumer, queue: MemoryQueue, envelope: Envelope) -> None:
+        """Push one message to ``consumer`` (called by the broker)."""
+        tag = self._track(queue, envelope, consumer, consumer.no_ack)
+        frame = spec.Basic.Deliver(
+            consumer_tag=consumer.tag,
+            delivery_tag=tag,
+            redelivered=envelope.redelivered,
+            exchange=envelope.exchange,
+            routing_key=envelope.routing_key,
+        )
+        self.broker.run(consumer.callback(self._message(frame, queue, envelope)))
+
+    def _track(
+        self, queue: MemoryQueue, envelope: Envelope, consumer: Consumer | None, no_ack: bool
+    ) -> int:
+        self._delivery_tag += 1
+        if not no_ack:
+            self._unacked[self._delivery_tag] = _Unacked(queue, envelope, consumer)
+            queue.unacked += 1
+            if consumer is not None:
+                consumer.unacked += 1
+        return self._delivery_tag
+
+    def _message(
+        self,
+        frame: spec.Basic.Deliver | spec.Basic.GetOk,
+        queue: MemoryQueue,
+        envelope: Envelope,
+    ) -> DeliveredMessage:
+        properties = roundtrip(envelope.properties)
+        if queue.kind == "quorum":
+            # RabbitMQ 3.10 quorum queues put the count of earlier returns on every delivery.
+            properties.headers = {
+                **(properties.headers or {}),
+                "x-delivery-count": envelope.delivery_count,
+            }
+        header = ContentHeader(body_size=len(envelope.body), properties=properties)
+        return DeliveredMessage(delivery=frame, header=header, body=envelope.body, channel=self)  # type: ignore[arg-type]
+
+    # -- settling ----------------------------------------------------------------------------
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+        self._settle(delivery_tag, multiple, requeue=None)
+
+    async def basic_nack(
+        self,
+        delivery_tag: int,
+        multiple: bool = False,
+        requeue: bool = True,
+        wait: bool = True,
+    ) -> None:
+        self._settle(delivery_tag, multiple, requeue=requeue)
+
+    async def basic_reject(
+        self, delivery_tag: int, *, requeue: bool = True, wait: bool = True
+    ) -> None:
+        self._settle(delivery_tag, False, requeue=requeue)
+
+    def _settle(self, delivery_tag: int, multiple: bool, *, requeue: bool | None) -> None:
+        """``requeue``: None acks, True returns to the queue, False dead-letters (rejected)."""
+        self._check_open()
+        everything = multiple and delivery_tag == 0
+        if delivery_tag not in self._unacked and not everything:
+            # RabbitMQ closes the channel on an unknown (or already settled) delivery tag,
+            # also when it is the tag of a multiple ack.
+            self.fail(
+                amqp_errors.ChannelPreconditionFailed(
+                    f"PRECONDITION_FAILED - unknown delivery tag {delivery_tag}"
+                )
+            )
+            return
+        if multiple:
+            limit = delivery_tag or max(self._unacked, default=0)
+            tags = sorted(tag for tag in self._unacked if tag <= limit)
+        else:
+            tags = [delivery_tag]
+        settled = []
+        for tag in tags:
+            entry = self._unacked.pop(tag)
+            if entry.consumer is not None:
+                entry.consumer.unacked -= 1
+            settled.append((entry.queue, entry.envelope, requeue))
+        self.broker.settle(settled)

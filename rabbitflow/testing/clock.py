@@ -1,0 +1,84 @@
+"""A virtual clock: message TTLs in the in-memory broker expire when a test says time passed.
+
+The clock starts at the real wall-clock time and moves only when told to. While a
+:class:`~rabbitflow.testing.TestApp` runs, rabbitflow's own wall-clock reads (the
+``rabbitflow-not-before`` header of ``Retry(delay=...)``, ``rabbitflow-first-failed-at``) use
+it too, so a retry delayed past the largest tier waits virtual time, not real time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from datetime import datetime, tzinfo
+from typing import Any, Self
+from unittest import mock
+
+from rabbitflow.duration import parse_duration
+
+
+class VirtualClock:
+    """Milliseconds since the clock was made, and the wall-clock time they stand for."""
+
+    __slots__ = ("_elapsed_ms", "_epoch")
+
+    def __init__(self, start: float | None = None) -> None:
+        self._epoch = time.time() if start is None else start
+        self._elapsed_ms = 0.0
+
+    def now_ms(self) -> float:
+        """Virtual milliseconds since the clock was made (the broker's time base)."""
+        return self._elapsed_ms
+
+    def time(self) -> float:
+        """The virtual wall-clock time in epoch seconds, like :func:`time.time`."""
+        return self._epoch + self._elapsed_ms / 1000
+
+    def advance(self, delay: str | int | float) -> None:
+        """Move forward by ``delay``: ``"5s"``, or milliseconds."""
+        ms = delay if isinstance(delay, float) else parse_duration(delay)
+        if ms < 0:
+            raise ValueError(f"cannot move a clock backwards ({delay!r})")
+        self._elapsed_ms += ms
+
+    def advance_to(self, ms: float) -> None:
+        """Move forward to ``ms`` virtual milliseconds; an earlier time is ignored."""
+        self._elapsed_ms = max(self._elapsed_ms, ms)
+
+
+class _TimeModule:
+    """Stands in for the ``time`` module inside rabbitflow: ``time()`` is virtual."""
+
+    __slots__ = ("_clock",)
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self._clock = clock
+
+    def time(self) -> float:
+        return self._clock.time()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def _datetime_class(clock: VirtualClock) -> type[datetime]:
+    class VirtualDatetime(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> Self:
+            return cls.fromtimestamp(clock.time(), tz)
+
+    return VirtualDatetime
+
+
+@contextlib.contextmanager
+def wall_clock(clock: VirtualClock) -> Iterator[None]:
+    """Make rabbitflow's dispatch and settle code read ``clock`` as the wall-clock time."""
+    import rabbitflow.dispatch
+    import rabbitflow.settle
+
+    with (
+        mock.patch.object(rabbitflow.dispatch, "time", _TimeModule(clock)),
+        mock.patch.object(rabbitflow.settle, "datetime", _datetime_class(clock)),
+    ):
+        yield

@@ -1,0 +1,685 @@
+"""One behaviour suite, run on the in-memory broker and on a real RabbitMQ: both must agree.
+
+Each test drives a :class:`Backend` (declare, publish, get, ack/nack, let time pass) and
+asserts literal expectations, so the two backends are held to the same results. The real side
+uses aio-pika on a fresh vhost; the memory side the aiormq-shaped channels of
+:class:`~rabbitflow.testing.MemoryBroker`. Known differences are in ``docs/testing.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import aio_pika
+import aiormq.exceptions
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+
+from rabbitflow import App, Message
+from rabbitflow.testing import MemoryBroker, MemoryChannel, TestApp
+from rabbitflow.topology import Topology, derive, parse_topology
+from rabbitflow.topology.declare import declare
+from rabbitflow.topology.derived import Declarations, QueueSpec
+from rabbitflow.worker import Worker, WorkerOptions
+
+# Real-broker TTLs fire on a timer: give them this long past their deadline.
+SLACK = 0.3
+
+
+@dataclass
+class Got:
+    """A message fetched with basic.get, the same shape on both backends."""
+
+    body: bytes
+    headers: dict[str, Any]
+    redelivered: bool
+    exchange: str
+    routing_key: str
+    handle: Any
+
+    def deaths(self) -> list[dict[str, Any]]:
+        """``x-death`` with each ``time`` checked to be a timestamp and left out."""
+        entries = []
+        for death in self.headers.get("x-death", []):
+            assert isinstance(death.pop("time"), datetime)
+            entries.append(death)
+        return entries
+
+
+class Backend(Protocol):
+    name: str
+
+    async def declare(self, declarations: Declarations) -> None: ...
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes = b"",
+        *,
+        headers: dict[str, Any] | None = None,
+        expiration_ms: int | None = None,
+        mandatory: bool = False,
+    ) -> str: ...
+
+    async def get(self, queue: str) -> Got | None: ...
+
+    async def settle(self, got: Got, requeue: bool | None) -> None: ...
+
+    async def wait(self, ms: int) -> None: ...
+
+    def running(self, app: App, topology: Topology) -> Any: ...
+
+
+async def drain(backend: Backend, queue: str) -> list[Got]:
+    """Get and ack every message of ``queue``."""
+    messages = []
+    while (got := await backend.get(queue)) is not None:
+        await backend.settle(got, None)
+        messages.append(got)
+    return messages
+
+
+async def bodies(backend: Backend, queue: str) -> list[bytes]:
+    return [got.body for got in await drain(backend, queue)]
+
+
+# -- the two backends ----------------------------------------------------------------------
+
+
+class MemoryBackend:
+    name = "memory"
+
+    def __init__(self, broker: MemoryBroker, channel: MemoryChannel) -> None:
+        self.broker = broker
+        self.channel = channel
+
+    async def declare(self, declarations: Declarations) -> None:
+        self.broker.declare(declarations)
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes = b"",
+        *,
+        headers: dict[str, Any] | None = None,
+        expiration_ms: int | None = None,
+        mandatory: bool = False,
+    ) -> str:
+        properties = spec.Basic.Properties(
+            headers=headers,
+            expiration=str(expiration_ms) if expiration_ms is not None else None,
+        )
+        try:
+            await self.channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+            )
+        except aiormq.exceptions.PublishError:
+            return "returned"
+        except aiormq.exceptions.DeliveryError:
+            return "nack"
+        return "ack"
+
+    async def get(self, queue: str) -> Got | None:
+        message: DeliveredMessage = await self.channel.basic_get(queue)
+        if isinstance(message.delivery, spec.Basic.GetEmpty):
+            return None
+        return Got(
+            message.body,
+            dict(message.header.properties.headers or {}),
+            bool(message.redelivered),
+            message.exchange or "",
+            message.routing_key or "",
+            message.delivery_tag,
+        )
+
+    async def settle(self, got: Got, requeue: bool | None) -> None:
+        if requeue is None:
+            await self.channel.basic_ack(got.handle)
+        else:
+            await self.channel.basic_nack(got.handle, requeue=requeue)
+
+    async def wait(self, ms: int) -> None:
+        self.broker.advance(ms)
+
+    @asynccontextmanager
+    async def running(self, app: App, topology: Topology) -> AsyncIterator[Runner]:
+        async with TestApp(app, topology, broker=self.broker) as t:
+            yield Runner(t.publish, t.drain)
+
+
+class RabbitBackend:
+    name = "rabbitmq"
+
+    def __init__(self, url: str, connection: aio_pika.abc.AbstractConnection) -> None:
+        self.url = url
+        self.connection = connection
+        self.channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def open(self) -> None:
+        self.channel = await self.connection.channel(on_return_raises=True)
+
+    async def declare(self, declarations: Declarations) -> None:
+        await declare(self.connection, declarations)
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes = b"",
+        *,
+        headers: dict[str, Any] | None = None,
+        expiration_ms: int | None = None,
+        mandatory: bool = False,
+    ) -> str:
+        assert self.channel is not None
+        target = (
+            self.channel.default_exchange
+            if exchange == ""
+            else await self.channel.get_exchange(exchange, ensure=False)
+        )
+        message = aio_pika.Message(
+            body,
+            headers=headers,
+            expiration=timedelta(milliseconds=expiration_ms) if expiration_ms is not None else None,
+        )
+        try:
+            await target.publish(message, routing_key, mandatory=mandatory)
+        except aiormq.exceptions.PublishError:
+            return "returned"
+        except aiormq.exceptions.DeliveryError:
+            return "nack"
+        return "ack"
+
+    async def get(self, queue: str) -> Got | None:
+        assert self.channel is not None
+        source = await self.channel.get_queue(queue, ensure=False)
+        message: AbstractIncomingMessage | None = await source.get(no_ack=False, fail=False)
+        if message is None:
+            return None
+        return Got(
+            message.body,
+            dict(message.headers),
+            bool(message.redelivered),
+            message.exchange or "",
+            message.routing_key or "",
+            message,
+        )
+
+    async def settle(self, got: Got, requeue: bool | None) -> None:
+        if requeue is None:
+            await got.handle.ack()
+        else:
+            await got.handle.nack(requeue=requeue)
+        await asyncio.sleep(0.05)  # acks are asynchronous: let the queue apply it
+
+    async def wait(self, ms: int) -> None:
+        await asyncio.sleep(ms / 1000 + SLACK)
+
+    @asynccontextmanager
+    async def running(self, app: App, topology: Topology) -> AsyncIterator[Runner]:
+        worker = Worker(app, topology, WorkerOptions(url=self.url, shutdown_timeout=2))
+        task = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 15
+        while not worker.ready:
+            assert not task.done(), "the worker stopped before consuming"
+            assert time.monotonic() < deadline, "the worker did not start consuming"
+            await asyncio.sleep(0.05)
+        try:
+            yield Runner(app.publish, None)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 10)
+
+
+@dataclass
+class Runner:
+    """An app consuming on a backend: publish through it, then wait for a condition."""
+
+    publish: Callable[..., Any]
+    _drain: Callable[[], Any] | None
+
+    async def until(self, condition: Callable[[], bool], timeout: float = 15.0) -> None:
+        if self._drain is not None:
+            await self._drain()
+            assert condition()
+            return
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "timed out waiting on the real broker"
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.broker)])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        broker = MemoryBroker()
+        yield MemoryBackend(broker, await broker.connect().channel())
+        await broker.close()
+        return
+    url = request.getfixturevalue("vhost_url")
+    connection = await aio_pika.connect(url)
+    real = RabbitBackend(url, connection)
+    await real.open()
+    try:
+        yield real
+    finally:
+        await connection.close()
+
+
+def topology(text: str) -> Topology:
+    return parse_topology(text)
+
+
+BARE = '[defaults]\nqueue_type = "classic"\nretry = false\ndead_letter = false\n'
+
+
+def queues(*specs: QueueSpec) -> Declarations:
+    return Declarations((), (), specs, (), {})
+
+
+def queue(name: str, kind: str = "classic", arguments: dict[str, Any] | None = None) -> QueueSpec:
+    return QueueSpec(name, "work", name, arguments={"x-queue-type": kind, **(arguments or {})})
+
+
+# -- routing -------------------------------------------------------------------------------
+
+PATTERNS = ["#", "*", "", "a.#", "#.a", "a.*", "*.a", "a.#.b", "a..b", "a.*.#", "*.*", "#.*", "a."]
+KEYS = ["", "a", "b", "a.b", "a.a", "a.b.c", "a..b", "a.", ".a", ".", "a.x.y.b", "x.a"]
+TOPIC_MATCHES = {
+    "#": KEYS,
+    "*": ["a", "b"],
+    "": [""],
+    "a.#": ["a", "a.b", "a.a", "a.b.c", "a..b", "a.", "a.x.y.b"],
+    "#.a": ["a", "a.a", ".a", "x.a"],
+    "a.*": ["a.b", "a.a", "a."],
+    "*.a": ["a.a", ".a", "x.a"],
+    "a.#.b": ["a.b", "a..b", "a.x.y.b"],
+    "a..b": ["a..b"],
+    "a.*.#": ["a.b", "a.a", "a.b.c", "a..b", "a.", "a.x.y.b"],
+    "*.*": ["a.b", "a.a", "a.", ".a", ".", "x.a"],
+    "#.*": [key for key in KEYS if key != ""],
+    "a.": ["a."],
+}
+
+
+async def test_topic_routing_matches_rabbitmq(backend: Backend) -> None:
+    text = BARE + '[exchanges.t]\ntype = "topic"\n'
+    for index, pattern in enumerate(PATTERNS):
+        text += f'[queues.p{index}]\nbindings = [{{ exchange = "t", routing_key = "{pattern}" }}]\n'
+    await backend.declare(derive(topology(text)))
+
+    for key in KEYS:
+        await backend.publish("t", key, key.encode())
+
+    for index, pattern in enumerate(PATTERNS):
+        got = [body.decode() for body in await bodies(backend, f"p{index}")]
+        assert got == TOPIC_MATCHES[pattern], f"pattern {pattern!r}"
+
+
+HEADER_BINDINGS: dict[str, dict[str, Any]] = {
+    "all": {"x-match": "all", "a": "1", "b": "2"},
+    "any": {"x-match": "any", "a": "1", "b": "2"},
+    "allx": {"x-match": "all-with-x", "x-a": "1"},
+    "anyx": {"x-match": "any-with-x", "x-a": "1", "b": "2"},
+    "xignored": {"x-match": "any", "x-a": "1"},
+    "int": {"x-match": "all", "n": 1},
+    "default": {"a": "1"},
+}
+HEADER_MESSAGES: list[dict[str, Any]] = [
+    {"a": "1", "b": "2"},
+    {"a": "1"},
+    {"x-a": "1"},
+    {"x-a": "1", "b": "2"},
+    {"n": 1},
+    {"n": "1"},
+    {"a": "1", "b": "3"},
+]
+HEADER_MATCHES = {
+    "all": ["0"],
+    "any": ["0", "1", "3", "6"],
+    "allx": ["2", "3"],
+    "anyx": ["0", "2", "3"],
+    "xignored": [],
+    "int": ["4"],
+    "default": ["0", "1", "6"],
+}
+
+
+def _toml_value(value: object) -> str:
+    return f'"{value}"' if isinstance(value, str) else str(value)
+
+
+async def test_headers_exchange_matches_rabbitmq(backend: Backend) -> None:
+    text = BARE + '[exchanges.h]\ntype = "headers"\n'
+    for name, arguments in HEADER_BINDINGS.items():
+        table = ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in arguments.items())
+        text += f'[queues.h-{name}]\nbindings = [{{ exchange = "h", arguments = {{ {table} }} }}]\n'
+    await backend.declare(derive(topology(text)))
+
+    for index, headers in enumerate(HEADER_MESSAGES):
+        await backend.publish("h", "", str(index).encode(), headers=headers)
+
+    for name in HEADER_BINDINGS:
+        got = [body.decode() for body in await bodies(backend, f"h-{name}")]
+        assert got == HEADER_MATCHES[name], f"binding {name}"
+
+
+async def test_exchange_to_exchange_default_exchange_and_returns(backend: Backend) -> None:
+    text = BARE + (
+        '[exchanges.orders]\ntype = "topic"\n'
+        '[exchanges.audit]\ntype = "fanout"\n'
+        'bindings = [{ exchange = "orders", routing_key = "order.#" }]\n'
+        '[queues.billing]\nbindings = [{ exchange = "orders", routing_key = "order.created" }]\n'
+        '[queues.audit-log]\nbindings = [{ exchange = "audit" }]\n'
+    )
+    await backend.declare(derive(topology(text)))
+
+    assert await backend.publish("orders", "order.created", b"1", mandatory=True) == "ack"
+    assert await backend.publish("orders", "order.paid", b"2", mandatory=True) == "ack"
+    assert await backend.publish("orders", "invoice.sent", b"3", mandatory=True) == "returned"
+    assert await backend.publish("orders", "invoice.sent", b"4") == "ack"
+    assert await backend.publish("", "billing", b"5", mandatory=True) == "ack"
+    assert await backend.publish("", "nobody", b"6", mandatory=True) == "returned"
+
+    assert await bodies(backend, "billing") == [b"1", b"5"]
+    assert await bodies(backend, "audit-log") == [b"1", b"2"]
+    received = await drain(backend, "audit-log")
+    assert received == []
+
+
+# -- TTL and dead-lettering ----------------------------------------------------------------
+
+
+async def test_ttl_dead_letter_chain_records_x_death(backend: Backend) -> None:
+    await backend.declare(
+        Declarations(
+            (),
+            (),
+            (
+                queue("end"),
+                queue(
+                    "second",
+                    "classic",
+                    {
+                        "x-message-ttl": 100,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": "end",
+                    },
+                ),
+                queue(
+                    "first",
+                    "classic",
+                    {
+                        "x-message-ttl": 100,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": "second",
+                    },
+                ),
+                queue(
+                    "ping",
+                    "classic",
+                    {
+                        "x-message-ttl": 50,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": "pong",
+                    },
+                ),
+                queue(
+                    "pong",
+                    "classic",
+                    {
+                        "x-message-ttl": 50,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": "ping",
+                    },
+                ),
+                queue(
+                    "short",
+                    "classic",
+                    {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "end"},
+                ),
+            ),
+            (),
+            {},
+        )
+    )
+    await backend.publish("", "first", b"chained", headers={"user": "kept"})
+    await backend.publish("", "ping", b"looping")
+    await backend.publish("", "short", b"own-ttl", expiration_ms=50)
+
+    await backend.wait(100)
+    await backend.wait(100)
+    await backend.wait(100)
+
+    own, chained = await drain(backend, "end")  # in the order they expired
+    assert (chained.body, chained.exchange, chained.routing_key) == (b"chained", "", "end")
+    assert chained.deaths() == [
+        {
+            "count": 1,
+            "reason": "expired",
+            "queue": "second",
+            "exchange": "",
+            "routing-keys": ["second"],
+        },
+        {
+            "count": 1,
+            "reason": "expired",
+            "queue": "first",
+            "exchange": "",
+            "routing-keys": ["first"],
+        },
+    ]
+    assert chained.headers["user"] == "kept"
+    assert chained.headers["x-first-death-queue"] == "first"
+    assert chained.headers["x-first-death-reason"] == "expired"
+    # A per-message TTL is removed and remembered in x-death.
+    assert own.deaths() == [
+        {
+            "count": 1,
+            "reason": "expired",
+            "queue": "short",
+            "exchange": "",
+            "routing-keys": ["short"],
+            "original-expiration": "50",
+        }
+    ]
+    # A message expiring round a loop with no rejection in it is dropped.
+    assert await drain(backend, "ping") == []
+    assert await drain(backend, "pong") == []
+
+
+async def test_rejections_count_in_one_x_death_entry(backend: Backend) -> None:
+    await backend.declare(
+        queues(
+            queue(
+                "again",
+                "classic",
+                {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "again"},
+            )
+        )
+    )
+    await backend.publish("", "again", b"m")
+    counts = []
+    for _ in range(3):
+        got = await backend.get("again")
+        assert got is not None
+        counts.append([d["count"] for d in got.deaths()])
+        await backend.settle(got, requeue=False)
+    (last,) = await drain(backend, "again")
+    assert counts == [[], [1], [2]]
+    assert last.deaths() == [
+        {
+            "count": 3,
+            "reason": "rejected",
+            "queue": "again",
+            "exchange": "",
+            "routing-keys": ["again"],
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "order"),
+    [
+        ("classic", [b"0", b"1", b"3"]),  # back in their original positions
+        ("quorum", [b"3", b"1", b"0"]),  # appended, in the order they came back
+    ],
+)
+async def test_requeued_messages_return_where_rabbitmq_puts_them(
+    backend: Backend, kind: str, order: list[bytes]
+) -> None:
+    await backend.declare(queues(queue("rq", kind)))
+    for i in range(4):
+        await backend.publish("", "rq", str(i).encode())
+    held = [await backend.get("rq") for _ in range(3)]
+    assert all(got is not None for got in held)
+    await backend.settle(held[1], requeue=True)  # type: ignore[arg-type]
+    await backend.settle(held[0], requeue=True)  # type: ignore[arg-type]
+
+    again = await drain(backend, "rq")
+    await backend.settle(held[2], None)  # type: ignore[arg-type]
+    assert [got.body for got in again] == order
+    assert {got.body: got.redelivered for got in again} == {b"0": True, b"1": True, b"3": False}
+
+
+@pytest.mark.parametrize("kind", ["classic", "quorum"])
+async def test_max_length_overflow(backend: Backend, kind: str) -> None:
+    await backend.declare(
+        Declarations(
+            (),
+            (),
+            (
+                queue("dropped"),
+                queue(
+                    "capped",
+                    kind,
+                    {
+                        "x-max-length": 2,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": "dropped",
+                    },
+                ),
+                queue("strict", kind, {"x-max-length": 2, "x-overflow": "reject-publish"}),
+            ),
+            (),
+            {},
+        )
+    )
+    for i in range(4):
+        assert await backend.publish("", "capped", f"c{i}".encode()) == "ack"
+    confirms = [await backend.publish("", "strict", f"s{i}".encode()) for i in range(4)]
+
+    assert await bodies(backend, "capped") == [b"c2", b"c3"]
+    heads = await drain(backend, "dropped")
+    assert [got.body for got in heads] == [b"c0", b"c1"]
+    assert heads[0].deaths()[0]["reason"] == "maxlen"
+    # A classic queue refuses the publish that would cross the limit; a quorum queue (3.10)
+    # takes it and refuses the ones after, until it drains below its soft limit.
+    if kind == "classic":
+        assert confirms == ["ack", "ack", "nack", "nack"]
+        assert await bodies(backend, "strict") == [b"s0", b"s1"]
+    else:
+        assert confirms == ["ack", "ack", "ack", "nack"]
+        assert await bodies(backend, "strict") == [b"s0", b"s1", b"s2"]
+
+
+async def test_quorum_delivery_limit_dead_letters_with_delivery_count(backend: Backend) -> None:
+    text = (
+        "[defaults]\nretry = false\ncrash_limit = 2\n"
+        '[exchanges.jobs]\ntype = "direct"\n'
+        '[queues.crashy]\nbindings = [{ exchange = "jobs", routing_key = "crashy" }]\n'
+    )
+    await backend.declare(derive(topology(text)))
+    await backend.publish("jobs", "crashy", b"poison")
+
+    seen = []
+    while (got := await backend.get("crashy")) is not None:
+        seen.append((got.headers.get("x-delivery-count"), got.redelivered))
+        await backend.settle(got, requeue=True)
+    assert seen == [(0, False), (1, True), (2, True)]
+
+    dead = await eventually(backend, "crashy.dlq")
+    assert (dead.body, dead.exchange, dead.routing_key) == (b"poison", "dlx", "crashy")
+    assert dead.deaths() == [
+        {
+            "count": 1,
+            "reason": "delivery_limit",
+            "queue": "crashy",
+            "exchange": "jobs",
+            "routing-keys": ["crashy"],
+        }
+    ]
+    assert dead.headers["x-first-death-reason"] == "delivery_limit"
+
+
+async def eventually(backend: Backend, queue: str) -> Got:
+    """The next message of ``queue``, waiting a little for the real broker's dead-lettering."""
+    for _ in range(40):
+        got = await backend.get(queue)
+        if got is not None:
+            await backend.settle(got, None)
+            return got
+        await backend.wait(0) if backend.name == "memory" else await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing arrived in {queue}")
+
+
+# -- rabbitflow end to end -----------------------------------------------------------------
+
+RETRY_TOPOLOGY = """
+[exchanges.jobs]
+type = "direct"
+
+[queues.work]
+bindings = [{ exchange = "jobs", routing_key = "work" }]
+retry = { delays = ["200ms", "400ms"], max_attempts = 3 }
+"""
+
+
+async def test_retry_tiers_end_to_end(backend: Backend) -> None:
+    app = App(name="differential")
+    runs: list[tuple[int, int]] = []
+
+    @app.consumer("work")
+    async def work(job: dict[str, int], message: Message) -> None:
+        runs.append((job["id"], message.attempt))
+        if job["id"] == 1 and message.attempt < 3:
+            raise RuntimeError("flaky")
+        if job["id"] == 2:
+            raise RuntimeError("broken")
+
+    tiers = topology(RETRY_TOPOLOGY)
+    async with backend.running(app, tiers) as runner:
+        await runner.publish("jobs", "work", {"id": 1}, headers={"tenant": "t1"})
+        await runner.publish("jobs", "work", {"id": 2}, headers={"tenant": "t2"})
+        await runner.until(lambda: len(runs) == 6)
+        dead = await eventually(backend, "work.dlq")
+
+    assert sorted(runs) == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    assert dead.body == b'{"id":2}'
+    assert (dead.exchange, dead.routing_key) == ("dlx", "work")
+    assert dead.headers["tenant"] == "t2"
+    assert dead.headers["rabbitflow-attempt"] == 3
+    assert dead.headers["rabbitflow-origin-queue"] == "work"
+    assert dead.headers["rabbitflow-origin-exchange"] == "jobs"
+    assert dead.headers["rabbitflow-origin-routing-key"] == "work"
+    assert dead.headers["rabbitflow-error-type"] == "RuntimeError"
+    assert dead.headers["rabbitflow-error-message"] == "broken"
+    assert "RuntimeError: broken" in dead.headers["rabbitflow-error-stack"]
+    assert "x-death" not in dead.headers  # rabbitflow does not carry broker headers along
+    assert await drain(backend, "work.dlq") == []
+    for tier in ("work.retry.200ms", "work.retry.400ms", "work"):
+        assert await drain(backend, tier) == []
