@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -119,6 +120,67 @@ async def running(app: App, url: str, **options: Any) -> AsyncIterator[Worker]:
 def body_of(message: Message) -> dict[str, Any]:
     value: dict[str, Any] = json.loads(message.body)
     return value
+
+
+# -- a gate in front of the broker -----------------------------------------------------------
+
+
+class BrokerGate:
+    """A TCP forwarder to RabbitMQ that can stop accepting connections: an outage during
+    which the worker's reconnection attempts are refused and retried, for as long as a test
+    needs, without touching the broker's configuration."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 5672) -> None:
+        self.upstream = (host, port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    def url(self, broker_url: str) -> str:
+        parts = urlsplit(broker_url)
+        return urlunsplit(
+            parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{self.port}")
+        )
+
+    async def __aenter__(self) -> BrokerGate:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
+
+    def shut(self) -> None:
+        """Refuse new connections; those already open stay up."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def close(self) -> None:
+        self.shut()
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        for source, target in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(_pipe(source, target))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
 
 
 # -- HTTP and Prometheus text ----------------------------------------------------------------

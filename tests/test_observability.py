@@ -31,6 +31,7 @@ from rabbitflow.tracing import Tracing, set_tracing
 from rabbitflow.worker import Worker
 from tests.obs_helpers import (
     ROOT,
+    BrokerGate,
     Spans,
     body_of,
     capture_spans,
@@ -559,7 +560,10 @@ async def test_metrics_and_health_endpoints(
             raise Reject("unprocessable")
 
     port = free_port()
-    async with running(app, vhost_url, metrics_port=port, max_reconnect_wait=1.0) as worker:
+    async with (
+        BrokerGate() as gate,
+        running(app, gate.url(vhost_url), metrics_port=port, max_reconnect_wait=1.0) as worker,
+    ):
         assert await http_get(port, "/healthz") == (200, "ok\n")
         assert await http_get(port, "/readyz") == (200, "ready\n")
 
@@ -607,19 +611,21 @@ async def test_metrics_and_health_endpoints(
         assert sample(metrics, "rabbitflow_ready") == 1
         assert sample(metrics, "rabbitflow_reconnections_total") == 0
 
-        # when the broker closes the worker's connection and refuses new ones for a while
-        await ctl(rabbit, "set_vhost_limits", "-p", vhost, '{"max-connections": 0}')
+        # when the broker closes the worker's connection and cannot be reached for a while
+        gate.shut()
         pids = [pid for pid, name in await connections(rabbit) if name == vhost]
         assert pids
         for pid in pids:
             await ctl(rabbit, "close_connection", pid, "test")
-        # then /readyz says 503 while /healthz stays 200
+        # then /readyz says 503 for as long as that lasts, while /healthz stays 200
         await wait_for_status(port, "/readyz", 503)
+        await asyncio.sleep(0.5)
+        assert await http_get(port, "/readyz") == (503, "not ready\n")
         assert await http_get(port, "/healthz") == (200, "ok\n")
         assert sample(parse_metrics((await http_get(port, "/metrics"))[1]), "rabbitflow_ready") == 0
 
-        # and once the broker accepts connections again, the worker is ready and consuming
-        await ctl(rabbit, "clear_vhost_limits", "-p", vhost)
+        # and once the broker can be reached again, the worker is ready and consuming
+        await gate.open()
         await wait_for_status(port, "/readyz", 200, timeout=15)
         await app.publish("events", "metered", {"kind": "ok"})
         acked = worker.metrics.consumed.labels("metered", Action.ACK.value)
