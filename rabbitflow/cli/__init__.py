@@ -61,6 +61,9 @@ def _register() -> None:
     from rabbitflow.cli import dlq
 
     cli.add_command(dlq.dlq)
+    from rabbitflow.cli import docs
+
+    cli.add_command(docs.docs)
 
 
 def main(argv: list[str] | None = None) -> Any:
