@@ -24,8 +24,12 @@ MAX_QUICK_FAILURES = 3
 
 
 class Supervisor:
-    def __init__(self, child_args: Sequence[str], workers: int) -> None:
+    def __init__(
+        self, child_args: Sequence[str], workers: int, metrics_port: int | None = None
+    ) -> None:
         self.child_args = list(child_args)
+        # Each worker serves its own /metrics: slot i listens on metrics_port + i.
+        self.metrics_port = metrics_port
         self.workers = workers
         self.children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
         self.stopping = False
@@ -34,6 +38,8 @@ class Supervisor:
 
     def _spawn(self, slot: int) -> None:
         command = [sys.executable, "-m", "rabbitflow", *self.child_args]
+        if self.metrics_port is not None:
+            command += ["--metrics-port", str(self.metrics_port + slot)]
         process = subprocess.Popen(command)
         self.children[slot] = (process, time.monotonic())
         log.info("worker started", slot=slot, pid=process.pid)

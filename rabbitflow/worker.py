@@ -18,7 +18,7 @@ from rabbitflow.app import App
 from rabbitflow.breaker import CircuitBreaker
 from rabbitflow.connection import connect, underlay
 from rabbitflow.dispatch import Dispatcher
-from rabbitflow.errors import BrokerError, UnreachableBrokerError
+from rabbitflow.errors import AccessRefusedError, BrokerError, UnreachableBrokerError
 from rabbitflow.handler import Consumer, Signature, inspect_handler
 from rabbitflow.health import HealthServer
 from rabbitflow.importer import exception_types
@@ -185,6 +185,7 @@ class Worker:
         try:
             connection = await self._connect()
         except _Stop:
+            log.info("stopped before the first connection")
             return
         started = False
         try:
@@ -201,9 +202,17 @@ class Worker:
             self._executor.shutdown(wait=False, cancel_futures=True)
             log.info("stopped")
 
-    async def _connect(self) -> AbstractConnection:
+    async def _connect(self, *, reconnecting: bool = False) -> AbstractConnection:
+        # At start-up a refused login or vhost is a configuration error: fail fast. Once the
+        # worker has run, a refusal (a connection limit reached, a vhost being recreated) is
+        # retried like an unreachable broker, so a running service heals by itself.
+        retried = (
+            (UnreachableBrokerError, AccessRefusedError)
+            if reconnecting
+            else (UnreachableBrokerError,)
+        )
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(UnreachableBrokerError),
+            retry=retry_if_exception_type(retried),
             wait=wait_random_exponential(multiplier=0.5, max=self.options.max_reconnect_wait),
             sleep=self._sleep,
             before_sleep=_log_retry,
@@ -243,7 +252,7 @@ class Worker:
             self.reconnections += 1
             self.metrics.reconnections.labels().inc()
             try:
-                connection = await self._connect()
+                connection = await self._connect(reconnecting=True)
                 await self._prepare(connection)
             except _Stop:
                 return

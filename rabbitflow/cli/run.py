@@ -107,7 +107,7 @@ def run(
     """Consume the queues of MODULE:APP (e.g. ``examples.orders.app:app``)."""
     configure_logging(log_format, log_level)  # type: ignore[arg-type]
     if workers > 1:
-        sys.exit(Supervisor(_child_args(), workers).run())
+        sys.exit(Supervisor(_child_args(), workers, metrics_port).run())
     try:
         app = load_app(target)
     except UserImportError as exc:
@@ -135,16 +135,17 @@ def run(
         os._exit(0)
 
 
-def _child_args() -> list[str]:
+def _child_args(dropped: tuple[str, ...] = ("--workers", "--metrics-port")) -> list[str]:
+    """This command line without the options the supervisor sets per child."""
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
             skip = False
             continue
-        if arg == "--workers":
+        if arg in dropped:
             skip = True
             continue
-        if arg.startswith("--workers="):
+        if arg.split("=", 1)[0] in dropped:
             continue
         args.append(arg)
     return args
