@@ -103,7 +103,8 @@ def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
         max_body_size=table.max_body_size or defaults.max_body_size,
         arguments=dict(table.arguments),
         immediate_retries=(
-            table.immediate_retries if table.immediate_retries is not None
+            table.immediate_retries
+            if table.immediate_retries is not None
             else defaults.immediate_retries
         ),
         circuit_breaker=table.circuit_breaker or defaults.circuit_breaker,
