@@ -284,6 +284,8 @@ class TestApp:
         """``app.publish`` on the in-memory broker (same options); return the message id.
 
         Handlers do not run until :meth:`drain` (or :meth:`advance`)."""
+        if self._publisher is None:
+            raise RuntimeError("use TestApp as `async with TestApp(app) as t:` before publishing")
         return await self.app.publish(exchange, routing_key, payload, **options)
 
     async def drain(self) -> None:

@@ -20,13 +20,14 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 
-from rabbitflow.app import App
-from rabbitflow.testing.app import TestApp
+if TYPE_CHECKING:
+    from rabbitflow.app import App
+    from rabbitflow.testing.app import TestApp
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,7 +47,7 @@ LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 CONTAINER_IMAGE = "rabbitmq:3.13-alpine"
 
 Ctl = Callable[[list[str]], str]
-AppFactory = Callable[..., Awaitable[TestApp]]
+AppFactory = Callable[..., Awaitable["TestApp"]]
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,8 @@ def rabbitmq_vhost_url(rabbitmq_broker: RabbitMQ, rabbitmq_vhost: str) -> str:
 @_async_fixture
 async def rabbitflow_app() -> AsyncIterator[AppFactory]:
     """``await rabbitflow_app(app, topology=None, **options)``: an entered in-memory TestApp."""
+    from rabbitflow.testing.app import TestApp  # imported late: the plugin loads in every session
+
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(app: App, topology: Any = None, **options: Any) -> TestApp:
