@@ -33,7 +33,14 @@ from typing import Any
 import aio_pika
 
 ROOT = Path(__file__).resolve().parent.parent
-CONSUME_CASES = ("aio_pika", "aio_pika_pydantic", "faststream", "rabbitflow", "rabbitflow_untraced")
+CONSUME_CASES = (
+    "aio_pika",
+    "aio_pika_pydantic",
+    "faststream",
+    "rabbitflow",
+    "rabbitflow_untraced",
+    "rabbitflow_uvloop",
+)
 BODY = '{{"order_id": {i}, "customer": "customer-{c}", "amount": 12.5, "sent_at": {t}}}'
 
 
@@ -127,7 +134,11 @@ def consume_round(url: str, count: int, tmp: Path) -> dict[str, dict[str, Any]]:
             asyncio.run(_declare_plain(url, queue))
         asyncio.run(_publish(url, queue, count))
         try:
-            results[case] = _consumer(case, url, queue, count, topology)
+            if case == "rabbitflow_uvloop":
+                env = {"BENCH_LOOP": "uvloop"}
+                results[case] = _consumer("rabbitflow", url, queue, count, topology, env=env)
+            else:
+                results[case] = _consumer(case, url, queue, count, topology)
         finally:
             asyncio.run(_delete(url, [queue, *extra]))
         print(
