@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from rabbitflow import App, Message
+from rabbitflow import App, Message, Retry
 from rabbitflow.testing import MemoryBroker, MemoryChannel, TestApp
 from rabbitflow.topology import Topology, derive, parse_topology
 from rabbitflow.topology.declare import declare
@@ -532,6 +532,25 @@ async def test_rejections_count_in_one_x_death_entry(backend: Backend) -> None:
     ]
 
 
+async def test_a_repeated_death_moves_its_entry_to_the_front(backend: Backend) -> None:
+    def to(target: str) -> dict[str, Any]:
+        return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target}
+
+    await backend.declare(
+        queues(queue("left", "classic", to("right")), queue("right", "classic", to("left")))
+    )
+    await backend.publish("", "left", b"m")
+    for source in ("left", "right", "left"):
+        got = await backend.get(source)
+        assert got is not None, source
+        await backend.settle(got, requeue=False)
+
+    (last,) = await drain(backend, "right")
+    assert [(d["queue"], d["count"]) for d in last.deaths()] == [("left", 2), ("right", 1)]
+    assert last.headers["x-first-death-queue"] == "left"
+    assert (last.exchange, last.routing_key) == ("", "right")
+
+
 @pytest.mark.parametrize(
     ("kind", "order"),
     [
@@ -660,15 +679,18 @@ async def test_retry_tiers_end_to_end(backend: Backend) -> None:
             raise RuntimeError("flaky")
         if job["id"] == 2:
             raise RuntimeError("broken")
+        if job["id"] == 3 and message.attempt == 1:
+            raise Retry(delay="700ms")  # longer than the largest tier: parked, then run once
 
     tiers = topology(RETRY_TOPOLOGY)
     async with backend.running(app, tiers) as runner:
         await runner.publish("jobs", "work", {"id": 1}, headers={"tenant": "t1"})
         await runner.publish("jobs", "work", {"id": 2}, headers={"tenant": "t2"})
-        await runner.until(lambda: len(runs) == 6)
+        await runner.publish("jobs", "work", {"id": 3})
+        await runner.until(lambda: len(runs) == 8)
         dead = await eventually(backend, "work.dlq")
 
-    assert sorted(runs) == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    assert sorted(runs) == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 1), (3, 2)]
     assert dead.body == b'{"id":2}'
     assert (dead.exchange, dead.routing_key) == ("dlx", "work")
     assert dead.headers["tenant"] == "t2"
