@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -183,6 +184,23 @@ async def test_handler_timeouts_are_retried() -> None:
         await t.drain()
         assert [h.attempt for h in t.handled("billing")] == [1, 2]
         assert t.dead_letters("billing") == []
+
+
+@pytest.mark.parametrize(("threads", "on_loop_thread"), [(False, True), (True, False)])
+async def test_sync_handlers_run_inline_unless_threads_are_asked_for(
+    threads: bool, on_loop_thread: bool
+) -> None:
+    app = App()
+    seen: list[bool] = []
+
+    @app.consumer("shipping")
+    def ship(order: Order) -> None:
+        seen.append(threading.current_thread() is threading.main_thread())
+
+    async with TestApp(app, orders_topology(), threads=threads) as t:
+        await t.publish("orders", "order.paid", Order(order_id=1))
+        await t.drain()
+    assert seen == [on_loop_thread]
 
 
 async def test_publishing_with_no_queue_bound_raises() -> None:

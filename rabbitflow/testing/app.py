@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import contextvars
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -111,12 +111,16 @@ class TestApp:
         self.max_steps = max_steps
         self._source = topology
         self._lifespan = lifespan
-        self._threads = threads
         self._handled: dict[str, list[Handled]] = {}
         self._ackers: list[Acker] = []
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stack = contextlib.AsyncExitStack()
         self._worker: Worker | None = None
+        self._executor: Executor = (
+            ThreadPoolExecutor(thread_name_prefix="rabbitflow-test-handler")
+            if threads
+            else _InlineExecutor()
+        )
         self._publisher: Publisher | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -193,7 +197,7 @@ class TestApp:
             max_body_size=config.max_body_size,
             max_in_flight=config.max_in_flight,
             prefetch=config.prefetch,
-            executor=worker._executor if self._threads else _InlineExecutor(),
+            executor=self._executor,
             in_flight=self._in_flight,
             immediate_retries=config.immediate_retries,
             breaker=None,
@@ -216,8 +220,7 @@ class TestApp:
         await self.broker.close()
         for acker in self._ackers:
             await acker.close()
-        if self._worker is not None:
-            self._worker._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
         await asyncio.sleep(0)  # let the ackers' cancelled flush tasks finish
 
     # -- recording what handlers saw ---------------------------------------------------------
