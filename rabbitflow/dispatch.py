@@ -18,6 +18,7 @@ from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import Span
 from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_random_exponential
 
+from rabbitflow import clock
 from rabbitflow import headers as h
 from rabbitflow.breaker import CircuitBreaker
 from rabbitflow.errors import HandlerTimeout, Retry
@@ -110,7 +111,7 @@ class Dispatcher:
         attempt = read_attempt(headers) if headers else 1
         if headers and h.NOT_BEFORE in headers:
             not_before = parse_not_before(headers[h.NOT_BEFORE])
-            if not_before is not None and not_before > time.time():
+            if not_before is not None and not_before > clock.now():
                 await self._settler.defer(delivery, not_before)
                 return
         breaker = self._breaker

@@ -16,6 +16,7 @@ import structlog
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 
+from rabbitflow import clock
 from rabbitflow import headers as h
 from rabbitflow.duration import format_duration
 from rabbitflow.errors import PublishError
@@ -121,7 +122,7 @@ class Acker:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return clock.utcnow().isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _bounded(text: str, limit: int) -> str:
@@ -215,7 +216,7 @@ class Settler:
 
     async def defer(self, delivery: DeliveredMessage, not_before: float) -> None:
         """Park a message whose ``rabbitflow-not-before`` is still ahead, without running it."""
-        remaining = max(int((not_before - datetime.now(UTC).timestamp()) * 1000), 0)
+        remaining = max(int((not_before - clock.utcnow().timestamp()) * 1000), 0)
         # Hop through tiers that do not overshoot, so the message runs close to not-before.
         _, tier = self.routes.tier_at_most(remaining)
         headers = dict(delivery.header.properties.headers or {})
@@ -301,7 +302,7 @@ def _error_type(exc: BaseException) -> str:
 
 
 def _not_before(delay_ms: int) -> str:
-    return datetime.fromtimestamp(datetime.now(UTC).timestamp() + delay_ms / 1000, UTC).isoformat()
+    return datetime.fromtimestamp(clock.utcnow().timestamp() + delay_ms / 1000, UTC).isoformat()
 
 
 def parse_not_before(value: object) -> float | None:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from datetime import datetime, tzinfo
-from typing import Any, Self
-from unittest import mock
 
+import rabbitflow.clock
 from rabbitflow.duration import parse_duration
 
 
@@ -47,38 +45,11 @@ class VirtualClock:
         self._elapsed_ms = max(self._elapsed_ms, ms)
 
 
-class _TimeModule:
-    """Stands in for the ``time`` module inside rabbitflow: ``time()`` is virtual."""
-
-    __slots__ = ("_clock",)
-
-    def __init__(self, clock: VirtualClock) -> None:
-        self._clock = clock
-
-    def time(self) -> float:
-        return self._clock.time()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-def _datetime_class(clock: VirtualClock) -> type[datetime]:
-    class VirtualDatetime(datetime):
-        @classmethod
-        def now(cls, tz: tzinfo | None = None) -> Self:
-            return cls.fromtimestamp(clock.time(), tz)
-
-    return VirtualDatetime
-
-
 @contextlib.contextmanager
 def wall_clock(clock: VirtualClock) -> Iterator[None]:
-    """Make rabbitflow's dispatch and settle code read ``clock`` as the wall-clock time."""
-    import rabbitflow.dispatch
-    import rabbitflow.settle
-
-    with (
-        mock.patch.object(rabbitflow.dispatch, "time", _TimeModule(clock)),
-        mock.patch.object(rabbitflow.settle, "datetime", _datetime_class(clock)),
-    ):
+    """Make rabbitflow's runtime read ``clock`` as the wall-clock time."""
+    rabbitflow.clock.use(clock.time)
+    try:
         yield
+    finally:
+        rabbitflow.clock.use(None)
