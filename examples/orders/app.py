@@ -25,9 +25,12 @@ async def bill(order: OrderCreated, message: Message) -> None:
     if order.customer == "blocked":
         raise Reject(f"customer of order {order.order_id} is blocked")
     invoices[order.order_id] = order.amount
-    await app.publish("orders", "order.paid", OrderPaid(order_id=order.order_id,
-                                                        amount=order.amount),
-                      correlation_id=message.message_id)
+    await app.publish(
+        "orders",
+        "order.paid",
+        OrderPaid(order_id=order.order_id, amount=order.amount),
+        correlation_id=message.message_id,
+    )
 
 
 @app.consumer("shipping.order-paid")

@@ -11,14 +11,17 @@ from examples.orders.models import OrderCreated
 
 async def main(count: int) -> None:
     async with app:
-        await asyncio.gather(*(
-            app.publish(
-                "orders", "order.created",
-                OrderCreated(order_id=i, customer=f"customer-{i % 7}", amount=10.0 + i),
-                headers={"customer-tier": "vip" if i % 10 == 0 else "standard"},
+        await asyncio.gather(
+            *(
+                app.publish(
+                    "orders",
+                    "order.created",
+                    OrderCreated(order_id=i, customer=f"customer-{i % 7}", amount=10.0 + i),
+                    headers={"customer-tier": "vip" if i % 10 == 0 else "standard"},
+                )
+                for i in range(1, count + 1)
             )
-            for i in range(1, count + 1)
-        ))
+        )
     print(f"published {count} orders")
 
 
