@@ -252,11 +252,26 @@ class Worker:
             self.reconnections += 1
             self.metrics.reconnections.labels().inc()
             try:
-                connection = await self._connect(reconnecting=True)
-                await self._prepare(connection)
+                connection = await self._reconnect()
             except _Stop:
                 return
             log.info("reconnected", reconnections=self.reconnections)
+
+    async def _reconnect(self) -> AbstractConnection:
+        while True:
+            connection = await self._connect(reconnecting=True)
+            try:
+                await self._prepare(connection)
+                return connection
+            except Exception as exc:
+                # A connection lost again while declaring is one more outage; anything the
+                # broker refuses on an open connection (a conflict, a missing queue with
+                # --no-declare) is for the operator and ends the run.
+                if not connection.is_closed:
+                    await connection.close()
+                    raise
+                log.warning("connection lost while declaring; retrying", error=repr(exc))
+                await self._sleep(1.0)
 
     async def _consume(self, connection: AbstractConnection) -> bool:
         """Consume on ``connection`` until it is lost (return True) or shutdown (False)."""
