@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from rabbitflow.app import App
@@ -42,10 +43,18 @@ def load_app(target: str) -> App:
             raise ImportStringError(f"module {module_name!r} has no attribute {attr!r}{hint}")
         obj = getattr(obj, part)
     if call or (callable(obj) and not isinstance(obj, App)):
-        obj = obj() if callable(obj) else obj
+        obj = _call_factory(module_name, obj) if callable(obj) else obj
     if not isinstance(obj, App):
         raise ImportStringError(f"{target!r} is a {type(obj).__name__}, not a rabbitflow App")
     return obj
+
+
+def _call_factory(module_name: str, factory: Callable[[], object]) -> object:
+    # The factory is the user's code: what it raises is shown as such, like an import error.
+    try:
+        return factory()
+    except Exception:
+        raise UserImportError(module_name, traceback.format_exc()) from None
 
 
 def _import(module_name: str) -> object:
