@@ -44,6 +44,7 @@ class _HeaderGetter(Getter[dict[str, Any]]):
 
 
 _GETTER = _HeaderGetter()
+_ROOT = otel_context.Context()  # no parent: a delivery without trace context starts a trace
 
 
 def _configured_provider() -> trace.TracerProvider | None:
@@ -114,7 +115,8 @@ class Tracing:
     ) -> Span:
         """Start (not yet current) the CONSUMER span of a delivery, parented on its headers."""
         assert self.tracer is not None
-        parent = propagate.extract(headers or {}, getter=_GETTER)
+        # A message without headers carries no context: skip the propagators' work.
+        parent = propagate.extract(headers, getter=_GETTER) if headers else _ROOT
         attributes["messaging.system"] = SYSTEM
         attributes["messaging.operation.type"] = "process"
         attributes["messaging.operation.name"] = "process"
