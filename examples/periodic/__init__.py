@@ -1,0 +1,1 @@
+"""A periodic publisher (every N seconds, a report request) and the consumer that builds reports."""
