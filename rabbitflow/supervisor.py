@@ -40,7 +40,9 @@ class Supervisor:
         command = [sys.executable, "-m", "rabbitflow", *self.child_args]
         if self.metrics_port is not None:
             command += ["--metrics-port", str(self.metrics_port + slot)]
-        process = subprocess.Popen(command)
+        # A session of its own: a terminal's Ctrl-C or a service manager signals the
+        # supervisor only, which forwards one signal, so each worker drains gracefully.
+        process = subprocess.Popen(command, start_new_session=True)
         self.children[slot] = (process, time.monotonic())
         log.info("worker started", slot=slot, pid=process.pid)
 

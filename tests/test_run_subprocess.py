@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from rabbitflow.cli.run import DUPLICATE_TERM_WINDOW
 from tests.rabbit import Rabbit
 from tests.runtime_helpers import (
     ROOT,
@@ -210,8 +212,9 @@ def test_a_second_signal_exits_at_once(
     workers.records.wait_for("start", 1, timeout=10)
     worker.signal(signal.SIGTERM)
     worker.wait_for_event("shutdown requested; draining in-flight messages")
+    time.sleep(DUPLICATE_TERM_WINDOW + 0.1)
 
-    # When a second SIGTERM arrives
+    # When a second SIGTERM arrives (later than a duplicate of the first would)
     code, took = worker.stop()
 
     # Then it exits now (1), and the broker puts the message back
@@ -221,6 +224,26 @@ def test_a_second_signal_exits_at_once(
     wait_until(
         lambda: queue_counts(rabbit, vhost)["work"][1] == 1, 10, "the message back in the queue"
     )
+
+
+@pytest.mark.slow
+def test_a_duplicated_sigterm_is_one_stop_request(
+    rabbit: Rabbit, vhost: str, vhost_url: str, workers: Workers, tmp_path: Path
+) -> None:
+    # Given two 2-second handlers running
+    worker = workers.start(WORK, work_topology(tmp_path), "--shutdown-timeout", "5", sleep=2)
+    publish(vhost_url, "jobs", "work", jobs("d", 2))
+    workers.records.wait_for("start", 2, timeout=10)
+
+    # When SIGTERM arrives twice at once (a service manager signalling the process group
+    # while the supervisor forwards the same signal)
+    worker.signal(signal.SIGTERM)
+    code, _ = worker.stop()
+
+    # Then it still drains: both handlers finish, are acked, and it exits 0
+    assert code == 0, worker.output()
+    assert workers.records.ids("done") == Counter(["d-0", "d-1"])
+    assert queue_counts(rabbit, vhost)["work"] == (0, 0, 0)
 
 
 def test_sigterm_while_the_broker_is_unreachable_exits_promptly(workers: Workers) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -21,6 +22,7 @@ from rabbitflow.urls import resolve_url
 from rabbitflow.worker import Worker, WorkerOptions
 
 log = structlog.get_logger("rabbitflow.run")
+DUPLICATE_TERM_WINDOW = 0.5  # seconds
 
 
 @click.command()
@@ -169,9 +171,17 @@ async def _main(worker: Worker) -> None:
     loop = asyncio.get_running_loop()
     signals = 0
 
-    def on_signal() -> None:
-        nonlocal signals
+    first_term = 0.0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals, first_term
+        now = time.monotonic()
+        if signum == signal.SIGTERM and signals and now - first_term < DUPLICATE_TERM_WINDOW:
+            # A service manager that signals the whole process group, plus the supervisor
+            # forwarding the same SIGTERM: one stop request, delivered twice.
+            return
         signals += 1
+        first_term = first_term or now
         if signals > 1:
             log.warning("second signal: exiting now; unacked messages return to their queues")
             sys.stderr.flush()
@@ -179,5 +189,5 @@ async def _main(worker: Worker) -> None:
         worker.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     await worker.run()

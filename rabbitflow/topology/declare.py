@@ -292,6 +292,14 @@ def _permission(spec: Spec) -> str:
             f"the user lacks write permission on {spec.destination!r} "
             f"or read permission on {spec.source!r} in this vhost"
         )
+    if isinstance(spec, QueueSpec) and "x-dead-letter-exchange" in spec.arguments:
+        # A queue that dead-letters also needs read on itself and write on its dead-letter
+        # exchange: RabbitMQ checks both when the queue is declared.
+        return (
+            f"the user lacks configure permission on {spec.name!r}, or read permission on it "
+            f"or write permission on {spec.arguments['x-dead-letter-exchange'] or 'amq.default'!r}"
+            " in this vhost"
+        )
     return f"the user lacks configure permission on {spec.name!r} in this vhost"
 
 
