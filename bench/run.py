@@ -118,20 +118,26 @@ def _consumer(
     return dict(json.loads(lines[-1]))
 
 
+def _fresh_queue(url: str, prefix: str, tmp: Path, case: str) -> tuple[str, str, list[str]]:
+    """A new durable queue for one case: (name, topology path or "", generated queues)."""
+    queue = f"{prefix}.{uuid.uuid4().hex[:6]}"
+    if not case.startswith("rabbitflow"):
+        asyncio.run(_declare_plain(url, queue))
+        return queue, "", []
+    path = tmp / f"{queue}.toml"
+    path.write_text(_topology(queue))
+    asyncio.run(_declare_rabbitflow(url, path))
+    return queue, str(path), _generated(queue)
+
+
+def _generated(queue: str) -> list[str]:
+    return [f"{queue}.dlq", *(f"{queue}.retry.{d}" for d in ("1s", "10s", "1m"))]
+
+
 def consume_round(url: str, count: int, tmp: Path) -> dict[str, dict[str, Any]]:
     results = {}
     for case in CONSUME_CASES:
-        queue = f"bench.{case}.{uuid.uuid4().hex[:6]}"
-        topology = ""
-        extra: list[str] = []
-        if case.startswith("rabbitflow"):
-            path = tmp / f"{queue}.toml"
-            path.write_text(_topology(queue))
-            topology = str(path)
-            asyncio.run(_declare_rabbitflow(url, path))
-            extra = [f"{queue}.dlq", *(f"{queue}.retry.{d}" for d in ("1s", "10s", "1m"))]
-        else:
-            asyncio.run(_declare_plain(url, queue))
+        queue, topology, extra = _fresh_queue(url, f"bench.{case}", tmp, case)
         asyncio.run(_publish(url, queue, count))
         try:
             if case == "rabbitflow_uvloop":
@@ -240,17 +246,7 @@ async def _paced_publish(url: str, queue: str, rate: int, seconds: float) -> Non
 def latency_round(url: str, tmp: Path, rate: int, seconds: float) -> dict[str, dict[str, Any]]:
     results = {}
     for case in ("aio_pika", "rabbitflow"):
-        queue = f"bench.latency.{case}.{uuid.uuid4().hex[:6]}"
-        topology = ""
-        extra: list[str] = []
-        if case == "rabbitflow":
-            path = tmp / f"{queue}.toml"
-            path.write_text(_topology(queue))
-            topology = str(path)
-            asyncio.run(_declare_rabbitflow(url, path))
-            extra = [f"{queue}.dlq", *(f"{queue}.retry.{d}" for d in ("1s", "10s", "1m"))]
-        else:
-            asyncio.run(_declare_plain(url, queue))
+        queue, topology, extra = _fresh_queue(url, f"bench.latency.{case}", tmp, case)
         count = int(rate * seconds)
         command = [sys.executable, "-m", "bench.consumers", case, url, queue, str(count), topology]
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -315,11 +311,7 @@ def workers_round(url: str, count: int, tmp: Path) -> dict[str, float]:
         last = max(m["last"] for m in marks if m["count"])
         handled = sum(m["count"] for m in marks)
         results[f"workers_{workers}"] = handled / (last - first)
-        asyncio.run(
-            _delete(
-                url, [queue, f"{queue}.dlq", *(f"{queue}.retry.{d}" for d in ("1s", "10s", "1m"))]
-            )
-        )
+        asyncio.run(_delete(url, [queue, *_generated(queue)]))
         print(
             f"  --workers {workers:<12} {results[f'workers_{workers}']:9.0f} msg/s "
             f"({handled} handled)",
