@@ -42,6 +42,7 @@ class Meter:
         if self.count == 0:
             self.first = time.perf_counter()
             self.cpu_first = _cpu()
+            self.rss_first = _rss_mib()
         if sent_at:
             self.latencies.append(time.time() - sent_at)
         self.count += 1
@@ -59,12 +60,22 @@ class Meter:
             "rate": span / elapsed if elapsed > 0 else 0.0,
             "cpu_us_per_msg": (self.cpu_last - self.cpu_first) / span * 1e6,
             "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_first_mib": self.rss_first,
         }
         if self.latencies:
             ordered = sorted(self.latencies)
             result["p50_ms"] = ordered[len(ordered) // 2] * 1000
             result["p99_ms"] = ordered[int(len(ordered) * 0.99)] * 1000
         return result
+
+
+def _rss_mib() -> float:
+    """Resident memory now (VmRSS), in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _cpu() -> float:

@@ -44,8 +44,8 @@ CONSUME_CASES = (
 BODY = '{{"order_id": {i}, "customer": "customer-{c}", "amount": 12.5, "sent_at": {t}}}'
 
 
-def _topology(queue: str) -> str:
-    return f'[defaults]\nqueue_type = "classic"\nprefetch = 1000\n\n[queues."{queue}"]\n'
+def _topology(queue: str, prefetch: int = 1000) -> str:
+    return f'[defaults]\nqueue_type = "classic"\nprefetch = {prefetch}\n\n[queues."{queue}"]\n'
 
 
 async def _declare_plain(url: str, queue: str) -> None:
@@ -65,7 +65,7 @@ async def _declare_rabbitflow(url: str, path: Path) -> None:
     await connection.close()
 
 
-async def _publish(url: str, queue: str, count: int, window: int = 2000) -> None:
+async def _publish(url: str, queue: str, count: int, window: int = 2000, padding: int = 0) -> None:
     connection = await aio_pika.connect(url)
     channel = await connection.channel(publisher_confirms=True)
     exchange = channel.default_exchange
@@ -74,7 +74,7 @@ async def _publish(url: str, queue: str, count: int, window: int = 2000) -> None
             *(
                 exchange.publish(
                     aio_pika.Message(
-                        BODY.format(i=i, c=i % 7, t=0).encode(),
+                        BODY.format(i=i, c=f"{i % 7}{'x' * padding}", t=0).encode(),
                         content_type="application/json",
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     ),
@@ -393,7 +393,35 @@ def table(summary: dict[str, Any]) -> str:
     full = summary["rabbitflow"]["rate"]
     lines.append("")
     lines.append(f"rabbitflow (everything on) / FastStream: {full / fast:.2f}×")
+    if "memory" in summary:
+        memory = summary["memory"]
+        lines.append(
+            f"RSS draining 5,000 × 64 KiB (prefetch 32): {memory['rss_first_mib']:.0f} MiB at the "
+            f"first message, peak {memory['max_rss_mib']:.0f} MiB, growth "
+            f"{memory['rss_growth_mib']:.1f} MiB"
+        )
     return "\n".join(lines)
+
+
+def memory_run(url: str, tmp: Path, count: int = 5000, size_kib: int = 64) -> dict[str, Any]:
+    """RSS while rabbitflow (everything on) drains ``count`` messages of ``size_kib`` KiB."""
+    queue = f"bench.memory.{uuid.uuid4().hex[:6]}"
+    path = tmp / f"{queue}.toml"
+    path.write_text(_topology(queue, prefetch=32))
+    asyncio.run(_declare_rabbitflow(url, path))
+    asyncio.run(_publish(url, queue, count, window=200, padding=size_kib * 1024))
+    try:
+        result = _consumer("rabbitflow", url, queue, count, str(path))
+    finally:
+        asyncio.run(_delete(url, [queue, *_generated(queue)]))
+    result["rss_growth_mib"] = result["max_rss_mib"] - result["rss_first_mib"]
+    print(
+        f"  memory: {count} x {size_kib} KiB, RSS at first message "
+        f"{result['rss_first_mib']:.0f} MiB, peak {result['max_rss_mib']:.0f} MiB, "
+        f"growth {result['rss_growth_mib']:.1f} MiB",
+        flush=True,
+    )
+    return result
 
 
 def environment() -> dict[str, Any]:
@@ -450,7 +478,12 @@ def main() -> None:
                     "workers": workers_round(args.url, args.messages, tmp),
                 }
             )
+        print("memory", flush=True)
+        memory = memory_run(args.url, tmp)
     summary = summarize(rounds)
+    summary["memory"] = {
+        key: memory[key] for key in ("rss_first_mib", "max_rss_mib", "rss_growth_mib")
+    }
     report = {
         "environment": environment(),
         "arguments": vars(args) | {"json": str(args.json)},
