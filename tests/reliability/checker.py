@@ -450,12 +450,9 @@ class Checker:
     ) -> None:
         for feeder in self.feeders:
             feeder.stop()
+        # The workers' logs stay in tmp_path (worker-N.log) for a post-mortem.
         for worker in self.workers:
             worker.kill()
-        if exc is not None and self.workers:
-            # The worker's own account of a failure, in the test report.
-            print(f"--- last worker output ({self.workers[-1].log_path}) ---")
-            print(self.workers[-1].output()[-6000:])
 
     @property
     def url(self) -> str:
