@@ -42,7 +42,7 @@ class Meter:
         if self.count == 0:
             self.first = time.perf_counter()
             self.cpu_first = _cpu()
-            self.rss_first = _rss_mib()
+            self.rss_first = _status_mib("VmRSS")
         if sent_at:
             self.latencies.append(time.time() - sent_at)
         self.count += 1
@@ -59,7 +59,9 @@ class Meter:
             "elapsed": elapsed,
             "rate": span / elapsed if elapsed > 0 else 0.0,
             "cpu_us_per_msg": (self.cpu_last - self.cpu_first) / span * 1e6,
-            "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            # VmHWM, not ru_maxrss: after fork+exec Linux carries the parent's peak into
+            # ru_maxrss, so every case would report the orchestrator's size.
+            "max_rss_mib": _status_mib("VmHWM"),
             "rss_first_mib": self.rss_first,
         }
         if self.latencies:
@@ -69,11 +71,11 @@ class Meter:
         return result
 
 
-def _rss_mib() -> float:
-    """Resident memory now (VmRSS), in MiB."""
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS now, VmHWM peak), in MiB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return 0.0
 

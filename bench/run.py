@@ -40,7 +40,16 @@ CONSUME_CASES = (
     "rabbitflow",
     "rabbitflow_untraced",
     "rabbitflow_uvloop",
+    "rabbitflow_sampled",
 )
+# Variants of "rabbitflow" (everything on) that differ only by their environment.
+CASE_ENV = {
+    "rabbitflow_uvloop": {"BENCH_LOOP": "uvloop"},
+    "rabbitflow_sampled": {
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.1",
+    },
+}
 BODY = '{{"order_id": {i}, "customer": "customer-{c}", "amount": 12.5, "sent_at": {t}}}'
 
 
@@ -140,8 +149,8 @@ def consume_round(url: str, count: int, tmp: Path) -> dict[str, dict[str, Any]]:
         queue, topology, extra = _fresh_queue(url, f"bench.{case}", tmp, case)
         asyncio.run(_publish(url, queue, count))
         try:
-            if case == "rabbitflow_uvloop":
-                env = {"BENCH_LOOP": "uvloop"}
+            if case in CASE_ENV:
+                env = CASE_ENV[case]
                 results[case] = _consumer("rabbitflow", url, queue, count, topology, env=env)
             else:
                 results[case] = _consumer(case, url, queue, count, topology)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
-from rabbitflow.errors import AccessRefusedError, UnreachableBrokerError
+from rabbitflow.errors import AccessRefusedError, TlsVerificationError, UnreachableBrokerError
 from rabbitflow.urls import mask_url
 
 CONNECT_TIMEOUT = 10.0
@@ -24,7 +25,12 @@ async def connect(
     heartbeat: int | None = None,
     timeout: float = CONNECT_TIMEOUT,
 ) -> AbstractConnection:
-    """Open a plain (not auto-reconnecting) connection; rabbitflow drives reconnection itself."""
+    """Open a plain (not auto-reconnecting) connection; rabbitflow drives reconnection itself.
+
+    ``amqps://`` URLs verify the broker's certificate and host name; ``cafile``, ``certfile``
+    and ``keyfile`` query parameters name a private CA and a client certificate. Turning
+    verification off (``no_verify_ssl``) is refused."""
+    _refuse_unverified_tls(url)
     extra: dict[str, Any] = {} if heartbeat is None else {"heartbeat": heartbeat}
     try:
         connection: AbstractConnection = await aio_pika.connect(
@@ -44,8 +50,22 @@ async def connect(
         raise AccessRefusedError(
             f"the broker at {mask_url(url)} refused the login or the vhost: {_reason(exc)}"
         ) from None
+    except ssl.SSLCertVerificationError as exc:
+        raise TlsVerificationError(
+            f"TLS verification of the broker at {mask_url(url)} failed: "
+            f"{exc.verify_message or exc}; trust a private CA with ?cafile=PATH in the URL"
+        ) from None
     except (TimeoutError, OSError, socket.gaierror, aiormq.exceptions.AMQPError) as exc:
         raise UnreachableBrokerError(mask_url(url), _reason(exc)) from None
+
+
+def _refuse_unverified_tls(url: str) -> None:
+    query = parse_qs(urlsplit(url).query)
+    if any(value not in ("0", "false", "") for value in query.get("no_verify_ssl", [])):
+        raise TlsVerificationError(
+            "no_verify_ssl in the broker URL turns off TLS certificate verification, which "
+            "rabbitflow refuses; trust a private CA with ?cafile=PATH instead"
+        )
 
 
 def _vhost(url: str) -> str:

@@ -15,7 +15,8 @@ from concurrent.futures import Executor
 from typing import Any
 
 from aiormq.abc import DeliveredMessage
-from opentelemetry.trace import Span
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, set_span_in_context
 from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_random_exponential
 
 from rabbitflow import clock
@@ -29,7 +30,7 @@ from rabbitflow.outcome import Action, Outcome, OutcomePolicy
 from rabbitflow.payload import check_envelope
 from rabbitflow.settle import Settler, parse_not_before
 from rabbitflow.telemetry import Telemetry
-from rabbitflow.tracing import Tracing, current, record_failure
+from rabbitflow.tracing import Tracing, record_failure
 
 
 class Dispatcher:
@@ -50,6 +51,8 @@ class Dispatcher:
         "_policy",
         "_queue",
         "_settler",
+        "_span_name",
+        "_span_static",
         "_telemetry",
         "_timeout",
         "_wants_message",
@@ -91,6 +94,8 @@ class Dispatcher:
         self._immediate = immediate_retries
         self._breaker = breaker
         self._telemetry = telemetry
+        self._span_name = f"process {consumer.queue}"
+        self._span_static = Tracing.consume_attributes(consumer.queue)
 
     async def __call__(self, delivery: DeliveredMessage) -> None:
         task = asyncio.current_task()
@@ -135,16 +140,18 @@ class Dispatcher:
         self, delivery: DeliveredMessage, attempt: int, tracing: Tracing, started: float
     ) -> Action:
         span = tracing.consume_span(
-            self._queue,
+            self._span_name,
             delivery.header.properties.headers,
             self._span_attributes(delivery, attempt),
         )
         action: Action | None = None
+        # The span is current while the handler runs: its own spans and log lines nest under it.
+        token = otel_context.attach(set_span_in_context(span))
         try:
-            with current(span):
-                action = await self._process(delivery, attempt, span)
+            action = await self._process(delivery, attempt, span)
             return action
         finally:
+            otel_context.detach(token)
             self._telemetry.in_flight.value -= 1
             self._telemetry.duration.observe(time.perf_counter() - started)
             span.set_attribute("rabbitflow.outcome", action.value if action else "cancelled")
@@ -153,6 +160,7 @@ class Dispatcher:
     def _span_attributes(self, delivery: DeliveredMessage, attempt: int) -> dict[str, Any]:
         props = delivery.header.properties
         return {
+            **self._span_static,
             "messaging.destination.name": delivery.exchange or "amq.default",
             "messaging.rabbitmq.destination.routing_key": delivery.routing_key or "",
             "messaging.message.id": props.message_id or "",

@@ -75,6 +75,10 @@ class UnreachableBrokerError(BrokerError):
         super().__init__(f"cannot connect to {url}: {reason}")
 
 
+class TlsVerificationError(BrokerError):
+    """The broker's TLS certificate could not be verified (or verification was turned off)."""
+
+
 class AccessRefusedError(BrokerError):
     """The broker refused an operation for lack of permission (AMQP 403)."""
 

@@ -110,19 +110,26 @@ class Tracing:
     def enabled(self) -> bool:
         return self.tracer is not None
 
+    @staticmethod
+    def consume_attributes(queue: str) -> dict[str, Any]:
+        """The attributes every CONSUMER span of ``queue`` has (built once per consumer)."""
+        return {
+            "messaging.system": SYSTEM,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.rabbitmq.queue": queue,
+        }
+
     def consume_span(
-        self, queue: str, headers: dict[str, Any] | None, attributes: dict[str, Any]
+        self, name: str, headers: dict[str, Any] | None, attributes: dict[str, Any]
     ) -> Span:
-        """Start (not yet current) the CONSUMER span of a delivery, parented on its headers."""
+        """Start (not yet current) the CONSUMER span ``name`` of a delivery, parented on the
+        trace context in its headers; ``attributes`` are taken as they are."""
         assert self.tracer is not None
         # A message without headers carries no context: skip the propagators' work.
         parent = propagate.extract(headers, getter=_GETTER) if headers else _ROOT
-        attributes["messaging.system"] = SYSTEM
-        attributes["messaging.operation.type"] = "process"
-        attributes["messaging.operation.name"] = "process"
-        attributes["messaging.rabbitmq.queue"] = queue
         return self.tracer.start_span(
-            f"process {queue}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+            name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
 
     @contextmanager
@@ -155,16 +162,6 @@ class Tracing:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 raise
-
-
-@contextmanager
-def current(span: Span) -> Iterator[None]:
-    """Make ``span`` current (handler spans nest under it) without ending it on exit."""
-    token = otel_context.attach(trace.set_span_in_context(span))
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
 
 
 def record_failure(span: Span, exc: BaseException) -> None:

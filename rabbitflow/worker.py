@@ -18,7 +18,12 @@ from rabbitflow.app import App
 from rabbitflow.breaker import CircuitBreaker
 from rabbitflow.connection import connect, underlay
 from rabbitflow.dispatch import Dispatcher
-from rabbitflow.errors import AccessRefusedError, BrokerError, UnreachableBrokerError
+from rabbitflow.errors import (
+    AccessRefusedError,
+    BrokerError,
+    TlsVerificationError,
+    UnreachableBrokerError,
+)
 from rabbitflow.handler import Consumer, Signature, inspect_handler
 from rabbitflow.health import HealthServer
 from rabbitflow.importer import exception_types
@@ -207,7 +212,7 @@ class Worker:
         # worker has run, a refusal (a connection limit reached, a vhost being recreated) is
         # retried like an unreachable broker, so a running service heals by itself.
         retried = (
-            (UnreachableBrokerError, AccessRefusedError)
+            (UnreachableBrokerError, AccessRefusedError, TlsVerificationError)
             if reconnecting
             else (UnreachableBrokerError,)
         )

@@ -137,6 +137,17 @@ BAD: list[tuple[str, str, str]] = [
         "queues.a.retry.delays[0]: delays must be positive",
     ),
     (
+        "delay over the broker's largest TTL",
+        '[queues.a]\nretry = { delays = ["1s", "1200h"] }\n',
+        "queues.a.retry.delays[1]: 4320000000 ms is over RabbitMQ's largest message TTL "
+        "(4294967295 ms, ~49.7 days)",
+    ),
+    (
+        "zero timeout",
+        '[queues.a]\ntimeout = "0s"\n',
+        "queues.a.timeout: a handler timeout must be positive (remove it for no time limit)",
+    ),
+    (
         "amq. queue",
         '[queues."amq.jobs"]\n',
         "queues.\"amq.jobs\": names starting with 'amq.' are reserved by RabbitMQ "

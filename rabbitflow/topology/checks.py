@@ -13,6 +13,7 @@ from rabbitflow.topology.model import Topology
 from rabbitflow.topology.schema import BindingTable, QueueTable, TopologyFile
 
 MAX_NAME_BYTES = 255
+MAX_TTL_MS = 2**32 - 1  # x-message-ttl is an unsigned 32-bit count of milliseconds
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 # Exchanges every RabbitMQ vhost has; they may be bound to but never declared.
 BUILTIN_EXCHANGES = frozenset(
@@ -181,9 +182,11 @@ def _check_binding(parsed: TopologyFile, binding: BindingTable, path: str) -> It
 def _check_queues(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]:
     if parsed.defaults.retry is not None:
         yield from _check_delays(parsed.defaults.retry.delays, "defaults.retry")
+    yield from _check_timeout(parsed.defaults.timeout, "defaults.timeout")
     for name, table in parsed.queues.items():
         config = topology.queues[name]
         base = f"queues.{_q(name)}"
+        yield from _check_timeout(table.timeout, f"{base}.timeout")
         for index, binding in enumerate(table.bindings):
             yield from _check_binding(parsed, binding, f"{base}.bindings[{index}]")
         if table.retry is not None and table.retry.enabled:
@@ -218,10 +221,20 @@ def _check_queues(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]
         yield from _check_arguments(table, config.queue_type, base)
 
 
+def _check_timeout(timeout: int | None, path: str) -> Iterator[Problem]:
+    if timeout is not None and timeout <= 0:
+        yield Problem(path, "a handler timeout must be positive", "remove it for no time limit")
+
+
 def _check_delays(delays: list[int], path: str) -> Iterator[Problem]:
     for index, delay in enumerate(delays):
         if delay <= 0:
             yield Problem(f"{path}.delays[{index}]", "delays must be positive")
+        elif delay > MAX_TTL_MS:
+            yield Problem(
+                f"{path}.delays[{index}]",
+                f"{delay} ms is over RabbitMQ's largest message TTL ({MAX_TTL_MS} ms, ~49.7 days)",
+            )
         elif index and delay <= delays[index - 1]:
             yield Problem(
                 f"{path}.delays[{index}]",

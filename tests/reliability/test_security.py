@@ -9,7 +9,6 @@ is refused with the reason, never connected to.
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -99,14 +98,30 @@ def test_an_unverified_broker_is_refused(
 def test_run_never_consumes_from_an_unverified_broker(
     chaos_checker: Checker, tls: TlsFiles
 ) -> None:
-    # A certificate failure is reported and retried like an unreachable broker; the worker never
-    # connects without verification, and SIGTERM stops it.
+    # A certificate that cannot be verified is a configuration error at start-up, like a
+    # refused login: one clear line and exit 1, never a connection without verification.
     checker = chaos_checker
     checker.write_topology()
     worker = checker.start_worker(url=amqps(checker.vhost), wait_ready=False)
-    worker.wait_for_event("broker unreachable; retrying", timeout=15)
+    assert worker.wait(15) == 1
     assert "certificate verify failed" in worker.output()
+    assert "Traceback" not in worker.output()
     assert not tls_connections(checker)
-    worker.signal(signal.SIGTERM)
-    assert worker.wait(10) == 0
     assert not worker.has_event("consuming")
+
+
+@pytest.mark.parametrize("flag", ["no_verify_ssl=1", "no_verify_ssl=true"])
+def test_turning_verification_off_is_refused(tmp_path: Path, flag: str) -> None:
+    # Given a URL that asks to skip certificate verification (no broker needed: refused first)
+    topology = tmp_path / "topology.toml"
+    topology.write_text("[queues.work]\n")
+    url = f"amqps://guest:guest@127.0.0.1:1/?{flag}"
+
+    result = run_cli("topology", "declare", str(topology), "--url", url)
+
+    # Then nothing connects: one line saying why and what to do instead, exit 1
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "no_verify_ssl" in errors[0]
+    assert "cafile" in errors[0]
