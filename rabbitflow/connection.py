@@ -50,13 +50,24 @@ async def connect(
         raise AccessRefusedError(
             f"the broker at {mask_url(url)} refused the login or the vhost: {_reason(exc)}"
         ) from None
-    except ssl.SSLCertVerificationError as exc:
-        raise TlsVerificationError(
-            f"TLS verification of the broker at {mask_url(url)} failed: "
-            f"{exc.verify_message or exc}; trust a private CA with ?cafile=PATH in the URL"
-        ) from None
     except (TimeoutError, OSError, socket.gaierror, aiormq.exceptions.AMQPError) as exc:
+        if _certificate_failure(exc):
+            # aiormq wraps the ssl error in AMQPConnectionError; a certificate that cannot be
+            # verified will not heal by retrying, unlike an unreachable broker.
+            raise TlsVerificationError(
+                f"TLS verification of the broker at {mask_url(url)} failed: {_reason(exc)}; "
+                "trust a private CA with ?cafile=PATH in the URL"
+            ) from None
         raise UnreachableBrokerError(mask_url(url), _reason(exc)) from None
+
+
+def _certificate_failure(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
 
 def _refuse_unverified_tls(url: str) -> None:
