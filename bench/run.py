@@ -42,6 +42,14 @@ CONSUME_CASES = (
     "rabbitflow_uvloop",
     "rabbitflow_sampled",
 )
+# Latency is measured with persistent messages (the broker writes them to disk, which sets
+# the tail at this rate) and with transient ones (the client's own share).
+LATENCY_CASES = (
+    ("aio_pika", True),
+    ("rabbitflow", True),
+    ("aio_pika", False),
+    ("rabbitflow", False),
+)
 # Variants of "rabbitflow" (everything on) that differ only by their environment.
 CASE_ENV = {
     "rabbitflow_uvloop": {"BENCH_LOOP": "uvloop"},
@@ -228,7 +236,7 @@ def publish_round(url: str, count: int, tmp: Path) -> dict[str, float]:
     return results
 
 
-async def _paced_publish(url: str, queue: str, rate: int, seconds: float) -> None:
+async def _paced_publish(url: str, queue: str, rate: int, seconds: float, persistent: bool) -> None:
     connection = await aio_pika.connect(url)
     channel = await connection.channel(publisher_confirms=True)
     exchange = channel.default_exchange
@@ -243,7 +251,9 @@ async def _paced_publish(url: str, queue: str, rate: int, seconds: float) -> Non
         message = aio_pika.Message(
             BODY.format(i=i, c=1, t=repr(time.time())).encode(),
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            if persistent
+            else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         pending.add(asyncio.ensure_future(exchange.publish(message, routing_key=queue)))
         if len(pending) > 500:
@@ -254,20 +264,21 @@ async def _paced_publish(url: str, queue: str, rate: int, seconds: float) -> Non
 
 def latency_round(url: str, tmp: Path, rate: int, seconds: float) -> dict[str, dict[str, Any]]:
     results = {}
-    for case in ("aio_pika", "rabbitflow"):
-        queue, topology, extra = _fresh_queue(url, f"bench.latency.{case}", tmp, case)
+    for case, persistent in LATENCY_CASES:
+        label = f"{case}{'' if persistent else '_transient'}"
+        queue, topology, extra = _fresh_queue(url, f"bench.latency.{label}", tmp, case)
         count = int(rate * seconds)
         command = [sys.executable, "-m", "bench.consumers", case, url, queue, str(count), topology]
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         time.sleep(2.0)  # let the consumer connect before the clock starts
-        asyncio.run(_paced_publish(url, queue, rate, seconds))
+        asyncio.run(_paced_publish(url, queue, rate, seconds, persistent))
         out, _ = process.communicate(timeout=120)
         asyncio.run(_delete(url, [queue, *extra]))
         line = [x for x in out.splitlines() if x.startswith("{")][-1]
-        results[case] = json.loads(line)
+        results[label] = json.loads(line)
         print(
-            f"  latency {case:14} p50 {results[case]['p50_ms']:.2f} ms "
-            f"p99 {results[case]['p99_ms']:.2f} ms",
+            f"  latency {label:22} p50 {results[label]['p50_ms']:.2f} ms "
+            f"p99 {results[label]['p99_ms']:.2f} ms",
             flush=True,
         )
     return results
@@ -357,7 +368,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         }
     for case in ("aio_pika_publish", "rabbitflow_publish"):
         summary[case] = {"rate": _median([r["publish"][case] for r in rounds])}
-    for case in ("aio_pika", "rabbitflow"):
+    for case in rounds[0]["latency"]:
         summary[f"latency_{case}"] = {
             "p50_ms": _median([r["latency"][case]["p50_ms"] for r in rounds]),
             "p99_ms": _median([r["latency"][case]["p99_ms"] for r in rounds]),
@@ -392,12 +403,12 @@ def table(summary: dict[str, Any]) -> str:
             f"| rabbitflow run --{case.replace('_', ' ')} | {rate:,.0f} | "
             f"{rate / one:.2f}× of 1 worker | | |"
         )
-    for case in ("aio_pika", "rabbitflow"):
-        row = summary[f"latency_{case}"]
-        lines.append(
-            f"| latency {case} at 2,000 msg/s | p50 {row['p50_ms']:.2f} ms | "
-            f"p99 {row['p99_ms']:.2f} ms | | |"
-        )
+    for key, row in summary.items():
+        if key.startswith("latency_"):
+            lines.append(
+                f"| {key.replace('_', ' ', 1)} at 2,000 msg/s | p50 {row['p50_ms']:.2f} ms | "
+                f"p99 {row['p99_ms']:.2f} ms | | |"
+            )
     fast = summary["faststream"]["rate"]
     full = summary["rabbitflow"]["rate"]
     lines.append("")
