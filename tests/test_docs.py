@@ -105,7 +105,7 @@ MARKERS: dict[tuple[str, str], str] = {
 }
 
 # Pages other people are writing: links to them may dangle until they land.
-PENDING_PAGES = {"docs/reliability.md", "docs/performance.md"}
+PENDING_PAGES: set[str] = set()
 
 
 # -- reading pages ---------------------------------------------------------------------------
