@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,6 +304,45 @@ class Worker:
         await self._drain(session)
         return False
 
+    def dispatcher(
+        self,
+        consumer: Consumer,
+        channel: aiormq.abc.AbstractChannel,
+        publisher: Publisher,
+        *,
+        breaker: CircuitBreaker | None = None,
+        executor: Executor | None = None,
+        in_flight: set[asyncio.Task[Any]] | None = None,
+    ) -> tuple[Dispatcher, Acker]:
+        """The dispatcher (and its acker) of ``consumer`` on ``channel``, wired as in a run.
+
+        The test kit uses it too, so tests exercise exactly this wiring."""
+        config = self.topology.queues[consumer.queue]
+        acker = Acker(channel, config.prefetch)
+        settler = Settler(
+            consumer.queue,
+            acker,
+            publisher,
+            self.declarations.routes[consumer.queue],
+            self.metrics,
+        )
+        dispatcher = Dispatcher(
+            consumer,
+            self.signatures[consumer.queue],
+            self.policies[consumer.queue],
+            settler,
+            timeout_ms=config.timeout_ms,
+            max_body_size=config.max_body_size,
+            max_in_flight=config.max_in_flight,
+            prefetch=config.prefetch,
+            executor=executor or self._executor,
+            in_flight=self._in_flight if in_flight is None else in_flight,
+            immediate_retries=config.immediate_retries,
+            breaker=breaker,
+            telemetry=Telemetry.bind(self.metrics, consumer.queue, self.tracing),
+        )
+        return dispatcher, acker
+
     async def _start_consumer(
         self, session: _Session, amqp: aiormq.abc.AbstractConnection, consumer: Consumer
     ) -> None:
@@ -315,32 +354,15 @@ class Worker:
         channel.on_consumer_cancel_callbacks.add(
             lambda _frame: _fail(session.cancelled, consumer.queue)
         )
-        acker = Acker(channel, config.prefetch)
-        session.ackers.append(acker)
         assert self._publisher is not None
-        settler = Settler(
-            consumer.queue,
-            acker,
-            self._publisher,
-            self.declarations.routes[consumer.queue],
-            self.metrics,
-        )
-        tag = f"{self.app.name}.{consumer.queue}.{uuid.uuid4().hex[:8]}"
-        dispatcher = Dispatcher(
+        dispatcher, acker = self.dispatcher(
             consumer,
-            self.signatures[consumer.queue],
-            self.policies[consumer.queue],
-            settler,
-            timeout_ms=config.timeout_ms,
-            max_body_size=config.max_body_size,
-            max_in_flight=config.max_in_flight,
-            prefetch=config.prefetch,
-            executor=self._executor,
-            in_flight=self._in_flight,
-            immediate_retries=config.immediate_retries,
+            channel,
+            self._publisher,
             breaker=self._breaker(session, channel, consumer.queue),
-            telemetry=Telemetry.bind(self.metrics, consumer.queue, self.tracing),
         )
+        session.ackers.append(acker)
+        tag = f"{self.app.name}.{consumer.queue}.{uuid.uuid4().hex[:8]}"
         session.dispatchers[tag] = dispatcher
         await channel.basic_consume(consumer.queue, dispatcher, consumer_tag=tag)
         session.consumer_tags[tag] = channel

@@ -20,15 +20,13 @@ from typing import Any, ParamSpec, TypeVar, cast
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 
 from rabbitflow.app import App
-from rabbitflow.dispatch import Dispatcher
 from rabbitflow.duration import parse_duration
 from rabbitflow.errors import RabbitflowError
 from rabbitflow.handler import Consumer, Signature
 from rabbitflow.message import Message, read_attempt
 from rabbitflow.metrics import Metrics
 from rabbitflow.publisher import Publisher
-from rabbitflow.settle import Acker, Settler
-from rabbitflow.telemetry import Telemetry
+from rabbitflow.settle import Acker
 from rabbitflow.testing._channel import MemoryChannel, MemoryConnection
 from rabbitflow.testing._envelope import StoredMessage
 from rabbitflow.testing._queue import MemoryQueue
@@ -177,32 +175,16 @@ class TestApp:
         config = worker.topology.queues[consumer.queue]
         channel = await connection.channel(publisher_confirms=False)
         await channel.basic_qos(prefetch_count=config.prefetch)
-        acker = Acker(cast(AbstractChannel, channel), config.prefetch)
-        self._ackers.append(acker)
         assert self._publisher is not None
         signature = worker.signatures[consumer.queue]
-        settler = Settler(
-            consumer.queue,
-            acker,
-            self._publisher,
-            worker.declarations.routes[consumer.queue],
-            worker.metrics,
-        )
-        dispatcher = Dispatcher(
+        dispatcher, acker = worker.dispatcher(
             self._recorded(consumer, signature),
-            signature,
-            worker.policies[consumer.queue],
-            settler,
-            timeout_ms=config.timeout_ms,
-            max_body_size=config.max_body_size,
-            max_in_flight=config.max_in_flight,
-            prefetch=config.prefetch,
+            cast(AbstractChannel, channel),
+            self._publisher,
             executor=self._executor,
             in_flight=self._in_flight,
-            immediate_retries=config.immediate_retries,
-            breaker=None,
-            telemetry=Telemetry.bind(worker.metrics, consumer.queue, worker.tracing),
         )
+        self._ackers.append(acker)
 
         async def deliver(delivery: DeliveredMessage) -> None:
             token = _CURRENT.set(_Current(delivery))
