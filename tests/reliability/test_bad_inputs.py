@@ -497,11 +497,11 @@ def test_non_utf8_topology_in_run_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.broker
-def test_a_delay_over_rabbitmq_ttl_limit_fails_declare_clearly(
+def test_a_delay_over_rabbitmq_ttl_limit_is_refused_before_the_broker(
     rabbit: Rabbit, vhost: str, tmp_path: Path
 ) -> None:
-    # RabbitMQ caps x-message-ttl at 2^32-1 ms (49.7 days); the loader does not know that
-    # limit, so the broker refuses the tier and declare says so in one line.
+    # RabbitMQ caps x-message-ttl at 2^32-1 ms (49.7 days): the loader refuses a longer tier
+    # with the path of the delay, before anything touches the broker.
     path = tmp_path / "topology.toml"
     path.write_text(
         '[exchanges.jobs]\ntype = "direct"\n[queues.a]\nqueue_type = "classic"\n'
@@ -509,7 +509,8 @@ def test_a_delay_over_rabbitmq_ttl_limit_fails_declare_clearly(
     )
     result = run_cli("topology", "declare", str(path), "--url", rabbit.vhost_url(vhost))
     assert result.returncode == 1
-    assert_one_error(result.stderr, "invalid arg 'x-message-ttl'")
+    assert_one_error(result.stderr, "queues.a.retry.delays[0]: 360000000000 ms is over RabbitMQ")
+    assert rabbit.list(vhost, "queues", "name") == []  # nothing was declared
 
 
 # -- the command line -------------------------------------------------------------------------
