@@ -12,7 +12,12 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
-from rabbitflow.errors import AccessRefusedError, TlsVerificationError, UnreachableBrokerError
+from rabbitflow.errors import (
+    AccessRefusedError,
+    TlsVerificationError,
+    UnreachableBrokerError,
+    exception_chain,
+)
 from rabbitflow.urls import mask_url
 
 CONNECT_TIMEOUT = 10.0
@@ -62,11 +67,8 @@ async def connect(
 
 
 def _certificate_failure(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(link, ssl.SSLCertVerificationError) for link in exception_chain(exc)):
+        return True
     return "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
 

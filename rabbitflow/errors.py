@@ -7,12 +7,26 @@ queue at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 
 class RabbitflowError(Exception):
     """Root of every rabbitflow error."""
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then its causes and contexts, each once.
+
+    aiormq chains connection errors back onto themselves (a reset raised while handling
+    its own reset), so a walk that follows ``__cause__`` / ``__context__`` must stop at an
+    exception it has already seen."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 @dataclass(frozen=True, slots=True)
