@@ -173,7 +173,7 @@ class TierMonitor:
                 count = await _depth(channel, tier)
                 if count is None:
                     return  # the channel was closed by a 404: next round, on a new one
-                self._metrics.tier_messages.labels(routes.queue, tier).set(count)
+                self._metrics.tier_messages.labels(routes.queue, format_duration(delay)).set(count)
                 self._check(routes.queue, tier, delay, count)
             if routes.dead_letter_exchange is not None:
                 count = await _depth(channel, dlq_name(routes.queue))
