@@ -30,6 +30,7 @@ from rabbitflow.importer import exception_types
 from rabbitflow.metrics import Metrics
 from rabbitflow.outcome import OutcomePolicy
 from rabbitflow.publisher import Publisher
+from rabbitflow.schedule import run_schedules
 from rabbitflow.settle import Acker, Settler
 from rabbitflow.telemetry import Telemetry
 from rabbitflow.topology import Declarations, Topology, derive
@@ -197,7 +198,9 @@ class Worker:
             await self._prepare(connection)
             async with self.app.lifespan_context():
                 started = True
-                await self._serve(connection)
+                # Scheduled publishing runs beside the consumers, on its own connection.
+                async with run_schedules(self.app.schedules.values(), self.options.url):
+                    await self._serve(connection)
         finally:
             self.ready = False
             self.app.attach(None)
