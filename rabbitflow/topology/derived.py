@@ -143,6 +143,10 @@ def _work_queue(config: QueueConfig, dlx: str) -> QueueSpec:
         # A message whose handler kills the process is redelivered with a growing
         # x-delivery-count; past the limit the broker dead-letters it (reason delivery_limit).
         arguments["x-delivery-limit"] = config.crash_limit
+    if config.single_active_consumer:
+        arguments["x-single-active-consumer"] = True
+    if config.consumer_timeout_ms is not None:
+        arguments["x-consumer-timeout"] = config.consumer_timeout_ms
     arguments.update(config.arguments)
     return QueueSpec(
         config.name,

@@ -53,6 +53,8 @@ class QueueConfig:
     circuit_breaker: CircuitBreakerTable | None = None
     retry_on: tuple[str, ...] = ()
     dead_letter_on: tuple[str, ...] = ()
+    single_active_consumer: bool = False
+    consumer_timeout_ms: int | None = None
 
     @property
     def max_in_flight(self) -> int:
@@ -110,4 +112,10 @@ def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
         circuit_breaker=table.circuit_breaker or defaults.circuit_breaker,
         retry_on=tuple(table.retry_on),
         dead_letter_on=tuple(table.dead_letter_on),
+        single_active_consumer=table.single_active_consumer,
+        consumer_timeout_ms=(
+            table.consumer_timeout
+            if table.consumer_timeout is not None
+            else defaults.consumer_timeout
+        ),
     )

@@ -98,6 +98,7 @@ class DefaultsTable(_Table):
     max_body_size: Size = 16 * 1024 * 1024
     immediate_retries: int = Field(default=0, ge=0, le=10)
     circuit_breaker: CircuitBreakerTable | None = None
+    consumer_timeout: Duration | None = None
 
     @field_validator("prefetch", mode="before")
     @classmethod
@@ -133,6 +134,8 @@ class QueueTable(_Table):
     circuit_breaker: CircuitBreakerTable | None = None
     retry_on: list[str] = Field(default_factory=list)
     dead_letter_on: list[str] = Field(default_factory=list)
+    single_active_consumer: bool = False
+    consumer_timeout: Duration | None = None
     arguments: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("prefetch", mode="before")
