@@ -31,6 +31,7 @@ log = structlog.get_logger("rabbitflow.schedule")
 MIN_POLL_S = 0.2
 MAX_POLL_S = 5.0
 RECONNECT_S = 1.0
+REFUSED_S = 30.0
 # Lost-connection errors: the lease went with the connection; stand by and try again.
 _LOST = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, PublishError)
 
@@ -81,6 +82,13 @@ class Scheduler:
                 continue
             try:
                 await self._serve(underlay(connection))
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                log.error(
+                    "the scheduler may not use its queues: grant configure, write and read "
+                    "on rabbitflow.schedule.*; retrying in 30s",
+                    error=str(exc),
+                )
+                await asyncio.sleep(REFUSED_S)
             except _LOST as exc:
                 log.warning("scheduler connection lost; standing by", error=repr(exc))
             except Exception:
