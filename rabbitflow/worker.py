@@ -32,6 +32,8 @@ from rabbitflow.outcome import OutcomePolicy
 from rabbitflow.publisher import Publisher
 from rabbitflow.schedule import run_schedules
 from rabbitflow.settle import Acker, Settler
+from rabbitflow.streams import StreamOffsets
+from rabbitflow.streams.offsets import Callback
 from rabbitflow.telemetry import Telemetry
 from rabbitflow.topology import Declarations, Topology, derive
 from rabbitflow.topology.declare import declare, verify
@@ -69,6 +71,7 @@ class _Session:
     consumer_tags: dict[str, aiormq.abc.AbstractChannel] = field(default_factory=dict)
     dispatchers: dict[str, Dispatcher] = field(default_factory=dict)
     breakers: list[CircuitBreaker] = field(default_factory=list)
+    offsets: list[StreamOffsets] = field(default_factory=list)
     # Set when the broker cancels a consumer (its queue was deleted): treated like a lost
     # connection, so the topology is declared (or verified) again before consuming resumes.
     cancelled: asyncio.Future[None] = field(
@@ -367,7 +370,13 @@ class Worker:
         session.ackers.append(acker)
         tag = f"{self.app.name}.{consumer.queue}.{uuid.uuid4().hex[:8]}"
         session.dispatchers[tag] = dispatcher
-        await channel.basic_consume(consumer.queue, dispatcher, consumer_tag=tag)
+        callback: Callback = dispatcher
+        arguments = None
+        if config.queue_type == "stream":  # resume after the last handled offset
+            offsets = await StreamOffsets.open(amqp, config, self.app.name, self._publisher)
+            session.offsets.append(offsets)
+            callback, arguments = offsets.wrap(dispatcher), offsets.consume_arguments()
+        await channel.basic_consume(consumer.queue, callback, consumer_tag=tag, arguments=arguments)
         session.consumer_tags[tag] = channel
 
     def _breaker(
@@ -444,6 +453,8 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=1.0)
+        for offsets in session.offsets:
+            await offsets.close()
         for acker in session.ackers:
             await acker.close()
         await self._close(session)
@@ -460,6 +471,8 @@ class Worker:
     async def _close(self, session: _Session) -> None:
         for breaker in session.breakers:
             breaker.cancel()
+        for offsets in session.offsets:
+            offsets.stop()
         self.app.attach(None)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(session.connection.close(), 5)

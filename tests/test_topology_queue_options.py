@@ -129,3 +129,32 @@ async def test_declared_on_the_broker_and_one_consumer_gets_everything(
     # Then the first consumer got every message, in order
     assert got[2] == []
     assert got[1] == [str(i).encode() for i in range(10)]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [('"first"', "first"), ("1200", 1200), ("2026-10-01T00:00:00Z", "datetime")],
+)
+def test_stream_offset_takes_a_position_an_offset_or_a_time(value: str, expected: object) -> None:
+    toml = f'[queues.events]\nqueue_type = "stream"\nprefetch = 10\nstream_offset = {value}\n'
+    offset = parse_topology(toml).queues["events"].stream_offset
+    assert (type(offset).__name__ if expected == "datetime" else offset) == expected
+
+
+def test_stream_offset_is_refused_on_other_queues_and_for_unknown_positions() -> None:
+    problems = _problems('[queues.a]\nstream_offset = "first"\n')
+    assert any(p.startswith("queues.a.stream_offset: only stream queues") for p in problems)
+    bad = '[queues.e]\nqueue_type = "stream"\nstream_offset = "start"\n'
+    assert any(p.startswith("queues.e.stream_offset") for p in _problems(bad))
+
+
+def test_a_stream_runs_its_attempts_in_place_and_has_no_retry_tiers() -> None:
+    toml = (
+        '[queues.events]\nqueue_type = "stream"\nprefetch = 10\n'
+        'retry = { delays = ["1s", "5s"], max_attempts = 4 }\n'
+    )
+    topology = parse_topology(toml)
+    assert topology.queues["events"].immediate_retries == 3
+    declarations = derive(topology)
+    assert [q.role for q in declarations.queues] == ["work", "dlq"]
+    assert declarations.routes["events"].tiers == {}

@@ -221,6 +221,12 @@ def _check_queues(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]
                 "lower concurrency or raise prefetch",
             )
         yield from _check_single_active(table, config, base)
+        if table.stream_offset is not None and config.queue_type != "stream":
+            yield Problem(
+                f"{base}.stream_offset",
+                f"only stream queues have offsets; this is a {config.queue_type} queue",
+                'remove it, or use queue_type = "stream"',
+            )
         yield from _check_consumer_timeout(table, config, base)
         yield from _check_arguments(table, config.queue_type, base)
 

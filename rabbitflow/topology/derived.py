@@ -111,7 +111,9 @@ def derive(topology: Topology) -> Declarations:
             for b in config.bindings
         )
         tiers = {delay: tier_name(config.name, delay) for delay in config.retry.delays_ms}
-        if config.retry.enabled:
+        if config.queue_type == "stream":
+            tiers = {}  # a tier would append the retry to the stream: attempts run in place
+        if config.retry.enabled and tiers:
             queues.extend(_tier_queue(config, delay, name) for delay, name in tiers.items())
         if config.dead_letter:
             queues.append(
