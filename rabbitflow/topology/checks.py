@@ -221,6 +221,12 @@ def _check_queues(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]
                 "lower concurrency or raise prefetch",
             )
         yield from _check_single_active(table, config, base)
+        if config.queue_type == "stream" and config.circuit_breaker is not None:
+            yield Problem(
+                f"{base}.circuit_breaker",
+                "the circuit breaker is not supported on streams",
+                "remove it (a paused stream consumer would resume without its offset)",
+            )
         if table.stream_offset is not None and config.queue_type != "stream":
             yield Problem(
                 f"{base}.stream_offset",

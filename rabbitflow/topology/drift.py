@@ -24,6 +24,7 @@ LOWER_WINS = frozenset(
 )
 _TIER = re.compile(r"^(?P<owner>.+)\.retry\.\d+(?:ms|s|m|h)$")
 _SCHEDULE = re.compile(r"^rabbitflow\.schedule\.(?P<name>.+)\.(?P<role>lease|last)$")
+_OFFSET = re.compile(r"^rabbitflow\.offset\.(?P<rest>.+)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,8 @@ def _queue_leftover(name: str, entry: dict[str, Any], work: set[str]) -> str:
     if schedule:
         role = "lease" if schedule["role"] == "lease" else "last tick"
         parts.append(f"rabbitflow scheduler: {role} of schedule {schedule['name']!r}")
+    elif _OFFSET.match(name):
+        parts.append("rabbitflow: the stored offset of a stream consumer (app.stream)")
     elif tier and tier["owner"] in work:
         parts.append(f"retry tier {tier['owner']!r} no longer uses (its delays changed)")
     elif tier:
