@@ -17,6 +17,8 @@ from rabbitflow.connection import connect, underlay
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.handler import Consumer, ExceptionTypes
 from rabbitflow.publisher import Publisher
+from rabbitflow.schedule.entry import Schedule, default_name
+from rabbitflow.schedule.timing import Cron, Every, Timing
 from rabbitflow.topology import Topology, load_topology
 from rabbitflow.urls import mask_url, resolve_url
 
@@ -50,6 +52,7 @@ class App:
         self.consumers: dict[str, Consumer] = {}
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []
+        self.schedules: dict[str, Schedule] = {}
         self._publisher: Publisher | None = None
         self._connection: AbstractConnection | None = None
         self._connect_lock: asyncio.Lock | None = None
@@ -83,6 +86,56 @@ class App:
                 f"queue {consumer.queue!r} has two handlers: {existing.name} and {consumer.name}"
             )
         self.consumers[consumer.queue] = consumer
+
+    def every(
+        self,
+        interval: str | int,
+        *,
+        exchange: str,
+        routing_key: str,
+        name: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> Callable[[F], F]:
+        """Publish the decorated function's return value every ``interval`` (``"30s"``).
+
+        Ticks fall on multiples of the interval since the Unix epoch; ``None`` skips a tick.
+        Once per deployment: see :mod:`rabbitflow.schedule`."""
+        return self._scheduled(Every(interval), exchange, routing_key, name, headers)
+
+    def cron(
+        self,
+        expression: str,
+        *,
+        exchange: str,
+        routing_key: str,
+        timezone: str = "UTC",
+        name: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> Callable[[F], F]:
+        """Publish the decorated function's return value on a cron schedule in ``timezone``."""
+        return self._scheduled(Cron(expression, timezone), exchange, routing_key, name, headers)
+
+    def _scheduled(
+        self,
+        timing: Timing,
+        exchange: str,
+        routing_key: str,
+        name: str | None,
+        headers: dict[str, Any] | None,
+    ) -> Callable[[F], F]:
+        def register(func: F) -> F:
+            schedule_name = name or default_name(func)
+            schedule = Schedule(schedule_name, timing, func, exchange, routing_key, headers or {})
+            self.add_schedule(schedule)
+            return func
+
+        return register
+
+    def add_schedule(self, schedule: Schedule) -> None:
+        """Register a schedule; two schedules of one name are an error."""
+        if schedule.name in self.schedules:
+            raise ConfigurationError(f"two schedules are named {schedule.name!r}; pass name=...")
+        self.schedules[schedule.name] = schedule
 
     def on_startup(self, func: Hook) -> Hook:
         """Run ``func`` after the broker connection opens and before consuming starts."""

@@ -33,7 +33,10 @@ from rabbitflow.outcome import OutcomePolicy
 from rabbitflow.publisher import Publisher
 from rabbitflow.repair import Repairer
 from rabbitflow.retries import TierMonitor
+from rabbitflow.schedule import run_schedules
 from rabbitflow.settle import Acker, Settler
+from rabbitflow.streams import StreamOffsets
+from rabbitflow.streams.offsets import Callback
 from rabbitflow.telemetry import Telemetry
 from rabbitflow.topology import Declarations, Topology, derive
 from rabbitflow.topology.declare import declare, verify
@@ -77,6 +80,7 @@ class _Session:
     consumer_tags: dict[str, aiormq.abc.AbstractChannel] = field(default_factory=dict)
     dispatchers: dict[str, Dispatcher] = field(default_factory=dict)
     breakers: list[CircuitBreaker] = field(default_factory=list)
+    offsets: list[StreamOffsets] = field(default_factory=list)
     # Set when the broker cancels a consumer (its queue was deleted): treated like a lost
     # connection, so the topology is declared (or verified) again before consuming resumes.
     cancelled: asyncio.Future[None] = field(
@@ -216,7 +220,9 @@ class Worker:
             await self._prepare(connection)
             async with self.app.lifespan_context():
                 started = True
-                await self._serve(connection)
+                # Scheduled publishing runs beside the consumers, on its own connection.
+                async with run_schedules(self.app.schedules.values(), self.options.url):
+                    await self._serve(connection)
         finally:
             self.ready = False
             self.app.attach(None)
@@ -384,7 +390,13 @@ class Worker:
         session.ackers.append(acker)
         tag = f"{self.app.name}.{consumer.queue}.{uuid.uuid4().hex[:8]}"
         session.dispatchers[tag] = dispatcher
-        await channel.basic_consume(consumer.queue, dispatcher, consumer_tag=tag)
+        callback: Callback = dispatcher
+        arguments = None
+        if config.queue_type == "stream":  # resume after the last handled offset
+            offsets = await StreamOffsets.open(amqp, config, self.app.name, self._publisher)
+            session.offsets.append(offsets)
+            callback, arguments = offsets.wrap(dispatcher), offsets.consume_arguments()
+        await channel.basic_consume(consumer.queue, callback, consumer_tag=tag, arguments=arguments)
         session.consumer_tags[tag] = channel
 
     def _breaker(
@@ -473,6 +485,8 @@ class Worker:
                 task.cancel()
             await asyncio.wait(pending, timeout=1.0)
         await _within(asyncio.gather(*cancels, return_exceptions=True), 0.5)
+        for offsets in session.offsets:
+            await _within(offsets.close(), 1.0)
         for acker in session.ackers:
             await _within(acker.close(), 1.0)
         await self._close(session)
@@ -489,6 +503,8 @@ class Worker:
     async def _close(self, session: _Session) -> None:
         for breaker in session.breakers:
             breaker.cancel()
+        for offsets in session.offsets:
+            offsets.stop()
         self.app.attach(None)
         await _within(session.connection.close(), CLOSE_TIMEOUT)
 

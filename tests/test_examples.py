@@ -1,17 +1,15 @@
 """The examples in ``examples/`` (besides the orders service) work as their READMEs say.
 
-The rate-limited consumer and the periodic publisher run on ``TestApp`` (virtual time makes
-the retry tiers instant); the jobs API runs in-process through httpx's ``ASGITransport``, with
-its worker on ``TestApp``, and once against the real broker.
+The rate-limited consumer and the scheduled publishing example run on ``TestApp`` (virtual
+time makes the retry tiers instant); the jobs API runs in-process through httpx's
+``ASGITransport``, with its worker on ``TestApp``, and once against the real broker.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
-import itertools
-import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,6 @@ from examples.jobs_api import worker as jobs_worker
 from examples.jobs_api.models import ReportJob
 from examples.jobs_api.store import JobStore
 from examples.periodic import app as periodic_app
-from examples.periodic import publisher as periodic
 from examples.rate_limited import app as sms
 from examples.rate_limited.gateway import SmsGateway
 from rabbitflow import Retry
@@ -114,51 +111,34 @@ def built(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return reports
 
 
-async def test_the_periodic_publisher_publishes_one_tick_per_interval(
+async def test_a_scheduled_tick_is_built_once_even_when_published_twice(
     built: dict[str, Any],
 ) -> None:
-    interval = 0.02
+    at = datetime(2026, 10, 1, 12, 0, tzinfo=UTC)
     async with TestApp(periodic_app.app) as t:
-        slots: list[int] = []
-
-        async def tick(slot: int) -> None:
-            slots.append(slot)
-            await periodic.publish_tick("daily-sales", interval, slot)
-
-        started = time.monotonic()
-        ran = await periodic.every(interval, tick, count=5)
-        elapsed = time.monotonic() - started
+        first = await t.tick(periodic_app.request_sales_report, at=at)
+        again = await t.tick(periodic_app.request_sales_report, at=at)  # a takeover's repeat
         await t.drain()
-
-        assert ran == 5
-        assert elapsed < 5 * interval + 0.5
-        assert slots == sorted(set(slots))  # one tick per slot, in order
-        assert sorted(built) == [f"daily-sales-{slot}" for slot in slots]
-        ids = [h.message.message_id for h in t.handled("reports.requested")]
-        assert ids == [f"daily-sales-{slot}" for slot in slots]
-        first = built[f"daily-sales-{slots[0]}"]
-        assert first.scheduled_at.timestamp() == pytest.approx(slots[0] * interval)
-
-
-async def test_the_periodic_loop_skips_slots_it_woke_up_too_late_for() -> None:
-    slots: list[int] = []
-
-    async def slow_tick(slot: int) -> None:
-        slots.append(slot)
-        await asyncio.sleep(0.035)  # longer than the interval
-
-    await periodic.every(0.01, slow_tick, count=3)
-    assert len(slots) == 3
-    assert all(later - earlier >= 2 for earlier, later in itertools.pairwise(slots))
-
-
-async def test_a_duplicate_tick_builds_the_report_once(built: dict[str, Any]) -> None:
-    async with TestApp(periodic_app.app) as t:
-        await periodic.publish_tick("daily-sales", 60, 29_000_000)
-        await periodic.publish_tick("daily-sales", 60, 29_000_000)  # a second publisher
-        await t.drain()
-        assert list(built) == ["daily-sales-29000000"]
+        assert (
+            first == again == "examples.periodic.app.request_sales_report@2026-10-01T12:00:00.000Z"
+        )
+        assert list(built) == [first]
         assert len(t.handled("reports.requested")) == 2
+
+
+async def test_the_cleanup_tick_is_skipped_on_the_first_of_the_month(
+    built: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FirstOfMonth(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> FirstOfMonth:  # type: ignore[override]
+            return cls(2026, 10, 1, 1, 0, tzinfo=UTC)
+
+    monkeypatch.setattr(periodic_app, "datetime", FirstOfMonth)
+    async with TestApp(periodic_app.app) as t:
+        assert await t.tick(periodic_app.request_cleanup) is None
+        await t.drain()
+        assert built == {}
 
 
 # -- jobs_api --------------------------------------------------------------------------------

@@ -277,7 +277,7 @@ async def test_declare_without_configure_permission(rabbit: Rabbit, vhost: str) 
 def test_plan_on_an_empty_vhost_creates_everything_and_changes_nothing(
     rabbit: Rabbit, vhost: str, vhost_url: str
 ) -> None:
-    result = run_cli("topology", "plan", str(EXAMPLE), "--url", vhost_url)
+    result = run_cli("topology", "plan", str(EXAMPLE), "--url", vhost_url, "--no-management")
 
     assert result.exit_code == 0, result.output
     rows = [line.split()[:3] for line in result.stdout.splitlines()]
@@ -304,7 +304,7 @@ def test_plan_reports_a_conflict_and_exits_1(rabbit: Rabbit, vhost: str, vhost_u
     arguments = _work_queue_arguments("shipping.order-paid") | {"x-delivery-limit": 99}
     predeclare(vhost_url, "shipping.order-paid", arguments)
 
-    result = run_cli("topology", "plan", str(EXAMPLE), "--url", vhost_url)
+    result = run_cli("topology", "plan", str(EXAMPLE), "--url", vhost_url, "--no-management")
 
     assert result.exit_code == 1
     conflict_rows = [line.split() for line in result.stdout.splitlines() if "conflict  " in line]

@@ -1,1 +1,1 @@
-"""A periodic publisher (every N seconds, a report request) and the consumer that builds reports."""
+"""Scheduled publishing (``@app.every``, ``@app.cron``) and the consumer of the ticks."""

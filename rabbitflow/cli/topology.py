@@ -19,7 +19,13 @@ from rabbitflow.topology.declare import Declared, declare
 from rabbitflow.topology.derived import Declarations, derive
 from rabbitflow.topology.export import definitions, mermaid
 from rabbitflow.topology.loader import load_topology
-from rabbitflow.topology.plan import PlanItem, plan
+from rabbitflow.topology.management import (
+    ManagementUnavailable,
+    read_state,
+    vhost_of,
+    with_credentials,
+)
+from rabbitflow.topology.plan import Plan, PlanItem, plan
 from rabbitflow.urls import mask_url, resolve_url
 
 T = TypeVar("T")
@@ -50,22 +56,56 @@ def validate(file: str) -> None:
 @topology.command("plan")
 @file_argument
 @url_option
+@click.option(
+    "--management-url",
+    metavar="URL",
+    help="RabbitMQ's management HTTP API (default: http://HOST:15672/ of the broker URL, "
+    "with its credentials).",
+)
+@click.option(
+    "--no-management",
+    is_flag=True,
+    help="Compare over AMQP only: bindings, policies and objects not in the file are not seen.",
+)
+@click.option(
+    "--exit-code",
+    is_flag=True,
+    help="Exit 2 when the broker differs from the file in any way (for CI drift checks).",
+)
 @reports_errors
-def plan_command(file: str, url: str | None) -> None:
-    """Show what declare would create, and what conflicts with the broker.
+def plan_command(
+    file: str,
+    url: str | None,
+    management_url: str | None,
+    no_management: bool,
+    exit_code: bool,
+) -> None:
+    """Show what declare would create, and how the broker differs from FILE.
 
-    Changes nothing. Exit 1 when declare would fail on a conflict."""
+    Changes nothing, deletes nothing. Exit 1 when declare would fail on a conflict; with
+    --exit-code, exit 2 when anything differs."""
     loaded = load_topology(file)
     broker = resolve_url(url, loaded.broker_url)
     declarations = derive(loaded)
-    result = _with_connection(
-        broker, "rabbitflow topology plan", lambda connection: plan(connection, declarations)
+    api = None if no_management else with_credentials(management_url, broker)
+    result, reason = _with_connection(
+        broker,
+        "rabbitflow topology plan",
+        lambda connection: _plan(connection, declarations, api, vhost_of(broker)),
     )
-    click.echo(f"plan for {mask_url(broker)} ({file}):")
+    through = f", through the management API at {mask_url(api)}" if reason is None and api else ""
+    click.echo(f"plan for {mask_url(broker)} ({file}){through}:")
     for line in plan_table(result.items):
         click.echo(f"  {line}")
     counts = result.counts()
     click.echo(", ".join(f"{counts[action]} {action}" for action in counts))
+    if result.unseen is not None:
+        why = (
+            "--no-management" if api is None else f"the management API at {mask_url(api)} {reason}"
+        )
+        click.echo(f"note: {why}: {result.unseen}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
     if result.conflicts:
         click.echo(
             f"error: declare would fail: {len(result.conflicts)} conflicting object(s); "
@@ -73,6 +113,22 @@ def plan_command(file: str, url: str | None) -> None:
             err=True,
         )
         sys.exit(1)
+    if exit_code and result.differences:
+        click.echo(f"the broker differs from {file}: {len(result.differences)} row(s)", err=True)
+        sys.exit(2)
+
+
+async def _plan(
+    connection: AbstractConnection, declarations: Declarations, api: str | None, vhost: str
+) -> tuple[Plan, str | None]:
+    state = None
+    reason = None
+    if api is not None:
+        try:
+            state = await read_state(api, vhost)
+        except ManagementUnavailable as exc:
+            reason = exc.reason
+    return await plan(connection, declarations, state), reason
 
 
 @topology.command("declare")

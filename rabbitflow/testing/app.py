@@ -13,6 +13,7 @@ import contextvars
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
@@ -26,6 +27,7 @@ from rabbitflow.handler import Consumer, Signature
 from rabbitflow.message import Message, read_attempt
 from rabbitflow.metrics import Metrics
 from rabbitflow.publisher import Publisher
+from rabbitflow.schedule import Schedule
 from rabbitflow.settle import Acker
 from rabbitflow.testing._channel import MemoryChannel, MemoryConnection
 from rabbitflow.testing._envelope import StoredMessage
@@ -337,6 +339,24 @@ class TestApp:
         ]
         return "; ".join(busy) or "all queues empty"
 
+    async def tick(
+        self, schedule: str | Callable[..., Any], at: datetime | None = None
+    ) -> str | None:
+        """Run one tick of a ``@app.every`` / ``@app.cron`` schedule, as the scheduler would.
+
+        ``schedule`` is the decorated function or its schedule name; ``at`` the tick's time
+        (default: the latest tick at or before the virtual clock). The return value is
+        published with the tick's ``message_id``, which is returned (None: the function
+        returned None). Handlers run on the next :meth:`drain`."""
+        if self._publisher is None:
+            raise RuntimeError("use TestApp as `async with TestApp(app) as t:` before a tick")
+        entry = _find_schedule(self.app, schedule)
+        moment = at or entry.timing.latest(datetime.fromtimestamp(self.clock.time(), UTC))
+        payload = await entry.produce()
+        if payload is None:
+            return None
+        return await entry.publish(self._publisher, moment, payload)
+
     def queue(self, name: str) -> MemoryQueue:
         """A queue of the broker; ``.messages`` lists what waits in it."""
         return self.broker.queue(name)
@@ -350,6 +370,14 @@ class TestApp:
         if queue not in self.app.consumers:
             raise KeyError(f"no handler for queue {queue!r}")
         return list(self._handled.get(queue, []))
+
+
+def _find_schedule(app: App, schedule: str | Callable[..., Any]) -> Schedule:
+    for entry in app.schedules.values():
+        if entry.name == schedule or entry.func is schedule:
+            return entry
+    known = ", ".join(sorted(app.schedules)) or "none"
+    raise KeyError(f"no schedule {schedule!r} on the app (schedules: {known})")
 
 
 __all__ = ["DrainError", "Handled", "MemoryChannel", "TestApp"]

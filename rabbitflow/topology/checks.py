@@ -7,9 +7,10 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from rabbitflow.duration import format_duration
 from rabbitflow.errors import Problem
 from rabbitflow.topology.derived import derive
-from rabbitflow.topology.model import Topology
+from rabbitflow.topology.model import QueueConfig, Topology
 from rabbitflow.topology.schema import BindingTable, QueueTable, TopologyFile
 
 MAX_NAME_BYTES = 255
@@ -25,7 +26,6 @@ _SHARED_ARGS = {
     "x-overflow",
     "x-expires",
     "x-message-ttl",
-    "x-single-active-consumer",
 }
 QUEUE_ARGUMENTS: dict[str, frozenset[str]] = {
     "classic": frozenset(
@@ -59,6 +59,8 @@ MANAGED_ARGUMENTS = {
     ),
     "x-dead-letter-routing-key": "rabbitflow routes dead letters to the queue's DLQ",
     "x-delivery-limit": "set crash_limit instead",
+    "x-single-active-consumer": "set single_active_consumer = true instead",
+    "x-consumer-timeout": 'set consumer_timeout = "45m" instead',
 }
 _OVERFLOW = {
     "classic": {"drop-head", "reject-publish", "reject-publish-dlx"},
@@ -218,7 +220,60 @@ def _check_queues(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]
                 f"prefetch {config.prefetch}; at most prefetch messages are ever in hand",
                 "lower concurrency or raise prefetch",
             )
+        yield from _check_single_active(table, config, base)
+        if config.queue_type == "stream" and config.circuit_breaker is not None:
+            yield Problem(
+                f"{base}.circuit_breaker",
+                "the circuit breaker is not supported on streams",
+                "remove it (a paused stream consumer would resume without its offset)",
+            )
+        if table.stream_offset is not None and config.queue_type != "stream":
+            yield Problem(
+                f"{base}.stream_offset",
+                f"only stream queues have offsets; this is a {config.queue_type} queue",
+                'remove it, or use queue_type = "stream"',
+            )
+        yield from _check_consumer_timeout(table, config, base)
         yield from _check_arguments(table, config.queue_type, base)
+
+
+def _check_single_active(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
+    if table.single_active_consumer and config.queue_type == "stream":
+        # RabbitMQ refuses the argument on a stream (PRECONDITION_FAILED); streams have their
+        # own single active consumer, for named consumers of the stream protocol only.
+        yield Problem(
+            f"{base}.single_active_consumer",
+            "stream queues do not support single_active_consumer over AMQP",
+            'use queue_type = "quorum" or "classic"',
+        )
+
+
+def _check_consumer_timeout(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
+    limit = config.consumer_timeout_ms
+    if limit is None:
+        return
+    own = table.consumer_timeout is not None
+    path = f"{base}.consumer_timeout" if own else "defaults.consumer_timeout"
+    if limit <= 0:
+        yield Problem(path, "consumer_timeout must be positive")
+        return
+    timeout = config.timeout_ms
+    label = format_duration(limit)
+    # Past consumer_timeout the broker closes the whole channel: every delivery in hand on it
+    # goes back to the queue, the finished ones included. The handler must stop first.
+    if timeout is None:
+        yield Problem(
+            f"{base}.timeout",
+            f"no handler timeout, but consumer_timeout is {label}: a handler running longer "
+            "gets its channel closed by the broker",
+            f"set timeout below {label}",
+        )
+    elif timeout >= limit:
+        yield Problem(
+            f"{base}.timeout",
+            f"handler timeout {format_duration(timeout)} is not below consumer_timeout {label}",
+            f"set timeout below {label}, or raise consumer_timeout",
+        )
 
 
 def _check_timeout(timeout: int | None, path: str) -> Iterator[Problem]:

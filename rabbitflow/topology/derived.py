@@ -111,7 +111,9 @@ def derive(topology: Topology) -> Declarations:
             for b in config.bindings
         )
         tiers = {delay: tier_name(config.name, delay) for delay in config.retry.delays_ms}
-        if config.retry.enabled:
+        if config.queue_type == "stream":
+            tiers = {}  # a tier would append the retry to the stream: attempts run in place
+        if config.retry.enabled and tiers:
             queues.extend(_tier_queue(config, delay, name) for delay, name in tiers.items())
         if config.dead_letter:
             queues.append(
@@ -153,6 +155,10 @@ def _work_queue(config: QueueConfig, dlx: str) -> QueueSpec:
             # instead of dead-lettering its head).
             arguments["x-dead-letter-strategy"] = "at-least-once"
             arguments["x-overflow"] = "reject-publish"
+    if config.single_active_consumer:
+        arguments["x-single-active-consumer"] = True
+    if config.consumer_timeout_ms is not None:
+        arguments["x-consumer-timeout"] = config.consumer_timeout_ms
     arguments.update(config.arguments)
     return QueueSpec(
         config.name,

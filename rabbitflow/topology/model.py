@@ -8,9 +8,11 @@ from typing import Any
 from rabbitflow.topology.schema import (
     BindingTable,
     CircuitBreakerTable,
+    DefaultsTable,
     ExchangeTable,
     QueueTable,
     QueueType,
+    StreamOffset,
     TopologyFile,
 )
 
@@ -54,6 +56,9 @@ class QueueConfig:
     circuit_breaker: CircuitBreakerTable | None = None
     retry_on: tuple[str, ...] = ()
     dead_letter_on: tuple[str, ...] = ()
+    single_active_consumer: bool = False
+    consumer_timeout_ms: int | None = None
+    stream_offset: StreamOffset = "next"
 
     @property
     def max_in_flight(self) -> int:
@@ -88,9 +93,10 @@ def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
     retry = table.retry if table.retry is not None else defaults.retry
     delays = tuple(retry.delays) if retry is not None else ()
     max_attempts = (retry.max_attempts if retry is not None else None) or len(delays) + 1
+    queue_type = table.queue_type or defaults.queue_type
     return QueueConfig(
         name=name,
-        queue_type=table.queue_type or defaults.queue_type,
+        queue_type=queue_type,
         durable=table.durable,
         exclusive=table.exclusive,
         auto_delete=table.auto_delete,
@@ -107,12 +113,28 @@ def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
         crash_limit=table.crash_limit or defaults.crash_limit,
         max_body_size=table.max_body_size or defaults.max_body_size,
         arguments=dict(table.arguments),
-        immediate_retries=(
-            table.immediate_retries
-            if table.immediate_retries is not None
-            else defaults.immediate_retries
-        ),
+        immediate_retries=_immediate_retries(table, defaults, queue_type, max_attempts),
         circuit_breaker=table.circuit_breaker or defaults.circuit_breaker,
         retry_on=tuple(table.retry_on),
         dead_letter_on=tuple(table.dead_letter_on),
+        single_active_consumer=table.single_active_consumer,
+        stream_offset=table.stream_offset if table.stream_offset is not None else "next",
+        consumer_timeout_ms=(
+            table.consumer_timeout
+            if table.consumer_timeout is not None
+            else defaults.consumer_timeout
+        ),
     )
+
+
+def _immediate_retries(
+    table: QueueTable, defaults: DefaultsTable, queue_type: QueueType, max_attempts: int
+) -> int:
+    own = table.immediate_retries
+    configured = own if own is not None else defaults.immediate_retries
+    if queue_type != "stream":
+        return configured
+    # A stream keeps every message: a retry republished to it would be appended (and seen by
+    # every other consumer of the stream). A stream handler's attempts all run in place,
+    # then the message goes to the DLQ.
+    return max(configured, max_attempts - 1)

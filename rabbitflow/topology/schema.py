@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -12,6 +13,8 @@ QueueType = Literal["quorum", "classic", "stream"]
 ExchangeType = Literal["direct", "topic", "fanout", "headers"]
 Duration = Annotated[int, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+# Where a stream consumer starts the first time: a position, an offset, or a point in time.
+StreamOffset = Literal["first", "last", "next"] | Annotated[int, Field(ge=0)] | datetime
 
 
 class _Table(BaseModel):
@@ -101,6 +104,7 @@ class DefaultsTable(_Table):
     max_body_size: Size = 16 * 1024 * 1024
     immediate_retries: int = Field(default=0, ge=0, le=10)
     circuit_breaker: CircuitBreakerTable | None = None
+    consumer_timeout: Duration | None = None
 
     @field_validator("prefetch", mode="before")
     @classmethod
@@ -136,6 +140,9 @@ class QueueTable(_Table):
     circuit_breaker: CircuitBreakerTable | None = None
     retry_on: list[str] = Field(default_factory=list)
     dead_letter_on: list[str] = Field(default_factory=list)
+    single_active_consumer: bool = False
+    consumer_timeout: Duration | None = None
+    stream_offset: StreamOffset | None = None
     arguments: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("prefetch", mode="before")
