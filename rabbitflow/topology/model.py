@@ -53,6 +53,7 @@ class QueueConfig:
     circuit_breaker: CircuitBreakerTable | None = None
     retry_on: tuple[str, ...] = ()
     dead_letter_on: tuple[str, ...] = ()
+    idempotent: bool = False
 
     @property
     def max_in_flight(self) -> int:
@@ -110,4 +111,5 @@ def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
         circuit_breaker=table.circuit_breaker or defaults.circuit_breaker,
         retry_on=tuple(table.retry_on),
         dead_letter_on=tuple(table.dead_letter_on),
+        idempotent=table.idempotent,
     )

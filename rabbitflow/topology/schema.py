@@ -133,6 +133,7 @@ class QueueTable(_Table):
     circuit_breaker: CircuitBreakerTable | None = None
     retry_on: list[str] = Field(default_factory=list)
     dead_letter_on: list[str] = Field(default_factory=list)
+    idempotent: bool = False  # handle each message_id once (needs App(idempotency=...))
     arguments: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("prefetch", mode="before")
