@@ -304,6 +304,11 @@ class App:
         )
         return read_reply(reply, response_model)
 
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests of :meth:`request` waiting for their reply."""
+        return 0 if self._requester is None else self._requester.in_flight
+
     async def _requester_for_connection(self) -> Requester:
         publisher = self._publisher
         if publisher is None or not publisher.is_open:
