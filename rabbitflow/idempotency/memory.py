@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
+from rabbitflow import clock
 from rabbitflow.idempotency.store import (
     CLAIMED,
     DEFAULT_LEASE,
@@ -18,20 +17,20 @@ _DONE = ""  # the owner of a done key
 
 
 class MemoryStore:
-    """Keys in this process only: duplicates are caught within one process, not across a
-    deployment (use :class:`~rabbitflow.idempotency.RedisStore` or
+    """Keys in this process only (tests, one process): duplicates are caught within it, not
+    across a deployment (use :class:`~rabbitflow.idempotency.RedisStore` or
     :class:`~rabbitflow.idempotency.PostgresStore` there)."""
 
-    __slots__ = ("_keys", "_now", "lease_ms", "ttl_ms")
+    __slots__ = ("_keys", "lease_ms", "ttl_ms")
 
     def __init__(self, *, ttl: str | int = DEFAULT_TTL, lease: str | int = DEFAULT_LEASE) -> None:
         self.ttl_ms, self.lease_ms = durations(ttl, lease)
-        # key -> (owner, expires at in ms of the monotonic clock); owner "" means done.
+        # key -> (owner, expires at in epoch ms); owner "" means done. rabbitflow's clock, so
+        # that under TestApp leases and ttls run on the virtual clock.
         self._keys: dict[str, tuple[str, float]] = {}
-        self._now = time.monotonic
 
     def _ms(self) -> float:
-        return self._now() * 1000
+        return clock.now() * 1000
 
     async def claim(self, key: str, owner: str, lease_ms: int) -> ClaimResult:
         now = self._ms()
