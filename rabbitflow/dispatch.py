@@ -1,4 +1,4 @@
-"""One delivery, top to bottom: decode → handler → outcome → settle.
+"""One delivery, top to bottom: decode → handler → plan → settle.
 
 ``Dispatcher.__call__`` is the per-message hot path: it builds nothing per message beyond what
 the handler asks for (the :class:`Message` only when the handler takes one), reads no
@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 import time
 from concurrent.futures import Executor
 from typing import Any
 
+import structlog
 from aiormq.abc import DeliveredMessage
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, set_span_in_context
@@ -26,11 +28,13 @@ from rabbitflow.errors import HandlerTimeout, Retry
 from rabbitflow.handler import Consumer, Signature
 from rabbitflow.logging import DELIVERY
 from rabbitflow.message import Message, read_attempt
-from rabbitflow.outcome import Action, Outcome, OutcomePolicy
+from rabbitflow.outcome import ACK, Action, OutcomePolicy, Plan
 from rabbitflow.payload import check_envelope
 from rabbitflow.settle import Settler, parse_not_before
 from rabbitflow.telemetry import Telemetry
 from rabbitflow.tracing import Tracing, record_failure
+
+log = structlog.get_logger("rabbitflow.dispatch")
 
 
 class Dispatcher:
@@ -39,6 +43,7 @@ class Dispatcher:
     __slots__ = (
         "_breaker",
         "_call",
+        "_debug",
         "_decode",
         "_executor",
         "_immediate",
@@ -96,6 +101,7 @@ class Dispatcher:
         self._telemetry = telemetry
         self._span_name = f"process {consumer.queue}"
         self._span_static = Tracing.consume_attributes(consumer.queue)
+        self._debug = _debug_enabled()
 
     async def __call__(self, delivery: DeliveredMessage) -> None:
         task = asyncio.current_task()
@@ -112,29 +118,26 @@ class Dispatcher:
 
     async def _handle(self, delivery: DeliveredMessage) -> None:
         props = delivery.header.properties
-        headers = props.headers
-        attempt = read_attempt(headers) if headers else 1
-        if headers and h.NOT_BEFORE in headers:
-            not_before = parse_not_before(headers[h.NOT_BEFORE])
-            if not_before is not None and not_before > clock.now():
-                await self._settler.defer(delivery, not_before)
-                return
-        breaker = self._breaker
-        if breaker is not None and breaker.is_open:
-            await breaker.wait_runnable()
+        attempt = read_attempt(props.headers) if props.headers else 1
         DELIVERY.set((self._queue, props.message_id, attempt))
         telemetry = self._telemetry
         telemetry.in_flight.value += 1
         started = time.perf_counter()
         if telemetry.tracing is None:
             try:
-                action = await self._process(delivery, attempt)
+                action = await self._settler.settle(delivery, await self._plan(delivery, attempt))
             finally:
                 telemetry.in_flight.value -= 1
                 telemetry.duration.observe(time.perf_counter() - started)
         else:
             action = await self._traced(delivery, attempt, telemetry.tracing, started)
         telemetry.outcomes[action].value += 1
+        if self._debug:
+            log.debug(
+                "settled",
+                outcome=action.value,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
 
     async def _traced(
         self, delivery: DeliveredMessage, attempt: int, tracing: Tracing, started: float
@@ -144,17 +147,21 @@ class Dispatcher:
             delivery.header.properties.headers,
             self._span_attributes(delivery, attempt),
         )
-        action: Action | None = None
-        # The span is current while the handler runs: its own spans and log lines nest under it.
+        plan: Plan | None = None
+        # The span is current while the handler runs and while the message is settled: the
+        # handler's own spans, its log lines and the retry, deferral or dead-letter copy (whose
+        # headers carry this trace on) all nest under it.
         token = otel_context.attach(set_span_in_context(span))
         try:
-            action = await self._process(delivery, attempt, span)
-            return action
+            plan = await self._plan(delivery, attempt, span)
+            return await self._settler.settle(delivery, plan)
         finally:
             otel_context.detach(token)
             self._telemetry.in_flight.value -= 1
             self._telemetry.duration.observe(time.perf_counter() - started)
-            span.set_attribute("rabbitflow.outcome", action.value if action else "cancelled")
+            span.set_attribute("rabbitflow.outcome", plan.action.value if plan else "cancelled")
+            if plan is not None and plan.action is not Action.ACK:
+                span.set_attribute("rabbitflow.reason", plan.reason)
             span.end()
 
     def _span_attributes(self, delivery: DeliveredMessage, attempt: int) -> dict[str, Any]:
@@ -169,39 +176,55 @@ class Dispatcher:
             "rabbitflow.attempt": attempt,
         }
 
-    async def _process(
+    async def _plan(
         self, delivery: DeliveredMessage, attempt: int, span: Span | None = None
-    ) -> Action:
-        props = delivery.header.properties
+    ) -> Plan:
+        """Run the handler unless the message must wait or is due for the DLQ; the plan."""
+        headers = delivery.header.properties.headers
+        if headers and h.NOT_BEFORE in headers:
+            not_before = parse_not_before(headers[h.NOT_BEFORE])
+            now = clock.now()
+            if not_before is not None and not_before > now:
+                return self._policy.defer(attempt, not_before, now)
+        if self._settler.failing:
+            failed = self._settler.failed_plan(delivery)
+            if failed is not None:
+                plan, attempt = self._policy.resume(failed, attempt)
+                if plan is not None:
+                    return plan
+        breaker = self._breaker
+        if breaker is not None and breaker.is_open:
+            await breaker.wait_runnable()
         try:
-            check_envelope(self._queue, delivery.body, props.content_encoding, self._limit)
+            check_envelope(
+                self._queue, delivery.body, delivery.header.properties.content_encoding, self._limit
+            )
             await self._run(self._arguments(delivery, attempt))
         except asyncio.CancelledError:
             # Shutdown or a lost connection: the delivery stays unacked and the broker
             # requeues it when the channel closes. Never reject it here.
             raise
         except BaseException as exc:
-            outcome = self._policy.decide(exc, attempt)
-            if self._immediate and _immediately_retryable(exc, outcome):
-                exc, outcome, attempt = await self._retry_now(delivery, exc, attempt)
-                if outcome.action is Action.ACK:
-                    self._succeeded(delivery)
-                    return Action.ACK
+            plan = self._policy.decide(exc, attempt)
+            if self._immediate and _immediately_retryable(exc, plan):
+                plan = await self._retry_now(delivery, plan)
+                if plan is ACK:
+                    self._record(False)
+                    return ACK
+                exc = plan.error or exc
             if span is not None:
                 record_failure(span, exc)
-            if self._breaker is not None:
-                # A failure of the kind that is retried counts against the downstream even when
-                # this message is not retried (attempts spent, retry = false); a Reject, a bad
-                # payload or a dead_letter_on type is the message's fault, not the downstream's.
-                self._breaker.record(self._policy.action_for(exc) is Action.RETRY)
-            return await self._settler.fail(delivery, exc, outcome, attempt)
-        self._succeeded(delivery)
-        return Action.ACK
+            # A failure of the kind that is retried counts against the downstream even when
+            # this message is not retried (attempts spent, retry = false); a Reject, a bad
+            # payload or a dead_letter_on type is the message's fault, not the downstream's.
+            self._record(self._policy.action_for(exc) is Action.RETRY)
+            return plan
+        self._record(False)
+        return ACK
 
-    def _succeeded(self, delivery: DeliveredMessage) -> None:
-        self._settler.acker.ack(delivery.delivery_tag or 0)
+    def _record(self, failed: bool) -> None:
         if self._breaker is not None:
-            self._breaker.record(False)
+            self._breaker.record(failed)
 
     def _arguments(self, delivery: DeliveredMessage, attempt: int) -> tuple[Any, ...]:
         if self._message_only:
@@ -211,15 +234,16 @@ class Dispatcher:
             return (value, Message(delivery, self._queue, attempt))
         return (value,)
 
-    async def _retry_now(
-        self, delivery: DeliveredMessage, exc: BaseException, attempt: int
-    ) -> tuple[BaseException, Outcome, int]:
-        """In-process retries with short exponential backoff and jitter; each is an attempt."""
+    async def _retry_now(self, delivery: DeliveredMessage, plan: Plan) -> Plan:
+        """In-process retries with short exponential backoff and jitter; each is an attempt.
+
+        Returns ``ACK`` when one succeeds, else the plan for the last failure."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._immediate),
             wait=wait_random_exponential(multiplier=0.05, max=1.0),
             reraise=False,
         )
+        attempt = plan.attempt - 1  # the attempt that failed
         try:
             async for trial in retrying:
                 with trial:
@@ -229,15 +253,14 @@ class Dispatcher:
                     except asyncio.CancelledError:
                         raise
                     except BaseException as error:
-                        exc = error
-                        outcome = self._policy.decide(exc, attempt)
-                        if not _immediately_retryable(exc, outcome):
-                            return exc, outcome, attempt
+                        plan = self._policy.decide(error, attempt)
+                        if not _immediately_retryable(error, plan):
+                            return plan
                         raise
-                    return exc, Outcome(Action.ACK, "ok"), attempt
+                    return ACK
         except RetryError:
             pass
-        return exc, self._policy.decide(exc, attempt), attempt
+        return plan
 
     async def _run(self, args: tuple[Any, ...]) -> None:
         if self._timeout is None:
@@ -265,6 +288,12 @@ class Dispatcher:
         )
 
 
-def _immediately_retryable(exc: BaseException, outcome: Outcome) -> bool:
+def _debug_enabled() -> bool:
+    # Chosen once per consumer: with DEBUG off the hot path pays one attribute test.
+    is_enabled_for = getattr(log.bind(), "is_enabled_for", None)
+    return bool(is_enabled_for(logging.DEBUG)) if callable(is_enabled_for) else True
+
+
+def _immediately_retryable(exc: BaseException, plan: Plan) -> bool:
     # An explicit Retry asks for a delay, and a timeout already took its full time.
-    return outcome.action is Action.RETRY and not isinstance(exc, Retry | HandlerTimeout)
+    return plan.action is Action.RETRY and not isinstance(exc, Retry | HandlerTimeout)

@@ -137,12 +137,18 @@ class QueueNotFoundError(BrokerError):
 
 
 class PublishError(RabbitflowError):
-    """A publish was not confirmed by the broker."""
+    """A publish was not confirmed by the broker.
 
-    def __init__(self, exchange: str, routing_key: str, reason: str) -> None:
+    ``missing`` is true when the target does not exist: the exchange is missing (404) or no
+    queue is bound for the routing key (the message was returned)."""
+
+    def __init__(
+        self, exchange: str, routing_key: str, reason: str, *, missing: bool = False
+    ) -> None:
         self.exchange = exchange
         self.routing_key = routing_key
         self.reason = reason
+        self.missing = missing
         super().__init__(
             f"publish to exchange {exchange!r} with routing key {routing_key!r} failed: {reason}"
         )
@@ -152,7 +158,9 @@ class UnroutableError(PublishError):
     """A mandatory publish was returned: no queue is bound for its routing key."""
 
     def __init__(self, exchange: str, routing_key: str) -> None:
-        super().__init__(exchange, routing_key, "unroutable (no queue bound for this routing key)")
+        super().__init__(
+            exchange, routing_key, "unroutable (no queue bound for this routing key)", missing=True
+        )
 
 
 class DecodeError(RabbitflowError):
@@ -171,6 +179,20 @@ class HandlerTimeout(RabbitflowError):
         self.queue = queue
         self.seconds = seconds
         super().__init__(f"handler for {queue!r} did not finish within {seconds:g}s")
+
+
+class DeferralOutOfRange(RabbitflowError):
+    """A message's ``rabbitflow-not-before`` (or a ``Retry`` delay) lies beyond ``max_defer``:
+    it is dead-lettered instead of bouncing through the retry tiers for that long."""
+
+    def __init__(self, queue: str, ahead_ms: int, max_defer_ms: int) -> None:
+        self.queue = queue
+        self.ahead_ms = ahead_ms
+        self.max_defer_ms = max_defer_ms
+        super().__init__(
+            f"not before {ahead_ms / 1000:.0f}s from now, beyond max_defer "
+            f"({max_defer_ms / 1000:.0f}s) of queue {queue!r}"
+        )
 
 
 class Retry(RabbitflowError):

@@ -135,7 +135,8 @@ class Metrics:
     def __init__(self) -> None:
         self.consumed = Metric(
             "rabbitflow_messages_total",
-            "Deliveries settled, by queue and outcome (ack, retry, dead_letter, requeued).",
+            "Deliveries settled, by queue and outcome (ack, retry, deferred, dead_letter, dropped, "
+            "requeued).",
             "counter",
             ("queue", "outcome"),
         )
@@ -160,6 +161,25 @@ class Metrics:
             "counter",
             ("queue", "error_type"),
         )
+        self.publish_failures = Metric(
+            "rabbitflow_copy_publish_failures_total",
+            "Retry, deferral or dead-letter copies the broker did not confirm (the original "
+            "went back to its queue), by queue and planned action.",
+            "counter",
+            ("queue", "action"),
+        )
+        self.tier_messages = Metric(
+            "rabbitflow_retry_tier_messages",
+            "Messages waiting in a retry tier (ready), read by passive declares.",
+            "gauge",
+            ("queue", "tier"),
+        )
+        self.dlq_messages = Metric(
+            "rabbitflow_dlq_messages",
+            "Messages in a dead-letter queue (ready), read by passive declares.",
+            "gauge",
+            ("queue",),
+        )
         self.reconnections = Metric(
             "rabbitflow_reconnections_total", "Broker reconnections.", "counter"
         )
@@ -178,6 +198,9 @@ class Metrics:
             self.in_flight,
             self.retries,
             self.dead_lettered,
+            self.publish_failures,
+            self.tier_messages,
+            self.dlq_messages,
             self.reconnections,
             self.breaker,
             self.ready,

@@ -1,4 +1,20 @@
-"""What happens to a delivery whose handler failed: retry later, or dead-letter.
+"""The one place that decides what happens to a delivery: a complete :class:`Plan`.
+
+The dispatcher asks the policy for a plan (after the handler ran, or instead of running it),
+and the settler carries the plan out without deciding anything. When a plan's copy cannot be
+published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish_failure`).
+
+| situation | plan |
+|---|---|
+| handler returned | ``ACK`` |
+| retryable failure, attempts left, tiers | ``RETRY`` to the tier for the next attempt |
+| ``Retry(delay)`` beyond the largest tier | ``RETRY`` with a not-before (the copy hops tiers) |
+| ``Retry(delay)`` beyond ``max_defer`` | ``DEAD_LETTER`` (``not_before_out_of_range``) |
+| not-before still ahead (a hop) | ``DEFER`` to the largest tier that does not overshoot |
+| not-before beyond ``max_defer`` | ``DEAD_LETTER`` (``not_before_out_of_range``) |
+| ``Reject``, bad payload, ``dead_letter_on``, attempts spent, retries off | ``DEAD_LETTER`` |
+| any of those with ``dead_letter = false`` | ``DROP`` (logged at ERROR) |
+| its copy could not be published | ``REQUEUE`` after an exponential backoff |
 
 The table is built once per consumer; a failure walks its exception's MRO so that a subclass
 follows its parent unless it has an entry of its own.
@@ -8,38 +24,71 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from rabbitflow.errors import DecodeError, HandlerTimeout, Reject, Retry
+from rabbitflow import clock
+from rabbitflow.errors import DecodeError, DeferralOutOfRange, HandlerTimeout, Reject, Retry
 from rabbitflow.handler import ExceptionTypes
+from rabbitflow.topology.derived import QueueRoutes
 from rabbitflow.topology.model import RetryPolicy
+
+# A copy that could not be published is returned to the queue after this backoff, doubled
+# for each consecutive failure of the same message, up to the cap.
+REQUEUE_BACKOFF = 1.0
+REQUEUE_BACKOFF_MAX = 60.0
 
 
 class Action(enum.Enum):
+    """What the settler does with a delivery (also the ``outcome`` label of the metrics)."""
+
     ACK = "ack"
     RETRY = "retry"
+    DEFER = "deferred"
     DEAD_LETTER = "dead_letter"
-    REQUEUE = "requeued"  # the copy could not be published: returned to the queue instead
+    DROP = "dropped"
+    REQUEUE = "requeued"
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    """The decision for one failed delivery."""
+class Plan:
+    """Everything the settler needs to settle one delivery; it decides nothing further.
+
+    ``attempt`` is the attempt written on the copy (the next one for a retry); ``tier`` and
+    ``delay_ms`` name the retry tier of a ``RETRY`` or ``DEFER``; ``not_before`` is the ISO
+    time the copy must not run before; ``after`` is the backoff of a ``REQUEUE``."""
 
     action: Action
-    reason: str
+    reason: str = ""
+    attempt: int = 1
+    error: BaseException | None = None
+    tier: str = ""
     delay_ms: int = 0
+    not_before: str | None = None
+    after: float = 0.0
+
+
+ACK = Plan(Action.ACK, "ok")
+
+NOT_BEFORE_OUT_OF_RANGE = "not_before_out_of_range"
 
 
 class OutcomePolicy:
-    """Maps exceptions to actions for one consumer and applies its retry policy."""
+    """Maps exceptions to plans for one consumer and applies its retry policy and routes."""
 
-    __slots__ = ("_dead_letter_on", "_table", "retry")
+    __slots__ = ("_dead_letter_on", "_max_defer_ms", "_table", "queue", "retry", "routes")
 
     def __init__(
-        self, retry: RetryPolicy, retry_on: ExceptionTypes = (), dead_letter_on: ExceptionTypes = ()
+        self,
+        retry: RetryPolicy,
+        routes: QueueRoutes,
+        retry_on: ExceptionTypes = (),
+        dead_letter_on: ExceptionTypes = (),
     ) -> None:
+        self.queue = routes.queue
         self.retry = retry
+        self.routes = routes
         self._dead_letter_on = dead_letter_on
+        self._max_defer_ms = retry.max_defer_ms
         table: dict[type[BaseException], Action] = {
             BaseException: Action.RETRY if not retry_on else Action.DEAD_LETTER,
             HandlerTimeout: Action.RETRY,
@@ -53,11 +102,67 @@ class OutcomePolicy:
         self._table = table
 
     def action_for(self, exc: BaseException) -> Action:
+        """``RETRY`` for a failure of the kind that is retried, else ``DEAD_LETTER``."""
         for cls in type(exc).__mro__:
             action = self._table.get(cls)
             if action is not None:
                 return action
         return Action.RETRY  # unreachable: BaseException is in every MRO
+
+    def decide(self, exc: BaseException, attempt: int) -> Plan:
+        """The plan for a delivery whose handler failed on ``attempt``."""
+        if self.action_for(exc) is Action.DEAD_LETTER:
+            return self.dead_letter(exc, attempt, self._dead_letter_reason(exc))
+        if not self.retry.enabled or not self.routes.tiers:
+            return self.dead_letter(exc, attempt, "retries disabled")
+        if attempt >= self.retry.max_attempts:
+            spent = f"max_attempts ({self.retry.max_attempts}) reached"
+            return self.dead_letter(exc, attempt, spent)
+        wanted = self.retry.delay_for(attempt + 1)
+        if isinstance(exc, Retry) and exc.delay_ms is not None:
+            wanted = max(exc.delay_ms, 0)
+            if wanted > self._max_defer_ms:
+                error = DeferralOutOfRange(self.queue, wanted, self._max_defer_ms)
+                error.__cause__ = exc
+                return self.dead_letter(error, attempt, NOT_BEFORE_OUT_OF_RANGE)
+        delay, tier = self.routes.tier_at_least(wanted)
+        # Beyond the largest tier the copy carries a not-before and hops tiers until it is due.
+        not_before = _iso_after(wanted) if wanted > delay else None
+        return Plan(Action.RETRY, "retry", attempt + 1, exc, tier, delay, not_before)
+
+    def defer(self, attempt: int, not_before: float, now: float) -> Plan:
+        """The plan for a delivery whose ``rabbitflow-not-before`` (epoch s) is still ahead."""
+        remaining_ms = int((not_before - now) * 1000)
+        if remaining_ms > self._max_defer_ms or not self.routes.tiers:
+            error = DeferralOutOfRange(self.queue, remaining_ms, self._max_defer_ms)
+            return self.dead_letter(error, attempt, NOT_BEFORE_OUT_OF_RANGE)
+        # Hop through tiers that do not overshoot, so the message runs close to not-before.
+        delay, tier = self.routes.tier_at_most(max(remaining_ms, 0))
+        return Plan(Action.DEFER, "not before", attempt, None, tier, delay)
+
+    def dead_letter(self, exc: BaseException | None, attempt: int, reason: str) -> Plan:
+        """Dead-letter, or drop (loudly) when the queue has no DLQ."""
+        action = Action.DEAD_LETTER if self.routes.dead_letter_exchange else Action.DROP
+        return Plan(action, reason, attempt, exc)
+
+    def after_publish_failure(self, plan: Plan, failures: int) -> Plan:
+        """The plan once ``plan``'s copy failed to publish for the ``failures``-th time.
+
+        The original goes back to its queue after an exponential backoff, so a missing or
+        refused target never turns into a hot loop."""
+        after = min(REQUEUE_BACKOFF * 2 ** max(failures - 1, 0), REQUEUE_BACKOFF_MAX)
+        reason = f"{plan.action.value} copy not published"
+        return Plan(Action.REQUEUE, reason, plan.attempt, plan.error, plan.tier, after=after)
+
+    def resume(self, failed: Plan, attempt: int) -> tuple[Plan | None, int]:
+        """What to do with the redelivery of a message whose ``failed`` copy was not published.
+
+        The settler remembers such messages, because a classic queue counts no redeliveries:
+        the attempt the copy would have carried still counts, so ``max_attempts`` ends the
+        loop. A message already due for the DLQ goes there again without running."""
+        if failed.action is Action.DEAD_LETTER or failed.action is Action.DROP:
+            return failed, attempt
+        return None, max(attempt, failed.attempt)
 
     def _dead_letter_reason(self, exc: BaseException) -> str:
         if isinstance(exc, Reject):
@@ -68,16 +173,6 @@ class OutcomePolicy:
             return "matches dead_letter_on"
         return "not in retry_on"
 
-    def decide(self, exc: BaseException, attempt: int) -> Outcome:
-        """Retry with the tier for the next attempt, or dead-letter when retries are spent."""
-        action = self.action_for(exc)
-        if action is Action.DEAD_LETTER:
-            return Outcome(action, self._dead_letter_reason(exc))
-        if not self.retry.enabled:
-            return Outcome(Action.DEAD_LETTER, "retries disabled")
-        if attempt >= self.retry.max_attempts:
-            return Outcome(Action.DEAD_LETTER, f"max_attempts ({self.retry.max_attempts}) reached")
-        delay = self.retry.delay_for(attempt + 1)
-        if isinstance(exc, Retry) and exc.delay_ms is not None:
-            delay = max(exc.delay_ms, 0)
-        return Outcome(Action.RETRY, "retry", delay)
+
+def _iso_after(delay_ms: int) -> str:
+    return datetime.fromtimestamp(clock.utcnow().timestamp() + delay_ms / 1000, UTC).isoformat()

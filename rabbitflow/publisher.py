@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 import aiormq
-from aiormq.abc import AbstractChannel
+from aiormq.abc import AbstractChannel, ChannelFrame
 from pamqp import commands as spec
 
 from rabbitflow.errors import PublishError, UnroutableError
@@ -32,10 +32,15 @@ class Publisher:
         return cls(connection, await cls._new_channel(connection))
 
     @staticmethod
-    async def _new_channel(connection: aiormq.abc.AbstractConnection) -> AbstractChannel:
+    async def _new_channel(
+        connection: aiormq.abc.AbstractConnection, avoid: int | None = None
+    ) -> AbstractChannel:
         # on_return_raises: a mandatory publish that no queue accepts fails instead of
         # being confirmed (RabbitMQ confirms returned messages too).
-        return await connection.channel(publisher_confirms=True, on_return_raises=True)
+        number = None if avoid is None else _free_number(connection, avoid)
+        channel = await connection.channel(number, publisher_confirms=True, on_return_raises=True)
+        channel.write_queue = _ClosingGuard(channel.write_queue)  # type: ignore[attr-defined]
+        return channel
 
     @property
     def is_open(self) -> bool:
@@ -43,10 +48,16 @@ class Publisher:
 
     async def _reopen(self) -> None:
         # Publishing to a missing exchange makes the broker close the channel (404); the
-        # connection survives, so the next publish gets a fresh channel.
+        # connection survives, so the next publish gets a fresh channel. One reopen at a
+        # time: every publish that found the channel closed waits for the same new one.
+        # The old number is not reused: frames of the old channel still in the client's
+        # write queue would reach the broker on the new one, and a frame on a channel the
+        # broker has closed, before its channel.open, closes the whole connection
+        # (504 CHANNEL_ERROR - expected 'channel.open').
+        old = self.channel
         async with self._lock:
-            if self.channel.is_closed and not self.connection.is_closed:
-                self.channel = await self._new_channel(self.connection)
+            if self.channel is old and old.is_closed and not self.connection.is_closed:
+                self.channel = await self._new_channel(self.connection, avoid=old.number)
 
     async def send(
         self,
@@ -60,7 +71,7 @@ class Publisher:
     ) -> None:
         """Publish raw bytes and wait for the broker's confirm."""
         try:
-            if self.channel.is_closed:
+            if self.channel.is_closed or self._lock.locked():
                 await self._reopen()
             result = await self.channel.basic_publish(
                 body,
@@ -72,6 +83,9 @@ class Publisher:
             )
         except aiormq.exceptions.PublishError:
             raise UnroutableError(exchange, routing_key) from None
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            reason = f"not found: {exc.args[-1] if exc.args else exc!r}"
+            raise PublishError(exchange, routing_key, reason, missing=True) from None
         except aiormq.exceptions.DeliveryError:
             raise PublishError(exchange, routing_key, "the broker nacked the message") from None
         except TimeoutError:
@@ -129,3 +143,47 @@ class Publisher:
     async def close(self) -> None:
         if not self.channel.is_closed:
             await self.channel.close()
+
+
+class _ClosingGuard:
+    """The write queue of one publishing channel, shut to frames once its close-ok is queued.
+
+    When the broker closes a channel (a publish to a missing exchange: 404), aiormq answers
+    close-ok through ``put_nowait``, while publishes already waiting for the channel's lock
+    go on queueing their frames behind it. A frame on a channel the broker has closed is a
+    connection error (504 CHANNEL_ERROR - expected 'channel.open'): every consumer of the
+    connection would lose its deliveries in hand. Frames after the close-ok are dropped
+    here instead; their confirms fail with the channel, so those copies are not lost but
+    published again, and the connection lives on."""
+
+    __slots__ = ("_queue", "closed")
+
+    def __init__(self, queue: asyncio.Queue[ChannelFrame]) -> None:
+        self._queue = queue
+        self.closed = False
+
+    def put_nowait(self, frame: ChannelFrame) -> None:
+        # aiormq queues a channel's frames with put_nowait only for the close-ok.
+        self.closed = True
+        self._queue.put_nowait(frame)
+
+    async def put(self, frame: ChannelFrame) -> None:
+        if self.closed:
+            frame.drain()  # never sent: release a publish waiting for its write
+            return
+        await self._queue.put(frame)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
+
+
+def _free_number(connection: aiormq.abc.AbstractConnection, avoid: int) -> int:
+    """A channel number in use by no channel of ``connection`` and other than ``avoid``."""
+    used = set(connection.channels) | {avoid}
+    number = avoid + 1
+    while number in used:
+        number += 1
+    # RabbitMQ's default channel_max is 2047; wrap to the lowest free number past it.
+    if number > 2047:
+        number = next(n for n in range(1, 2048) if n not in used)
+    return number

@@ -3,14 +3,16 @@
 Every path acks the original delivery only after the work is done: after the handler returned,
 or after the broker confirmed the retry or dead-letter copy. When a copy cannot be confirmed the
 original is returned to its queue instead (at-least-once: never lost, possibly redelivered).
+What to do is decided by :class:`rabbitflow.outcome.OutcomePolicy`; this module carries it out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import traceback
-from datetime import UTC, datetime
-from typing import Any
+from collections import OrderedDict
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -21,16 +23,17 @@ from rabbitflow import headers as h
 from rabbitflow.duration import format_duration
 from rabbitflow.errors import PublishError
 from rabbitflow.metrics import Metrics
-from rabbitflow.outcome import Action, Outcome
+from rabbitflow.outcome import Action, OutcomePolicy, Plan
 from rabbitflow.publisher import PERSISTENT, Publisher
-from rabbitflow.topology.derived import QueueRoutes
 from rabbitflow.tracing import get_tracing
+
+if TYPE_CHECKING:
+    from rabbitflow.repair import Repairer
 
 log = structlog.get_logger("rabbitflow.settle")
 
-# After a retry or dead-letter copy could not be published, wait before returning the original
-# to the queue, so that a missing retry queue does not turn into a hot redelivery loop.
-REPUBLISH_BACKOFF = 1.0
+# Messages whose copy failed to publish that a settler remembers (see Settler._failed).
+FAILED_MEMORY = 10_000
 # Longest time a completed delivery waits for its ack to be sent (batched with others).
 ACK_DELAY = 0.002
 
@@ -133,148 +136,267 @@ def _bounded(text: str, limit: int) -> str:
 
 
 class Settler:
-    """Settles the deliveries of one consumer."""
+    """Carries out the :class:`Plan` of each delivery of one consumer; decides nothing.
 
-    __slots__ = ("acker", "metrics", "publisher", "queue", "routes")
+    The only branch on what to do is the ``match`` in :meth:`settle`. A copy that cannot be
+    published goes back to the policy, whose answer (a ``REQUEUE``) is carried out in turn.
+    """
+
+    __slots__ = (
+        "_failed",
+        "_publish_failures",
+        "acker",
+        "metrics",
+        "policy",
+        "publisher",
+        "queue",
+        "repairer",
+        "routes",
+    )
 
     def __init__(
         self,
-        queue: str,
+        policy: OutcomePolicy,
         acker: Acker,
         publisher: Publisher,
-        routes: QueueRoutes,
         metrics: Metrics | None = None,
+        repairer: Repairer | None = None,
     ) -> None:
-        self.queue = queue
+        self.policy = policy
+        self.queue = policy.queue
+        self.routes = policy.routes
         self.acker = acker
         self.publisher = publisher
-        self.routes = routes
         self.metrics = metrics
+        self.repairer = repairer
+        # Messages whose copy could not be published, by identity: their last plan and how
+        # many times in a row it failed. Bounded; empty in normal operation.
+        self._failed: OrderedDict[object, tuple[Plan, int]] = OrderedDict()
+        self._publish_failures = metrics.publish_failures if metrics is not None else None
 
-    async def fail(
-        self, delivery: DeliveredMessage, exc: BaseException, outcome: Outcome, attempt: int
+    @property
+    def failing(self) -> bool:
+        """Whether some message's copy failed to publish and has not been settled since."""
+        return bool(self._failed)
+
+    def failed_plan(self, delivery: DeliveredMessage) -> Plan | None:
+        """The plan whose copy failed the last time ``delivery`` was in hand, if any."""
+        entry = self._failed.get(_identity(delivery))
+        return entry[0] if entry is not None else None
+
+    async def settle(self, delivery: DeliveredMessage, plan: Plan) -> Action:
+        """Carry out ``plan``; return the action that was taken."""
+        match plan.action:
+            case Action.ACK:
+                self.acker.ack(delivery.delivery_tag or 0)
+                if self._failed:
+                    self._failed.pop(_identity(delivery), None)
+                return Action.ACK
+            case Action.RETRY:
+                headers = self._failure_headers(delivery, plan, stack=False)
+                return await self._copy(delivery, plan, "", plan.tier, headers)
+            case Action.DEFER:
+                return await self._copy(delivery, plan, "", plan.tier, _deferred_headers(delivery))
+            case Action.DEAD_LETTER:
+                headers = self._failure_headers(delivery, plan, stack=True)
+                dlx = self.routes.dead_letter_exchange or ""
+                return await self._copy(delivery, plan, dlx, self.queue, headers)
+            case Action.DROP:
+                self._done(delivery, plan)
+                return Action.DROP
+            case Action.REQUEUE:
+                # The delivery stays in hand during the backoff: a missing target does not
+                # turn into a hot redelivery loop, and a crash now returns it all the same.
+                await asyncio.sleep(plan.after)
+                try:
+                    await self.acker.nack(delivery.delivery_tag or 0, requeue=True)
+                except Exception as exc:
+                    log.debug("nack dropped on a closed channel", error=repr(exc))
+                return Action.REQUEUE
+        raise AssertionError(plan.action)  # pragma: no cover
+
+    async def _copy(
+        self,
+        delivery: DeliveredMessage,
+        plan: Plan,
+        exchange: str,
+        routing_key: str,
+        headers: dict[str, Any],
     ) -> Action:
-        """Republish a failed delivery as ``outcome`` says, then ack it; return what was done."""
-        tag = delivery.delivery_tag or 0
-        if outcome.action is Action.RETRY and self.routes.tiers:
-            delay, tier = self.routes.tier_at_least(outcome.delay_ms)
-            headers = self._failure_headers(delivery, exc, attempt + 1, stack=False)
-            if outcome.delay_ms > delay:
-                headers[h.NOT_BEFORE] = _not_before(outcome.delay_ms)
-            if await self._republish(delivery, "", tier, headers):
+        """Publish ``plan``'s copy, then ack the original; on failure, ask the policy."""
+        error = await self._republish(delivery, exchange, routing_key, headers)
+        repairer = self.repairer
+        if (
+            error is not None
+            and error.missing
+            and repairer is not None
+            and await repairer.repair(self.queue, exchange, routing_key, error)
+        ):
+            error = await self._republish(delivery, exchange, routing_key, headers)
+        if error is None:
+            self._done(delivery, plan)
+            return plan.action
+        key = _identity(delivery)
+        failures = self._failed.pop(key, (plan, 0))[1] + 1
+        self._failed[key] = (plan, failures)
+        while len(self._failed) > FAILED_MEMORY:
+            self._failed.popitem(last=False)
+        fallback = self.policy.after_publish_failure(plan, failures)
+        log.error(
+            "could not publish the copy; the message goes back to its queue",
+            queue=self.queue,
+            message_id=delivery.header.properties.message_id,
+            planned=plan.action.value,
+            target=routing_key if not exchange else f"{exchange}/{routing_key}",
+            failures=failures,
+            retry_in=fallback.after,
+            error=error.reason,
+        )
+        if self._publish_failures is not None:
+            self._publish_failures.labels(self.queue, plan.action.value).inc()
+        return await self.settle(delivery, fallback)
+
+    def _done(self, delivery: DeliveredMessage, plan: Plan) -> None:
+        """The plan's copy is confirmed (or none was needed): ack, forget, log, count."""
+        self.acker.ack(delivery.delivery_tag or 0)
+        if self._failed:
+            self._failed.pop(_identity(delivery), None)
+        self._log(delivery, plan)
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if plan.action is Action.RETRY:
+            metrics.retries.labels(self.queue, format_duration(plan.delay_ms)).inc()
+        elif plan.action is Action.DEAD_LETTER or plan.action is Action.DROP:
+            metrics.dead_lettered.labels(self.queue, _error_type(plan.error)).inc()
+
+    def _log(self, delivery: DeliveredMessage, plan: Plan) -> None:
+        props = delivery.header.properties
+        match plan.action:
+            case Action.ACK:
+                log.debug(
+                    "handled", queue=self.queue, message_id=props.message_id, attempt=plan.attempt
+                )
+            case Action.RETRY:
                 log.warning(
                     "retry scheduled",
                     queue=self.queue,
-                    attempt=attempt,
-                    next_attempt=attempt + 1,
-                    delay=format_duration(delay),
-                    message_id=delivery.header.properties.message_id,
-                    error=_error_type(exc),
-                    reason=_bounded(str(exc), 200),
+                    attempt=plan.attempt - 1,
+                    next_attempt=plan.attempt,
+                    delay=format_duration(plan.delay_ms),
+                    not_before=plan.not_before,
+                    message_id=props.message_id,
+                    error=_error_type(plan.error),
+                    reason=_bounded(str(plan.error), 200),
                 )
-                self.acker.ack(tag)
-                if self.metrics is not None:
-                    self.metrics.retries.labels(self.queue, format_duration(delay)).inc()
-                return Action.RETRY
-            return Action.REQUEUE
-        return await self.dead_letter(delivery, exc, outcome.reason, attempt)
-
-    async def dead_letter(
-        self, delivery: DeliveredMessage, exc: BaseException, reason: str, attempt: int
-    ) -> Action:
-        dlx = self.routes.dead_letter_exchange
-        message_id = delivery.header.properties.message_id
-        if dlx is None:
-            log.error(
-                "message dropped: the queue has dead_letter = false",
-                queue=self.queue,
-                message_id=message_id,
-                attempt=attempt,
-                error=_error_type(exc),
-                reason=reason,
-            )
-            self.acker.ack(delivery.delivery_tag or 0)
-            if self.metrics is not None:
-                self.metrics.dead_lettered.labels(self.queue, _error_type(exc)).inc()
-            return Action.DEAD_LETTER
-        headers = self._failure_headers(delivery, exc, attempt, stack=True)
-        if await self._republish(delivery, dlx, self.queue, headers):
-            log.error(
-                "message dead-lettered",
-                queue=self.queue,
-                message_id=message_id,
-                attempt=attempt,
-                error=_error_type(exc),
-                reason=reason,
-                detail=_bounded(str(exc), 200),
-            )
-            self.acker.ack(delivery.delivery_tag or 0)
-            if self.metrics is not None:
-                self.metrics.dead_lettered.labels(self.queue, _error_type(exc)).inc()
-            return Action.DEAD_LETTER
-        return Action.REQUEUE
-
-    async def defer(self, delivery: DeliveredMessage, not_before: float) -> None:
-        """Park a message whose ``rabbitflow-not-before`` is still ahead, without running it."""
-        remaining = max(int((not_before - clock.utcnow().timestamp()) * 1000), 0)
-        # Hop through tiers that do not overshoot, so the message runs close to not-before.
-        _, tier = self.routes.tier_at_most(remaining)
-        headers = dict(delivery.header.properties.headers or {})
-        headers = {k: v for k, v in headers.items() if not k.startswith(h.BROKER_HEADERS_PREFIX)}
-        if await self._republish(delivery, "", tier, headers):
-            self.acker.ack(delivery.delivery_tag or 0)
+            case Action.DEFER:
+                log.debug(
+                    "deferred: not before its time",
+                    queue=self.queue,
+                    message_id=props.message_id,
+                    tier=plan.tier,
+                    not_before=_text((props.headers or {}).get(h.NOT_BEFORE)),
+                )
+            case Action.DEAD_LETTER:
+                log.error(
+                    "message dead-lettered",
+                    queue=self.queue,
+                    message_id=props.message_id,
+                    attempt=plan.attempt,
+                    error=_error_type(plan.error),
+                    reason=plan.reason,
+                    detail=_bounded(str(plan.error), 200),
+                )
+            case Action.DROP:
+                log.error(
+                    "message dropped: the queue has dead_letter = false",
+                    queue=self.queue,
+                    message_id=props.message_id,
+                    attempt=plan.attempt,
+                    error=_error_type(plan.error),
+                    reason=plan.reason,
+                )
 
     def _failure_headers(
-        self, delivery: DeliveredMessage, exc: BaseException, attempt: int, *, stack: bool
+        self, delivery: DeliveredMessage, plan: Plan, *, stack: bool
     ) -> dict[str, Any]:
         old = delivery.header.properties.headers or {}
         headers = h.carried_headers(old)
-        headers[h.ATTEMPT] = attempt
-        headers.setdefault(h.ORIGIN_QUEUE, self.queue)
-        headers.setdefault(h.ORIGIN_EXCHANGE, delivery.exchange or "")
-        headers.setdefault(h.ORIGIN_ROUTING_KEY, delivery.routing_key or "")
-        headers.setdefault(h.FIRST_FAILED_AT, _now())
+        if h.ATTEMPT in old:
+            headers.setdefault(h.ORIGIN_QUEUE, self.queue)
+            headers.setdefault(h.ORIGIN_EXCHANGE, delivery.exchange or "")
+            headers.setdefault(h.ORIGIN_ROUTING_KEY, delivery.routing_key or "")
+            headers.setdefault(h.FIRST_FAILED_AT, _now())
+        else:
+            # A first failure: these headers are rabbitflow's, whatever a publisher put there.
+            headers[h.ORIGIN_QUEUE] = self.queue
+            headers[h.ORIGIN_EXCHANGE] = delivery.exchange or ""
+            headers[h.ORIGIN_ROUTING_KEY] = delivery.routing_key or ""
+            headers[h.FIRST_FAILED_AT] = _now()
+            headers.pop(h.REPLAY_COUNT, None)
+        headers[h.ATTEMPT] = plan.attempt
+        exc = plan.error
         headers[h.ERROR_TYPE] = _error_type(exc)
         headers[h.ERROR_MESSAGE] = _bounded(str(exc), h.ERROR_MESSAGE_LIMIT)
+        if plan.not_before is not None:
+            headers[h.NOT_BEFORE] = plan.not_before
         if stack:
-            headers[h.ERROR_STACK] = _stack(exc)
+            headers[h.DEAD_LETTER_REASON] = plan.reason
+            if exc is not None:
+                headers[h.ERROR_STACK] = _stack(exc)
         return headers
 
     async def _republish(
         self, delivery: DeliveredMessage, exchange: str, routing_key: str, headers: dict[str, Any]
-    ) -> bool:
+    ) -> PublishError | None:
+        """Publish the copy and wait for its confirm; the error when it was not confirmed."""
         props = delivery.header.properties
-        properties = spec.Basic.Properties(
-            content_type=props.content_type,
-            content_encoding=props.content_encoding,
-            headers=headers,
-            delivery_mode=PERSISTENT,
-            priority=props.priority,
-            correlation_id=props.correlation_id,
-            reply_to=props.reply_to,
-            message_id=props.message_id,
-            timestamp=props.timestamp,
-            message_type=props.message_type,
-            app_id=props.app_id,
-        )
         try:
             with get_tracing().publish_span(exchange, routing_key, headers, props.message_id):
-                await self.publisher.send(exchange, routing_key, delivery.body, properties)
-            return True
+                await self.publisher.send(
+                    exchange, routing_key, delivery.body, copy_properties(props, headers)
+                )
         except PublishError as exc:
-            log.error(
-                "could not republish; the message goes back to its queue",
-                queue=self.queue,
-                message_id=props.message_id,
-                target=routing_key,
-                error=str(exc),
-            )
-        await asyncio.sleep(REPUBLISH_BACKOFF)
-        try:
-            await self.acker.nack(delivery.delivery_tag or 0, requeue=True)
-        except Exception as exc:
-            log.debug("nack dropped on a closed channel", error=repr(exc))
-        return False
+            return exc
+        return None
+
+
+def copy_properties(props: spec.Basic.Properties, headers: dict[str, Any]) -> spec.Basic.Properties:
+    """The properties of a persistent copy of a delivery (retry, dead letter, deferral).
+
+    Not copied: ``expiration`` (RabbitMQ strips it when dead-lettering; a copy must not expire
+    on the way) and ``user_id`` (the broker refuses a publish whose ``user_id`` is not the
+    publishing connection's user)."""
+    return spec.Basic.Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=headers,
+        delivery_mode=PERSISTENT,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        message_type=props.message_type,
+        app_id=props.app_id,
+    )
+
+
+def _identity(delivery: DeliveredMessage) -> object:
+    # Redeliveries carry the same message_id and body; the tag changes with every delivery.
+    message_id = delivery.header.properties.message_id
+    return message_id if message_id else hash((delivery.routing_key, delivery.body))
+
+
+def _deferred_headers(delivery: DeliveredMessage) -> dict[str, Any]:
+    headers = delivery.header.properties.headers or {}
+    return {k: v for k, v in headers.items() if not k.startswith(h.BROKER_HEADERS_PREFIX)}
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
 
 
 def _stack(exc: BaseException) -> str:
@@ -294,15 +416,13 @@ def _bounded_chunk(chunk: str) -> str:
     return bounded if bounded is chunk or not chunk.endswith("\n") else bounded + "\n"
 
 
-def _error_type(exc: BaseException) -> str:
+def _error_type(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
     cls = type(exc)
     if cls.__module__ == "builtins":
         return cls.__qualname__
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _not_before(delay_ms: int) -> str:
-    return datetime.fromtimestamp(clock.utcnow().timestamp() + delay_ms / 1000, UTC).isoformat()
 
 
 def parse_not_before(value: object) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Awaitable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from rabbitflow.importer import exception_types
 from rabbitflow.metrics import Metrics
 from rabbitflow.outcome import OutcomePolicy
 from rabbitflow.publisher import Publisher
+from rabbitflow.repair import Repairer
 from rabbitflow.settle import Acker, Settler
 from rabbitflow.telemetry import Telemetry
 from rabbitflow.topology import Declarations, Topology, derive
@@ -39,6 +41,12 @@ from rabbitflow.urls import mask_url
 
 log = structlog.get_logger("rabbitflow.worker")
 
+# Longest wait for the broker to answer connection.close; a blocked connection never does.
+CLOSE_TIMEOUT = 2.0
+# Beyond --shutdown-timeout, what the drain may take for the broker calls that follow it:
+# cancelling pending handlers (1 s), consumer cancels (0.5 s), acks (1 s per consumer, sent
+# without waiting, so in practice nothing), closing the connection (CLOSE_TIMEOUT).
+DRAIN_GRACE = 5.0
 # RabbitMQ's default consumer_timeout: a delivery unacked for longer closes its channel.
 BROKER_CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
 
@@ -91,6 +99,7 @@ class Worker:
         self.policies = {
             queue: OutcomePolicy(
                 topology.queues[queue].retry,
+                self.declarations.routes[queue],
                 consumer.retry_on
                 + exception_types(topology.queues[queue].retry_on, f"queues.{queue}.retry_on"),
                 consumer.dead_letter_on
@@ -112,6 +121,11 @@ class Worker:
         )
         self._session: _Session | None = None
         self._publisher: Publisher | None = None
+        self.repairer = Repairer(
+            lambda: self._session.connection if self._session is not None else None,
+            self.declarations,
+            may_declare=options.declare,
+        )
         self._warn_timeouts()
 
     def _thread_count(self) -> int:
@@ -320,11 +334,7 @@ class Worker:
         config = self.topology.queues[consumer.queue]
         acker = Acker(channel, config.prefetch)
         settler = Settler(
-            consumer.queue,
-            acker,
-            publisher,
-            self.declarations.routes[consumer.queue],
-            self.metrics,
+            self.policies[consumer.queue], acker, publisher, self.metrics, self.repairer
         )
         dispatcher = Dispatcher(
             consumer,
@@ -424,15 +434,26 @@ class Worker:
         return "closed"
 
     async def _drain(self, session: _Session) -> None:
-        """Stop deliveries, let in-flight handlers finish within the timeout, ack, close."""
-        # basic.cancel stops new deliveries; those already in hand stay ours to settle.
-        for tag, channel in session.consumer_tags.items():
-            with contextlib.suppress(Exception):
-                await channel.basic_cancel(tag)
+        """Stop deliveries, let in-flight handlers finish within the timeout, ack, close.
+
+        Bounded whatever the broker does: a blocked connection (memory or disk alarm) reads
+        nothing, so ``basic.cancel`` and even ``connection.close`` may never be answered.
+        Every broker call here has a deadline; at worst the process leaves
+        ``shutdown_timeout + DRAIN_GRACE`` seconds after the stop request, and what is not
+        acked by then is requeued by the broker when the connection goes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.shutdown_timeout
+        # basic.cancel stops new deliveries; those already in hand stay ours to settle. The
+        # cancels run beside the handlers, so a broker that never answers them costs no
+        # handler its time.
+        cancels = [
+            asyncio.ensure_future(channel.basic_cancel(tag))
+            for tag, channel in session.consumer_tags.items()
+        ]
         pending = set(self._in_flight)
         if pending:
             log.info("waiting for in-flight handlers", count=len(pending))
-            _, pending = await asyncio.wait(pending, timeout=self.options.shutdown_timeout)
+            _, pending = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0))
         if pending:
             log.warning(
                 "shutdown timeout reached; unfinished messages go back to the queue",
@@ -441,8 +462,9 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=1.0)
+        await _within(asyncio.gather(*cancels, return_exceptions=True), 0.5)
         for acker in session.ackers:
-            await acker.close()
+            await _within(acker.close(), 1.0)
         await self._close(session)
 
     async def _drop(self, session: _Session) -> None:
@@ -458,8 +480,19 @@ class Worker:
         for breaker in session.breakers:
             breaker.cancel()
         self.app.attach(None)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(session.connection.close(), 5)
+        await _within(session.connection.close(), CLOSE_TIMEOUT)
+
+
+async def _within(awaitable: Awaitable[Any], seconds: float) -> None:
+    """Await a broker call for at most ``seconds``; errors and silence are both given up on."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        await asyncio.wait_for(asyncio.shield(task), seconds)
+    except (TimeoutError, Exception):
+        task.cancel()
+    with contextlib.suppress(BaseException):
+        if task.done():
+            task.exception()
 
 
 def _fail(future: asyncio.Future[None], queue: str) -> None:

@@ -66,9 +66,12 @@ class Runs:
 
 
 @contextlib.asynccontextmanager
-async def running(app: App, url: str, *, ready_timeout: float = 15.0) -> AsyncIterator[Worker]:
+async def running(
+    app: App, url: str, *, ready_timeout: float = 15.0, declare: bool = True
+) -> AsyncIterator[Worker]:
     """Run a worker for ``app`` in this event loop; stop it (and wait) on exit."""
-    worker = Worker(app, app.load_topology(), WorkerOptions(url=url, shutdown_timeout=5.0))
+    options = WorkerOptions(url=url, shutdown_timeout=5.0, declare=declare)
+    worker = Worker(app, app.load_topology(), options)
     task = asyncio.create_task(worker.run())
     try:
         await wait_until(lambda: worker.ready or task.done(), ready_timeout, "worker ready")

@@ -494,7 +494,7 @@ async def test_a_message_that_kills_the_worker_ends_in_the_dlq(
 
 
 @pytest.mark.slow
-async def test_a_retry_copy_that_cannot_be_published_leaves_the_original_in_the_queue(
+async def test_a_deleted_retry_tier_is_declared_again_and_the_retry_goes_through(
     tmp_path: Path, vhost_url: str, rabbit: Rabbit, vhost: str
 ) -> None:
     # Given a queue whose retry tier has been deleted behind rabbitflow's back
@@ -515,22 +515,59 @@ retry = { delays = ["1s"], max_attempts = 5 }
 
     async with running(app, vhost_url):
         rabbit.ctl("delete_queue", "-p", vhost, "fragile.retry.1s")
-        # When the handler fails twice: each retry copy is returned as unroutable
+        # When the handler fails twice: the first retry copy is returned as unroutable
         await publish(vhost_url, "", "fragile", b"{}", message_id="m-7")
         await wait_until(lambda: len(runs.runs) >= 3, 10, "three handler runs")
         await asyncio.sleep(0.5)
+        # Then the worker declared the tier again and the copies went through it
+        left = depths(rabbit, vhost)
 
-    # Then the original was never acked: the broker redelivered it each time, until it succeeded
     assert [run.message_id for run in runs.runs] == ["m-7"] * 3
-    assert [run.redelivered for run in runs.runs] == [False, True, True]
-    # (each return to the quorum queue counts as an attempt through x-delivery-count)
     assert [run.attempt for run in runs.runs] == [1, 2, 3]
-    # about one second apart: the back-off before returning it, not a hot loop
+    # one tier delay apart: the retries waited in the re-declared tier
     assert runs.runs[1].at - runs.runs[0].at >= 0.9
-    # and nothing is lost or dead-lettered
+    assert "fragile.retry.1s" in left
+    assert left["fragile"][0] == left["fragile.dlq"][0] == left["fragile.retry.1s"][0] == 0
+
+
+@pytest.mark.slow
+async def test_with_no_declare_a_missing_tier_costs_attempts_with_backoff_then_the_dlq(
+    tmp_path: Path, vhost_url: str, rabbit: Rabbit, vhost: str
+) -> None:
+    # Given a classic queue (no redelivery count) whose retry tier is deleted, and a worker
+    # that may not declare
+    app = app_for(
+        tmp_path,
+        """
+[queues.fragile]
+queue_type = "classic"
+retry = { delays = ["1s"], max_attempts = 3 }
+""",
+    )
+    runs = Runs()
+
+    @app.consumer("fragile")
+    async def fragile(message: Message) -> None:
+        runs.add(message)
+        raise ConnectionError("downstream down")
+
+    await declare_topology(app, vhost_url)
+    async with running(app, vhost_url, declare=False):
+        rabbit.ctl("delete_queue", "-p", vhost, "fragile.retry.1s")
+        # When the handler keeps failing
+        await publish(vhost_url, "", "fragile", b"{}", message_id="m-8")
+        await wait_until(lambda: depths(rabbit, vhost)["fragile.dlq"][0] == 1, 15, "the DLQ copy")
+        await asyncio.sleep(1.5)
+
+    # Then each failed retry counted as an attempt: max_attempts runs, not a loop
+    assert [run.attempt for run in runs.runs] == [1, 2, 3]
+    # backing off between them (1 s, then 2 s), not a hot loop
+    assert runs.runs[1].at - runs.runs[0].at >= 0.9
+    assert runs.runs[2].at - runs.runs[1].at >= 1.9
+    # and the message ended in the DLQ, nothing left in the queue
     left = depths(rabbit, vhost)
+    assert left["fragile"][0] == 0
     assert "fragile.retry.1s" not in left
-    assert left["fragile"][0] == left["fragile.dlq"][0] == 0
 
 
 async def test_immediate_retries_run_in_process_and_count_as_attempts(

@@ -178,3 +178,19 @@ def _tier_queue(config: QueueConfig, delay_ms: int, name: str) -> QueueSpec:
         arguments["x-dead-letter-strategy"] = "at-least-once"
         arguments["x-overflow"] = "reject-publish"
     return QueueSpec(name, "retry", config.name, arguments=arguments)
+
+
+def derived_for(declarations: Declarations, queue: str) -> Declarations:
+    """The objects rabbitflow generates for ``queue``: its tiers, the DLX, its DLQ and binding.
+
+    What a worker declares again when a retry or dead-letter copy finds them missing."""
+    routes = declarations.routes[queue]
+    side = tuple(q for q in declarations.queues if q.owner == queue and q.role != "work")
+    names = {q.name for q in side}
+    return Declarations(
+        tuple(e for e in declarations.exchanges if e.name == routes.dead_letter_exchange),
+        (),
+        side,
+        tuple(b for b in declarations.queue_bindings if b.destination in names),
+        {queue: routes},
+    )

@@ -21,6 +21,7 @@ class RetryPolicy:
 
     delays_ms: tuple[int, ...]
     max_attempts: int
+    max_defer_ms: int = 24 * 60 * 60 * 1000
 
     @property
     def enabled(self) -> bool:
@@ -98,7 +99,11 @@ def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
         prefetch=table.prefetch or defaults.prefetch,
         concurrency=table.concurrency or defaults.concurrency,
         timeout_ms=table.timeout if table.timeout is not None else defaults.timeout,
-        retry=RetryPolicy(delays, max_attempts if delays else 1),
+        retry=RetryPolicy(
+            delays,
+            max_attempts if delays else 1,
+            *(() if retry is None or retry.max_defer is None else (retry.max_defer,)),
+        ),
         dead_letter=table.dead_letter if table.dead_letter is not None else defaults.dead_letter,
         crash_limit=table.crash_limit or defaults.crash_limit,
         max_body_size=table.max_body_size or defaults.max_body_size,

@@ -39,10 +39,13 @@ class BindingTable(_Table):
 
 
 class RetryTable(_Table):
-    """``retry = { delays = [...], max_attempts = N }``; ``retry = false`` disables retries."""
+    """``retry = { delays = [...], max_attempts = N, max_defer = "1d" }``; ``retry = false``
+    disables retries. ``max_defer`` bounds how long a message may wait for its
+    ``rabbitflow-not-before`` (or a ``Retry(delay)``) before it is dead-lettered instead."""
 
     delays: list[Duration] = Field(min_length=1)
     max_attempts: int | None = Field(default=None, ge=1)
+    max_defer: Duration | None = None
 
     @property
     def enabled(self) -> bool:
@@ -52,7 +55,7 @@ class RetryTable(_Table):
 def _retry_switch(value: object) -> object:
     # ``retry = false`` is stored as an empty policy so that a single type reaches validation.
     if value is False:
-        return RetryTable.model_construct(delays=[], max_attempts=None)
+        return RetryTable.model_construct(delays=[], max_attempts=None, max_defer=None)
     if value is True:
         raise ValueError('retry = true is not a policy; write retry = { delays = ["1s", "10s"] }')
     return value
