@@ -32,6 +32,7 @@ from rabbitflow.metrics import Metrics
 from rabbitflow.outcome import OutcomePolicy
 from rabbitflow.publisher import Publisher
 from rabbitflow.repair import Repairer
+from rabbitflow.rpc import Replier
 from rabbitflow.settle import Acker, Settler
 from rabbitflow.telemetry import Telemetry
 from rabbitflow.topology import Declarations, Topology, derive
@@ -350,6 +351,9 @@ class Worker:
             immediate_retries=config.immediate_retries,
             breaker=breaker,
             telemetry=Telemetry.bind(self.metrics, consumer.queue, self.tracing),
+            middleware=self.app.middleware,
+            guard=self.app.guard(consumer.queue, self.topology),
+            replier=Replier(consumer.queue, publisher),
         )
         return dispatcher, acker
 
