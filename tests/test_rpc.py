@@ -7,6 +7,8 @@ and once against the real RabbitMQ under the worker.
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -14,6 +16,7 @@ from pydantic import BaseModel
 from rabbitflow import App, Message, Reject, RemoteError, RequestTimeout
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import parse_topology
+from tests.runtime_helpers import ROOT, WorkerProcess
 
 TOPOLOGY = parse_topology(
     """
@@ -137,3 +140,46 @@ bindings = [{ exchange = "rpc", routing_key = "price.changed" }]
     async with TestApp(app, topology):
         with pytest.raises(RequestTimeout, match=r"within 0.2s"):
             await app.request("rpc", "price.quote", {"sku": "A1"}, timeout=0.2)
+
+
+# -- the pricing example -----------------------------------------------------------------------
+
+
+async def test_the_pricing_example_answers_quotes_and_refuses_an_unknown_sku() -> None:
+    from examples.pricing import caller, service
+
+    async with TestApp(service.app):
+        caller.app.attach(service.app._publisher)  # the caller talks to the in-memory broker
+        try:
+            lines = await asyncio.gather(
+                caller.quote("A1", 3), caller.quote("B2", 3), caller.quote("Z9", 3)
+            )
+        finally:
+            caller.app.attach(None)
+    assert lines == [
+        "A1: 3 x 9.5 = 28.5",
+        "B2: 3 x 120.0 = 360.0",
+        "Z9: refused (unknown sku 'Z9')",
+    ]
+
+
+@pytest.mark.broker
+def test_the_pricing_example_under_rabbitflow_run(tmp_path: Path, vhost_url: str) -> None:
+    from examples.pricing import caller
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RABBITFLOW_URL", None)
+    topology = ROOT / "examples" / "pricing" / "topology.toml"
+    service = WorkerProcess(
+        "examples.pricing.service:app", vhost_url, topology, tmp_path / "worker.log", env
+    ).start()
+    try:
+        service.wait_for_event("consuming", timeout=30)
+        caller.app.url = vhost_url
+        lines = asyncio.run(caller.main(["A1", "Z9"] + ["B2"] * 48, 2))
+        assert lines[:2] == ["A1: 2 x 9.5 = 19.0", "Z9: refused (unknown sku 'Z9')"]
+        assert lines[2:] == ["B2: 2 x 120.0 = 240.0"] * 48
+        assert service.has_event("message dead-lettered")  # the refused request, in the DLQ
+    finally:
+        caller.app.url = None
+        service.kill()
