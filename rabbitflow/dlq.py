@@ -286,11 +286,13 @@ async def ready_count(connection: AbstractConnection, queue: str, *, hint: str =
 def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     """Headers of the copy sent back to the work queue.
 
-    User and trace headers are kept; the failure headers and the attempt are dropped, so the
-    message starts a fresh retry cycle; broker ``x-`` headers are dropped, so ``x-death`` does
-    not grow on every round trip; ``rabbitflow-replay-count`` goes up by one."""
+    User and trace headers are kept; the failure headers are dropped and the attempt is set
+    back to 1, so the message starts a fresh retry cycle (an attempt present tells a later
+    failure that the origin headers are rabbitflow's own, not a publisher's); broker ``x-``
+    headers are dropped, so ``x-death`` does not grow on every round trip;
+    ``rabbitflow-replay-count`` goes up by one."""
     kept = h.carried_headers(headers)
-    kept.pop(h.ATTEMPT, None)
+    kept[h.ATTEMPT] = 1
     kept[h.REPLAY_COUNT] = _as_int(headers.get(h.REPLAY_COUNT), default=0) + 1
     return kept
 

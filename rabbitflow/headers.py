@@ -20,13 +20,14 @@ ERROR_STACK = "rabbitflow-error-stack"
 REPLAY_COUNT = "rabbitflow-replay-count"
 NOT_BEFORE = "rabbitflow-not-before"
 DEAD_LETTER_REASON = "rabbitflow-dead-letter-reason"
+DUE_AT = "rabbitflow-due-at"
 
 ERROR_MESSAGE_LIMIT = 1024
 ERROR_STACK_LIMIT = 8 * 1024
 
 # Headers that describe one failure; a new failure replaces them instead of accumulating.
 FAILURE_HEADERS = frozenset(
-    {ERROR_TYPE, ERROR_MESSAGE, ERROR_STACK, NOT_BEFORE, DEAD_LETTER_REASON}
+    {ERROR_TYPE, ERROR_MESSAGE, ERROR_STACK, NOT_BEFORE, DEAD_LETTER_REASON, DUE_AT}
 )
 # Set by the broker on dead-lettering and redelivery; never copied onto a republished message,
 # so that x-death cannot grow without bound across retries.

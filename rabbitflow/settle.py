@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import traceback
 from collections import OrderedDict
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -128,6 +128,12 @@ def _now() -> str:
     return clock.utcnow().isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _iso_in(delay_ms: int) -> str:
+    # When a copy leaves its tier: what `rabbitflow retries list` shows as due.
+    due = datetime.fromtimestamp(clock.now() + delay_ms / 1000, UTC)
+    return due.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _bounded(text: str, limit: int) -> str:
     data = text.encode("utf-8", "replace")
     if len(data) <= limit:
@@ -194,9 +200,12 @@ class Settler:
                 return Action.ACK
             case Action.RETRY:
                 headers = self._failure_headers(delivery, plan, stack=False)
+                headers[h.DUE_AT] = _iso_in(plan.delay_ms)
                 return await self._copy(delivery, plan, "", plan.tier, headers)
             case Action.DEFER:
-                return await self._copy(delivery, plan, "", plan.tier, _deferred_headers(delivery))
+                headers = _deferred_headers(delivery)
+                headers[h.DUE_AT] = _iso_in(plan.delay_ms)
+                return await self._copy(delivery, plan, "", plan.tier, headers)
             case Action.DEAD_LETTER:
                 headers = self._failure_headers(delivery, plan, stack=True)
                 dlx = self.routes.dead_letter_exchange or ""

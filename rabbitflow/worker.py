@@ -32,6 +32,7 @@ from rabbitflow.metrics import Metrics
 from rabbitflow.outcome import OutcomePolicy
 from rabbitflow.publisher import Publisher
 from rabbitflow.repair import Repairer
+from rabbitflow.retries import TierMonitor
 from rabbitflow.rpc import Replier
 from rabbitflow.settle import Acker, Settler
 from rabbitflow.telemetry import Telemetry
@@ -126,6 +127,9 @@ class Worker:
             lambda: self._session.connection if self._session is not None else None,
             self.declarations,
             may_declare=options.declare,
+        )
+        self.tier_monitor = TierMonitor(
+            [self.declarations.routes[queue] for queue in app.consumers], self.metrics
         )
         self._warn_timeouts()
 
@@ -307,7 +311,11 @@ class Worker:
             return not self._stopping.is_set()
         self.ready = True
         log.info("consuming", queues=sorted(self.app.consumers))
-        lost = await self._wait_until_lost_or_stopped(session, amqp)
+        monitor = asyncio.ensure_future(self.tier_monitor.run(amqp))
+        try:
+            lost = await self._wait_until_lost_or_stopped(session, amqp)
+        finally:
+            monitor.cancel()
         self.ready = False
         if lost:
             if session.cancelled.done():

@@ -24,7 +24,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.aio_pika import AioPikaInstrumentor
 from opentelemetry.trace import SpanKind, StatusCode
 
-from rabbitflow import App, Message, Reject
+from rabbitflow import App, Message, Reject, Retry
 from rabbitflow.logging import configure_logging
 from rabbitflow.outcome import Action
 from rabbitflow.tracing import Tracing, set_tracing
@@ -116,6 +116,43 @@ async def test_consumer_span_is_a_child_of_the_publish_span(
         "rabbitflow.outcome": "ack",
     }
     assert attributes(publish)["messaging.message.id"] == message_id
+
+
+async def test_a_retry_beyond_the_largest_tier_stays_in_one_trace_across_its_hops(
+    tmp_path: Path, vhost_url: str, spans: Spans
+) -> None:
+    # given a handler that asks for a retry in 0.5 s while the largest tier is 200 ms
+    app = App(write_topology(tmp_path, "patient"))
+    runs: list[int] = []
+
+    @app.consumer("patient")
+    async def handle(message: Message) -> None:
+        runs.append(message.attempt)
+        if message.attempt == 1:
+            raise Retry(0.5)
+
+    async with running(app, vhost_url):
+        # when one message is published
+        await app.publish("events", "patient", {"n": 1})
+        await wait_for(lambda: len(runs) == 2, "the second run", timeout=10)
+        await wait_for(
+            lambda: any(attributes(s)["rabbitflow.outcome"] == "ack" for s in spans.consumers()),
+            "the acked span",
+        )
+
+    # then every span, the deferral hops included, is in the trace of the original publish
+    [publish] = spans.named("publish events")
+    consumers = spans.consumers("patient")
+    outcomes = [attributes(span)["rabbitflow.outcome"] for span in consumers]
+    assert outcomes[0] == "retry"
+    assert outcomes[-1] == "ack"
+    assert "deferred" in outcomes, outcomes
+    assert {span.context.trace_id for span in consumers} == {publish.context.trace_id}
+    # and each hop is parented on the copy published by the hop before it
+    copies = {span.context.span_id: span for span in spans.named("publish amq.default")}
+    for span in consumers[1:]:
+        assert span.parent is not None
+        assert span.parent.span_id in copies
 
 
 async def test_retries_and_dead_letter_stay_in_one_trace(

@@ -61,6 +61,9 @@ def _register() -> None:
     from rabbitflow.cli import dlq
 
     cli.add_command(dlq.dlq)
+    from rabbitflow.cli import retries
+
+    cli.add_command(retries.retries)
     from rabbitflow.cli import docs
 
     cli.add_command(docs.docs)

@@ -143,6 +143,16 @@ def _work_queue(config: QueueConfig, dlx: str) -> QueueSpec:
         # A message whose handler kills the process is redelivered with a growing
         # x-delivery-count; past the limit the broker dead-letters it (reason delivery_limit).
         arguments["x-delivery-limit"] = config.crash_limit
+        if config.dead_letter and config.arguments.get("x-overflow", "reject-publish") == (
+            "reject-publish"
+        ):
+            # Quorum queues dead-letter at-most-once by default: a message the broker
+            # dead-letters (delivery limit, TTL) while its DLQ is missing is dropped. With
+            # at-least-once it stays in the queue until the DLQ confirms it, which RabbitMQ
+            # allows only with reject-publish overflow (a full queue refuses new messages
+            # instead of dead-lettering its head).
+            arguments["x-dead-letter-strategy"] = "at-least-once"
+            arguments["x-overflow"] = "reject-publish"
     arguments.update(config.arguments)
     return QueueSpec(
         config.name,

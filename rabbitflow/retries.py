@@ -1,0 +1,210 @@
+"""What waits in a queue's retry tiers: how many, since when, and when each is due.
+
+Read like ``rabbitflow dlq list``: by a consumer that holds the first messages of each tier
+and gives them back in order, so the tiers are left as they were. A message held for the
+read does not expire while held; one whose time came meanwhile expires, and goes back to
+its work queue, as soon as it is given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiormq
+import aiormq.abc
+import structlog
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+
+from rabbitflow import headers as h
+from rabbitflow.dlq import _as_int, _parse_time, _reading, _text, ready_count
+from rabbitflow.duration import format_duration
+from rabbitflow.metrics import Metrics
+from rabbitflow.topology.derived import QueueRoutes, dlq_name
+
+log = structlog.get_logger("rabbitflow.retries")
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """One message in a retry tier."""
+
+    message_id: str | None
+    attempt: int
+    error_type: str | None
+    due_at: datetime | None
+    not_before: datetime | None
+
+    @classmethod
+    def from_delivery(cls, message: AbstractIncomingMessage) -> Waiting:
+        headers = message.headers or {}
+        return cls(
+            message.message_id,
+            _as_int(headers.get(h.ATTEMPT), default=1),
+            _text(headers.get(h.ERROR_TYPE)),
+            _parse_time(headers.get(h.DUE_AT)),
+            _parse_time(headers.get(h.NOT_BEFORE)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "message_id": self.message_id,
+            "attempt": self.attempt,
+            "error_type": self.error_type,
+            "due_at": _iso(self.due_at),
+            "not_before": _iso(self.not_before),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A retry tier: its delay, ready-message count and first messages (oldest first)."""
+
+    name: str
+    delay_ms: int
+    count: int
+    messages: tuple[Waiting, ...]
+
+    def overdue(self, now: datetime) -> bool:
+        """Whether its oldest message is due by more than one delay (a stuck tier)."""
+        due = self.messages[0].due_at if self.messages else None
+        return due is not None and (now - due).total_seconds() * 1000 > self.delay_ms
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        return {
+            "tier": self.name,
+            "delay": format_duration(self.delay_ms),
+            "count": self.count,
+            "overdue": self.overdue(now),
+            "messages": [message.to_json() for message in self.messages],
+        }
+
+
+async def waiting(
+    connection: AbstractConnection, routes: QueueRoutes, *, limit: int = 10
+) -> tuple[Tier, ...]:
+    """Every tier of ``routes.queue``, shortest delay first, with up to ``limit`` messages."""
+    tiers: list[Tier] = []
+    for delay, name in sorted(routes.tiers.items()):
+        count = await ready_count(connection, name, hint="declare it: rabbitflow topology declare")
+        seen: list[Waiting] = []
+        if count and limit:
+            async with _reading(connection, name, expected=count, window=limit) as reader:
+                while len(seen) < limit and (message := await reader.next()) is not None:
+                    seen.append(Waiting.from_delivery(message))
+        tiers.append(Tier(name, delay, count, tuple(seen)))
+    return tuple(tiers)
+
+
+def render(queue: str, tiers: tuple[Tier, ...], now: datetime) -> list[str]:
+    """The text ``rabbitflow retries list`` prints."""
+    if not tiers:
+        return [f"{queue} has no retry tiers (retry = false)"]
+    lines = []
+    for tier in tiers:
+        noun = "message" if tier.count == 1 else "messages"
+        flag = "  OVERDUE: its oldest message is past due" if tier.overdue(now) else ""
+        lines.append(f"{tier.name}  ({format_duration(tier.delay_ms)})  {tier.count} {noun}{flag}")
+        for message in tier.messages:
+            due = _relative(message.due_at, now)
+            extra = f"  not before {_iso(message.not_before)}" if message.not_before else ""
+            lines.append(
+                f"  {message.message_id or '-'}  attempt {message.attempt}  "
+                f"{message.error_type or '-'}  due {due}{extra}"
+            )
+    return lines
+
+
+def _relative(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "unknown"
+    seconds = (when - now).total_seconds()
+    if seconds >= 0:
+        return f"in {seconds:.0f}s ({_iso(when)})"
+    return f"{-seconds:.0f}s ago ({_iso(when)})"
+
+
+def _iso(when: datetime | None) -> str | None:
+    if when is None:
+        return None
+    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class TierMonitor:
+    """Publishes the depth of every consumed queue's tiers and DLQ as gauges, and warns about
+    a tier that holds the same messages for longer than twice its delay (a healthy tier
+    empties every message after its delay: RabbitMQ expires them in arrival order).
+
+    Depths come from passive declares on a channel of its own, so no management plugin is
+    needed; they count ready messages only (``rabbitflow retries list`` shows the messages)."""
+
+    __slots__ = ("_interval", "_metrics", "_routes", "_since")
+
+    def __init__(
+        self, routes: list[QueueRoutes], metrics: Metrics, *, interval: float = 30.0
+    ) -> None:
+        self._routes = routes
+        self._metrics = metrics
+        self._interval = interval
+        # tier -> (count, monotonic time it was first seen with exactly that count)
+        self._since: dict[str, tuple[int, float]] = {}
+
+    async def run(self, connection: aiormq.abc.AbstractConnection) -> None:
+        """Sample every ``interval`` seconds until cancelled or the connection goes."""
+        channel: aiormq.abc.AbstractChannel | None = None
+        try:
+            while not connection.is_closed:
+                if channel is None or channel.is_closed:
+                    channel = await connection.channel(publisher_confirms=False)
+                await self.sample(channel)
+                await asyncio.sleep(self._interval)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.debug("tier monitor stopped", error=repr(exc))
+        finally:
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(channel.close(), 2)
+
+    async def sample(self, channel: aiormq.abc.AbstractChannel) -> None:
+        for routes in self._routes:
+            for delay, tier in routes.tiers.items():
+                count = await _depth(channel, tier)
+                if count is None:
+                    return  # the channel was closed by a 404: next round, on a new one
+                self._metrics.tier_messages.labels(routes.queue, tier).set(count)
+                self._check(routes.queue, tier, delay, count)
+            if routes.dead_letter_exchange is not None:
+                count = await _depth(channel, dlq_name(routes.queue))
+                if count is None:
+                    return
+                self._metrics.dlq_messages.labels(routes.queue).set(count)
+
+    def _check(self, queue: str, tier: str, delay_ms: int, count: int) -> None:
+        now = time.monotonic()
+        seen = self._since.get(tier)
+        if count == 0 or seen is None or seen[0] != count:
+            self._since[tier] = (count, now)
+            return
+        stuck_for = now - seen[1]
+        if stuck_for > 2 * delay_ms / 1000 and stuck_for >= self._interval:
+            log.warning(
+                "retry tier holds the same messages for longer than twice its delay: they are "
+                "not expiring back to their queue (a policy overriding the tier's TTL or "
+                "dead-lettering? see `rabbitflow retries list`)",
+                queue=queue,
+                tier=tier,
+                messages=count,
+                stuck_for_s=round(stuck_for),
+            )
+
+
+async def _depth(channel: aiormq.abc.AbstractChannel, queue: str) -> int | None:
+    try:
+        declared = await channel.queue_declare(queue, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    return int(declared.message_count or 0)
