@@ -110,9 +110,12 @@ class Requester:
         future.set_result(message)
 
     def _on_closed(self, closing: asyncio.Future[Any]) -> None:
-        reason = "the connection to the broker was lost"
+        # The channel goes with its connection, or alone when the broker closes it (a
+        # request to a missing exchange is a channel error): either way its reply consumer
+        # is gone, and the replies of the requests in flight can no longer arrive.
+        reason = "the reply channel was closed (connection lost or closed)"
         if not closing.cancelled() and closing.exception() is not None:
-            reason = f"{reason}: {closing.exception()!r}"
+            reason = f"the reply channel was closed: {closing.exception()!r}"
         self._lost = reason
         pending, self._pending = self._pending, {}
         for future in pending.values():

@@ -16,7 +16,15 @@ import pytest
 from aiormq.abc import DeliveredMessage
 from pydantic import BaseModel
 
-from rabbitflow import App, BrokerError, DecodeError, RemoteError, RequestTimeout, UnroutableError
+from rabbitflow import (
+    App,
+    BrokerError,
+    DecodeError,
+    PublishError,
+    RemoteError,
+    RequestTimeout,
+    UnroutableError,
+)
 from rabbitflow.publisher import Publisher
 from rabbitflow.rpc import Replier
 from tests.rabbit import Rabbit
@@ -172,7 +180,7 @@ async def test_requests_in_flight_fail_fast_when_the_connection_is_lost(
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert asyncio.get_running_loop().time() - started < 2
         assert all(isinstance(result, BrokerError) for result in results), results
-        assert "connection" in str(results[0])
+        assert "reply channel was closed" in str(results[0])
         # The next request opens a new connection and a new reply consumer.
         with pytest.raises(RequestTimeout):
             await app.request("", QUEUE, {"n": 9}, timeout=0.2)
@@ -181,3 +189,13 @@ async def test_requests_in_flight_fail_fast_when_the_connection_is_lost(
 async def test_a_request_no_queue_takes_fails_at_once(app: App) -> None:
     with pytest.raises(UnroutableError):
         await app.request("", "nobody.listens", {"n": 1}, timeout=5)
+
+
+async def test_a_request_to_a_missing_exchange_fails_clearly_and_the_next_one_works(
+    vhost_url: str, app: App
+) -> None:
+    async for _ in serve(vhost_url, echo):
+        with pytest.raises(PublishError, match="no exchange 'nowhere'"):
+            await app.request("nowhere", "x", {"n": 1}, timeout=5)
+        # RabbitMQ closed that channel (404); the next request gets a new reply consumer.
+        assert await app.request("", QUEUE, {"n": 7}, timeout=5) == {"echo": 7}
