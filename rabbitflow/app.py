@@ -267,6 +267,7 @@ class App:
         timeout: float = ...,
         response_model: type[M],
         headers: dict[str, Any] | None = ...,
+        message_id: str | None = ...,
     ) -> M: ...
     @overload
     async def request(
@@ -278,6 +279,7 @@ class App:
         timeout: float = ...,
         response_model: None = ...,
         headers: dict[str, Any] | None = ...,
+        message_id: str | None = ...,
     ) -> Any: ...
     async def request(
         self,
@@ -288,19 +290,21 @@ class App:
         timeout: float = DEFAULT_TIMEOUT,
         response_model: type[BaseModel] | None = None,
         headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
     ) -> Any:
         """Publish a request and return the handler's reply (contract section 7).
 
         The reply comes over direct reply-to on this app's connection; any number of
         requests may be in flight. With ``response_model`` the reply is validated into it;
         without, JSON is parsed, text returned as ``str``, anything else as ``bytes``.
+        ``message_id`` (default: a new one) lets an idempotent handler recognise a repeat.
         Raises :class:`~rabbitflow.RequestTimeout` after ``timeout`` seconds without a
         reply, :class:`~rabbitflow.RemoteError` when the handler failed for good,
         :class:`~rabbitflow.UnroutableError` when no queue takes the request, and
         :class:`~rabbitflow.BrokerError` when the connection is lost while waiting."""
         requester = await self._requester_for_connection()
         reply = await requester.request(
-            exchange, routing_key, payload, timeout=timeout, headers=headers
+            exchange, routing_key, payload, timeout=timeout, headers=headers, message_id=message_id
         )
         return read_reply(reply, response_model)
 

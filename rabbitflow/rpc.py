@@ -75,6 +75,7 @@ class Requester:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
         persistent: bool = False,
     ) -> DeliveredMessage:
         """Publish a request and wait for its reply (the raw delivery)."""
@@ -90,6 +91,7 @@ class Requester:
                     routing_key,
                     body,
                     headers=headers,
+                    message_id=message_id,
                     correlation_id=correlation_id,
                     persistent=persistent,
                     reply_to=REPLY_TO,

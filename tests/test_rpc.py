@@ -183,3 +183,21 @@ def test_the_pricing_example_under_rabbitflow_run(tmp_path: Path, vhost_url: str
     finally:
         caller.app.url = None
         service.kill()
+
+
+async def test_a_sync_handler_replies_and_a_handler_may_call_another_service() -> None:
+    app = App()
+
+    @app.consumer("pricing.quotes")
+    def price(req: QuoteRequest) -> Quote:  # sync: runs in the executor, replies all the same
+        return Quote(sku=req.sku, price=2.0)
+
+    @app.consumer("pricing.events")
+    async def changed(req: QuoteRequest) -> dict[str, float]:
+        # A request from inside a handler goes out on the worker's own connection.
+        quote = await app.request("rpc", "price.quote", req, timeout=5, response_model=Quote)
+        return {"doubled": quote.price * 2}
+
+    async with TestApp(app, TOPOLOGY):
+        reply = await app.request("rpc", "price.changed", {"sku": "A1"}, timeout=5)
+        assert reply == {"doubled": 4.0}
