@@ -19,6 +19,7 @@ from aiormq.abc import DeliveredMessage
 
 from rabbitflow.errors import Retry
 from rabbitflow.idempotency.store import ClaimState, IdempotencyStore
+from rabbitflow.metrics import Value
 
 log = structlog.get_logger("rabbitflow.idempotency")
 
@@ -51,17 +52,27 @@ class InProgress(Retry):
 
 
 class Guard:
-    """Claims each message of ``queue`` in ``store`` around the handler."""
+    """Claims each message of ``queue`` in ``store`` around the handler.
+
+    ``skipped`` and ``unkeyed`` count the duplicates acked without running and the deliveries
+    without a ``message_id`` (run unguarded); pass metric children to export them."""
 
     __slots__ = ("lease_ms", "queue", "skipped", "store", "ttl_ms", "unkeyed")
 
-    def __init__(self, queue: str, store: IdempotencyStore) -> None:
+    def __init__(
+        self,
+        queue: str,
+        store: IdempotencyStore,
+        *,
+        skipped: Value | None = None,
+        unkeyed: Value | None = None,
+    ) -> None:
         self.queue = queue
         self.store = store
         self.lease_ms = store.lease_ms
         self.ttl_ms = store.ttl_ms
-        self.skipped = 0  # deliveries acked without running: done before
-        self.unkeyed = 0  # deliveries without a message_id: run unguarded
+        self.skipped = skipped or Value()
+        self.unkeyed = unkeyed or Value()
 
     def wrap(self, invoke: Invoke) -> Invoke:
         """``invoke`` guarded: returns :data:`SKIPPED` instead of running a done message."""
@@ -75,7 +86,7 @@ class Guard:
             owner = uuid.uuid4().hex
             found = await self.store.claim(key, owner, self.lease_ms)
             if found.state is ClaimState.DONE:
-                self.skipped += 1
+                self.skipped.value += 1
                 log.info(
                     "duplicate skipped: already handled", queue=self.queue, message_id=message_id
                 )
@@ -93,12 +104,13 @@ class Guard:
         return guarded
 
     def _unkeyed(self) -> None:
-        self.unkeyed += 1
-        if self.unkeyed == 1 or self.unkeyed % 1000 == 0:
+        self.unkeyed.value += 1
+        count = int(self.unkeyed.value)
+        if count == 1 or count % 1000 == 0:
             log.warning(
                 "delivery without message_id on an idempotent queue: handled without the check",
                 queue=self.queue,
-                count=self.unkeyed,
+                count=count,
             )
 
     async def _release(self, key: str, owner: str) -> None:
