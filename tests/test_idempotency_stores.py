@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from rabbitflow import App, Message
 from rabbitflow.idempotency import (
     ClaimState,
     IdempotencyStore,
@@ -22,6 +23,8 @@ from rabbitflow.idempotency import (
     PostgresStore,
     RedisStore,
 )
+from rabbitflow.testing import TestApp
+from rabbitflow.topology import parse_topology
 
 REDIS_URL = os.environ.get("RABBITFLOW_TEST_REDIS", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get(
@@ -178,3 +181,27 @@ async def test_cost_per_message(kind: str, capsys: pytest.CaptureFixture[str]) -
     with capsys.disabled():
         print(f"\n{kind} store: {per_message * 1e6:.0f} µs per message (claim + complete)")
     assert per_message < 0.05
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "postgres"])
+async def test_each_store_deduplicates_through_the_dispatcher(kind: str) -> None:
+    made, token = await make_store(kind, ttl="1h", lease="30s")
+    app = App(idempotency=made)
+    runs: list[str] = []
+
+    @app.consumer("billing", idempotent=True)
+    async def bill(order: dict[str, int], message: Message) -> None:
+        runs.append(message.message_id or "-")
+        if order["fail"] and runs.count(message.message_id or "-") == 1:
+            raise ConnectionError("first run fails")  # released, then retried
+
+    topology = parse_topology('[queues.billing]\nretry = { delays = ["1s"] }\n')
+    try:
+        async with TestApp(app, topology) as t:
+            for n, fail in ((1, 0), (1, 0), (2, 1), (2, 1), (1, 0)):
+                await t.publish("", "billing", {"n": n, "fail": fail}, message_id=f"m-{n}")
+            await t.drain()
+            assert sorted(runs) == ["m-1", "m-2", "m-2"]  # m-2: the failed run and its retry
+            assert t.dead_letters("billing") == []
+    finally:
+        await dispose(kind, made, token)
