@@ -28,7 +28,7 @@ from rabbitflow import headers as h
 from rabbitflow.breaker import CircuitBreaker
 from rabbitflow.errors import HandlerTimeout, Retry
 from rabbitflow.handler import Consumer, Signature
-from rabbitflow.idempotency.guard import SKIPPED, Guard, Invoke
+from rabbitflow.idempotency.guard import SKIPPED, Guard, InProgress, Invoke
 from rabbitflow.logging import DELIVERY
 from rabbitflow.message import Message, read_attempt
 from rabbitflow.middleware import CallNext, Middleware, build_stack
@@ -232,8 +232,10 @@ class Dispatcher:
                 record_failure(span, exc)
             # A failure of the kind that is retried counts against the downstream even when
             # this message is not retried (attempts spent, retry = false); a Reject, a bad
-            # payload or a dead_letter_on type is the message's fault, not the downstream's.
-            self._record(self._policy.action_for(exc) is Action.RETRY)
+            # payload or a dead_letter_on type is the message's fault, not the downstream's;
+            # a duplicate waiting for its twin (InProgress) is nobody's.
+            retryable = self._policy.action_for(exc) is Action.RETRY
+            self._record(retryable and not isinstance(exc, InProgress))
             if _final(plan) and delivery.header.properties.reply_to:
                 await self._reply_error(delivery, exc)
             return plan
