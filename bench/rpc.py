@@ -180,12 +180,16 @@ async def measure(
             assert reply["n"] == n, reply
             n += in_flight
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(loop(worker) for worker in range(in_flight)))
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     latencies.sort()
     return {
         "rps": len(latencies) / elapsed,
+        # The caller's own CPU per request (this process runs only the caller): less
+        # sensitive to a busy machine than the rate.
+        "cpu_us": cpu / len(latencies) * 1e6,
         "p50_ms": latencies[len(latencies) // 2] * 1000,
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
         "requests": len(latencies),
@@ -224,7 +228,7 @@ def table(runs: dict[str, dict[int, list[dict[str, float]]]], server: str) -> st
     lines = [
         f"request/reply, responder: {server} (medians over rounds)",
         f"{'caller':<12}{'in flight':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'vs aio-pika':>13}",
+        f"{'CPU µs/req':>12}{'vs aio-pika':>13}",
     ]
     for in_flight in CONCURRENCY:
         base = statistics.median(r["rps"] for r in runs["aio_pika"][in_flight])
@@ -233,8 +237,10 @@ def table(runs: dict[str, dict[int, list[dict[str, float]]]], server: str) -> st
             rps = statistics.median(r["rps"] for r in rounds)
             p50 = statistics.median(r["p50_ms"] for r in rounds)
             p99 = statistics.median(r["p99_ms"] for r in rounds)
+            cpu = statistics.median(r["cpu_us"] for r in rounds)
             lines.append(
-                f"{caller:<12}{in_flight:>10}{rps:>10.0f}{p50:>9.2f}{p99:>9.2f}{rps / base:>12.2f}x"
+                f"{caller:<12}{in_flight:>10}{rps:>10.0f}{p50:>9.2f}{p99:>9.2f}{cpu:>12.0f}"
+                f"{rps / base:>12.2f}x"
             )
     return "\n".join(lines)
 
