@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiormq
-from aiormq.abc import AbstractChannel, ChannelFrame
+from aiormq.abc import AbstractChannel
 from pamqp import commands as spec
 
 from rabbitflow.errors import PublishError, UnroutableError
 from rabbitflow.payload import encode
 from rabbitflow.tracing import get_tracing
+
+if TYPE_CHECKING:
+    from aiormq.abc import ChannelFrame
 
 PERSISTENT = 2
 

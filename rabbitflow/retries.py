@@ -9,7 +9,6 @@ its work queue, as soon as it is given back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -154,7 +153,10 @@ class TierMonitor:
         self._since: dict[str, tuple[int, float]] = {}
 
     async def run(self, connection: aiormq.abc.AbstractConnection) -> None:
-        """Sample every ``interval`` seconds until cancelled or the connection goes."""
+        """Sample every ``interval`` seconds until cancelled or the connection goes.
+
+        Its channel is left to the connection: closing it would wait for the broker, which
+        does not answer while it blocks the connection (a memory alarm)."""
         channel: aiormq.abc.AbstractChannel | None = None
         try:
             while not connection.is_closed:
@@ -164,10 +166,6 @@ class TierMonitor:
                 await asyncio.sleep(self._interval)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             log.debug("tier monitor stopped", error=repr(exc))
-        finally:
-            if channel is not None and not channel.is_closed:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(channel.close(), 2)
 
     async def sample(self, channel: aiormq.abc.AbstractChannel) -> None:
         for routes in self._routes:
@@ -175,7 +173,7 @@ class TierMonitor:
                 count = await _depth(channel, tier)
                 if count is None:
                     return  # the channel was closed by a 404: next round, on a new one
-                self._metrics.tier_messages.labels(routes.queue, tier).set(count)
+                self._metrics.tier_messages.labels(routes.queue, format_duration(delay)).set(count)
                 self._check(routes.queue, tier, delay, count)
             if routes.dead_letter_exchange is not None:
                 count = await _depth(channel, dlq_name(routes.queue))

@@ -114,6 +114,7 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.tracing = get_tracing()
         self._ready = False
+        self.finished = False  # the run is over: drained, closed, shutdown hooks run
         self.reconnections = 0
         self.paused: set[str] = set()
         self._stopping = asyncio.Event()
@@ -224,6 +225,7 @@ class Worker:
                 await connection.close()
             await self.app.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self.finished = True
             log.info("stopped")
 
     async def _connect(self, *, reconnecting: bool = False) -> AbstractConnection:
@@ -498,13 +500,16 @@ class Worker:
 async def _within(awaitable: Awaitable[Any], seconds: float) -> None:
     """Await a broker call for at most ``seconds``; errors and silence are both given up on."""
     task = asyncio.ensure_future(awaitable)
-    try:
+    task.add_done_callback(_retrieve)
+    with contextlib.suppress(TimeoutError, Exception):
         await asyncio.wait_for(asyncio.shield(task), seconds)
-    except (TimeoutError, Exception):
-        task.cancel()
-    with contextlib.suppress(BaseException):
-        if task.done():
-            task.exception()
+    task.cancel()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    # A call given up on still ends with an error; fetching it keeps asyncio from logging it.
+    if not task.cancelled():
+        task.exception()
 
 
 def _fail(future: asyncio.Future[None], queue: str) -> None:

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiormq
 import pytest
 from pydantic import BaseModel
 
@@ -37,6 +38,7 @@ from tests.recover_helpers import (
     text,
     wait_until,
 )
+from tests.runtime_helpers import run_cli
 
 pytestmark = [pytest.mark.broker]
 
@@ -710,3 +712,56 @@ circuit_breaker = { failure_ratio = 0.5, window = "10s", min_calls = 3, cooldown
     assert len(calls) <= 4, calls
     assert counts["no-retry"] >= 15, counts
     assert counts["no-retry.dlq"] <= 4, counts
+
+
+async def test_retries_list_shows_what_waits_in_each_tier_and_the_gauges_count_it(
+    tmp_path: Path, vhost_url: str, rabbit: Rabbit, vhost: str
+) -> None:
+    # Given a queue with a 1 h tier and a handler that fails twice, then rejects one more
+    app = app_for(
+        tmp_path,
+        """
+[queues.slow]
+retry = { delays = ["1h"], max_attempts = 3 }
+""",
+    )
+
+    @app.consumer("slow")
+    async def slow(message: Message) -> None:
+        if message.message_id == "bad":
+            raise Reject("no")
+        raise ConnectionError("later")
+
+    async with running(app, vhost_url) as worker:
+        for key in ("a", "b", "bad"):
+            await publish(vhost_url, "", "slow", b"{}", message_id=key)
+        await wait_until(
+            lambda: depths(rabbit, vhost)["slow.retry.1h"][0] == 2, 10, "two messages in the tier"
+        )
+        # When the tier monitor samples
+        connection = await aiormq.connect(vhost_url)
+        try:
+            await worker.tier_monitor.sample(await connection.channel())
+        finally:
+            await connection.close()
+        metrics = worker.metrics.render()
+
+    # Then the gauges count the tier and the DLQ
+    assert 'rabbitflow_retry_tier_messages{queue="slow",tier="1h"} 2' in metrics
+    assert 'rabbitflow_dlq_messages{queue="slow"} 1' in metrics
+
+    # and `retries list` shows both messages, due in about an hour, and leaves them there
+    result = await asyncio.to_thread(
+        run_cli, "retries", "list", "slow", "--url", vhost_url, "--topology",
+        str(tmp_path / "topology.toml"), "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [tier] = json.loads(result.stdout)["tiers"]
+    assert (tier["tier"], tier["count"], tier["overdue"]) == ("slow.retry.1h", 2, False)
+    assert sorted(m["message_id"] for m in tier["messages"]) == ["a", "b"]
+    for waiting in tier["messages"]:
+        assert waiting["attempt"] == 2
+        assert waiting["error_type"] == "ConnectionError"
+        due = datetime.fromisoformat(waiting["due_at"])
+        assert timedelta(minutes=58) < due - datetime.now(due.tzinfo) < timedelta(minutes=61)
+    assert depths(rabbit, vhost)["slow.retry.1h"][0] == 2

@@ -19,7 +19,7 @@ from rabbitflow.importer import UserImportError, load_app
 from rabbitflow.logging import configure_logging
 from rabbitflow.supervisor import Supervisor
 from rabbitflow.urls import resolve_url
-from rabbitflow.worker import Worker, WorkerOptions
+from rabbitflow.worker import DRAIN_GRACE, Worker, WorkerOptions
 
 log = structlog.get_logger("rabbitflow.run")
 DUPLICATE_TERM_WINDOW = 0.5  # seconds
@@ -129,12 +129,39 @@ def run(
     )
     worker = Worker(app, topology, options)
     _run_loop(worker, loop)
-    tracing.flush()
     # Threads of sync handlers abandoned at the shutdown timeout would keep the interpreter
     # alive; their messages are already back in the queue, so leave without joining them.
     if threading.active_count() > 1:
         sys.stderr.flush()
         os._exit(0)
+
+
+TEARDOWN_GRACE = 1.0
+
+
+def _exit_after(seconds: float, worker: Worker) -> None:
+    """Leave the process ``seconds`` from now, whatever the event loop is doing.
+
+    The drain bounds each broker call, but a connection the broker no longer reads (a
+    memory alarm, a half-open TCP link) can leave the AMQP client's tasks unable to finish,
+    and a sync handler can hold the loop. A thread, not the loop, keeps the promise that
+    SIGTERM ends the process within --shutdown-timeout plus the grace; the broker requeues
+    whatever is still unacked when the connection goes."""
+
+    def leave() -> None:
+        if not worker.finished:
+            log.error(
+                "shutdown did not finish in time; exiting now, unacked messages return to "
+                "their queues",
+                after_s=round(seconds, 1),
+            )
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(0 if worker.finished else 1)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True
+    timer.start()
 
 
 def _child_args(dropped: tuple[str, ...] = ("--workers", "--metrics-port")) -> list[str]:
@@ -187,7 +214,12 @@ async def _main(worker: Worker) -> None:
             sys.stderr.flush()
             os._exit(1)
         worker.stop()
+        _exit_after(worker.options.shutdown_timeout + DRAIN_GRACE, worker)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     await worker.run()
+    tracing.flush()
+    # What the AMQP client leaves behind on a connection the broker stopped reading may never
+    # finish cancelling; the work is done, so the loop's teardown gets a second at most.
+    _exit_after(TEARDOWN_GRACE, worker)

@@ -24,6 +24,7 @@ from rabbitflow.publisher import Publisher
 from rabbitflow.worker import DRAIN_GRACE
 from tests.reliability.chaos_node import ChaosNode
 from tests.reliability.checker import Checker, header_text, job
+from tests.reliability.proxy import ChaosProxy
 from tests.runtime_helpers import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -243,3 +244,24 @@ async def test_concurrent_publishes_to_a_missing_exchange_keep_the_connection(
         assert await one(0) == "ok"
     finally:
         await connection.close()
+
+
+def test_sigterm_on_a_half_open_connection_exits_in_time(checker: Checker) -> None:
+    # Given a worker behind a TCP proxy, long handlers in flight, no heartbeat to notice
+    checker.write_topology(prefetch=5)
+    with ChaosProxy(5672) as proxy:
+        url = proxy.url(checker.url)
+        worker = checker.start_worker("--shutdown-timeout", "2", sleep=30.0, url=url)
+        checker.feed(5, rate=100)
+        checker.records.wait_for("start", 5, timeout=10)
+
+        # When the connection goes half-open (the proxy drops every byte) and SIGTERM comes
+        assert proxy.stall() == 1
+        code, took = worker.stop(timeout=20)
+
+    # Then the worker leaves within the shutdown timeout plus the documented grace
+    print(f"RELIABILITY SIGTERM on a half-open connection: exit {code} after {took:.1f} s")
+    assert took < 2 + DRAIN_GRACE + 1, took
+    # and the broker requeues the unacked messages for the next worker: nothing lost
+    checker.drain(sleep=0.0)
+    checker.report("SIGTERM on a half-open connection", 1, duplicate_bound=0).check()
