@@ -123,6 +123,16 @@ async def wait_consumed(url: str, timeout: float = 30.0) -> None:
         await connection.close()
 
 
+async def delete_queue(url: str) -> None:
+    """Leave nothing behind on the broker."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(QUEUE)
+    finally:
+        await connection.close()
+
+
 # -- the callers -----------------------------------------------------------------------------
 
 
@@ -260,6 +270,7 @@ async def bench(url: str, server: str, rounds: int, seconds: float) -> dict[str,
         finally:
             process.terminate()
             process.wait(10)
+            await delete_queue(url)
     print(table(runs, server))
     return {"server": server, "rounds": rounds, "seconds": seconds, "runs": runs}
 
