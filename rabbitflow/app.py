@@ -1,4 +1,4 @@
-"""``App``: the consumer registry, lifespan hooks and ``publish()``."""
+"""``App``: the consumer registry, middleware, lifespan hooks, ``publish()`` and ``request()``."""
 
 from __future__ import annotations
 
@@ -8,21 +8,29 @@ import difflib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import structlog
 from aio_pika.abc import AbstractConnection
+from pydantic import BaseModel
 
 from rabbitflow.connection import connect, underlay
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.handler import Consumer, ExceptionTypes
+from rabbitflow.idempotency.guard import Guard
+from rabbitflow.idempotency.store import IdempotencyStore
+from rabbitflow.middleware import Middleware, name_of
 from rabbitflow.publisher import Publisher
+from rabbitflow.rpc import DEFAULT_TIMEOUT, Requester, read_reply
 from rabbitflow.schedule.entry import Schedule, default_name
 from rabbitflow.schedule.timing import Cron, Every, Timing
+from rabbitflow.state import State
 from rabbitflow.topology import Topology, load_topology
 from rabbitflow.urls import mask_url, resolve_url
 
 F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=BaseModel)
+MW = TypeVar("MW", bound=Middleware)
 Hook = Callable[[], Awaitable[None] | None]
 Lifespan = Callable[["App"], AbstractAsyncContextManager[Any]]
 
@@ -35,6 +43,9 @@ class App:
     ``topology`` is the path of ``topology.toml`` (``rabbitflow run --topology`` overrides it);
     ``url`` the broker (else ``--url``, ``RABBITFLOW_URL``, the file's ``[broker].url``).
     ``lifespan`` is an optional ``(app) -> async context manager`` wrapped around the run.
+    ``idempotency`` is the store of idempotent consumers (``rabbitflow.idempotency``).
+    ``state`` is what handlers read as ``app.state`` (default: an empty
+    :class:`~rabbitflow.state.State`; pass your own object for typed attributes).
     """
 
     def __init__(
@@ -44,18 +55,26 @@ class App:
         url: str | None = None,
         lifespan: Lifespan | None = None,
         name: str = "rabbitflow",
+        idempotency: IdempotencyStore | None = None,
+        state: Any = None,
     ) -> None:
         self.topology_path = Path(topology)
         self.url = url
         self.name = name
         self.lifespan = lifespan
+        self.idempotency = idempotency
+        self.state: Any = State() if state is None else state
         self.consumers: dict[str, Consumer] = {}
+        self.middleware: list[Middleware] = []
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []
         self.schedules: dict[str, Schedule] = {}
+        self.started = False
         self._publisher: Publisher | None = None
         self._connection: AbstractConnection | None = None
         self._connect_lock: asyncio.Lock | None = None
+        self._requester: Requester | None = None
+        self._requester_lock: asyncio.Lock | None = None
 
     # -- registration -----------------------------------------------------------------
 
@@ -65,15 +84,21 @@ class App:
         *,
         retry_on: ExceptionTypes = (),
         dead_letter_on: ExceptionTypes = (),
+        idempotent: bool | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated function as the handler of ``queue``; return it unchanged.
 
         ``retry_on`` limits delayed retries to these exception types (others are
         dead-lettered); ``dead_letter_on`` dead-letters these types without retrying.
+        ``idempotent=True`` runs the handler once per ``message_id`` (needs
+        ``App(idempotency=...)``); None leaves it to the queue's ``idempotent`` key.
         """
 
         def register(func: F) -> F:
-            self.add_consumer(Consumer(queue, func, tuple(retry_on), tuple(dead_letter_on)))
+            options = {} if idempotent is None else {"idempotent": idempotent}
+            self.add_consumer(
+                Consumer(queue, func, tuple(retry_on), tuple(dead_letter_on), options)
+            )
             return func
 
         return register
@@ -137,6 +162,27 @@ class App:
             raise ConfigurationError(f"two schedules are named {schedule.name!r}; pass name=...")
         self.schedules[schedule.name] = schedule
 
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Run ``middleware`` around every handler: ``async (message, call_next) -> result``.
+
+        The first added is the outermost. Refused once the app has started: each consumer's
+        chain is built once, when consuming starts."""
+        if self.started:
+            raise ConfigurationError(
+                f"cannot add middleware {name_of(middleware)} after the app has started; "
+                "add it before `rabbitflow run` (or TestApp) starts the app"
+            )
+        if not callable(middleware):
+            raise ConfigurationError(
+                f"middleware must be callable as (message, call_next), got {middleware!r}"
+            )
+        self.middleware.append(middleware)
+
+    def use(self, middleware: MW) -> MW:
+        """Decorator form of :meth:`add_middleware`; returns the function unchanged."""
+        self.add_middleware(middleware)
+        return middleware
+
     def on_startup(self, func: Hook) -> Hook:
         """Run ``func`` after the broker connection opens and before consuming starts."""
         self.startup_hooks.append(func)
@@ -167,11 +213,34 @@ class App:
         for queue in topology.queues:
             if queue not in self.consumers:
                 log.warning("queue has no handler; it is declared but not consumed", queue=queue)
+        for queue in self.consumers:
+            self.guard(queue, topology)
+
+    def is_idempotent(self, queue: str, topology: Topology) -> bool:
+        """The consumer's ``idempotent=`` if given, else the queue's ``idempotent`` key."""
+        chosen = self.consumers[queue].options.get("idempotent")
+        if chosen is None:
+            return topology.queues[queue].idempotent
+        return bool(chosen)
+
+    def guard(self, queue: str, topology: Topology) -> Guard | None:
+        """The idempotency guard of ``queue``'s handler; None when it is not idempotent."""
+        if not self.is_idempotent(queue, topology):
+            return None
+        if self.idempotency is None:
+            raise ConfigurationError(
+                f"the handler of queue {queue!r} is idempotent, but the app has no store: "
+                "App(..., idempotency=RedisStore(...)) (or PostgresStore, MemoryStore)"
+            )
+        return Guard(queue, self.idempotency)
 
     @contextlib.asynccontextmanager
     async def lifespan_context(self) -> AsyncIterator[None]:
         """Start-up hooks and ``lifespan`` around the run; a failing start-up is fatal."""
+        self.started = True
         async with contextlib.AsyncExitStack() as stack:
+            if self.idempotency is not None:
+                stack.push_async_callback(self._close_store, self.idempotency)
             if self.lifespan is not None:
                 await stack.enter_async_context(self.lifespan(self))
             for hook in self.startup_hooks:
@@ -184,6 +253,13 @@ class App:
                         await _call_hook(hook)
                     except Exception as exc:
                         log.error("shutdown hook failed", hook=_hook_name(hook), error=repr(exc))
+
+    @staticmethod
+    async def _close_store(store: IdempotencyStore) -> None:
+        try:
+            await store.close()
+        except Exception as exc:
+            log.error("closing the idempotency store failed", error=repr(exc))
 
     # -- publishing --------------------------------------------------------------------
 
@@ -232,6 +308,88 @@ class App:
             reply_to=reply_to,
         )
 
+    # -- request / reply -----------------------------------------------------------------
+
+    @overload
+    async def request(
+        self,
+        exchange: str,
+        routing_key: str,
+        payload: object,
+        *,
+        timeout: float = ...,
+        response_model: type[M],
+        headers: dict[str, Any] | None = ...,
+        message_id: str | None = ...,
+    ) -> M: ...
+    @overload
+    async def request(
+        self,
+        exchange: str,
+        routing_key: str,
+        payload: object,
+        *,
+        timeout: float = ...,
+        response_model: None = ...,
+        headers: dict[str, Any] | None = ...,
+        message_id: str | None = ...,
+    ) -> Any: ...
+    async def request(
+        self,
+        exchange: str,
+        routing_key: str,
+        payload: object,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        response_model: type[BaseModel] | None = None,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+    ) -> Any:
+        """Publish a request and return the handler's reply (contract section 7).
+
+        The reply comes over direct reply-to on this app's connection; any number of
+        requests may be in flight. With ``response_model`` the reply is validated into it;
+        without, JSON is parsed, text returned as ``str``, anything else as ``bytes``.
+        ``message_id`` (default: a new one) lets an idempotent handler recognise a repeat.
+        Raises :class:`~rabbitflow.RequestTimeout` after ``timeout`` seconds without a
+        reply, :class:`~rabbitflow.RemoteError` when the handler failed for good,
+        :class:`~rabbitflow.UnroutableError` when no queue takes the request, and
+        :class:`~rabbitflow.BrokerError` when the connection is lost while waiting."""
+        requester = await self._requester_for_connection()
+        reply = await requester.request(
+            exchange, routing_key, payload, timeout=timeout, headers=headers, message_id=message_id
+        )
+        return read_reply(reply, response_model)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests of :meth:`request` waiting for their reply."""
+        return 0 if self._requester is None else self._requester.in_flight
+
+    async def _requester_for_connection(self) -> Requester:
+        publisher = self._publisher
+        if publisher is None or not publisher.is_open:
+            publisher = await self._own_publisher()
+        requester = self._requester
+        if (
+            requester is not None
+            and requester.is_open
+            and requester.connection is publisher.connection
+        ):
+            return requester
+        if self._requester_lock is None:
+            self._requester_lock = asyncio.Lock()
+        async with self._requester_lock:
+            requester = self._requester
+            if (
+                requester is None
+                or not requester.is_open
+                or requester.connection is not publisher.connection
+            ):
+                # One reply consumer per connection: a new connection gets a new one.
+                self._requester = requester = await Requester.open(publisher.connection)
+            return requester
+
     async def _own_publisher(self) -> Publisher:
         # Outside ``rabbitflow run`` (a web app, a script) the app opens its own connection on
         # first publish, and again after it was lost.
@@ -256,6 +414,7 @@ class App:
 
     async def close(self) -> None:
         """Close the connection ``publish()`` opened, if any."""
+        self._requester = None
         if self._connection is not None:
             await self._connection.close()
             self._connection = None

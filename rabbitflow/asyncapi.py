@@ -3,7 +3,10 @@
 Channels are the topology's exchanges (AMQP binding ``is: routingKey``) and queues (``is:
 queue``), generated retry tiers and dead-letter queues included. Each consumer is a ``receive``
 operation on its queue; each exchange that reaches a consumer's queue a ``send`` operation.
-Message payloads are JSON Schemas from the handlers' pydantic models.
+Message payloads are JSON Schemas from the handlers' pydantic models. A handler that returns
+a value answers requests: its operation has a ``reply`` on the ``reply`` channel (RabbitMQ's
+direct reply-to, ``amq.rabbitmq.reply-to``), with the return annotation's schema and the
+error reply of a final failure.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from rabbitflow.app import App
 from rabbitflow.duration import format_duration
 from rabbitflow.handler import Consumer
 from rabbitflow.message import Message
+from rabbitflow.rpc import REPLY_TO
 from rabbitflow.topology.derived import BindingSpec, Declarations, QueueSpec, derive
 from rabbitflow.topology.model import Topology
 
@@ -72,8 +76,19 @@ def _first_annotation(consumer: Consumer) -> Any:
 
 def payload_of(consumer: Consumer) -> _Payload:
     """The message a handler accepts, from the annotation of its first parameter."""
-    annotation = _first_annotation(consumer)
-    fallback = key(consumer.queue)
+    return _payload_for(_first_annotation(consumer), key(consumer.queue))
+
+
+def reply_of(consumer: Consumer) -> _Payload | None:
+    """The reply a handler sends when called with ``reply_to``: its return annotation
+    (None when it returns nothing)."""
+    annotation = typing.get_type_hints(consumer.func).get("return", type(None))
+    if annotation in (None, type(None)):
+        return None
+    return _payload_for(annotation, key(f"{consumer.queue}.reply"))
+
+
+def _payload_for(annotation: Any, fallback: str) -> _Payload:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         schema = annotation.model_json_schema(ref_template="#/components/schemas/{model}")
         models = schema.pop("$defs", {})
@@ -110,6 +125,7 @@ class _Builder:
         self.messages: dict[str, dict[str, Any]] = {}
         self.schemas: dict[str, Any] = {}
         self.payloads = {queue: payload_of(consumer) for queue, consumer in app.consumers.items()}
+        self.replies = {queue: reply_of(consumer) for queue, consumer in app.consumers.items()}
 
     # -- channels ----------------------------------------------------------------------------
 
@@ -183,6 +199,55 @@ class _Builder:
         bound = ", ".join(_describe_binding(b) for b in bindings) or "nothing"
         return f"Work queue ({kind}); bound to {bound}."
 
+    def reply_channel(self) -> None:
+        if not any(self.replies.values()):
+            return
+        self.channels["reply"] = {
+            "address": REPLY_TO,
+            "title": "replies",
+            "description": (
+                "RabbitMQ's direct reply-to: the caller consumes this pseudo-queue and sends "
+                "each request with reply_to = amq.rabbitmq.reply-to; the handler's reply goes "
+                "to the default exchange with the address the broker wrote into reply_to, and "
+                "carries the request's correlation_id."
+            ),
+            "messages": {REPLY_ERROR: {"$ref": f"#/components/messages/{REPLY_ERROR}"}},
+            "bindings": {
+                "amqp": {
+                    "is": "queue",
+                    "queue": {
+                        "name": REPLY_TO,
+                        "durable": False,
+                        "exclusive": True,
+                        "autoDelete": True,
+                        "vhost": self.vhost,
+                    },
+                    "bindingVersion": AMQP_BINDING_VERSION,
+                }
+            },
+        }
+        self.messages[REPLY_ERROR] = _reply_error_message()
+
+    def _reply(self, queue: str) -> dict[str, Any] | None:
+        payload = self.replies[queue]
+        if payload is None:
+            return None
+        self.schemas.update(payload.models)
+        name = key(payload.name)
+        self.messages.setdefault(name, _message(payload))
+        self._attach("reply", name)
+        return {
+            "address": {
+                "location": "$message.header#/reply_to",
+                "description": "The AMQP reply_to property of the request.",
+            },
+            "channel": channel_ref("reply"),
+            "messages": [
+                {"$ref": f"#/channels/reply/messages/{name}"},
+                {"$ref": f"#/channels/reply/messages/{REPLY_ERROR}"},
+            ],
+        }
+
     # -- messages and operations -------------------------------------------------------------
 
     def consumer_messages(self) -> None:
@@ -240,6 +305,9 @@ class _Builder:
             }
             if config.timeout_ms is not None:
                 operation["x-rabbitflow-timeout"] = format_duration(config.timeout_ms)
+            reply = self._reply(queue)
+            if reply is not None:
+                operation["reply"] = reply
             self.operations[key(f"receive.{queue}")] = operation
 
     def _retry(self, queue: str) -> dict[str, Any]:
@@ -277,6 +345,7 @@ class _Builder:
     def document(self, title: str, version: str, server: dict[str, Any] | None) -> dict[str, Any]:
         self.exchange_channels()
         self.queue_channels()
+        self.reply_channel()
         self.consumer_messages()
         self.receive_operations()
         self.send_operations()
@@ -326,6 +395,34 @@ def _dead_letter_message(payload: _Payload) -> dict[str, Any]:
         "contentType": payload.content_type,
         "headers": {"type": "object", "properties": _CONTRACT_HEADERS},
         "payload": payload.schema,
+    }
+
+
+REPLY_ERROR = "rabbitflow.reply-error"
+
+
+def _reply_error_message() -> dict[str, Any]:
+    error = {
+        "type": "object",
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        "required": ["type", "message"],
+    }
+    return {
+        "name": REPLY_ERROR,
+        "title": "Error reply",
+        "summary": (
+            "The handler failed for good (the request is also in the DLQ); rabbitflow callers "
+            "raise it as rabbitflow.RemoteError."
+        ),
+        "contentType": "application/json",
+        "headers": {
+            "type": "object",
+            "properties": {
+                h.ERROR_TYPE: _CONTRACT_HEADERS[h.ERROR_TYPE],
+                h.ERROR_MESSAGE: _CONTRACT_HEADERS[h.ERROR_MESSAGE],
+            },
+        },
+        "payload": {"type": "object", "properties": {"error": error}, "required": ["error"]},
     }
 
 

@@ -1,4 +1,5 @@
-"""One delivery, top to bottom: decode → handler → plan → settle.
+"""One delivery, top to bottom: decode → (middleware, idempotency) → handler → reply → plan →
+settle.
 
 ``Dispatcher.__call__`` is the per-message hot path: it builds nothing per message beyond what
 the handler asks for (the :class:`Message` only when the handler takes one), reads no
@@ -12,6 +13,7 @@ import contextvars
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -26,10 +28,13 @@ from rabbitflow import headers as h
 from rabbitflow.breaker import CircuitBreaker
 from rabbitflow.errors import HandlerTimeout, Retry
 from rabbitflow.handler import Consumer, Signature
+from rabbitflow.idempotency.guard import SKIPPED, Guard, InProgress, Invoke
 from rabbitflow.logging import DELIVERY
 from rabbitflow.message import Message, read_attempt
+from rabbitflow.middleware import CallNext, Middleware, build_stack
 from rabbitflow.outcome import ACK, Action, OutcomePolicy, Plan
 from rabbitflow.payload import check_envelope
+from rabbitflow.rpc import Replier
 from rabbitflow.settle import Settler, parse_not_before
 from rabbitflow.telemetry import Telemetry
 from rabbitflow.tracing import Tracing, record_failure
@@ -48,6 +53,7 @@ class Dispatcher:
         "_executor",
         "_immediate",
         "_in_flight",
+        "_invoke",
         "_is_async",
         "_limit",
         "_limiter",
@@ -55,6 +61,7 @@ class Dispatcher:
         "_message_only",
         "_policy",
         "_queue",
+        "_replier",
         "_settler",
         "_span_name",
         "_span_static",
@@ -79,6 +86,9 @@ class Dispatcher:
         immediate_retries: int = 0,
         breaker: CircuitBreaker | None = None,
         telemetry: Telemetry,
+        middleware: Sequence[Middleware] = (),
+        guard: Guard | None = None,
+        replier: Replier | None = None,
     ) -> None:
         self._queue = consumer.queue
         self._call = consumer.func
@@ -102,6 +112,12 @@ class Dispatcher:
         self._span_name = f"process {consumer.queue}"
         self._span_static = Tracing.consume_attributes(consumer.queue)
         self._debug = _debug_enabled()
+        self._replier = replier
+        # The call chain is chosen once: the handler alone or under middleware, guarded or not.
+        invoke: Invoke = self._direct
+        if middleware:
+            invoke = _through(build_stack(middleware, self._endpoint), self._queue)
+        self._invoke = invoke if guard is None else guard.wrap(invoke)
 
     async def __call__(self, delivery: DeliveredMessage) -> None:
         task = asyncio.current_task()
@@ -199,7 +215,7 @@ class Dispatcher:
             check_envelope(
                 self._queue, delivery.body, delivery.header.properties.content_encoding, self._limit
             )
-            await self._run(self._arguments(delivery, attempt))
+            result = await self._invoke(delivery, attempt)
         except asyncio.CancelledError:
             # Shutdown or a lost connection: the delivery stays unacked and the broker
             # requeues it when the channel closes. Never reject it here.
@@ -216,15 +232,41 @@ class Dispatcher:
                 record_failure(span, exc)
             # A failure of the kind that is retried counts against the downstream even when
             # this message is not retried (attempts spent, retry = false); a Reject, a bad
-            # payload or a dead_letter_on type is the message's fault, not the downstream's.
-            self._record(self._policy.action_for(exc) is Action.RETRY)
+            # payload or a dead_letter_on type is the message's fault, not the downstream's;
+            # a duplicate waiting for its twin (InProgress) is nobody's.
+            retryable = self._policy.action_for(exc) is Action.RETRY
+            self._record(retryable and not isinstance(exc, InProgress))
+            if _final(plan) and delivery.header.properties.reply_to:
+                await self._reply_error(delivery, exc)
             return plan
         self._record(False)
+        if delivery.header.properties.reply_to and result is not SKIPPED:
+            await self._reply(delivery, result)
         return ACK
+
+    async def _reply(self, delivery: DeliveredMessage, result: Any) -> None:
+        # The request's reply goes out before the request is acked.
+        if self._replier is not None:
+            await self._replier.reply(delivery, result)
+
+    async def _reply_error(self, delivery: DeliveredMessage, exc: BaseException) -> None:
+        # Failed for good: the caller learns it now instead of waiting for its timeout.
+        if self._replier is not None:
+            await self._replier.reply_error(delivery, exc)
 
     def _record(self, failed: bool) -> None:
         if self._breaker is not None:
             self._breaker.record(failed)
+
+    def _direct(self, delivery: DeliveredMessage, attempt: int) -> Awaitable[Any]:
+        return self._run(self._arguments(delivery, attempt))
+
+    def _endpoint(self, message: Message) -> Awaitable[Any]:
+        # The innermost link of a middleware chain: decode, then the handler.
+        if self._message_only:
+            return self._run((message,))
+        value = self._decode(self._queue, message.body, message.content_type)
+        return self._run((value, message) if self._wants_message else (value,))
 
     def _arguments(self, delivery: DeliveredMessage, attempt: int) -> tuple[Any, ...]:
         if self._message_only:
@@ -249,7 +291,7 @@ class Dispatcher:
                 with trial:
                     attempt += 1
                     try:
-                        await self._run(self._arguments(delivery, attempt))
+                        result = await self._invoke(delivery, attempt)
                     except asyncio.CancelledError:
                         raise
                     except BaseException as error:
@@ -257,24 +299,23 @@ class Dispatcher:
                         if not _immediately_retryable(error, plan):
                             return plan
                         raise
+                    if delivery.header.properties.reply_to and result is not SKIPPED:
+                        await self._reply(delivery, result)
                     return ACK
         except RetryError:
             pass
         return plan
 
-    async def _run(self, args: tuple[Any, ...]) -> None:
+    async def _run(self, args: tuple[Any, ...]) -> Any:
         if self._timeout is None:
             if self._is_async:
-                await self._call(*args)
-            else:
-                await self._in_thread(args)
-            return
+                return await self._call(*args)
+            return await self._in_thread(args)
         try:
             async with asyncio.timeout(self._timeout) as scope:
                 if self._is_async:
-                    await self._call(*args)
-                else:
-                    await self._in_thread(args)
+                    return await self._call(*args)
+                return await self._in_thread(args)
         except TimeoutError:
             if scope.expired():
                 raise HandlerTimeout(self._queue, self._timeout) from None
@@ -292,6 +333,17 @@ def _debug_enabled() -> bool:
     # Chosen once per consumer: with DEBUG off the hot path pays one attribute test.
     is_enabled_for = getattr(log.bind(), "is_enabled_for", None)
     return bool(is_enabled_for(logging.DEBUG)) if callable(is_enabled_for) else True
+
+
+def _through(stack: CallNext, queue: str) -> Invoke:
+    def invoke(delivery: DeliveredMessage, attempt: int) -> Awaitable[Any]:
+        return stack(Message(delivery, queue, attempt))
+
+    return invoke
+
+
+def _final(plan: Plan) -> bool:
+    return plan.action is Action.DEAD_LETTER or plan.action is Action.DROP
 
 
 def _immediately_retryable(exc: BaseException, plan: Plan) -> bool:

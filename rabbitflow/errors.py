@@ -218,3 +218,25 @@ class Reject(RabbitflowError):
     def __init__(self, reason: str = "rejected by handler") -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class RequestTimeout(RabbitflowError):
+    """``app.request()`` got no reply within its ``timeout``."""
+
+    def __init__(self, exchange: str, routing_key: str, seconds: float) -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.seconds = seconds
+        super().__init__(
+            f"no reply to the request on exchange {exchange!r} with routing key "
+            f"{routing_key!r} within {seconds:g}s"
+        )
+
+
+class RemoteError(RabbitflowError):
+    """The handler of a request failed for good; ``type`` and ``message`` are its exception's."""
+
+    def __init__(self, type: str, message: str) -> None:
+        self.type = type
+        self.message = message
+        super().__init__(f"{type}: {message}" if message else type)

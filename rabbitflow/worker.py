@@ -33,6 +33,7 @@ from rabbitflow.outcome import OutcomePolicy
 from rabbitflow.publisher import Publisher
 from rabbitflow.repair import Repairer
 from rabbitflow.retries import TierMonitor
+from rabbitflow.rpc import Replier
 from rabbitflow.schedule import run_schedules
 from rabbitflow.settle import Acker, Settler
 from rabbitflow.streams import StreamOffsets
@@ -366,6 +367,9 @@ class Worker:
             immediate_retries=config.immediate_retries,
             breaker=breaker,
             telemetry=Telemetry.bind(self.metrics, consumer.queue, self.tracing),
+            middleware=self.app.middleware,
+            guard=self.app.guard(consumer.queue, self.topology),
+            replier=Replier(consumer.queue, publisher),
         )
         return dispatcher, acker
 

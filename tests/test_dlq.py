@@ -295,7 +295,8 @@ def test_replay_by_error_type_moves_only_those_and_resets_them(
     for number, message in zip((1, 3, 5), back, strict=True):
         assert message.correlation_id == f"c-{number}"
         assert message.headers[h.REPLAY_COUNT] == 1
-        assert h.ATTEMPT not in message.headers
+        # a fresh cycle: attempt 1, which also tells a later failure the origin is rabbitflow's
+        assert message.headers[h.ATTEMPT] == 1
         assert not [name for name in message.headers if name.startswith("rabbitflow-error-")]
         # The quorum work queue itself adds x-delivery-count to every delivery.
         assert {name for name in message.headers if name.startswith("x-")} <= {"x-delivery-count"}
@@ -428,6 +429,7 @@ def test_replay_headers_reset_the_failure_and_keep_the_rest() -> None:
     }
 
     assert replay_headers(old) == {
+        h.ATTEMPT: 1,
         h.REPLAY_COUNT: 5,
         h.FIRST_FAILED_AT: "2026-01-01T00:00:00Z",
         "traceparent": TRACEPARENT,

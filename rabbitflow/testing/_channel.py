@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 ConsumerCallback = Callable[[DeliveredMessage], Awaitable[Any]]
 NO_ROUTE = 312
+# Direct reply-to: the pseudo-queue a requester consumes from, and the prefix of the address
+# RabbitMQ writes into the reply_to of its requests.
+REPLY_TO = "amq.rabbitmq.reply-to"
+REPLY_PREFIX = REPLY_TO + "."
 
 
 @dataclass(eq=False, slots=True)
@@ -94,6 +98,8 @@ class MemoryChannel:
         self._publish_tag = 0
         self._prefetch = 0
         self._global_prefetch = 0
+        self._reply_consumer: Consumer | None = None
+        self.reply_address: str | None = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -120,6 +126,7 @@ class MemoryChannel:
         for consumer in list(self.consumers.values()):
             self.broker.remove_consumer(consumer)
         self.consumers.clear()
+        self._stop_replies()
         unacked, self._unacked = self._unacked, {}
         self.broker.settle([(entry.queue, entry.envelope, True) for entry in unacked.values()])
         if error is None:
@@ -152,7 +159,11 @@ class MemoryChannel:
         if not properties.message_id:
             properties.message_id = uuid.uuid4().hex  # aiormq gives every publish an id
         stored = roundtrip(properties)
+        if stored.reply_to == REPLY_TO:
+            stored.reply_to = self._reply_address()
         self._check_exchange(exchange)
+        if exchange == "" and routing_key.startswith(REPLY_PREFIX):
+            return self._reply(routing_key, body, stored, mandatory)
         result = self.broker.publish(exchange, routing_key, body, stored, mandatory=mandatory)
         if result.returned:
             self._return(exchange, routing_key, body, stored)
@@ -162,6 +173,68 @@ class MemoryChannel:
         if result.rejected:
             raise amqp_errors.DeliveryError(None, spec.Basic.Nack(delivery_tag=self._publish_tag))
         return spec.Basic.Ack(delivery_tag=self._publish_tag)
+
+    # -- direct reply-to ---------------------------------------------------------------------
+
+    def _reply_address(self) -> str:
+        """The address RabbitMQ puts in place of ``amq.rabbitmq.reply-to``: this channel's."""
+        if self.reply_address is None:
+            error = amqp_errors.ChannelPreconditionFailed(
+                "PRECONDITION_FAILED - fast reply consumer does not exist"
+            )
+            self.fail(error)
+            raise error
+        return self.reply_address
+
+    def _consume_replies(self, consumer: Consumer) -> None:
+        if not consumer.no_ack:
+            error = amqp_errors.ChannelPreconditionFailed(
+                "PRECONDITION_FAILED - reply consumer cannot acknowledge"
+            )
+            self.fail(error)
+            raise error
+        self._reply_consumer = consumer
+        self.reply_address = f"{REPLY_PREFIX}{uuid.uuid4().hex}"
+        self.broker.reply_channels[self.reply_address] = self
+
+    def _stop_replies(self) -> None:
+        if self.reply_address is not None:
+            self.broker.reply_channels.pop(self.reply_address, None)
+        self._reply_consumer = None
+        self.reply_address = None
+
+    def _reply(
+        self, address: str, body: bytes, properties: spec.Basic.Properties, mandatory: bool
+    ) -> spec.Basic.Ack | None:
+        # A reply goes straight to the requester's channel, or nowhere when it is gone. For the
+        # mandatory flag RabbitMQ counts a reply-to address as no queue: a mandatory reply is
+        # returned to its publisher even when it was delivered.
+        target = self.broker.reply_channels.get(address)
+        if target is not None:
+            target.deliver_reply(address, body, properties)
+        if mandatory:
+            self._return("", address, body, properties)
+        if not self.publisher_confirms:
+            return None
+        self._publish_tag += 1
+        return spec.Basic.Ack(delivery_tag=self._publish_tag)
+
+    def deliver_reply(self, address: str, body: bytes, properties: spec.Basic.Properties) -> None:
+        """Push a reply to this channel's ``amq.rabbitmq.reply-to`` consumer (no ack)."""
+        consumer = self._reply_consumer
+        if consumer is None:
+            return
+        self._delivery_tag += 1
+        frame = spec.Basic.Deliver(
+            consumer_tag=consumer.tag,
+            delivery_tag=self._delivery_tag,
+            redelivered=False,
+            exchange="",
+            routing_key=address,
+        )
+        header = ContentHeader(body_size=len(body), properties=roundtrip(properties))
+        message = DeliveredMessage(delivery=frame, header=header, body=body, channel=self)  # type: ignore[arg-type]
+        self.broker.run(consumer.callback(message))
 
     def _check_exchange(self, name: str) -> None:
         if name == "":
@@ -224,11 +297,15 @@ class MemoryChannel:
         timeout: float | None = None,
     ) -> spec.Basic.ConsumeOk:
         self._check_open()
-        target = self._queue(queue)
         tag = consumer_tag or f"amq.ctag-{uuid.uuid4().hex}"
         if tag in self.consumers:
             raise amqp_errors.DuplicateConsumerTag(tag)
         consumer = Consumer(tag, queue, self, consumer_callback, no_ack, self._prefetch)
+        if queue == REPLY_TO:
+            self._consume_replies(consumer)
+            self.consumers[tag] = consumer
+            return spec.Basic.ConsumeOk(consumer_tag=tag)
+        target = self._queue(queue)
         self.consumers[tag] = consumer
         self.broker.add_consumer(target, consumer)
         return spec.Basic.ConsumeOk(consumer_tag=tag)
@@ -239,7 +316,9 @@ class MemoryChannel:
         """Stop deliveries to a consumer; what it holds stays unacked on this channel."""
         self._check_open()
         consumer = self.consumers.pop(consumer_tag, None)
-        if consumer is not None:
+        if consumer is not None and consumer is self._reply_consumer:
+            self._stop_replies()
+        elif consumer is not None:
             self.broker.remove_consumer(consumer)
         return spec.Basic.CancelOk(consumer_tag=consumer_tag)
 

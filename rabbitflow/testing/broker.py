@@ -3,9 +3,10 @@
 Exchanges (direct, topic, fanout, headers, exchange-to-exchange bindings, the default
 exchange, alternate exchanges), queues with competing consumers and prefetch, ack / nack /
 reject with requeue, per-queue and per-message TTL, dead-lettering with ``x-death``,
-``x-max-length`` overflow, quorum ``x-delivery-limit``, mandatory returns and publisher
-confirms. Time is a :class:`~rabbitflow.testing.clock.VirtualClock`: TTLs expire when the test
-advances it. ``docs/testing.md`` lists what differs from RabbitMQ.
+``x-max-length`` overflow, quorum ``x-delivery-limit``, mandatory returns, publisher
+confirms and direct reply-to (``amq.rabbitmq.reply-to``). Time is a
+:class:`~rabbitflow.testing.clock.VirtualClock`: TTLs expire when the test advances it.
+``docs/testing.md`` lists what differs from RabbitMQ.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ class MemoryBroker:
         }
         self.queues: dict[str, MemoryQueue] = {}
         self.errors: list[BaseException] = []
+        # Direct reply-to: each channel consuming from amq.rabbitmq.reply-to, by its address.
+        self.reply_channels: dict[str, MemoryChannel] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pumping: set[str] = set()
 

@@ -59,6 +59,7 @@ class QueueConfig:
     single_active_consumer: bool = False
     consumer_timeout_ms: int | None = None
     stream_offset: StreamOffset = "next"
+    idempotent: bool = False
 
     @property
     def max_in_flight(self) -> int:
@@ -124,6 +125,7 @@ def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
             if table.consumer_timeout is not None
             else defaults.consumer_timeout
         ),
+        idempotent=table.idempotent,
     )
 
 

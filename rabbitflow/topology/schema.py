@@ -143,6 +143,7 @@ class QueueTable(_Table):
     single_active_consumer: bool = False
     consumer_timeout: Duration | None = None
     stream_offset: StreamOffset | None = None
+    idempotent: bool = False  # handle each message_id once (needs App(idempotency=...))
     arguments: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("prefetch", mode="before")

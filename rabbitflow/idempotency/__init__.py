@@ -1,0 +1,24 @@
+"""Idempotent consumers: each ``message_id`` handled once per queue, across redeliveries.
+
+``App(idempotency=RedisStore(...))`` and ``@app.consumer(queue, idempotent=True)`` (or
+``idempotent = true`` on the queue in ``topology.toml``). Stores share the
+:class:`IdempotencyStore` protocol; implement it for another database.
+"""
+
+from rabbitflow.idempotency.guard import SKIPPED, Guard, InProgress
+from rabbitflow.idempotency.memory import MemoryStore
+from rabbitflow.idempotency.postgres_store import PostgresStore
+from rabbitflow.idempotency.redis_store import RedisStore
+from rabbitflow.idempotency.store import ClaimResult, ClaimState, IdempotencyStore
+
+__all__ = [
+    "SKIPPED",
+    "ClaimResult",
+    "ClaimState",
+    "Guard",
+    "IdempotencyStore",
+    "InProgress",
+    "MemoryStore",
+    "PostgresStore",
+    "RedisStore",
+]
