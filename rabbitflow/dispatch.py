@@ -26,7 +26,7 @@ from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_random_
 from rabbitflow import clock
 from rabbitflow import headers as h
 from rabbitflow.breaker import CircuitBreaker
-from rabbitflow.errors import HandlerTimeout, Retry
+from rabbitflow.errors import HandlerTimeout
 from rabbitflow.handler import Consumer, Signature
 from rabbitflow.idempotency.guard import SKIPPED, Guard, InProgress, Invoke
 from rabbitflow.logging import DELIVERY
@@ -222,8 +222,8 @@ class Dispatcher:
             raise
         except BaseException as exc:
             plan = self._policy.decide(exc, attempt)
-            if self._immediate and _immediately_retryable(exc, plan):
-                plan = await self._retry_now(delivery, plan)
+            if self._immediate and self._policy.retries_now(exc, attempt):
+                plan = await self._retry_now(delivery, attempt, plan)
                 if plan is ACK:
                     self._record(False)
                     return ACK
@@ -276,16 +276,15 @@ class Dispatcher:
             return (value, Message(delivery, self._queue, attempt))
         return (value,)
 
-    async def _retry_now(self, delivery: DeliveredMessage, plan: Plan) -> Plan:
-        """In-process retries with short exponential backoff and jitter; each is an attempt.
-
-        Returns ``ACK`` when one succeeds, else the plan for the last failure."""
+    async def _retry_now(self, delivery: DeliveredMessage, attempt: int, plan: Plan) -> Plan:
+        """In-process retries after ``attempt`` failed (``plan``), with short exponential
+        backoff and jitter; each is an attempt. ``ACK`` when one succeeds, else the plan for
+        the last failure."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._immediate),
             wait=wait_random_exponential(multiplier=0.05, max=1.0),
             reraise=False,
         )
-        attempt = plan.attempt - 1  # the attempt that failed
         try:
             async for trial in retrying:
                 with trial:
@@ -296,7 +295,7 @@ class Dispatcher:
                         raise
                     except BaseException as error:
                         plan = self._policy.decide(error, attempt)
-                        if not _immediately_retryable(error, plan):
+                        if not self._policy.retries_now(error, attempt):
                             return plan
                         raise
                     if delivery.header.properties.reply_to and result is not SKIPPED:
@@ -344,8 +343,3 @@ def _through(stack: CallNext, queue: str) -> Invoke:
 
 def _final(plan: Plan) -> bool:
     return plan.action is Action.DEAD_LETTER or plan.action is Action.DROP
-
-
-def _immediately_retryable(exc: BaseException, plan: Plan) -> bool:
-    # An explicit Retry asks for a delay, and a timeout already took its full time.
-    return plan.action is Action.RETRY and not isinstance(exc, Retry | HandlerTimeout)

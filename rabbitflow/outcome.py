@@ -113,11 +113,14 @@ class OutcomePolicy:
         """The plan for a delivery whose handler failed on ``attempt``."""
         if self.action_for(exc) is Action.DEAD_LETTER:
             return self.dead_letter(exc, attempt, self._dead_letter_reason(exc))
-        if not self.retry.enabled or not self.routes.tiers:
+        if not self.retry.enabled:
             return self.dead_letter(exc, attempt, "retries disabled")
         if attempt >= self.retry.max_attempts:
             spent = f"max_attempts ({self.retry.max_attempts}) reached"
             return self.dead_letter(exc, attempt, spent)
+        if not self.routes.tiers:
+            # A stream has no tiers (a copy would be appended to it): attempts run in place.
+            return self.dead_letter(exc, attempt, "no retry tiers (attempts run in place)")
         wanted = self.retry.delay_for(attempt + 1)
         if isinstance(exc, Retry) and exc.delay_ms is not None:
             wanted = max(exc.delay_ms, 0)
@@ -139,6 +142,17 @@ class OutcomePolicy:
         # Hop through tiers that do not overshoot, so the message runs close to not-before.
         delay, tier = self.routes.tier_at_most(max(remaining_ms, 0))
         return Plan(Action.DEFER, "not before", attempt, None, tier, delay)
+
+    def retries_now(self, exc: BaseException, attempt: int) -> bool:
+        """Whether a failure on ``attempt`` may be retried in process (``immediate_retries``).
+
+        An explicit ``Retry`` asks for a delay, and a timeout already took its full time."""
+        return (
+            self.action_for(exc) is Action.RETRY
+            and self.retry.enabled
+            and attempt < self.retry.max_attempts
+            and not isinstance(exc, Retry | HandlerTimeout)
+        )
 
     def dead_letter(self, exc: BaseException | None, attempt: int, reason: str) -> Plan:
         """Dead-letter, or drop (loudly) when the queue has no DLQ."""
