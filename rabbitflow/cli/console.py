@@ -21,7 +21,13 @@ TOKEN_ENV = "RABBITFLOW_CONSOLE_TOKEN"
     "--url", metavar="URL", help="Broker URL (else RABBITFLOW_URL, the file, the default)."
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8025, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--port",
+    default=8025,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on.",
+)
 @click.option(
     "--token",
     envvar=TOKEN_ENV,
