@@ -32,7 +32,9 @@ HEADERS = {
     ),
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: with it browsers send "Origin: null" on the console's own form posts,
+    # which the CSRF check must refuse.
+    "Referrer-Policy": "same-origin",
 }
 
 
