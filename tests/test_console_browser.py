@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pytest
 from pydantic import BaseModel
 
 from rabbitflow import App
+from rabbitflow import headers as h
 from rabbitflow.console import ConsoleSettings, create_app
 from rabbitflow.worker import Worker, WorkerOptions
 
@@ -64,11 +66,12 @@ retry = false
 
 
 class PaymentDeclinedError(Exception):
-    pass
+    # Named as in an application's own module, for the screenshots in docs/.
+    __module__ = "billing.payments"
 
 
 class UpstreamTimeoutError(Exception):
-    pass
+    __module__ = "billing.clients"
 
 
 class OrderCreated(BaseModel):
@@ -217,12 +220,19 @@ async def test_failing_messages_are_replayed_from_the_page_until_the_dlq_is_empt
 
             # Then: the overview shows them without a reload (the table refreshes itself)
             await expect(dlq_cell).to_have_text("6", timeout=15_000)
+            # And: a queue nobody consumes, with a message waiting in its 1m tier
+            await _park(channel)
+            tier = page.locator('[data-tier="shipping.order-paid.retry.1m"]')
+            await expect(tier.locator(".count")).to_have_text("1", timeout=15_000)
+            assert (await tier.locator(".due").inner_text()).startswith("due in ≈")
+            ready = page.locator('tr[data-queue="shipping.order-paid"] td.num').first
+            assert await ready.inner_text() == "3"
             await page.screenshot(path=str(shots / "console-overview.png"), full_page=True)
 
             # And: the DLQ page groups them by error type
             await dlq_cell.click()
-            declined = f"{__name__}.PaymentDeclinedError"
-            timeout = f"{__name__}.UpstreamTimeoutError"
+            declined = "billing.payments.PaymentDeclinedError"
+            timeout = "billing.clients.UpstreamTimeoutError"
             groups = page.locator("#groups tbody tr")
             assert await groups.count() == 2
             assert await _group_count(page, declined) == "4"
@@ -298,6 +308,20 @@ async def test_the_page_asks_for_the_token_and_read_only_shows_no_button(
             assert "<b>not bold</b>" in await page.locator("#messages .body code").inner_text()
         finally:
             await browser.close()
+
+
+async def _park(channel: Any) -> None:
+    """Three orders ready in a queue without a consumer, one more in its 1m retry tier."""
+    for number in range(3):
+        await channel.default_exchange.publish(
+            aio_pika.Message(f'{{"order_id": {number}}}'.encode()),
+            routing_key="shipping.order-paid",
+        )
+    failed = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    headers = {h.ATTEMPT: 3, h.FIRST_FAILED_AT: failed, h.ERROR_TYPE: "KeyError"}
+    await channel.default_exchange.publish(
+        aio_pika.Message(b"{}", headers=headers), routing_key="shipping.order-paid.retry.1m"
+    )
 
 
 async def _group_count(page: Any, error_type: str) -> str:

@@ -71,7 +71,7 @@ async def queue_rows(console: Console, request: Request) -> Response:
 async def _overview_context(console: Console) -> dict[str, Any]:
     now = datetime.now(UTC)
     unacked: dict[str, int] | None = None
-    problem: str | None = "unacked needs --management-url (the RabbitMQ management plugin)"
+    problem: str | None = "no count without --management-url (the RabbitMQ management plugin)"
     if console.management is not None:
         answer = await console.management.unacked()
         problem = answer.problem
