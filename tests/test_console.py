@@ -6,9 +6,14 @@ request by request."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import aio_pika
@@ -254,15 +259,13 @@ async def test_replay_of_selected_messages_keeps_the_others_in_order(
     await dead_letter(vhost_url, *(failed(n, DECLINED) for n in range(1, 6)))
     http = await client()
     token = csrf((await http.get(f"/dlq/{Q}")).text)
-    form = [("csrf", token), ("scope", "selected"), ("key", "id:m-2"), ("key", "id:m-4")]
+    form: dict[str, Any] = {"csrf": token, "scope": "selected", "key": ["id:m-2", "id:m-4"]}
 
-    asked = await http.post(
-        f"/actions/replay/{Q}", data=dict(form[:3]) | {"key": ["id:m-2", "id:m-4"]}
-    )
+    asked = await http.post(f"/actions/replay/{Q}", data=form)
     assert "This moves <b>2</b> messages" in asked.text
     done = await http.post(
         f"/actions/replay/{Q}",
-        data={"csrf": token, "scope": "selected", "key": ["id:m-2", "id:m-4"], "confirm": "yes"},
+        data={**form, "confirm": "yes"},
     )
 
     assert done.status_code == 303
@@ -364,6 +367,57 @@ async def test_read_only_offers_no_action(client: Client, vhost_url: str) -> Non
 async def test_a_queue_outside_the_topology_is_not_served(client: Client) -> None:
     http = await client()
     assert (await http.get("/dlq/other.queue")).status_code == 404
+
+
+@contextlib.contextmanager
+def management_api(answer: list[dict[str, Any]]) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """A stand-in for RabbitMQ's management API on a free port: yields its URL and the
+    (path, Authorization header) of each request."""
+    seen: list[tuple[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization", "")))
+            body = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_unacked_counts_come_from_the_management_api(client: Client, vhost: str) -> None:
+    answer = [{"name": Q, "messages_unacknowledged": 7}, {"name": DLQ}]
+    with management_api(answer) as (url, seen):
+        http = await client(management_url=url)
+        page = (await http.get("/")).text
+    assert re.search(r'<td class="num"\s*>7</td>', _row(page, Q))
+    assert "no count without --management-url" not in page
+    path, auth = seen[0]
+    assert path.startswith(f"/api/queues/{vhost}?")
+    assert auth == "Basic " + base64.b64encode(b"guest:guest").decode()
+
+
+async def test_an_unreachable_management_api_is_named_and_the_rest_still_shows(
+    client: Client,
+) -> None:
+    http = await client(management_url="http://admin:hunter2@127.0.0.1:1/")
+    page = (await http.get("/")).text
+    assert "Unacked: management API at http://admin:***@127.0.0.1:1/: ConnectError" in page
+    assert "hunter2" not in page
+    assert f'href="/dlq/{Q}">0</a>' in page
 
 
 def test_oldest_due_of_a_first_retry_is_its_failure_plus_the_delay() -> None:

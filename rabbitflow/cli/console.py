@@ -9,6 +9,7 @@ import click
 
 from rabbitflow.cli import reports_errors
 from rabbitflow.errors import ConfigurationError
+from rabbitflow.logging import LogFormat, configure_logging
 from rabbitflow.topology import load_topology
 from rabbitflow.urls import resolve_url
 
@@ -48,6 +49,13 @@ TOKEN_ENV = "RABBITFLOW_CONSOLE_TOKEN"
     type=click.IntRange(min=1),
     help="How many messages of a DLQ the page reads and groups.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    default="auto",
+    show_default=True,
+    help="Of the audit lines; auto: console on a terminal, JSON otherwise.",
+)
 @reports_errors
 def console(
     file: str,
@@ -58,6 +66,7 @@ def console(
     read_only: bool,
     management_url: str | None,
     limit: int,
+    log_format: LogFormat,
 ) -> None:
     """Serve the operator console for the queues of FILE on http://HOST:PORT/.
 
@@ -89,6 +98,7 @@ def console(
         management_url=management_url,
         limit=limit,
     )
+    configure_logging(log_format)
     where = f"[{host}]" if ":" in host else host
     click.echo(
         f"rabbitflow console on http://{where}:{port}/" + (" (token required)" if token else "")
