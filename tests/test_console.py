@@ -186,6 +186,10 @@ async def test_dead_letters_are_grouped_by_error_type(client: Client, vhost_url:
     filtered = (await http.get(f"/dlq/{Q}", params={"error_type": TIMEOUT})).text
     assert "m-2" in filtered
     assert "m-1" not in _messages(filtered)
+    unset = (await http.get(f"/dlq/{Q}", params={"error_type": ""})).text  # "any" in the form
+    assert re.findall(r">(m-\d)</a>", _messages(unset)) == ["m-1", "m-2", "m-3", "m-4"]
+    none = (await http.get(f"/dlq/{Q}", params={"error_type": "(none)"})).text
+    assert re.findall(r">(m-\d)</a>", _messages(none)) == ["m-4"]
     older = (await http.get(f"/dlq/{Q}", params={"older_than": "150s"})).text
     assert "m-1" not in _messages(older)
     assert "m-3" in _messages(older)
@@ -284,6 +288,20 @@ async def test_replay_of_the_group_without_error_type(client: Client, vhost_url:
     assert done.status_code == 303
     assert await message_ids(vhost_url, Q) == ["m-1", "m-3"]
     assert await message_ids(vhost_url, DLQ) == ["m-2"]
+
+
+async def test_replay_all_moves_every_message_in_order(client: Client, vhost_url: str) -> None:
+    await dead_letter(vhost_url, failed(1, None), failed(2, DECLINED), failed(3, TIMEOUT))
+    http = await client()
+    form = {"csrf": csrf((await http.get(f"/dlq/{Q}")).text), "scope": "all"}
+
+    asked = await http.post(f"/actions/replay/{Q}", data=form)
+    done = await http.post(f"/actions/replay/{Q}", data={**form, "confirm": "yes"})
+
+    assert "This moves <b>3</b> messages" in asked.text
+    result = (await http.get(done.headers["location"])).text
+    assert f"moved 3 messages from {DLQ} to {Q}<" in result
+    assert await message_ids(vhost_url, Q) == ["m-1", "m-2", "m-3"]
 
 
 async def test_purge_asks_first_then_empties_the_dlq(client: Client, vhost_url: str) -> None:

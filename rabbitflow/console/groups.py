@@ -11,6 +11,8 @@ from rabbitflow.dlq import DeadLetter
 # Messages rabbitflow did not dead-letter itself (TTL, overflow, delivery-limit) have no
 # rabbitflow-error-type: they form one group, keyed by this value.
 NO_ERROR_TYPE = ""
+# How the DLQ page's error-type filter names that group ("" there means any error type).
+NO_ERROR_TYPE_FILTER = "(none)"
 
 
 def message_key(letter: DeadLetter) -> str:

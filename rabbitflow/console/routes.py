@@ -15,7 +15,13 @@ from starlette.routing import BaseRoute, Route
 from rabbitflow import dlq as ops
 from rabbitflow.console.actions import run_purge, run_replay
 from rabbitflow.console.app import Console
-from rabbitflow.console.groups import Filters, group_by_error, message_key
+from rabbitflow.console.groups import (
+    NO_ERROR_TYPE,
+    NO_ERROR_TYPE_FILTER,
+    Filters,
+    group_by_error,
+    message_key,
+)
 from rabbitflow.console.inventory import read_overview
 from rabbitflow.duration import parse_duration
 from rabbitflow.errors import RabbitflowError
@@ -100,9 +106,11 @@ def _filters(request: Request) -> Filters:
         except ValueError:
             raise HTTPException(400, f"{name}: {value!r} is not a duration like 5m or 2h") from None
 
-    error_type = params.get("error_type")
+    error_type = params.get("error_type") or None
+    if error_type == NO_ERROR_TYPE_FILTER:
+        error_type = NO_ERROR_TYPE
     return Filters(
-        error_type=error_type if "error_type" in params else None,
+        error_type=error_type,
         older_than=seconds("older_than"),
         newer_than=seconds("newer_than"),
         text=params.get("text", "").strip() or None,
