@@ -239,6 +239,17 @@ async def test_failing_messages_are_replayed_from_the_page_until_the_dlq_is_empt
             assert await _group_count(page, timeout) == "2"
             await page.screenshot(path=str(shots / "console-dlq.png"), full_page=True)
 
+            # And: the filters narrow the list; a message's page has its stack and headers
+            await page.locator('select[name="error_type"]').select_option(timeout)
+            await page.locator("#filters button").click()
+            rows = page.locator("#messages tbody tr")
+            assert await rows.count() == 2
+            await rows.first.locator("td.name a").click()
+            assert "UpstreamTimeoutError" in await page.locator("#stack").inner_text()
+            origin = page.locator("#headers tr", has_text="rabbitflow-origin-queue")
+            assert Q in await origin.inner_text()
+            await page.goto(f"{base}/dlq/{Q}")
+
             # When: the handler is fixed and the operator replays the PaymentDeclined group
             billing.fixed = True
             await page.locator(f'tr[data-error-type="{declined}"] button').click()
