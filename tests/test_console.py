@@ -29,6 +29,7 @@ from rabbitflow.console.inventory import oldest_due
 from rabbitflow.dlq import DeadLetter
 from rabbitflow.topology import Topology, derive, parse_topology
 from rabbitflow.topology.declare import declare
+from tests.rabbit import Rabbit
 
 pytestmark = pytest.mark.broker
 
@@ -380,6 +381,38 @@ async def test_read_only_offers_no_action(client: Client, vhost_url: str) -> Non
     assert "read-only" in page
     assert posted.status_code in (404, 405)
     assert await _dlq_depth(http) == 1
+
+
+async def test_the_on_call_user_of_operations_md_is_enough(
+    rabbit: Rabbit, vhost: str, topology: Topology, vhost_url: str
+) -> None:
+    # Given: the on-call user of docs/operations.md (read on DLQs only, write on amq.default)
+    user = f"oncall-{vhost}"
+    rabbit.ctl("add_user", user, "oncall-secret")
+    try:
+        rabbit.ctl("set_permissions", "-p", vhost, user, "^$", "^amq\\.default$", "^.*\\.dlq$")
+        await publish(vhost_url, f"{Q}.retry.10m", failed(1, TIMEOUT))
+        await dead_letter(vhost_url, failed(2, DECLINED))
+        url = vhost_url.replace("guest:guest@", f"{user}:oncall-secret@")
+        app = create_app(ConsoleSettings(url=url, topology=topology))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            # When: the overview (its tiers cannot be read) and a replay of the DLQ
+            page = (await http.get("/")).text
+            token = csrf((await http.get(f"/dlq/{Q}")).text)
+            form = {"csrf": token, "scope": "all", "confirm": "yes"}
+            done = await http.post(f"/actions/replay/{Q}", data=form)
+            result = (await http.get(done.headers["location"])).text
+        await app.state.console.link.close()
+    finally:
+        rabbit.ctl("delete_user", user, check=False)
+
+    # Then: counts are shown, the due time is said to be unreadable, the replay works
+    row = _row(page, Q)
+    assert f"no read permission on {Q}.retry.10m" in row
+    assert f'href="/dlq/{Q}">1</a>' in row
+    assert f"moved 1 message from {DLQ} to {Q}" in result
+    assert "oncall-secret" not in page + result
 
 
 async def test_a_queue_outside_the_topology_is_not_served(client: Client) -> None:

@@ -51,6 +51,8 @@ class Tier:
     delay: str
     depth: Depth
     oldest_due: Due | None
+    # Why the oldest due time is not shown although messages wait (no read permission).
+    due_unknown: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +103,15 @@ async def _tier(
     now: datetime,
 ) -> Tier:
     depth = await probe.depth(name, counts)
-    due = None
-    if depth.ready:
+    label = format_duration(delay_ms)
+    if not depth.ready:
+        return Tier(label, depth, None)
+    try:
         head = await probe.head(name)
-        if head is not None:
-            due = oldest_due(head, config, delay_ms, now)
-    return Tier(format_duration(delay_ms), depth, due)
+    except aiormq.exceptions.ChannelAccessRefused:
+        return Tier(label, depth, None, f"no read permission on {name}")
+    due = None if head is None else oldest_due(head, config, delay_ms, now)
+    return Tier(label, depth, due)
 
 
 def oldest_due(head: DeadLetter, config: QueueConfig, delay_ms: int, now: datetime) -> Due:
@@ -172,7 +177,8 @@ class _Prober:
             message = await target.get(no_ack=False, fail=False, timeout=5)
             return None if message is None else DeadLetter.from_delivery(1, message)
         finally:
-            await channel.close()
+            if not channel.is_closed:  # a refused basic.get (403) closes the channel
+                await channel.close()
 
     @contextlib.asynccontextmanager
     async def _using(self) -> AsyncIterator[AbstractChannel]:
