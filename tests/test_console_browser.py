@@ -194,6 +194,10 @@ async def test_failing_messages_are_replayed_from_the_page_until_the_dlq_is_empt
             viewport={"width": 1360, "height": 900},
         )
         page = await browser.new_page()
+        # Script errors and Content-Security-Policy violations are reported on the console.
+        problems: list[str] = []
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
         try:
             # Given: the overview is open (logged in with the token, which then leaves the URL)
             await page.goto(f"{base}/?token={TOKEN}")
@@ -278,6 +282,7 @@ async def test_failing_messages_are_replayed_from_the_page_until_the_dlq_is_empt
             assert await dlq_depth() == 0
             await page.reload()
             assert (await page.locator("#summary").inner_text()).startswith("empty")
+            assert problems == []
         finally:
             await browser.close()
             await connection.close()
@@ -328,7 +333,7 @@ async def _park(channel: Any) -> None:
             aio_pika.Message(f'{{"order_id": {number}}}'.encode()),
             routing_key="shipping.order-paid",
         )
-    failed = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    failed = (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
     headers = {h.ATTEMPT: 3, h.FIRST_FAILED_AT: failed, h.ERROR_TYPE: "KeyError"}
     await channel.default_exchange.publish(
         aio_pika.Message(b"{}", headers=headers), routing_key="shipping.order-paid.retry.1m"
