@@ -18,9 +18,10 @@ fi
 profile="$(mktemp -d)"
 trap 'rm -rf "$profile"' EXIT
 # As root Chromium refuses to start without --no-sandbox; the other flags keep it off the network.
-if "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-background-networking \
+dom="$("$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-background-networking \
   --disable-component-update --disable-sync --no-first-run --user-data-dir="$profile" \
-  --dump-dom 'data:text/html,<p>ok</p>' 2>/dev/null | grep -q '<p>ok</p>'; then
+  --dump-dom 'data:text/html,<p>ok</p>' 2>/dev/null || true)"
+if [[ "$dom" == *"<p>ok</p>"* ]]; then
   echo "chromium answers: $("$CHROMIUM" --version)"
 else
   echo "chromium does not start headless" >&2
