@@ -252,6 +252,7 @@ async def test_failing_messages_are_replayed_from_the_page_until_the_dlq_is_empt
             assert "UpstreamTimeoutError" in await page.locator("#stack").inner_text()
             origin = page.locator("#headers tr", has_text="rabbitflow-origin-queue")
             assert Q in await origin.inner_text()
+            await page.screenshot(path=str(shots / "console-message.png"), full_page=True)
             await page.goto(f"{base}/dlq/{Q}")
 
             # When: the handler is fixed and the operator replays the PaymentDeclined group

@@ -22,7 +22,7 @@ dom="$("$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-background-ne
   --disable-component-update --disable-sync --no-first-run --user-data-dir="$profile" \
   --dump-dom 'data:text/html,<p>ok</p>' 2>/dev/null || true)"
 if [[ "$dom" == *"<p>ok</p>"* ]]; then
-  echo "chromium answers: $("$CHROMIUM" --version)"
+  echo "chromium answers: $("$CHROMIUM" --version 2>/dev/null)"
 else
   echo "chromium does not start headless" >&2
   exit 1
