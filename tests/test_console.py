@@ -26,6 +26,7 @@ from rabbitflow import headers as h
 from rabbitflow.cli import _register, cli
 from rabbitflow.console import ConsoleSettings, create_app
 from rabbitflow.console.inventory import oldest_due
+from rabbitflow.console.reads import reads_are_counted, reads_left
 from rabbitflow.dlq import DeadLetter
 from rabbitflow.topology import Topology, derive, parse_topology
 from rabbitflow.topology.declare import declare
@@ -180,6 +181,7 @@ async def test_dead_letters_are_grouped_by_error_type(client: Client, vhost_url:
 
     page = (await http.get(f"/dlq/{Q}")).text
 
+    assert 'id="reads-warning"' not in page  # RabbitMQ 3.x: no default delivery limit
     groups = dict(
         re.findall(r'<tr data-error-type="([^"]*)">.*?class="num">(\d+)</td>', page, re.S)
     )
@@ -469,6 +471,17 @@ async def test_an_unreachable_management_api_is_named_and_the_rest_still_shows(
     assert "Unacked: management API at http://admin:***@127.0.0.1:1/: ConnectError" in page
     assert "hunter2" not in page
     assert f'href="/dlq/{Q}">0</a>' in page
+
+
+def test_reads_count_toward_the_delivery_limit_only_on_rabbitmq_4_quorum_queues() -> None:
+    quorum = {"x-queue-type": "quorum"}
+    assert reads_are_counted(4, "quorum", quorum)
+    assert not reads_are_counted(3, "quorum", quorum)
+    assert not reads_are_counted(4, "classic", {"x-queue-type": "classic"})
+    assert not reads_are_counted(4, "quorum", {**quorum, "x-delivery-limit": -1})
+    assert reads_left({"x-delivery-count": 7}) == 13
+    assert reads_left({}) == 20
+    assert reads_left({"x-delivery-count": 25}) == 0
 
 
 def test_oldest_due_of_a_first_retry_is_its_failure_plus_the_delay() -> None:

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aio_pika.abc import AbstractConnection
 from starlette.applications import Starlette
@@ -17,6 +18,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from rabbitflow import dlq as ops
 from rabbitflow.cli.dlq import format_age
 from rabbitflow.connection import connect
 from rabbitflow.console.actions import Outcome
@@ -79,6 +81,10 @@ class Console:
     # so a second reader of the same queue would see a part of it, or scramble its order.
     dlq_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     results: OrderedDict[str, tuple[str, Outcome]] = field(default_factory=OrderedDict)
+    # The last read of each DLQ (monotonic time, what it saw): a message's page and a
+    # confirmation reuse it for a while instead of reading the queue again, since every read
+    # is a delivery of each message read (see rabbitflow.console.reads).
+    reads: dict[str, tuple[float, ops.Peek]] = field(default_factory=dict)
 
     def remember(self, queue: str, outcome: Outcome) -> str:
         """Keep a result line for the page the action redirects to; returns its id."""
@@ -87,6 +93,12 @@ class Console:
         while len(self.results) > RESULTS_KEPT:
             self.results.popitem(last=False)
         return key
+
+    def dlq_arguments(self, queue: str) -> dict[str, Any]:
+        """The arguments the topology declares ``Q.dlq`` with."""
+        name = ops.queue_names(queue)[1]
+        specs = derive(self.settings.topology).queues
+        return next((dict(spec.arguments) for spec in specs if spec.name == name), {})
 
     def dead_lettered(self) -> list[str]:
         """Work queues of the topology that have a DLQ."""

@@ -16,6 +16,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from rabbitflow import headers as h
+from rabbitflow.console.reads import broker_major, reads_are_counted
 from rabbitflow.dlq import DeadLetter, _broker_call
 from rabbitflow.duration import format_duration
 from rabbitflow.settle import parse_not_before
@@ -77,13 +78,23 @@ async def read_overview(
     ``unacked`` maps queue names to their unacked counts, when the management API gave them."""
     now = now or datetime.now(UTC)
     counts = unacked or {}
-    routes = derive(topology).routes
+    declarations = derive(topology)
+    routes = declarations.routes
+    major = broker_major(connection)
+    # A look at a tier's head is a delivery; on RabbitMQ 4 the 20th sends a quorum tier's
+    # message back to its queue before its delay is up (see rabbitflow.console.reads).
+    unread = {
+        spec.name
+        for spec in declarations.queues
+        if spec.role == "retry"
+        and reads_are_counted(major, str(spec.arguments.get("x-queue-type")), spec.arguments)
+    }
     rows: list[QueueRow] = []
     async with _broker_call("reading queue depths"), _Prober(connection) as probe:
         for config in topology.queues.values():
             route = routes[config.name]
             tiers = [
-                await _tier(probe, config, delay, name, counts, now)
+                await _tier(probe, config, delay, name, counts, now, name not in unread)
                 for delay, name in sorted(route.tiers.items())
             ]
             dlq = None
@@ -101,11 +112,15 @@ async def _tier(
     name: str,
     counts: dict[str, int],
     now: datetime,
+    readable: bool,
 ) -> Tier:
     depth = await probe.depth(name, counts)
     label = format_duration(delay_ms)
     if not depth.ready:
         return Tier(label, depth, None)
+    if not readable:
+        why = "not read: on RabbitMQ 4 each look counts toward the quorum delivery limit"
+        return Tier(label, depth, None, why)
     try:
         head = await probe.head(name)
     except aiormq.exceptions.ChannelAccessRefused:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -23,11 +24,13 @@ from rabbitflow.console.groups import (
     message_key,
 )
 from rabbitflow.console.inventory import read_overview
+from rabbitflow.console.reads import DEFAULT_LIMIT, broker_major, reads_are_counted, reads_left
 from rabbitflow.duration import parse_duration
 from rabbitflow.errors import RabbitflowError
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 SCOPES = ("group", "selected", "all")
+REUSE_READ = 60.0
 
 
 def build(console: Console) -> list[BaseRoute]:
@@ -117,10 +120,27 @@ def _filters(request: Request) -> Filters:
     )
 
 
-async def _peek(console: Console, queue: str) -> ops.Peek:
+async def _peek(console: Console, queue: str, *, fresh: bool = True) -> ops.Peek:
+    """The DLQ's first messages: read now, or (``fresh=False``) as read less than
+    ``REUSE_READ`` seconds ago."""
+    kept = console.reads.get(queue)
+    if not fresh and kept is not None and time.monotonic() - kept[0] < REUSE_READ:
+        return kept[1]
     connection = await console.link.get()
     async with console.dlq_lock:
-        return await ops.peek(connection, queue, limit=console.settings.limit)
+        seen = await ops.peek(connection, queue, limit=console.settings.limit)
+    console.reads[queue] = (time.monotonic(), seen)
+    return seen
+
+
+async def _reads_left(console: Console, queue: str, seen: ops.Peek) -> int | None:
+    """How many more reads the most-read message survives, where reads are counted."""
+    connection = await console.link.get()
+    arguments = console.dlq_arguments(queue)
+    queue_type = str(arguments.get("x-queue-type", "classic"))
+    if not reads_are_counted(broker_major(connection), queue_type, arguments):
+        return None
+    return min((reads_left(m.headers) for m in seen.messages), default=DEFAULT_LIMIT)
 
 
 async def dlq_page(console: Console, request: Request) -> Response:
@@ -141,6 +161,7 @@ async def dlq_page(console: Console, request: Request) -> Response:
         "now": now,
         "key": message_key,
         "result": result[1] if result and result[0] == queue else None,
+        "reads_left": await _reads_left(console, queue, seen),
     }
     return console.templates.TemplateResponse(request, "dlq.html", context)
 
@@ -148,7 +169,7 @@ async def dlq_page(console: Console, request: Request) -> Response:
 async def message_page(console: Console, request: Request) -> Response:
     queue = _queue(console, request)
     key = str(request.path_params["key"])
-    seen = await _peek(console, queue)
+    seen = await _peek(console, queue, fresh=False)
     found = next((m for m in seen.messages if message_key(m) == key), None)
     if found is None:
         raise HTTPException(
@@ -212,7 +233,7 @@ async def _replay_count(
         async with console.dlq_lock:
             report = await ops.replay(connection, queue, error_type=error_type, dry_run=True)
         return report.moved
-    seen = await _peek(console, queue)
+    seen = await _peek(console, queue, fresh=False)
     if scope == "group":
         return sum(1 for m in seen.messages if m.error_type is None)
     return seen.count
@@ -228,5 +249,6 @@ def _client(request: Request) -> str:
 
 
 def _done(console: Console, queue: str, outcome: Any) -> Response:
+    console.reads.pop(queue, None)
     key = console.remember(queue, outcome)
     return RedirectResponse(f"/dlq/{quote(queue, safe='')}?result={key}", status_code=303)
