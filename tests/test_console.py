@@ -260,6 +260,23 @@ async def test_replay_of_a_group_asks_first_then_moves_only_that_group(
     assert await message_ids(vhost_url, DLQ) == ["m-2"]
 
 
+async def test_a_group_is_its_exact_error_type(client: Client, vhost_url: str) -> None:
+    # A bare name would match any module's class of that name in `dlq replay --error-type`.
+    await dead_letter(
+        vhost_url, failed(1, "KeyError"), failed(2, "app.errors.KeyError"), failed(3, "KeyError")
+    )
+    http = await client(limit=2)  # reads 2 of the 3: the count is a lower bound
+    form = {"csrf": csrf((await http.get(f"/dlq/{Q}")).text), "scope": "group"}
+    form["error_type"] = "KeyError"
+
+    asked = await http.post(f"/actions/replay/{Q}", data=form)
+    await http.post(f"/actions/replay/{Q}", data={**form, "confirm": "yes"})
+
+    assert "This moves at least <b>1</b> message" in asked.text
+    assert await message_ids(vhost_url, Q) == ["m-1", "m-3"]
+    assert await message_ids(vhost_url, DLQ) == ["m-2"]
+
+
 async def test_replay_of_selected_messages_keeps_the_others_in_order(
     client: Client, vhost_url: str
 ) -> None:

@@ -64,10 +64,16 @@ async def replay_where(
 async def replay_group(
     connection: AbstractConnection, queue: str, error_type: str
 ) -> ops.ReplayReport:
-    """Replay every message of one error group (``""``: those without an error type)."""
-    if error_type == NO_ERROR_TYPE:
-        return await replay_where(connection, queue, lambda m: m.error_type is None)
-    return await ops.replay(connection, queue, error_type=error_type)
+    """Replay every message of one error group (``""``: those without an error type).
+
+    The group is the exact error type: ``rabbitflow dlq replay --error-type KeyError`` also
+    takes ``app.errors.KeyError`` (a bare name matches any module), a group does not."""
+    return await replay_where(connection, queue, lambda m: in_group(m, error_type))
+
+
+def in_group(letter: ops.DeadLetter, error_type: str) -> bool:
+    """Whether ``letter`` belongs to the group of ``error_type`` (see :func:`group_by_error`)."""
+    return (letter.error_type or NO_ERROR_TYPE) == error_type
 
 
 async def replay_selected(

@@ -14,7 +14,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from rabbitflow import dlq as ops
-from rabbitflow.console.actions import run_purge, run_replay
+from rabbitflow.console.actions import in_group, run_purge, run_replay
 from rabbitflow.console.app import Console
 from rabbitflow.console.groups import (
     NO_ERROR_TYPE,
@@ -191,7 +191,7 @@ async def replay(console: Console, request: Request) -> Response:
     if scope == "selected" and not keys:
         raise HTTPException(400, "select at least one message")
     if form.get("confirm") != "yes":
-        count = await _replay_count(console, queue, scope, error_type, keys)
+        count, at_least = await _replay_count(console, queue, scope, error_type, keys)
         context = {
             "queue": queue,
             "action": "replay",
@@ -199,6 +199,8 @@ async def replay(console: Console, request: Request) -> Response:
             "error_type": error_type,
             "keys": sorted(keys),
             "count": count,
+            "at_least": at_least,
+            "read": console.settings.limit,
         }
         return console.templates.TemplateResponse(request, "confirm.html", context)
     connection = await console.link.get()
@@ -225,18 +227,17 @@ async def purge(console: Console, request: Request) -> Response:
 
 async def _replay_count(
     console: Console, queue: str, scope: str, error_type: str, keys: frozenset[str]
-) -> int:
+) -> tuple[int, bool]:
+    """How many messages the replay would move, and whether that is a lower bound (the DLQ
+    holds more than the console reads)."""
     if scope == "selected":
-        return len(keys)
+        return len(keys), False
     connection = await console.link.get()
-    if scope == "group" and error_type:
-        async with console.dlq_lock:
-            report = await ops.replay(connection, queue, error_type=error_type, dry_run=True)
-        return report.moved
+    if scope == "all":
+        return await ops.ready_count(connection, ops.queue_names(queue)[1]), False
     seen = await _peek(console, queue, fresh=False)
-    if scope == "group":
-        return sum(1 for m in seen.messages if m.error_type is None)
-    return seen.count
+    count = sum(1 for m in seen.messages if in_group(m, error_type))
+    return count, len(seen.messages) < seen.count
 
 
 def _check_csrf(console: Console, request: Request, submitted: str) -> None:
