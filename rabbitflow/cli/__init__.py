@@ -67,6 +67,9 @@ def _register() -> None:
     from rabbitflow.cli import docs
 
     cli.add_command(docs.docs)
+    from rabbitflow.cli import console
+
+    cli.add_command(console.console)
 
 
 def main(argv: list[str] | None = None) -> Any:
