@@ -141,7 +141,7 @@ class Dispatcher:
         started = time.perf_counter()
         if telemetry.tracing is None:
             try:
-                action = await self._settler.settle(delivery, await self._plan(delivery, attempt))
+                action = await self._settle(delivery, await self._plan(delivery, attempt))
             finally:
                 telemetry.in_flight.value -= 1
                 telemetry.duration.observe(time.perf_counter() - started)
@@ -170,7 +170,7 @@ class Dispatcher:
         token = otel_context.attach(set_span_in_context(span))
         try:
             plan = await self._plan(delivery, attempt, span)
-            return await self._settler.settle(delivery, plan)
+            return await self._settle(delivery, plan)
         finally:
             otel_context.detach(token)
             self._telemetry.in_flight.value -= 1
@@ -236,8 +236,6 @@ class Dispatcher:
             # a duplicate waiting for its twin (InProgress) is nobody's.
             retryable = self._policy.action_for(exc) is Action.RETRY
             self._record(retryable and not isinstance(exc, InProgress))
-            if _final(plan) and delivery.header.properties.reply_to:
-                await self._reply_error(delivery, exc)
             return plan
         self._record(False)
         if delivery.header.properties.reply_to and result is not SKIPPED:
@@ -249,8 +247,21 @@ class Dispatcher:
         if self._replier is not None:
             await self._replier.reply(delivery, result)
 
+    async def _settle(self, delivery: DeliveredMessage, plan: Plan) -> Action:
+        action = await self._settler.settle(delivery, plan)
+        # Failed for good, and its DLQ copy is confirmed: the caller of a request learns it
+        # now instead of waiting for its timeout.
+        if (
+            action is not Action.ACK
+            and action is plan.action
+            and _final(plan)
+            and plan.error is not None
+            and delivery.header.properties.reply_to
+        ):
+            await self._reply_error(delivery, plan.error)
+        return action
+
     async def _reply_error(self, delivery: DeliveredMessage, exc: BaseException) -> None:
-        # Failed for good: the caller learns it now instead of waiting for its timeout.
         if self._replier is not None:
             await self._replier.reply_error(delivery, exc)
 

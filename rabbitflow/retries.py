@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,9 @@ from rabbitflow.dlq import _as_int, _parse_time, _reading, _text, ready_count
 from rabbitflow.duration import format_duration
 from rabbitflow.metrics import Metrics
 from rabbitflow.topology.derived import QueueRoutes, dlq_name
+
+# The management API's queue depths of the vhost (see topology.management.queue_depths).
+Depths = Callable[[], Awaitable[dict[str, dict[str, int]]]]
 
 log = structlog.get_logger("rabbitflow.retries")
 
@@ -135,22 +139,34 @@ def _iso(when: datetime | None) -> str | None:
 
 class TierMonitor:
     """Publishes the depth of every consumed queue's tiers and DLQ as gauges, and warns about
-    a tier that holds the same messages for longer than twice its delay (a healthy tier
-    empties every message after its delay: RabbitMQ expires them in arrival order).
+    a tier whose messages cannot go back to their queue.
 
-    Depths come from passive declares on a channel of its own, so no management plugin is
-    needed; they count ready messages only (``rabbitflow retries list`` shows the messages)."""
+    A tier's messages expire after its delay and RabbitMQ dead-letters them back to the work
+    queue. When that cannot happen (the queue was deleted, a policy routes them nowhere), a
+    quorum tier keeps them as "waiting for dead-lettering" (at-least-once): no longer ready, so no
+    consumer and no AMQP method sees them. The management API counts them
+    (``messages_dlx``); a tier that keeps such messages for longer than twice its delay gets
+    a WARNING. Without the management API, depths come from passive declares (ready
+    messages only) and that case goes unseen (``rabbitflow retries list`` still shows what
+    is ready)."""
 
-    __slots__ = ("_interval", "_metrics", "_routes", "_since")
+    __slots__ = ("_depths", "_interval", "_metrics", "_routes", "_since", "_unavailable")
 
     def __init__(
-        self, routes: list[QueueRoutes], metrics: Metrics, *, interval: float = 30.0
+        self,
+        routes: list[QueueRoutes],
+        metrics: Metrics,
+        *,
+        interval: float = 30.0,
+        depths: Depths | None = None,
     ) -> None:
         self._routes = routes
         self._metrics = metrics
         self._interval = interval
-        # tier -> (count, monotonic time it was first seen with exactly that count)
-        self._since: dict[str, tuple[int, float]] = {}
+        self._depths = depths
+        self._unavailable = False
+        # tier -> monotonic time since when it holds messages waiting for dead-lettering
+        self._since: dict[str, float] = {}
 
     async def run(self, connection: aiormq.abc.AbstractConnection) -> None:
         """Sample every ``interval`` seconds until cancelled or the connection goes.
@@ -168,35 +184,58 @@ class TierMonitor:
             log.debug("tier monitor stopped", error=repr(exc))
 
     async def sample(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """One round: every tier and DLQ of the consumed queues."""
+        stats = await self._management()
         for routes in self._routes:
             for delay, tier in routes.tiers.items():
-                count = await _depth(channel, tier)
+                row = stats.get(tier) if stats is not None else None
+                count = row["messages"] if row is not None else await _depth(channel, tier)
                 if count is None:
                     return  # the channel was closed by a 404: next round, on a new one
-                self._metrics.tier_messages.labels(routes.queue, format_duration(delay)).set(count)
-                self._check(routes.queue, tier, delay, count)
+                label = format_duration(delay)
+                self._metrics.tier_messages.labels(routes.queue, label).set(count)
+                if row is not None:
+                    self._check(routes.queue, tier, delay, row["messages_dlx"])
             if routes.dead_letter_exchange is not None:
-                count = await _depth(channel, dlq_name(routes.queue))
+                name = dlq_name(routes.queue)
+                row = stats.get(name) if stats is not None else None
+                count = row["messages"] if row is not None else await _depth(channel, name)
                 if count is None:
                     return
                 self._metrics.dlq_messages.labels(routes.queue).set(count)
 
-    def _check(self, queue: str, tier: str, delay_ms: int, count: int) -> None:
+    async def _management(self) -> dict[str, dict[str, int]] | None:
+        if self._depths is None:
+            return None
+        try:
+            stats = await self._depths()
+        except Exception as exc:
+            if not self._unavailable:
+                log.info(
+                    "management API not available: tier depths from passive declares, "
+                    "stuck tiers not detected",
+                    error=str(exc),
+                )
+            self._unavailable = True
+            return None
+        self._unavailable = False
+        return stats
+
+    def _check(self, queue: str, tier: str, delay_ms: int, waiting: int) -> None:
         now = time.monotonic()
-        seen = self._since.get(tier)
-        if count == 0 or seen is None or seen[0] != count:
-            self._since[tier] = (count, now)
+        if waiting == 0:
+            self._since.pop(tier, None)
             return
-        stuck_for = now - seen[1]
-        if stuck_for > 2 * delay_ms / 1000 and stuck_for >= self._interval:
+        since = self._since.setdefault(tier, now)
+        if now - since >= 2 * delay_ms / 1000 and now - since >= self._interval:
             log.warning(
-                "retry tier holds the same messages for longer than twice its delay: they are "
-                "not expiring back to their queue (a policy overriding the tier's TTL or "
-                "dead-lettering? see `rabbitflow retries list`)",
+                "messages in a retry tier expired but cannot go back to their queue (deleted? a "
+                "policy?): the broker keeps them in the tier and retries; declare the topology "
+                "again (`rabbitflow topology declare`) or check `rabbitflow topology plan`",
                 queue=queue,
                 tier=tier,
-                messages=count,
-                stuck_for_s=round(stuck_for),
+                messages=waiting,
+                for_s=round(now - since),
             )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import Awaitable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -41,6 +42,7 @@ from rabbitflow.streams.offsets import Callback
 from rabbitflow.telemetry import Telemetry
 from rabbitflow.topology import Declarations, Topology, derive
 from rabbitflow.topology.declare import declare, verify
+from rabbitflow.topology.management import management_url, queue_depths, vhost_of
 from rabbitflow.tracing import get_tracing
 from rabbitflow.urls import mask_url
 
@@ -134,7 +136,11 @@ class Worker:
             may_declare=options.declare,
         )
         self.tier_monitor = TierMonitor(
-            [self.declarations.routes[queue] for queue in app.consumers], self.metrics
+            [self.declarations.routes[queue] for queue in app.consumers],
+            self.metrics,
+            depths=functools.partial(
+                queue_depths, management_url(options.url), vhost_of(options.url)
+            ),
         )
         self._warn_timeouts()
 

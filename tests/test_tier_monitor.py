@@ -1,0 +1,101 @@
+"""The tier monitor on a real broker: gauges, and a tier whose messages cannot go back."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from pathlib import Path
+
+import aio_pika
+import aiormq
+import pytest
+from structlog.testing import capture_logs
+
+from rabbitflow.metrics import Metrics
+from rabbitflow.retries import TierMonitor
+from rabbitflow.topology import derive, load_topology
+from rabbitflow.topology.declare import declare
+from rabbitflow.topology.management import management_url, queue_depths, vhost_of
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+async def test_a_tier_whose_messages_cannot_go_back_is_reported(
+    tmp_path: Path, vhost_url: str
+) -> None:
+    # Given a quorum queue deleted by an operator while two copies wait in its 100 ms tier
+    path = tmp_path / "topology.toml"
+    path.write_text('[queues.full]\nretry = { delays = ["100ms"] }\n')
+    declarations = derive(load_topology(path))
+    connection = await aio_pika.connect(vhost_url)
+    try:
+        await declare(connection, declarations)
+        channel = await connection.channel()
+        await channel.queue_delete("full")
+        for _ in range(2):
+            await channel.default_exchange.publish(
+                aio_pika.Message(b"{}"), routing_key="full.retry.100ms"
+            )
+    finally:
+        await connection.close()
+
+    # When the monitor samples the tier twice, more than twice its delay apart (the
+    # management statistics lag by up to 5 s)
+    metrics = Metrics()
+    depths = functools.partial(queue_depths, management_url(vhost_url), vhost_of(vhost_url))
+    monitor = TierMonitor([declarations.routes["full"]], metrics, interval=0.1, depths=depths)
+    amqp = await aiormq.connect(vhost_url)
+    try:
+        with capture_logs() as logs:
+            for _ in range(40):
+                await monitor.sample(await amqp.channel())
+                if any(line["log_level"] == "warning" for line in logs):
+                    break
+                await asyncio.sleep(0.5)
+    finally:
+        await amqp.close()
+
+    # Then it warns that the tier's messages cannot go back to `full` (the tier dead-letters
+    # at-least-once, so it keeps them and retries), and the gauge counts
+    # them (they are no longer ready: a passive declare would say 0)
+    [warning] = [line for line in logs if line["log_level"] == "warning"]
+    assert warning["tier"] == "full.retry.100ms"
+    assert warning["messages"] == 2
+    assert 'rabbitflow_retry_tier_messages{queue="full",tier="100ms"} 2' in metrics.render()
+
+
+async def test_without_the_management_api_depths_come_from_passive_declares(
+    tmp_path: Path, vhost_url: str
+) -> None:
+    # Given a queue with a 1 h tier holding one message, and a management URL that answers
+    # nothing
+    path = tmp_path / "topology.toml"
+    path.write_text('[queues.slow]\nretry = { delays = ["1h"] }\n')
+    declarations = derive(load_topology(path))
+    connection = await aio_pika.connect(vhost_url)
+    try:
+        await declare(connection, declarations)
+        channel = await connection.channel()
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key="slow.retry.1h")
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key="slow.dlq")
+    finally:
+        await connection.close()
+    metrics = Metrics()
+    nowhere = functools.partial(queue_depths, "http://guest:guest@127.0.0.1:9/", "/")
+    monitor = TierMonitor([declarations.routes["slow"]], metrics, depths=nowhere)
+
+    # When it samples
+    amqp = await aiormq.connect(vhost_url)
+    try:
+        with capture_logs() as logs:
+            await monitor.sample(await amqp.channel())
+    finally:
+        await amqp.close()
+
+    # Then it says once that it falls back, and the gauges still count the ready messages
+    assert [line["event"] for line in logs if line["log_level"] == "info"] == [
+        "management API not available: tier depths from passive declares, stuck tiers not detected"
+    ]
+    rendered = metrics.render()
+    assert 'rabbitflow_retry_tier_messages{queue="slow",tier="1h"} 1' in rendered
+    assert 'rabbitflow_dlq_messages{queue="slow"} 1' in rendered
