@@ -200,7 +200,7 @@ BAD: list[tuple[str, str, str]] = [
     (
         "a TOML date as an argument",
         '[exchanges.e]\ntype = "topic"\narguments = { since = 2024-01-01 }\n',
-        "exchanges.e.arguments.\"since\": a TOML date cannot be sent; use a full date-time or a "
+        'exchanges.e.arguments."since": a TOML date cannot be sent; use a full date-time or a '
         "string",
     ),
     (
@@ -212,7 +212,7 @@ BAD: list[tuple[str, str, str]] = [
     (
         "x-max-priority over 255",
         '[queues.a]\nqueue_type = "classic"\narguments = { "x-max-priority" = 256 }\n',
-        "queues.a.arguments.\"x-max-priority\": 256 is over RabbitMQ's highest priority, 255",
+        'queues.a.arguments."x-max-priority": 256 is over RabbitMQ\'s highest priority, 255',
     ),
     (
         "generated name too long",
