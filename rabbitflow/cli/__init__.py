@@ -1,8 +1,13 @@
-"""The ``rabbitflow`` command line."""
+"""The ``rabbitflow`` command line.
+
+Subcommands are imported when they run, not before: ``rabbitflow --help`` and ``topology
+validate`` never load aio-pika or OpenTelemetry (docs/performance.md, "CLI start-up")."""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -15,24 +20,99 @@ from rabbitflow.errors import RabbitflowError
 P = ParamSpec("P")
 T = TypeVar("T")
 
+# name: (module, attribute, one-line help shown by `rabbitflow --help`). The one-line help is
+# the first sentence of the command's own help (tests/test_cli_help.py keeps them equal).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "dlq": ("rabbitflow.cli.dlq", "dlq", "Inspect, replay and purge dead-letter queues."),
+    "docs": ("rabbitflow.cli.docs", "docs", "Generate documentation from an app and its topology."),
+    "publish": ("rabbitflow.cli.publish", "publish", "Publish BODY with publisher confirms."),
+    "run": ("rabbitflow.cli.run", "run", "Consume the queues of MODULE:APP."),
+    "topology": (
+        "rabbitflow.cli.topology",
+        "topology",
+        "Validate, plan, declare and export a topology.toml.",
+    ),
+}
+# aiormq's exception reprs: <ChannelNotFoundEntity: The client attempted ...: "NOT_FOUND - ...">
+_CLIENT_REPR = re.compile(r"<[A-Za-z]+: [^<>]*?: (['\"])(.*?)\1>")
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands in :data:`COMMANDS` are imported only when used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            module, attr, _ = COMMANDS[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.commands:
+                command = self.commands[name]
+                if command.hidden:
+                    continue
+                rows.append((name, command.get_short_help_str(formatter.width)))
+            else:
+                rows.append((name, COMMANDS[name][2]))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def plain(text: str) -> str:
+    """``text`` with aiormq exception reprs replaced by the broker's own reply."""
+    return _CLIENT_REPR.sub(r"\2", text)
+
 
 def reports_errors(func: Callable[P, T]) -> Callable[P, T]:
-    """Print an expected rabbitflow error as one line and exit 1.
+    """Print an expected error as one ``error:`` line and exit 1.
 
-    ``rabbitflow --debug`` shows the traceback instead."""
+    Expected errors are rabbitflow's own and a broker's refusal reaching us raw from the AMQP
+    client. ``rabbitflow --debug`` shows the traceback instead."""
 
     @wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return func(*args, **kwargs)
-        except RabbitflowError as exc:
+        except Exception as exc:
+            if not isinstance(exc, RabbitflowError) and not _from_client(exc):
+                raise
             ctx = click.get_current_context(silent=True)
             if ctx is not None and ctx.find_root().params.get("debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            message = plain(str(exc)) if isinstance(exc, RabbitflowError) else _refusal(exc)
+            click.echo(f"error: {message}", err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def _from_client(exc: BaseException) -> bool:
+    # Checked by module name so that commands which never connect do not import aiormq.
+    return type(exc).__module__.startswith(("aiormq", "pamqp"))
+
+
+def _refusal(exc: BaseException) -> str:
+    reason = plain(str(exc)) or type(exc).__name__
+    return f"the broker refused the operation: {reason}"
+
+
+def amqp_name(kind: str) -> Callable[[click.Context, click.Parameter, str], str]:
+    """A click callback refusing a queue or exchange name the AMQP client would refuse."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        from rabbitflow.topology.wire import ALLOWED_FORM, name_problems
+
+        for message, _ in name_problems(value, kind):
+            raise click.BadParameter(f"{value!r}: {message} (use {ALLOWED_FORM})")
+        return value
+
+    return check
 
 
 def quiet_client_logs() -> None:
@@ -43,30 +123,25 @@ def quiet_client_logs() -> None:
         logger = logging.getLogger(name)
         if not logger.handlers:
             logger.addHandler(logging.NullHandler())
+        logger.propagate = False
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for expected errors.")
-@click.version_option(package_name="rabbitflow")
+@click.version_option(package_name="rabbitflow", message="%(prog)s %(version)s")
 def cli(debug: bool) -> None:
-    """rabbitflow: declarative RabbitMQ consumers."""
+    """Declarative RabbitMQ consumers: topology as code, typed handlers, retries and DLQs.
+
+    Check a topology with "rabbitflow topology validate", declare it with "rabbitflow topology
+    declare", then consume with "rabbitflow run MODULE:APP". Every command has --help."""
 
 
 def _register() -> None:
-    from rabbitflow.cli import publish, run, topology
-
-    cli.add_command(topology.topology)
-    cli.add_command(run.run)
-    cli.add_command(publish.publish)
-    from rabbitflow.cli import dlq
-
-    cli.add_command(dlq.dlq)
-    from rabbitflow.cli import docs
-
-    cli.add_command(docs.docs)
+    """Import every subcommand now (the docs generator and tests walk them all)."""
+    for name in COMMANDS:
+        cli.get_command(click.Context(cli), name)
 
 
 def main(argv: list[str] | None = None) -> Any:
     """Console entry point."""
-    _register()
     return cli.main(args=argv, prog_name="rabbitflow")
