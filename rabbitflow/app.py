@@ -10,12 +10,12 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
 from aio_pika.abc import AbstractConnection
 
 from rabbitflow.connection import connect, underlay
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.handler import Consumer, ExceptionTypes
+from rabbitflow.logging import get_logger
 from rabbitflow.publisher import Publisher
 from rabbitflow.topology import Topology, load_topology
 from rabbitflow.urls import mask_url, resolve_url
@@ -24,7 +24,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 Hook = Callable[[], Awaitable[None] | None]
 Lifespan = Callable[["App"], AbstractAsyncContextManager[Any]]
 
-log = structlog.get_logger("rabbitflow.app")
+log = get_logger("rabbitflow.app")
 
 
 class App:

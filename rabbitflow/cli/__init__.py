@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Validate, plan, declare and export a topology.toml.",
     ),
 }
+CLIENT_LOGGERS = ("aio_pika", "aiormq")
 # aiormq's exception reprs: <ChannelNotFoundEntity: The client attempted ...: "NOT_FOUND - ...">
 _CLIENT_REPR = re.compile(r"<[A-Za-z]+: [^<>]*?: (['\"])(.*?)\1>")
 
@@ -116,10 +117,12 @@ def amqp_name(kind: str) -> Callable[[click.Context, click.Parameter, str], str]
 
 
 def quiet_client_logs() -> None:
-    """Leave connection-failure reporting to our one-line error, not aiormq's own log."""
+    """Leave connection-failure reporting to our one-line error, not aiormq's own log.
+
+    ``rabbitflow run --log-level debug`` shows them again (rabbitflow.logging)."""
     # aio-pika and aiormq log connection failures themselves; without a handler Python would
     # print them to stderr next to our one-line error.
-    for name in ("aio_pika", "aiormq"):
+    for name in CLIENT_LOGGERS:
         logger = logging.getLogger(name)
         if not logger.handlers:
             logger.addHandler(logging.NullHandler())
@@ -144,4 +147,5 @@ def _register() -> None:
 
 def main(argv: list[str] | None = None) -> Any:
     """Console entry point."""
+    quiet_client_logs()
     return cli.main(args=argv, prog_name="rabbitflow")
