@@ -13,6 +13,7 @@ from opentelemetry import trace
 from structlog.typing import EventDict, WrappedLogger
 
 LogFormat = Literal["json", "console", "auto"]
+_renders_json = False
 _SECRET_IN_URL = re.compile(r"(amqps?://[^:/@\s]+:)[^@\s]+@")
 
 
@@ -78,6 +79,11 @@ def get_logger(name: str) -> Any:
     return _Logger(name)
 
 
+def renders_json() -> bool:
+    """Whether :func:`configure_logging` chose JSON lines (False before it is called)."""
+    return _renders_json
+
+
 def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
     """Configure structlog (and the stdlib loggers of aio-pika/aiormq) for a worker process.
 
@@ -85,7 +91,9 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
     cost one no-op call: the bound logger is built for the level once.
     """
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    global _renders_json
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    _renders_json = use_json
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json

@@ -31,6 +31,7 @@ from rabbitflow.metrics import Metrics
 from rabbitflow.outcome import OutcomePolicy
 from rabbitflow.publisher import Publisher
 from rabbitflow.settle import Acker, Settler
+from rabbitflow.summary import log_summary, warn_if_idle
 from rabbitflow.telemetry import Telemetry
 from rabbitflow.topology import Declarations, Topology, derive
 from rabbitflow.topology.declare import declare, verify
@@ -184,6 +185,7 @@ class Worker:
             declare=self.options.declare,
             tracing=self.tracing.enabled,
         )
+        warn_if_idle(self)
         # While the worker's connection is down (reconnecting, or closed before the shutdown
         # hooks run), app.publish() opens the app's own: it must go to the same broker.
         self.app.url = self.options.url
@@ -292,6 +294,8 @@ class Worker:
             return not self._stopping.is_set()
         self.ready = True
         log.info("consuming", queues=sorted(self.app.consumers))
+        if not self.reconnections:
+            log_summary(self, str(amqp.server_properties.get("version") or "") or None)
         lost = await self._wait_until_lost_or_stopped(session, amqp)
         self.ready = False
         if lost:
