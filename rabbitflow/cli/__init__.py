@@ -133,7 +133,9 @@ def quiet_client_logs() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks for expected errors.")
 @click.version_option(package_name="rabbitflow", message="%(prog)s %(version)s")
 def cli(debug: bool) -> None:
-    """Declarative RabbitMQ consumers: topology as code, typed handlers, retries and DLQs.
+    """rabbitflow: declarative RabbitMQ consumers.
+
+    Topology as code, typed handlers, delayed retries and dead-letter queues built in.
 
     Check a topology with "rabbitflow topology validate", declare it with "rabbitflow topology
     declare", then consume with "rabbitflow run MODULE:APP". Every command has --help."""

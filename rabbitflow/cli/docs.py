@@ -42,8 +42,10 @@ def asyncapi(
     title: str | None,
     doc_version: str,
 ) -> None:
-    """Print an AsyncAPI 3.0.0 document (JSON) of MODULE:APP: exchanges and queues as
-    channels with AMQP bindings, handlers as receive operations, payloads as JSON Schema."""
+    """Print an AsyncAPI 3.0.0 document (JSON) of MODULE:APP.
+
+    Exchanges and queues become channels with AMQP bindings, handlers receive operations, and
+    payloads JSON Schema."""
     try:
         app = load_app(target)
     except UserImportError as exc:
