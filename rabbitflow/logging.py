@@ -127,8 +127,18 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
     # The CLI silences the AMQP client (rabbitflow reports connection trouble itself, once);
     # at debug level its lines are shown too, rendered like ours.
     if numeric <= logging.DEBUG:
+        client_handler = logging.StreamHandler(sys.stderr)
+        client_handler.setFormatter(handler.formatter)
+        client_handler.addFilter(_as_debug)
         for name in ("aio_pika", "aiormq"):
             client = logging.getLogger(name)
-            client.handlers = [handler]
+            client.handlers = [client_handler]
             client.setLevel(logging.DEBUG)
             client.propagate = False
+
+
+def _as_debug(record: logging.LogRecord) -> bool:
+    # The client's "error when creating transport" is a detail of rabbitflow's own warning
+    # ("broker unreachable; retrying"): shown at debug level, as debug.
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return True
