@@ -81,6 +81,12 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("plan: unreachable", ["topology", "plan", "--url", UNREACHABLE], 1, "127.0.0.1"),
     ("export: no format", ["topology", "export"], 2, "--format"),
     ("export: unknown format", ["topology", "export", "--format", "xml"], 2, "xml"),
+    (
+        "export: unwritable output",
+        ["topology", "export", "--format", "mermaid", "-o", "/nonexistent/dir/topology.md"],
+        1,
+        "cannot write '/nonexistent/dir/topology.md'",
+    ),
     ("run: no colon", ["run", "badapp"], 1, "must be"),
     ("run: missing module", ["run", "nosuchmodule:app", "--url", UNREACHABLE], 1, "could not"),
     ("run: missing attribute", ["run", "badapp:nope", "--url", UNREACHABLE], 1, "no attribute"),
@@ -137,6 +143,12 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ),
     ("docs: not an app", ["docs", "asyncapi", "badapp:Order"], 1, "not a rabbitflow App"),
     ("docs: missing module", ["docs", "asyncapi", "nosuchmodule:app"], 1, "could not import"),
+    (
+        "docs: unwritable output",
+        ["docs", "asyncapi", "badapp:app", "-o", "/nonexistent/asyncapi.json"],
+        1,
+        "cannot write",
+    ),
 ]
 
 URL_CASES: list[tuple[str, list[str]]] = [
@@ -175,7 +187,7 @@ def test_bad_arguments_give_one_clear_line(
 @URL_XFAIL
 def test_bad_urls_give_one_clear_line(project: Path, args: list[str]) -> None:
     try:
-        result = rabbitflow(project, *args, timeout=15)
+        result = rabbitflow(project, *args, timeout=8)
     except subprocess.TimeoutExpired:
         pytest.fail("the command retried a URL it should have refused")
     assert_one_clear_error(result, (1, 2))

@@ -11,6 +11,7 @@ import re
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import click
@@ -114,6 +115,18 @@ def amqp_name(kind: str) -> Callable[[click.Context, click.Parameter, str], str]
         return value
 
     return check
+
+
+def write_output(path: str | Path, text: str) -> None:
+    """Write an ``--output`` file; a path that cannot be written is one ``error:`` line."""
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+
+
+class OutputError(RabbitflowError):
+    """An ``--output`` file that cannot be written."""
 
 
 def quiet_client_logs() -> None:

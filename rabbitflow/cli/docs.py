@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from rabbitflow.asyncapi import build
-from rabbitflow.cli import reports_errors
+from rabbitflow.cli import reports_errors, write_output
 from rabbitflow.importer import UserImportError, load_app
 
 
@@ -59,5 +59,5 @@ def asyncapi(
     if output is None:
         click.echo(text)
     else:
-        output.write_text(text + "\n")
+        write_output(output, text + "\n")
         click.echo(f"wrote {output}", err=True)

@@ -6,12 +6,11 @@ import json
 import sys
 import warnings
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from rabbitflow.cli import quiet_client_logs, reports_errors
+from rabbitflow.cli import quiet_client_logs, reports_errors, write_output
 from rabbitflow.topology.derived import Declarations, derive
 from rabbitflow.topology.loader import load_topology
 from rabbitflow.urls import mask_url, resolve_url
@@ -125,7 +124,7 @@ def export(file: str, fmt: str, vhost: str, output: str | None) -> None:
     if output is None:
         click.echo(text, nl=False)
     else:
-        Path(output).write_text(text, encoding="utf-8")
+        write_output(output, text)
         click.echo(f"wrote {fmt} to {output}", err=True)
 
 
