@@ -6,9 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+from tests.rabbit import Rabbit
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cret-pw"
@@ -197,3 +202,43 @@ def test_debug_shows_the_traceback(project: Path) -> None:
     result = rabbitflow(project, "--debug", "topology", "validate", "bad.toml")
     assert result.returncode == 1
     assert "Traceback" in result.stderr
+
+
+@pytest.fixture
+def refused_url(rabbit: Rabbit, vhost: str, vhost_url: str, project: Path) -> Iterator[str]:
+    """A URL of the test's vhost, where the topology is declared and jobs.dlq holds a
+    message, for a user with no permission at all on it."""
+    declared = rabbitflow(project, "topology", "declare", "--url", vhost_url)
+    assert declared.returncode == 0, declared.stderr
+    parked = rabbitflow(project, "publish", "", "jobs.dlq", "{}", "--url", vhost_url)
+    assert parked.returncode == 0, parked.stderr
+    user = f"rf-refused-{uuid.uuid4().hex[:8]}"
+    rabbit.ctl("add_user", user, SECRET)
+    try:
+        rabbit.ctl("set_permissions", "-p", vhost, user, "", "", "")
+        parts = urlsplit(rabbit.vhost_url(vhost))
+        yield urlunsplit(parts._replace(netloc=f"{user}:{SECRET}@{parts.hostname}:{parts.port}"))
+    finally:
+        rabbit.ctl("delete_user", user, check=False)
+
+
+REFUSED: list[tuple[str, list[str], str]] = [
+    ("dlq list", ["dlq", "list", "jobs"], "ACCESS_REFUSED"),
+    ("dlq purge", ["dlq", "purge", "jobs", "--yes"], "ACCESS_REFUSED"),
+    ("dlq replay", ["dlq", "replay", "jobs"], "ACCESS_REFUSED"),
+    ("publish", ["publish", "", "jobs", "{}"], "ACCESS_REFUSED"),
+    ("declare", ["topology", "declare"], "configure permission"),
+]
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(
+    ("args", "fragment"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED]
+)
+def test_broker_refusals_are_one_clear_line(
+    project: Path, refused_url: str, args: list[str], fragment: str
+) -> None:
+    result = rabbitflow(project, *args, "--url", refused_url)
+    assert_one_clear_error(result, (1,))
+    assert fragment in result.stderr, result.stderr
+    assert "<" not in result.stderr, f"a client repr: {result.stderr}"
