@@ -10,7 +10,6 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
-import structlog
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
@@ -19,6 +18,7 @@ from rabbitflow.errors import ConfigurationError
 from rabbitflow.handler import Consumer, ExceptionTypes
 from rabbitflow.idempotency.guard import Guard
 from rabbitflow.idempotency.store import IdempotencyStore
+from rabbitflow.logging import get_logger
 from rabbitflow.middleware import Middleware, name_of
 from rabbitflow.publisher import Publisher
 from rabbitflow.rpc import DEFAULT_TIMEOUT, Requester, read_reply
@@ -34,7 +34,7 @@ MW = TypeVar("MW", bound=Middleware)
 Hook = Callable[[], Awaitable[None] | None]
 Lifespan = Callable[["App"], AbstractAsyncContextManager[Any]]
 
-log = structlog.get_logger("rabbitflow.app")
+log = get_logger("rabbitflow.app")
 
 
 class App:

@@ -211,6 +211,50 @@ class Retry(RabbitflowError):
         self.reason = reason
         super().__init__(reason or f"retry requested (delay {delay})")
 
+    @classmethod
+    def after(
+        cls,
+        header_value: str | None,
+        *,
+        default: str | int | float | None = None,
+        reason: str = "",
+        now: float | None = None,
+    ) -> Retry:
+        """A retry no earlier than an HTTP ``Retry-After`` header asks.
+
+        ``header_value`` is delay-seconds (``"120"`` is 120 seconds, where ``Retry(120)`` would
+        be 120 ms) or an HTTP date (``"Wed, 21 Oct 2026 07:28:00 GMT"``; a date in the past
+        means now). A missing or unreadable value gives ``Retry(default)``: ``None`` retries
+        after the queue's next tier. ``now`` (a Unix time) is for tests."""
+        seconds = retry_after_seconds(header_value, now)
+        if seconds is None:
+            return cls(default, reason)
+        return cls(float(seconds), reason or f"Retry-After: {header_value}")
+
+
+def retry_after_seconds(header_value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from an HTTP ``Retry-After`` value (RFC 9110 section 10.2.3), or None
+    when it is missing or neither delay-seconds nor an HTTP date."""
+    import email.utils
+    from datetime import UTC
+
+    if header_value is None:
+        return None
+    value = header_value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": RFC 5322's "UTC, origin unknown"
+        when = when.replace(tzinfo=UTC)
+    if now is None:
+        from rabbitflow import clock
+
+        now = clock.now()
+    return max(when.timestamp() - now, 0.0)
+
 
 class Reject(RabbitflowError):
     """Raise in a handler to send the message to its dead-letter queue without retrying."""

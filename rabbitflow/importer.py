@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import traceback
 from collections.abc import Callable
@@ -42,11 +43,39 @@ def load_app(target: str) -> App:
             hint = f"; it has {', '.join(apps)}" if apps else ""
             raise ImportStringError(f"module {module_name!r} has no attribute {attr!r}{hint}")
         obj = getattr(obj, part)
-    if call or (callable(obj) and not isinstance(obj, App)):
-        obj = _call_factory(module_name, obj) if callable(obj) else obj
+    # A function is a factory even without "()"; a class is never called implicitly: it is
+    # more likely a model or a handler written by mistake than an App subclass to build.
+    if call and not callable(obj):
+        raise ImportStringError(f"{target!r}: {describe(obj)} cannot be called")
+    if callable(obj) and (call or inspect.isfunction(obj) or inspect.ismethod(obj)):
+        obj = _call_factory(module_name, obj)
+        if not isinstance(obj, App):
+            raise ImportStringError(f"{target!r} returned {describe(obj)}, not a rabbitflow App")
     if not isinstance(obj, App):
-        raise ImportStringError(f"{target!r} is a {type(obj).__name__}, not a rabbitflow App")
+        raise ImportStringError(
+            f"{target!r} is {describe(obj)}, not a rabbitflow App "
+            '(point at the object created with App(...), e.g. "myservice.main:app")'
+        )
     return obj
+
+
+def describe(obj: object) -> str:
+    """What ``obj`` is, for a user who expected an App: ``the class Order (a pydantic model)``."""
+    if inspect.ismodule(obj):
+        return f"the module {obj.__name__!r}"
+    if isinstance(obj, type):
+        kinds = {"BaseModel": "a pydantic model", "Exception": "an exception class"}
+        kind = next((kinds[base.__name__] for base in obj.__mro__ if base.__name__ in kinds), "")
+        return f"the class {obj.__name__}" + (f" ({kind})" if kind else "")
+    if inspect.isfunction(obj) or inspect.ismethod(obj):
+        return f"the function {obj.__name__}()"
+    if obj is None:
+        return "None"
+    return f"{_article(type(obj).__name__)} {type(obj).__name__}"
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _call_factory(module_name: str, factory: Callable[[], object]) -> object:

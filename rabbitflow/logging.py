@@ -13,6 +13,7 @@ from opentelemetry import trace
 from structlog.typing import EventDict, WrappedLogger
 
 LogFormat = Literal["json", "console", "auto"]
+_renders_json = False
 _SECRET_IN_URL = re.compile(r"(amqps?://[^:/@\s]+:)[^@\s]+@")
 
 
@@ -46,6 +47,43 @@ def mask_secrets(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+class _Logger:
+    """A structlog logger that, until logging is configured, behaves as a stdlib logger.
+
+    A library user's process (a web app calling ``app.publish``) then sees rabbitflow's lines
+    only as its own logging set-up decides: by default warnings and errors on stderr, nothing
+    on stdout. Once :func:`configure_logging` (``rabbitflow run``) or the user configures
+    structlog, lines go through structlog's configuration."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._stdlib: Any = structlog.wrap_logger(
+            logging.getLogger(name),
+            processors=[structlog.stdlib.filter_by_level, mask_secrets, _one_line],
+            wrapper_class=structlog.stdlib.BoundLogger,
+        )
+
+    def __getattr__(self, method: str) -> Any:
+        target = structlog.get_logger(self._name) if structlog.is_configured() else self._stdlib
+        return getattr(target, method)
+
+
+def _one_line(_: WrappedLogger, __: str, event: EventDict) -> str:
+    message = str(event.pop("event", ""))
+    fields = " ".join(f"{key}={value}" for key, value in event.items())
+    return f"{message} ({fields})" if fields else message
+
+
+def get_logger(name: str) -> Any:
+    """rabbitflow's logger ``name``: structlog once configured, stdlib logging before."""
+    return _Logger(name)
+
+
+def renders_json() -> bool:
+    """Whether :func:`configure_logging` chose JSON lines (False before it is called)."""
+    return _renders_json
+
+
 def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
     """Configure structlog (and the stdlib loggers of aio-pika/aiormq) for a worker process.
 
@@ -53,7 +91,9 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
     cost one no-op call: the bound logger is built for the level once.
     """
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    global _renders_json
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    _renders_json = use_json
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
@@ -84,3 +124,21 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
         )
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[handler])
+    # The CLI silences the AMQP client (rabbitflow reports connection trouble itself, once);
+    # at debug level its lines are shown too, rendered like ours.
+    if numeric <= logging.DEBUG:
+        client_handler = logging.StreamHandler(sys.stderr)
+        client_handler.setFormatter(handler.formatter)
+        client_handler.addFilter(_as_debug)
+        for name in ("aio_pika", "aiormq"):
+            client = logging.getLogger(name)
+            client.handlers = [client_handler]
+            client.setLevel(logging.DEBUG)
+            client.propagate = False
+
+
+def _as_debug(record: logging.LogRecord) -> bool:
+    # The client's "error when creating transport" is a detail of rabbitflow's own warning
+    # ("broker unreachable; retrying"): shown at debug level, as debug.
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return True

@@ -39,6 +39,7 @@ from rabbitflow.schedule import run_schedules
 from rabbitflow.settle import Acker, Settler
 from rabbitflow.streams import StreamOffsets
 from rabbitflow.streams.offsets import Callback
+from rabbitflow.summary import log_summary, warn_if_idle
 from rabbitflow.telemetry import Telemetry
 from rabbitflow.topology import Declarations, Topology, derive
 from rabbitflow.topology.declare import declare, verify
@@ -214,6 +215,7 @@ class Worker:
             declare=self.options.declare,
             tracing=self.tracing.enabled,
         )
+        warn_if_idle(self)
         # While the worker's connection is down (reconnecting, or closed before the shutdown
         # hooks run), app.publish() opens the app's own: it must go to the same broker.
         self.app.url = self.options.url
@@ -325,6 +327,8 @@ class Worker:
             return not self._stopping.is_set()
         self.ready = True
         log.info("consuming", queues=sorted(self.app.consumers))
+        if not self.reconnections:
+            log_summary(self, str(amqp.server_properties.get("version") or "") or None)
         monitor = asyncio.ensure_future(self.tier_monitor.run(amqp))
         try:
             lost = await self._wait_until_lost_or_stopped(session, amqp)

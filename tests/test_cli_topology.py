@@ -50,7 +50,7 @@ def test_validate_reads_topology_toml_in_the_current_directory(
     result = run_cli("topology", "validate")
 
     assert result.exit_code == 0
-    assert result.stdout.startswith("topology.toml: valid; 1 exchanges, 1 queues, 0 retry tiers")
+    assert result.stdout.startswith("topology.toml: valid; 1 exchange, 1 queue, 0 retry tiers")
 
 
 def test_validate_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

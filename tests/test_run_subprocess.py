@@ -472,7 +472,7 @@ def test_publish_command_delivers_body_content_type_and_headers(
         "publish", "jobs", "work", '{"n": 1}', "-H", "tenant=acme", "--url", vhost_url
     )
     sent_text = run_cli(
-        "publish", "jobs", "work", "hello", "--message-id", "greeting", "--url", vhost_url
+        "publish", "jobs", "work", "hello", "--raw", "--message-id", "greeting", "--url", vhost_url
     )
 
     # Then both arrive with their content types

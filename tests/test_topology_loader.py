@@ -16,7 +16,7 @@ from rabbitflow.errors import TopologyError, TopologySyntaxError
 from rabbitflow.topology import Topology, derive, load_topology, parse_topology
 
 ROOT = Path(__file__).resolve().parent.parent
-LONG_NAME = "é" * 128  # 128 characters but 256 bytes: the limit is in bytes
+LONG_NAME = "a" * 256
 
 GOOD: list[tuple[str, str, Callable[[Topology], Any]]] = [
     (
@@ -162,7 +162,57 @@ BAD: list[tuple[str, str, str]] = [
     (
         "256-byte name",
         f'[defaults]\nretry = false\ndead_letter = false\n[queues."{LONG_NAME}"]\n',
-        f'queues."{LONG_NAME}": name is 256 bytes; RabbitMQ allows at most 255',
+        f"queues.{LONG_NAME}: name is 256 bytes; RabbitMQ allows at most 255",
+    ),
+    (
+        "non-ASCII queue name",
+        '[queues."café.日本"]\n',
+        "queues.\"café.日本\": 'é', '日', '本' cannot be used in queue names: the AMQP client "
+        "refuses them (use ASCII letters, digits, space and - _ . : @ # , / +)",
+    ),
+    (
+        "exchange name with a character the client refuses",
+        '[exchanges."orders!"]\ntype = "topic"\n',
+        "exchanges.\"orders!\": '!' cannot be used in exchange names",
+    ),
+    (
+        "binding to an exchange named with a refused character",
+        '[queues.a]\nbindings = [{ exchange = "ex*" }]\n',
+        "queues.a.bindings[0].exchange: exchange 'ex*' is not declared",
+    ),
+    (
+        "dead-letter exchange name",
+        '[dead_letter]\nexchange = "dead letters é"\n',
+        "dead_letter.exchange: 'é' cannot be used in exchange names",
+    ),
+    (
+        "128-character exchange name",
+        "[exchanges." + "x" * 128 + ']\ntype = "topic"\n',
+        f"exchanges.{'x' * 128}: name is 128 characters; the AMQP client allows at most 127",
+    ),
+    (
+        "256-byte routing key",
+        '[exchanges.e]\ntype = "topic"\n[queues.a]\nbindings = [{ exchange = "e", routing_key = "'
+        + "k" * 256
+        + '" }]\n',
+        "queues.a.bindings[0].routing_key: routing key is 256 bytes; at most 255",
+    ),
+    (
+        "a TOML date as an argument",
+        '[exchanges.e]\ntype = "topic"\narguments = { since = 2024-01-01 }\n',
+        'exchanges.e.arguments."since": a TOML date cannot be sent; use a full date-time or a '
+        "string",
+    ),
+    (
+        "a TOML time in a headers binding",
+        '[exchanges.h]\ntype = "headers"\n'
+        '[queues.a]\nbindings = [{ exchange = "h", arguments = { at = [1, 07:30:00] } }]\n',
+        'queues.a.bindings[0].arguments."at"[1]: a TOML time cannot be sent',
+    ),
+    (
+        "x-max-priority over 255",
+        '[queues.a]\nqueue_type = "classic"\narguments = { "x-max-priority" = 256 }\n',
+        'queues.a.arguments."x-max-priority": 256 is over RabbitMQ\'s highest priority, 255',
     ),
     (
         "generated name too long",
@@ -284,6 +334,40 @@ def test_several_semantic_errors_are_reported_at_once() -> None:
     with pytest.raises(TopologyError) as raised:
         parse_topology(toml, "topology.toml")
     assert str(raised.value).splitlines()[0] == "topology.toml: 3 errors"
+
+
+def test_schema_and_reference_errors_are_reported_together() -> None:
+    toml = (
+        '[exchanges.orders]\ntype = "topik"\n'
+        '[queues."café"]\nprefetch = "many"\nbindings = [{ exchange = "order" }]\n'
+    )
+    with pytest.raises(TopologyError) as raised:
+        parse_topology(toml, "topology.toml")
+    paths = [problem.path for problem in raised.value.problems]
+    assert paths == [
+        "exchanges.orders.type",
+        'queues."café".prefetch',
+        'queues."café"',
+        'queues."café".bindings[0].exchange',
+    ]
+    assert 'did you mean "orders"?' in str(raised.value)
+
+
+def test_every_name_validate_accepts_is_accepted_by_the_client() -> None:
+    # The client's own check (pamqp) is the one that made `declare` crash half-way.
+    from pamqp.commands import Exchange, Queue
+
+    name = "Az09 -_.:@,/+"  # and '#', refused in queue names for another reason
+    topology = parse_topology(f'[exchanges."{name}#"]\ntype = "topic"\n[queues."{name}"]\n')
+    for spec in derive(topology).queues:
+        Queue.Declare(queue=spec.name)
+    for exchange in derive(topology).exchanges:
+        Exchange.Declare(exchange=exchange.name)
+    for bad in ("café", "a!", "x" * 128):
+        with pytest.raises(TopologyError):
+            parse_topology(f'[exchanges."{bad}"]\ntype = "topic"\n')
+        with pytest.raises(ValueError, match="exchange"):
+            Exchange.Declare(exchange=bad)
 
 
 def test_toml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:

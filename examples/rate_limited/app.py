@@ -1,4 +1,4 @@
-"""Send SMS through a rate-limited provider; a 429 becomes ``Retry(delay=Retry-After)``.
+"""Send SMS through a rate-limited provider; a 429 becomes ``Retry.after(its Retry-After)``.
 
 Run it from the repository root::
 
@@ -10,7 +10,6 @@ Run it from the repository root::
 from __future__ import annotations
 
 import contextlib
-import email.utils
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import structlog
 from pydantic import BaseModel
 
 from examples.rate_limited.gateway import SmsGateway
-from rabbitflow import App, Message, Reject, Retry, clock
+from rabbitflow import App, Message, Reject, Retry
 
 log = structlog.get_logger("sms")
 
@@ -50,18 +49,9 @@ class Sms(BaseModel):
 
 
 def retry_after(value: str | None, now: float | None = None) -> float:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if value is None:
-        return DEFAULT_WAIT
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return DEFAULT_WAIT
-    current = clock.now() if now is None else now
-    return max(when.timestamp() - current, 0.0)
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), as
+    ``Retry.after`` reads it; ``DEFAULT_WAIT`` when it cannot be read."""
+    return (Retry.after(value, default=DEFAULT_WAIT, now=now).delay_ms or 0) / 1000
 
 
 @app.consumer("notifications.sms")
@@ -73,11 +63,15 @@ async def send_sms(sms: Sms, message: Message) -> None:
         headers={"Idempotency-Key": message.message_id or ""},
     )
     if response.status_code == 429:
-        wait = retry_after(response.headers.get("Retry-After"))
-        log.info("rate limited", to=sms.to, wait=wait, attempt=message.attempt)
-        # No earlier than the provider asked: the message waits in a retry tier (in the
-        # broker, not in this process) and comes back as the next attempt.
-        raise Retry(delay=wait, reason=f"rate limited; Retry-After {wait:g}s")
+        # Retry-After is in seconds (or an HTTP date): Retry.after reads it; Retry(120) would
+        # mean 120 ms. No earlier than the provider asked: the message waits in a retry tier
+        # (in the broker, not in this process) and comes back as the next attempt.
+        header = response.headers.get("Retry-After")
+        retry = Retry.after(
+            header, default=DEFAULT_WAIT, reason=f"rate limited; Retry-After {header}"
+        )
+        log.info("rate limited", to=sms.to, wait_ms=retry.delay_ms, attempt=message.attempt)
+        raise retry
     if response.status_code in (400, 422):
         raise Reject(f"the provider refused the message: {response.text}")
     response.raise_for_status()  # a 5xx is retried through the normal tiers

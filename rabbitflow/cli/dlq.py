@@ -16,7 +16,7 @@ from click.core import ParameterSource
 
 from rabbitflow import dlq as ops
 from rabbitflow import headers as h
-from rabbitflow.cli import reports_errors
+from rabbitflow.cli import amqp_name, reports_errors
 from rabbitflow.connection import connect
 from rabbitflow.errors import ConfigurationError, QueueNotFoundError
 from rabbitflow.topology import Topology, derive, load_topology
@@ -50,7 +50,7 @@ def broker_options(func: F) -> F:
 
 
 @dlq.command("list")
-@click.argument("queue")
+@click.argument("queue", callback=amqp_name("queue"))
 @click.option(
     "--limit",
     type=click.IntRange(min=0),
@@ -75,7 +75,7 @@ def list_command(
 
 
 @dlq.command("replay")
-@click.argument("queue")
+@click.argument("queue", callback=amqp_name("queue"))
 @click.option(
     "--limit", type=click.IntRange(min=1), help="Move at most N messages (default: all of them)."
 )
@@ -108,7 +108,7 @@ def replay_command(
 
 
 @dlq.command("purge")
-@click.argument("queue")
+@click.argument("queue", callback=amqp_name("queue"))
 @click.option("--yes", is_flag=True, help="Confirm: the messages are deleted for good.")
 @broker_options
 @reports_errors

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from rabbitflow.asyncapi import build
-from rabbitflow.cli import reports_errors
+from rabbitflow.cli import reports_errors, write_output
 from rabbitflow.importer import UserImportError, load_app
 
 
@@ -42,8 +42,10 @@ def asyncapi(
     title: str | None,
     doc_version: str,
 ) -> None:
-    """Print an AsyncAPI 3.0.0 document (JSON) of MODULE:APP: exchanges and queues as
-    channels with AMQP bindings, handlers as receive operations, payloads as JSON Schema."""
+    """Print an AsyncAPI 3.0.0 document (JSON) of MODULE:APP.
+
+    Exchanges and queues become channels with AMQP bindings, handlers receive operations, and
+    payloads JSON Schema."""
     try:
         app = load_app(target)
     except UserImportError as exc:
@@ -57,5 +59,5 @@ def asyncapi(
     if output is None:
         click.echo(text)
     else:
-        output.write_text(text + "\n")
+        write_output(output, text + "\n")
         click.echo(f"wrote {output}", err=True)

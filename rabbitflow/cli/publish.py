@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from rabbitflow.cli import quiet_client_logs, reports_errors
-from rabbitflow.connection import connect, underlay
-from rabbitflow.publisher import Publisher
+from rabbitflow.cli import amqp_name, quiet_client_logs, reports_errors
+from rabbitflow.errors import ConfigurationError
 from rabbitflow.topology import load_topology
 from rabbitflow.urls import resolve_url
+
+JSON = "application/json"
+TEXT = "text/plain"
 
 
 def _header(value: str) -> tuple[str, str]:
@@ -24,11 +25,18 @@ def _header(value: str) -> tuple[str, str]:
 
 
 @click.command()
-@click.argument("exchange")
+@click.argument("exchange", callback=amqp_name("exchange"))
 @click.argument("routing_key")
 @click.argument("body")
 @click.option("--header", "-H", "headers", multiple=True, help="KEY=VALUE, repeatable.")
-@click.option("--content-type", help="Default: application/json when BODY is JSON, else text.")
+@click.option(
+    "--content-type",
+    help="Default: application/json, and BODY must then be valid JSON. Any other type is sent "
+    "as given, unchecked.",
+)
+@click.option(
+    "--raw", is_flag=True, help="Send BODY unchecked, as text/plain unless --content-type."
+)
 @click.option("--message-id", help="Default: a new UUID.")
 @click.option("--correlation-id")
 @click.option("--url", help="Broker URL (else RABBITFLOW_URL, the topology's [broker].url).")
@@ -47,24 +55,27 @@ def publish(
     body: str,
     headers: tuple[str, ...],
     content_type: str | None,
+    raw: bool,
     message_id: str | None,
     correlation_id: str | None,
     url: str | None,
     topology_path: Path,
 ) -> None:
-    """Publish BODY (``-`` reads stdin) with publisher confirms; mandatory, persistent.
+    """Publish BODY with publisher confirms.
 
-    Use "" as EXCHANGE for the default exchange (ROUTING_KEY is then a queue name)."""
+    BODY is JSON unless --raw or --content-type says otherwise; "-" reads it from stdin. The
+    message is persistent and mandatory: a message no queue receives is an error. Use "" as
+    EXCHANGE for the default exchange (ROUTING_KEY is then a queue name)."""
     parsed_headers = dict(_header(h) for h in headers)
     text = sys.stdin.read() if body == "-" else body
-    payload: object = text
-    if content_type is None:
-        try:
-            payload = json.loads(text)
-        except ValueError:
-            payload = text
+    content_type = content_type or (TEXT if raw else JSON)
+    if not raw and _is_json(content_type):
+        _check_json(text, content_type)
+    payload = text.encode()
     file_url = load_topology(topology_path).broker_url if topology_path.exists() else None
     quiet_client_logs()
+    import asyncio
+
     sent = asyncio.run(
         _publish(
             resolve_url(url, file_url),
@@ -80,6 +91,22 @@ def publish(
     click.echo(f"published {sent} to exchange {exchange!r} with routing key {routing_key!r}")
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == JSON or media.endswith("+json")
+
+
+def _check_json(text: str, content_type: str) -> None:
+    # A consumer would dead-letter a body that does not parse: refuse it here instead.
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"BODY is not valid JSON ({exc}); fix it, or send it as text with "
+            "--content-type text/plain or --raw"
+        ) from None
+
+
 async def _publish(
     url: str,
     exchange: str,
@@ -90,6 +117,9 @@ async def _publish(
     message_id: str | None,
     correlation_id: str | None,
 ) -> str:
+    from rabbitflow.connection import connect, underlay
+    from rabbitflow.publisher import Publisher
+
     connection = await connect(url, name="rabbitflow-publish")
     try:
         publisher = await Publisher.open(underlay(connection))

@@ -106,7 +106,11 @@ def run(
     metrics_host: str,
     loop: str,
 ) -> None:
-    """Consume the queues of MODULE:APP (e.g. ``examples.orders.app:app``)."""
+    """Consume the queues of MODULE:APP.
+
+    MODULE:APP is the import string of your App, for example examples.orders.app:app, or
+    module:factory() for a function that returns one. Prints a start-up summary, then consumes
+    until SIGTERM or Ctrl-C, letting in-flight handlers finish."""
     configure_logging(log_format, log_level)  # type: ignore[arg-type]
     if workers > 1:
         sys.exit(Supervisor(_child_args(), workers, metrics_port).run())

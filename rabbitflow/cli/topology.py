@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import warnings
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
-from aio_pika.abc import AbstractConnection
 
-from rabbitflow.cli import quiet_client_logs, reports_errors
-from rabbitflow.connection import connect
-from rabbitflow.topology.declare import Declared, declare
+from rabbitflow.cli import quiet_client_logs, reports_errors, write_output
 from rabbitflow.topology.derived import Declarations, derive
-from rabbitflow.topology.export import definitions, mermaid
 from rabbitflow.topology.loader import load_topology
-from rabbitflow.topology.management import (
-    ManagementUnavailable,
-    read_state,
-    vhost_of,
-    with_credentials,
-)
-from rabbitflow.topology.plan import Plan, PlanItem, plan
 from rabbitflow.urls import mask_url, resolve_url
+
+if TYPE_CHECKING:
+    # The commands that talk to a broker import the client when they run, so that validate
+    # and export start fast.
+    from aio_pika.abc import AbstractConnection
+
+    from rabbitflow.topology.declare import Declared
+    from rabbitflow.topology.plan import Plan, PlanItem
 
 T = TypeVar("T")
 
@@ -84,6 +79,8 @@ def plan_command(
 
     Changes nothing, deletes nothing. Exit 1 when declare would fail on a conflict; with
     --exit-code, exit 2 when anything differs."""
+    from rabbitflow.topology.management import vhost_of, with_credentials
+
     loaded = load_topology(file)
     broker = resolve_url(url, loaded.broker_url)
     declarations = derive(loaded)
@@ -108,7 +105,7 @@ def plan_command(
         click.echo(f"note: {note}")
     if result.conflicts:
         click.echo(
-            f"error: declare would fail: {len(result.conflicts)} conflicting object(s); "
+            f"error: declare would fail: {plural(len(result.conflicts), 'conflicting object')}; "
             "see docs/topology.md on changing queue arguments",
             err=True,
         )
@@ -121,6 +118,9 @@ def plan_command(
 async def _plan(
     connection: AbstractConnection, declarations: Declarations, api: str | None, vhost: str
 ) -> tuple[Plan, str | None]:
+    from rabbitflow.topology.management import ManagementUnavailable, read_state
+    from rabbitflow.topology.plan import plan
+
     state = None
     reason = None
     if api is not None:
@@ -137,6 +137,8 @@ async def _plan(
 @reports_errors
 def declare_command(file: str, url: str | None) -> None:
     """Declare every exchange, queue and binding of FILE (idempotent, never deletes)."""
+    from rabbitflow.topology.declare import declare
+
     loaded = load_topology(file)
     broker = resolve_url(url, loaded.broker_url)
     click.echo(f"declaring {file} on {mask_url(broker)}")
@@ -168,23 +170,34 @@ def declare_command(file: str, url: str | None) -> None:
 @reports_errors
 def export(file: str, fmt: str, vhost: str, output: str | None) -> None:
     """Print FILE's objects as RabbitMQ definitions or a Mermaid flowchart."""
+    from rabbitflow.topology.export import mermaid
+
     declarations = derive(load_topology(file))
     text = _definitions_text(declarations, vhost) if fmt == "definitions" else mermaid(declarations)
     if output is None:
         click.echo(text, nl=False)
     else:
-        Path(output).write_text(text, encoding="utf-8")
+        write_output(output, text)
         click.echo(f"wrote {fmt} to {output}", err=True)
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """``1 queue``, ``2 queues``, ``0 queues``."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def summary(declarations: Declarations) -> str:
     """``4 exchanges, 4 queues, 8 retry tiers, 4 dead-letter queues, 10 bindings``."""
     roles = [spec.role for spec in declarations.queues]
     bindings = len(declarations.exchange_bindings) + len(declarations.queue_bindings)
-    return (
-        f"{len(declarations.exchanges)} exchanges, {roles.count('work')} queues, "
-        f"{roles.count('retry')} retry tiers, {roles.count('dlq')} dead-letter queues, "
-        f"{bindings} bindings"
+    return ", ".join(
+        [
+            plural(len(declarations.exchanges), "exchange"),
+            plural(roles.count("work"), "queue"),
+            plural(roles.count("retry"), "retry tier"),
+            plural(roles.count("dlq"), "dead-letter queue"),
+            plural(bindings, "binding"),
+        ]
     )
 
 
@@ -206,10 +219,12 @@ def _print_declared(declared: Declared) -> None:
 
 def _count(done: list[Declared]) -> str:
     kinds = [item.kind for item in done]
-    return ", ".join(f"{kinds.count(kind)} {kind}s" for kind in ("exchange", "queue", "binding"))
+    return ", ".join(plural(kinds.count(kind), kind) for kind in ("exchange", "queue", "binding"))
 
 
 def _definitions_text(declarations: Declarations, vhost: str) -> str:
+    from rabbitflow.topology.export import definitions
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         document = definitions(declarations, vhost)
@@ -221,6 +236,10 @@ def _definitions_text(declarations: Declarations, vhost: str) -> str:
 def _with_connection(
     url: str, name: str, action: Callable[[AbstractConnection], Awaitable[T]]
 ) -> T:
+    import asyncio
+
+    from rabbitflow.connection import connect
+
     quiet_client_logs()
 
     async def run() -> T:

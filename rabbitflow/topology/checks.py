@@ -12,8 +12,10 @@ from rabbitflow.errors import Problem
 from rabbitflow.topology.derived import derive
 from rabbitflow.topology.model import QueueConfig, Topology
 from rabbitflow.topology.schema import BindingTable, QueueTable, TopologyFile
+from rabbitflow.topology.wire import MAX_SHORTSTR_BYTES, name_problems, value_problems
 
 MAX_NAME_BYTES = 255
+MAX_PRIORITY = 255  # RabbitMQ refuses x-max-priority above 255
 MAX_TTL_MS = 2**32 - 1  # x-message-ttl is an unsigned 32-bit count of milliseconds
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 # Exchanges every RabbitMQ vhost has; they may be bound to but never declared.
@@ -70,12 +72,41 @@ _X_MATCH = {"all", "any", "all-with-x", "any-with-x"}
 
 
 def check(parsed: TopologyFile, topology: Topology) -> list[Problem]:
-    """Every semantic problem of a schema-valid file."""
+    """Every semantic problem of a schema-valid file, except those :func:`check_document`
+    reports (the loader runs both)."""
     return [
-        *_check_names(parsed, topology),
+        *_check_dead_letter(parsed),
+        *_check_generated(parsed, topology),
         *_check_exchanges(parsed),
         *_check_queues(parsed, topology),
     ]
+
+
+def check_document(document: dict[str, Any]) -> list[Problem]:
+    """Names, references between tables and argument values, checked on the raw TOML so that
+    they are reported in the same run as schema errors. Values of the wrong type are left to
+    the schema."""
+    exchanges = _table(document.get("exchanges"))
+    queues = _table(document.get("queues"))
+    problems = [*_check_names(exchanges, "exchange"), *_check_names(queues, "queue")]
+    dead_letter = _table(document.get("dead_letter")).get("exchange")
+    if isinstance(dead_letter, str):
+        problems += _name_problems(dead_letter, "exchange", "dead_letter.exchange")
+    for kind, tables in (("exchanges", exchanges), ("queues", queues)):
+        for name, table in tables.items():
+            base = f"{kind}.{_q(name)}"
+            table = _table(table)
+            problems += _check_values(table.get("arguments"), f"{base}.arguments")
+            bindings = table.get("bindings")
+            for index, binding in enumerate(bindings if isinstance(bindings, list) else []):
+                problems += _check_reference(
+                    exchanges, _table(binding), f"{base}.bindings[{index}]"
+                )
+    return problems
+
+
+def _table(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _q(name: str) -> str:
@@ -83,23 +114,55 @@ def _q(name: str) -> str:
     return name if _BARE_KEY.match(name) else '"' + name.replace('"', '\\"') + '"'
 
 
-def _check_names(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]:
-    for kind, names in (("exchanges", parsed.exchanges), ("queues", parsed.queues)):
-        for name in names:
-            path = f"{kind}.{_q(name)}"
-            if not name:
-                yield Problem(path, "empty name", "give the object a name")
-            if name.startswith("amq."):
-                yield Problem(
-                    path,
-                    "names starting with 'amq.' are reserved by RabbitMQ",
-                    "choose another prefix",
-                )
-            if len(name.encode()) > MAX_NAME_BYTES:
-                yield Problem(
-                    path,
-                    f"name is {len(name.encode())} bytes; RabbitMQ allows at most {MAX_NAME_BYTES}",
-                )
+def _check_names(tables: dict[str, Any], kind: str) -> Iterator[Problem]:
+    for name in tables:
+        yield from _name_problems(name, kind, f"{kind}s.{_q(name)}")
+
+
+def _name_problems(name: str, kind: str, path: str) -> Iterator[Problem]:
+    if not name:
+        yield Problem(path, "empty name", "give the object a name")
+    if name.startswith("amq."):
+        yield Problem(
+            path, "names starting with 'amq.' are reserved by RabbitMQ", "choose another prefix"
+        )
+    for message, hint in name_problems(name, kind):
+        yield Problem(path, message, hint)
+
+
+def _check_values(arguments: object, path: str) -> Iterator[Problem]:
+    if isinstance(arguments, dict):
+        for relative, message in value_problems(arguments):
+            yield Problem(f"{path}{relative}", message)
+
+
+def _check_reference(
+    exchanges: dict[str, Any], binding: dict[str, Any], path: str
+) -> Iterator[Problem]:
+    yield from _check_values(binding.get("arguments"), f"{path}.arguments")
+    key = binding.get("routing_key")
+    if isinstance(key, str) and len(key.encode()) > MAX_SHORTSTR_BYTES:
+        yield Problem(
+            f"{path}.routing_key",
+            f"routing key is {len(key.encode())} bytes; at most {MAX_SHORTSTR_BYTES}",
+        )
+    exchange = binding.get("exchange")
+    if not isinstance(exchange, str):
+        return
+    if exchange == "":
+        yield Problem(
+            f"{path}.exchange",
+            "the default exchange cannot be bound to",
+            "every queue already receives messages published to it with its own name",
+        )
+    elif exchange not in exchanges and exchange not in BUILTIN_EXCHANGES:
+        known = [*exchanges, *sorted(BUILTIN_EXCHANGES)]
+        close = difflib.get_close_matches(exchange, known, n=1)
+        hint = f'did you mean "{close[0]}"?' if close else "declare it under [exchanges]"
+        yield Problem(f"{path}.exchange", f"exchange {exchange!r} is not declared", hint)
+
+
+def _check_dead_letter(parsed: TopologyFile) -> Iterator[Problem]:
     dlx = parsed.dead_letter.exchange
     if dlx in parsed.exchanges:
         yield Problem(
@@ -107,9 +170,6 @@ def _check_names(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]:
             "collides with the dead-letter exchange rabbitflow declares",
             "rename it, or set [dead_letter] exchange to another name",
         )
-    if dlx.startswith("amq."):
-        yield Problem("dead_letter.exchange", "names starting with 'amq.' are reserved by RabbitMQ")
-    yield from _check_generated(parsed, topology)
 
 
 def _check_generated(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]:
@@ -124,7 +184,11 @@ def _check_generated(parsed: TopologyFile, topology: Topology) -> Iterator[Probl
             )
     for spec in declarations.queues:
         size = len(spec.name.encode())
-        if spec.role != "work" and size > MAX_NAME_BYTES:
+        if (
+            spec.role != "work"
+            and size > MAX_NAME_BYTES
+            and len(spec.owner.encode()) <= MAX_NAME_BYTES
+        ):
             yield Problem(
                 f"queues.{_q(spec.owner)}",
                 f"generated queue name {spec.name!r} is "
@@ -144,19 +208,9 @@ def _check_exchanges(parsed: TopologyFile) -> Iterator[Problem]:
 
 
 def _check_binding(parsed: TopologyFile, binding: BindingTable, path: str) -> Iterator[Problem]:
+    # An empty or undeclared source is reported by check_document.
     source = parsed.exchanges.get(binding.exchange)
-    if binding.exchange == "":
-        yield Problem(
-            f"{path}.exchange",
-            "the default exchange cannot be bound to",
-            "every queue already receives messages published to it with its own name",
-        )
-        return
     if source is None and binding.exchange not in BUILTIN_EXCHANGES:
-        known = [*parsed.exchanges, *sorted(BUILTIN_EXCHANGES)]
-        close = difflib.get_close_matches(binding.exchange, known, n=1)
-        hint = f'did you mean "{close[0]}"?' if close else "declare it under [exchanges]"
-        yield Problem(f"{path}.exchange", f"exchange {binding.exchange!r} is not declared", hint)
         return
     kind = source.type if source else binding.exchange.removeprefix("amq.")
     if kind in ("headers", "match"):
@@ -334,5 +388,13 @@ def _check_argument_value(key: str, value: Any, queue_type: str, path: str) -> I
     }:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             yield Problem(path, f"{value!r} must be a non-negative integer")
+        elif key == "x-max-priority" and value > MAX_PRIORITY:
+            yield Problem(path, f"{value} is over RabbitMQ's highest priority, {MAX_PRIORITY}")
+        elif key in ("x-message-ttl", "x-expires") and value > MAX_TTL_MS:
+            yield Problem(path, f"{value} ms is over RabbitMQ's limit of {MAX_TTL_MS} ms")
+        elif key == "x-expires" and value == 0:
+            yield Problem(
+                path, "x-expires must be positive", "remove it for a queue that never expires"
+            )
     elif key == "x-single-active-consumer" and not isinstance(value, bool):
         yield Problem(path, f"{value!r} must be true or false")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from rabbitflow.errors import Problem, TopologyError, TopologySyntaxError
-from rabbitflow.topology.checks import check
+from rabbitflow.topology.checks import check, check_document
 from rabbitflow.topology.model import Topology
 from rabbitflow.topology.schema import TopologyFile
 
@@ -44,12 +44,15 @@ def load_topology(path: str | Path = "topology.toml") -> Topology:
 def parse_topology(raw: bytes | str, source: str = "<string>") -> Topology:
     """Validate a topology given as TOML text."""
     document = _parse_toml(raw, source)
+    # Names and references are checked on the raw document, so that a file with schema errors
+    # also shows its binding to a missing exchange, instead of one round of errors per fix.
+    found = check_document(document)
     try:
         parsed = TopologyFile.model_validate(document)
     except ValidationError as exc:
-        raise TopologyError(source, [_problem(error) for error in exc.errors()]) from None
+        raise TopologyError(source, [*(_problem(e) for e in exc.errors()), *found]) from None
     topology = Topology.from_file(source, parsed)
-    problems = check(parsed, topology)
+    problems = [*found, *check(parsed, topology)]
     if problems:
         raise TopologyError(source, problems)
     return topology

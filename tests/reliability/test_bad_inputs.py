@@ -545,9 +545,18 @@ def test_bad_module_app(target: str, fragment: str) -> None:
     assert SECRET not in result.stdout + result.stderr
 
 
-def test_a_factory_that_raises_shows_the_users_traceback() -> None:
-    # Job is callable, so it is taken for a factory; what it raises is the user's error.
+def test_a_class_that_is_not_an_app_is_named_for_what_it_is() -> None:
     result = run_cli("run", "tests.reliability.app:Job", "--url", UNREACHABLE)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: 'tests.reliability.app:Job' is the class Job (a pydantic model), not a "
+        'rabbitflow App (point at the object created with App(...), e.g. "myservice.main:app")'
+    ]
+
+
+def test_a_factory_that_raises_shows_the_users_traceback() -> None:
+    # Written as a call, Job is a factory; what it raises is the user's error.
+    result = run_cli("run", "tests.reliability.app:Job()", "--url", UNREACHABLE)
     assert result.returncode == 1
     first = result.stderr.splitlines()[0]
     assert first == (
