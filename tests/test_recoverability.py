@@ -739,12 +739,20 @@ retry = { delays = ["1h"], max_attempts = 3 }
             lambda: depths(rabbit, vhost)["slow.retry.1h"][0] == 2, 10, "two messages in the tier"
         )
         # When the tier monitor samples
+        # (from the management API, whose figures lag by up to 5 s)
         connection = await aiormq.connect(vhost_url)
         try:
-            await worker.tier_monitor.sample(await connection.channel())
+            for _ in range(30):
+                await worker.tier_monitor.sample(await connection.channel())
+                metrics = worker.metrics.render()
+                if (
+                    'tier="1h"} 2' in metrics
+                    and 'rabbitflow_dlq_messages{queue="slow"} 1' in metrics
+                ):
+                    break
+                await asyncio.sleep(0.5)
         finally:
             await connection.close()
-        metrics = worker.metrics.render()
 
     # Then the gauges count the tier and the DLQ
     assert 'rabbitflow_retry_tier_messages{queue="slow",tier="1h"} 2' in metrics

@@ -27,12 +27,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "console": (
         "rabbitflow.cli.console",
         "console",
-        "Serve the operator console: queues, retry tiers, dead letters by error, replay.",
+        "Serve the operator console for the queues of FILE on http://HOST:PORT/.",
     ),
     "dlq": ("rabbitflow.cli.dlq", "dlq", "Inspect, replay and purge dead-letter queues."),
     "docs": ("rabbitflow.cli.docs", "docs", "Generate documentation from an app and its topology."),
     "publish": ("rabbitflow.cli.publish", "publish", "Publish BODY with publisher confirms."),
-    "retries": ("rabbitflow.cli.retries", "retries", "Inspect the retry tiers of a queue."),
+    "retries": (
+        "rabbitflow.cli.retries",
+        "retries",
+        "Inspect the retry tiers of a queue (QUEUE.retry.<delay>).",
+    ),
     "run": ("rabbitflow.cli.run", "run", "Consume the queues of MODULE:APP."),
     "topology": (
         "rabbitflow.cli.topology",

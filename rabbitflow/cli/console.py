@@ -71,7 +71,7 @@ def console(
     """Serve the operator console for the queues of FILE on http://HOST:PORT/.
 
     Queue depths, retry tiers and DLQs; dead letters grouped by error type; replay and purge
-    with a confirmation step, through the same code as `rabbitflow dlq`."""
+    with a confirmation step, through the same code as "rabbitflow dlq"."""
     if not _loopback(host) and not token:
         raise click.UsageError(
             f"--host {host} listens beyond this machine: set --token or {TOKEN_ENV}"

@@ -34,8 +34,10 @@ def retries() -> None:
 def list_command(
     queue: str, limit: int, as_json: bool, url: str | None, topology_file: str
 ) -> None:
-    """Show each retry tier of QUEUE: how many messages wait, when each is due, and whether
-    the oldest is overdue (a stuck tier). Leaves the tiers as they were."""
+    """Show what waits in each retry tier of QUEUE.
+
+    For each tier: how many messages wait, when each is due, and whether the oldest is
+    overdue (a stuck tier). Leaves the tiers as they were."""
     broker = Broker.resolve(url, topology_file)
     if broker.topology is None:
         raise ConfigurationError(
