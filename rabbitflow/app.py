@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 import structlog
 from aio_pika.abc import AbstractConnection
 
-from rabbitflow.connection import connect, underlay
+from rabbitflow.connection import connect, connected_url, underlay
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.handler import Consumer, ExceptionTypes
 from rabbitflow.publisher import Publisher
 from rabbitflow.topology import Topology, load_topology
-from rabbitflow.urls import mask_url, resolve_url
+from rabbitflow.urls import mask_url, resolve_urls, split_urls, validate_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 Hook = Callable[[], Awaitable[None] | None]
@@ -31,7 +31,8 @@ class App:
     """A rabbitflow application: handlers bound to the queues of a topology file.
 
     ``topology`` is the path of ``topology.toml`` (``rabbitflow run --topology`` overrides it);
-    ``url`` the broker (else ``--url``, ``RABBITFLOW_URL``, the file's ``[broker].url``).
+    ``url`` the broker: one URL, or a list of the nodes of one cluster (else ``--url``,
+    ``RABBITFLOW_URL``, the file's ``[broker]``). Every URL is validated here.
     ``lifespan`` is an optional ``(app) -> async context manager`` wrapped around the run.
     """
 
@@ -39,12 +40,14 @@ class App:
         self,
         topology: str | Path = "topology.toml",
         *,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         lifespan: Lifespan | None = None,
         name: str = "rabbitflow",
     ) -> None:
         self.topology_path = Path(topology)
-        self.url = url
+        self.urls: list[str] = split_urls(url)
+        for each in self.urls:
+            validate_url(each)
         self.name = name
         self.lifespan = lifespan
         self.consumers: dict[str, Consumer] = {}
@@ -53,6 +56,11 @@ class App:
         self._publisher: Publisher | None = None
         self._connection: AbstractConnection | None = None
         self._connect_lock: asyncio.Lock | None = None
+
+    @property
+    def url(self) -> str | None:
+        """The first of :attr:`urls` (the node documentation and AsyncAPI name), or None."""
+        return self.urls[0] if self.urls else None
 
     # -- registration -----------------------------------------------------------------
 
@@ -189,17 +197,17 @@ class App:
                 return self._publisher
             if self._connection is not None and not self._connection.is_closed:
                 await self._connection.close()
-            url = resolve_url(self.url, self._file_url())
-            self._connection = await connect(url, name=f"{self.name}-publisher")
-            log.info("publisher connected", url=mask_url(url))
+            urls = resolve_urls(self.urls, self._file_urls(), order="shuffle")
+            self._connection = await connect(urls, name=f"{self.name}-publisher")
+            log.info("publisher connected", url=mask_url(connected_url(self._connection)))
             self._publisher = await Publisher.open(underlay(self._connection))
             return self._publisher
 
-    def _file_url(self) -> str | None:
+    def _file_urls(self) -> list[str]:
         try:
-            return load_topology(self.topology_path).broker_url
+            return list(load_topology(self.topology_path).broker_urls)
         except Exception:
-            return None
+            return []
 
     async def close(self) -> None:
         """Close the connection ``publish()`` opened, if any."""

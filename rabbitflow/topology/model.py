@@ -53,6 +53,8 @@ class QueueConfig:
     circuit_breaker: CircuitBreakerTable | None = None
     retry_on: tuple[str, ...] = ()
     dead_letter_on: tuple[str, ...] = ()
+    leader_locator: str | None = None
+    initial_group_size: int | None = None
 
     @property
     def max_in_flight(self) -> int:
@@ -69,13 +71,16 @@ class Topology:
     dead_letter_exchange: str
     exchanges: dict[str, ExchangeTable]
     queues: dict[str, QueueConfig]
+    broker_urls: tuple[str, ...] = ()
 
     @classmethod
     def from_file(cls, source: str, parsed: TopologyFile) -> Topology:
         queues = {name: _resolve(name, table, parsed) for name, table in parsed.queues.items()}
+        urls = parsed.broker.all_urls or []
         return cls(
             source=source,
-            broker_url=parsed.broker.url,
+            broker_url=urls[0] if urls else None,
+            broker_urls=tuple(urls),
             dead_letter_exchange=parsed.dead_letter.exchange,
             exchanges=dict(parsed.exchanges),
             queues=queues,
@@ -110,4 +115,6 @@ def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
         circuit_breaker=table.circuit_breaker or defaults.circuit_breaker,
         retry_on=tuple(table.retry_on),
         dead_letter_on=tuple(table.dead_letter_on),
+        leader_locator=table.leader_locator or defaults.leader_locator,
+        initial_group_size=table.initial_group_size or defaults.initial_group_size,
     )
