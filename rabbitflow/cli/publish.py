@@ -10,10 +10,10 @@ from pathlib import Path
 import click
 
 from rabbitflow.cli import quiet_client_logs, reports_errors
+from rabbitflow.cli.urls import broker_urls, url_options
 from rabbitflow.connection import connect, underlay
 from rabbitflow.publisher import Publisher
 from rabbitflow.topology import load_topology
-from rabbitflow.urls import resolve_url
 
 
 def _header(value: str) -> tuple[str, str]:
@@ -31,14 +31,14 @@ def _header(value: str) -> tuple[str, str]:
 @click.option("--content-type", help="Default: application/json when BODY is JSON, else text.")
 @click.option("--message-id", help="Default: a new UUID.")
 @click.option("--correlation-id")
-@click.option("--url", help="Broker URL (else RABBITFLOW_URL, the topology's [broker].url).")
+@url_options
 @click.option(
     "--topology",
     "topology_path",
     type=click.Path(path_type=Path),
     default="topology.toml",
     show_default=True,
-    help="Read only for [broker].url.",
+    help="Read only for [broker].url / urls.",
 )
 @reports_errors
 def publish(
@@ -49,7 +49,8 @@ def publish(
     content_type: str | None,
     message_id: str | None,
     correlation_id: str | None,
-    url: str | None,
+    url: tuple[str, ...],
+    url_order: str,
     topology_path: Path,
 ) -> None:
     """Publish BODY (``-`` reads stdin) with publisher confirms; mandatory, persistent.
@@ -63,11 +64,12 @@ def publish(
             payload = json.loads(text)
         except ValueError:
             payload = text
-    file_url = load_topology(topology_path).broker_url if topology_path.exists() else None
+    file_urls = load_topology(topology_path).broker_urls if topology_path.exists() else ()
+    urls = broker_urls(url, file_urls, url_order)
     quiet_client_logs()
     sent = asyncio.run(
         _publish(
-            resolve_url(url, file_url),
+            urls,
             exchange,
             routing_key,
             payload,
@@ -81,7 +83,7 @@ def publish(
 
 
 async def _publish(
-    url: str,
+    url: list[str],
     exchange: str,
     routing_key: str,
     payload: object,

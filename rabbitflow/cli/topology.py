@@ -14,23 +14,19 @@ import click
 from aio_pika.abc import AbstractConnection
 
 from rabbitflow.cli import quiet_client_logs, reports_errors
+from rabbitflow.cli.urls import broker_urls, url_options
 from rabbitflow.connection import connect
 from rabbitflow.topology.declare import Declared, declare
 from rabbitflow.topology.derived import Declarations, derive
 from rabbitflow.topology.export import definitions, mermaid
 from rabbitflow.topology.loader import load_topology
 from rabbitflow.topology.plan import PlanItem, plan
-from rabbitflow.urls import mask_url, resolve_url
+from rabbitflow.urls import mask_urls
 
 T = TypeVar("T")
 
 DEFAULT_FILE = "topology.toml"
 file_argument = click.argument("file", default=DEFAULT_FILE, type=click.Path(dir_okay=False))
-url_option = click.option(
-    "--url",
-    metavar="URL",
-    help="Broker URL; overrides RABBITFLOW_URL and the file's [broker] url.",
-)
 
 
 @click.group()
@@ -49,19 +45,19 @@ def validate(file: str) -> None:
 
 @topology.command("plan")
 @file_argument
-@url_option
+@url_options
 @reports_errors
-def plan_command(file: str, url: str | None) -> None:
+def plan_command(file: str, url: tuple[str, ...], url_order: str) -> None:
     """Show what declare would create, and what conflicts with the broker.
 
     Changes nothing. Exit 1 when declare would fail on a conflict."""
     loaded = load_topology(file)
-    broker = resolve_url(url, loaded.broker_url)
+    broker = broker_urls(url, loaded.broker_urls, url_order)
     declarations = derive(loaded)
     result = _with_connection(
         broker, "rabbitflow topology plan", lambda connection: plan(connection, declarations)
     )
-    click.echo(f"plan for {mask_url(broker)} ({file}):")
+    click.echo(f"plan for {mask_urls(broker)} ({file}):")
     for line in plan_table(result.items):
         click.echo(f"  {line}")
     counts = result.counts()
@@ -77,13 +73,13 @@ def plan_command(file: str, url: str | None) -> None:
 
 @topology.command("declare")
 @file_argument
-@url_option
+@url_options
 @reports_errors
-def declare_command(file: str, url: str | None) -> None:
+def declare_command(file: str, url: tuple[str, ...], url_order: str) -> None:
     """Declare every exchange, queue and binding of FILE (idempotent, never deletes)."""
     loaded = load_topology(file)
-    broker = resolve_url(url, loaded.broker_url)
-    click.echo(f"declaring {file} on {mask_url(broker)}")
+    broker = broker_urls(url, loaded.broker_urls, url_order)
+    click.echo(f"declaring {file} on {mask_urls(broker)}")
     declarations = derive(loaded)
     done = _with_connection(
         broker,
@@ -163,7 +159,7 @@ def _definitions_text(declarations: Declarations, vhost: str) -> str:
 
 
 def _with_connection(
-    url: str, name: str, action: Callable[[AbstractConnection], Awaitable[T]]
+    url: list[str], name: str, action: Callable[[AbstractConnection], Awaitable[T]]
 ) -> T:
     quiet_client_logs()
 
