@@ -85,7 +85,7 @@ def test_the_file_takes_urls_or_url_but_not_both() -> None:
 
     assert topology.broker_urls == tuple(NODES)
     assert topology.broker_url == NODES[0]
-    with pytest.raises(TopologyError, match="set url .* or urls .*, not both"):
+    with pytest.raises(TopologyError, match=r"set url .* or urls .*, not both"):
         parse_topology(f'[broker]\nurl = "{NODES[0]}"\nurls = [{quoted}]\n')
 
 
@@ -131,7 +131,8 @@ def test_cli_unreachable_nodes_are_all_named(tmp_path: Path) -> None:
     assert result.exit_code == 1
     [line] = result.stderr.splitlines()
     assert line.startswith("error: cannot connect to any of 2 nodes: 127.0.0.1:")
-    assert "127.0.0.1:1:" in line and "127.0.0.1:2:" in line
+    assert "127.0.0.1:1:" in line
+    assert "127.0.0.1:2:" in line
     assert "secret" not in result.output
 
 
