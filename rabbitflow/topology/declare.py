@@ -343,4 +343,9 @@ def _queue_detail(spec: QueueSpec) -> str:
     elif arguments.get("x-dead-letter-exchange"):
         parts.append(f"dead-letters to {arguments['x-dead-letter-exchange']}")
     parts += ["exclusive"] if spec.exclusive else []
+    if "x-queue-leader-locator" in arguments:
+        parts.append(f"leader {arguments['x-queue-leader-locator']}")
+    replicas = arguments.get("x-quorum-initial-group-size", arguments.get("x-initial-cluster-size"))
+    if replicas is not None:
+        parts.append(f"{replicas} replicas")
     return ", ".join(parts)
