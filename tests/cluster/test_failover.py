@@ -17,10 +17,11 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aio_pika
 import pytest
 
 from tests.cluster.conftest import Cluster, checker_on
-from tests.reliability.checker import QUEUE, REPORT_ENV, Checker
+from tests.reliability.checker import QUEUE, REPORT_ENV, Checker, job
 from tests.runtime_helpers import WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -184,3 +185,56 @@ def test_every_node_dies_and_the_worker_resumes_when_they_return(
         report = checker.report("cluster: kill all three, start them", 1, PREFETCH)
         report.check()
         assert report.processed >= 50
+
+
+def test_a_retry_tiers_leader_dies_with_messages_inside(
+    cluster: Cluster, cluster_vhost: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # Given a 4 s retry tier led by node 1 and a worker on node 2 whose handler always fails
+    delay = 4.0
+    with checker_on(cluster, 3, cluster_vhost, tmp_path, request.node.name) as checker:
+        checker.write_topology(
+            queue_type="quorum", prefetch=PREFETCH, retry='{ delays = ["4s"], max_attempts = 2 }'
+        )
+        checker.declare(url=cluster.url(1, cluster_vhost))
+        [tier] = checker.retry_queues()
+        assert cluster.leader(cluster_vhost, tier) == 1
+        _start(checker, cluster, cluster_vhost, (2, 3, 1))
+        checker.publish(
+            [
+                aio_pika.Message(
+                    job(n, action="fail"),
+                    message_id=str(n),
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                )
+                for n in range(50)
+            ]
+        )
+        checker.records.wait_for("start", 50, timeout=20)
+
+        # When the tier's leader is killed while the 50 messages wait in it
+        time.sleep(1)
+        cluster.kill(1)
+
+        # Then every message comes back for its second attempt on time, and reaches the DLQ
+        checker.records.wait_for("start", 100, timeout=delay + 20)
+        first: dict[str, float] = {}
+        late: list[float] = []
+        for run in checker.records.runs("start"):
+            if run.attempt == 1:
+                first[run.key] = run.at
+            else:
+                late.append(run.at - first[run.key] - delay)
+        _record(
+            "kill a retry tier's leader with 50 messages waiting",
+            new_leader=cluster.leader(cluster_vhost, tier),
+            earliest_s=round(min(late), 2),
+            latest_s=round(max(late), 2),
+        )
+        assert len(late) == 50
+        assert min(late) > -0.1
+        assert max(late) < FAILOVER_LIMIT
+        checker.drain(timeout=60, restart=False)
+        report = checker.report("cluster: kill a retry tier's leader", 1, PREFETCH)
+        report.check()
+        assert report.dead_lettered == 50
