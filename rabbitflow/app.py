@@ -62,6 +62,14 @@ class App:
         """The first of :attr:`urls` (the node documentation and AsyncAPI name), or None."""
         return self.urls[0] if self.urls else None
 
+    @url.setter
+    def url(self, value: str | None) -> None:
+        # One URL, or several separated by commas; replaces the whole list.
+        urls = split_urls(value)
+        for each in urls:
+            validate_url(each)
+        self.urls = urls
+
     # -- registration -----------------------------------------------------------------
 
     def consumer(
