@@ -13,6 +13,7 @@ from rabbitflow.connection import connect, connected_url
 from rabbitflow.errors import TopologyError, UnreachableBrokerError
 from rabbitflow.topology import parse_topology
 from rabbitflow.urls import InvalidUrlError, mask_url, resolve_urls
+from rabbitflow.worker import Worker, WorkerOptions
 from tests.rabbit import Rabbit
 from tests.test_topology_broker import run_cli
 
@@ -167,3 +168,39 @@ def test_cli_declares_through_the_node_that_answers(
     assert result.exit_code == 0, result.output
     assert f"on {mask_url(DOWN)}, {mask_url(vhost_url)}" in result.stdout
     assert ["jobs"] in rabbit.list(vhost, "queues", "name")
+
+
+@pytest.mark.broker
+async def test_a_worker_whose_first_node_is_down_consumes_through_the_next(
+    vhost_url: str, tmp_path: Path
+) -> None:
+    # Given a worker told about a node that is down, then the broker
+    (tmp_path / "topology.toml").write_text("[queues.jobs]\nretry = false\n", encoding="utf-8")
+    app = App(tmp_path / "topology.toml", name="rf-urls")
+    seen: list[bytes] = []
+    handled = asyncio.Event()
+
+    @app.consumer("jobs")
+    async def handle(body: bytes) -> None:
+        seen.append(body)
+        handled.set()
+
+    worker = Worker(
+        app, app.load_topology(), WorkerOptions(url=[DOWN, vhost_url], shutdown_timeout=1)
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        # Then it consumes at once through the broker, knowing its version
+        async with asyncio.timeout(15):
+            while not worker.ready:
+                assert not task.done(), "the worker stopped"
+                await asyncio.sleep(0.05)
+        assert worker.broker_version is not None
+        assert worker.broker_version.supported
+        assert worker.reconnections == 0
+        await app.publish("", "jobs", b"through the second node")
+        await asyncio.wait_for(handled.wait(), 10)
+        assert seen == [b"through the second node"]
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
