@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import structlog
 from aio_pika.abc import AbstractConnection
 
+from rabbitflow.broker_version import BrokerVersion, describe
 from rabbitflow.connection import connect, connected_url, underlay
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.handler import Consumer, ExceptionTypes
@@ -207,7 +208,11 @@ class App:
                 await self._connection.close()
             urls = resolve_urls(self.urls, self._file_urls(), order="shuffle")
             self._connection = await connect(urls, name=f"{self.name}-publisher")
-            log.info("publisher connected", url=mask_url(connected_url(self._connection)))
+            log.info(
+                "publisher connected",
+                url=mask_url(connected_url(self._connection)),
+                broker_version=describe(BrokerVersion.of(self._connection)),
+            )
             self._publisher = await Publisher.open(underlay(self._connection))
             return self._publisher
 
