@@ -23,6 +23,7 @@ from rabbitflow.dispatch import Dispatcher
 from rabbitflow.errors import (
     AccessRefusedError,
     BrokerError,
+    ConfigurationError,
     TlsVerificationError,
     UnreachableBrokerError,
 )
@@ -233,6 +234,8 @@ class Worker:
             else (UnreachableBrokerError,)
         )
         urls = self.options.urls
+        if not urls:
+            raise ConfigurationError("no broker URL: give --url, RABBITFLOW_URL or [broker].url")
         # A lost node is tried last: the next one first, at once, then the whole list again
         # after a random (full-jitter) backoff that doubles up to max_reconnect_wait.
         first = (self._node + 1) % len(urls) if reconnecting else 0
