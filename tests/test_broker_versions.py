@@ -19,6 +19,7 @@ from rabbitflow.errors import TopologyError
 from rabbitflow.topology import derive, parse_topology
 from rabbitflow.topology.declare import declare
 from rabbitflow.topology.derived import UNLIMITED_DELIVERIES
+from rabbitflow.topology.plan import plan
 from tests.rabbit import Rabbit
 
 PLACED = (
@@ -175,3 +176,29 @@ async def test_placement_is_declared_as_written(rabbit: Rabbit, vhost: str, vhos
         assert arguments[name]["x-queue-leader-locator"] == "balanced", name
         assert arguments[name]["x-quorum-initial-group-size"] == 1, name
     assert arguments["work.dlq"]["x-delivery-limit"] == UNLIMITED_DELIVERIES
+
+
+@pytest.mark.broker
+async def test_a_dlq_declared_by_an_earlier_rabbitflow_is_kept_as_it_is(
+    rabbit: Rabbit, vhost: str, vhost_url: str
+) -> None:
+    # Given work.dlq as rabbitflow declared it before DLQs got a delivery limit, with a message
+    topology = parse_topology("[queues.work]\nretry = false\n")
+    connection = await aio_pika.connect(vhost_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue("work.dlq", durable=True, arguments={"x-queue-type": "quorum"})
+        await channel.default_exchange.publish(aio_pika.Message(b"parked"), "work.dlq")
+
+        # When the topology is planned and declared
+        planned = await plan(connection, derive(topology))
+        await declare(connection, derive(topology))
+        left = await channel.declare_queue("work.dlq", passive=True)
+    finally:
+        await connection.close()
+
+    # Then the queue is accepted as it is, message and all, instead of a conflict
+    assert planned.action_of("queue", "work.dlq") == "ok"
+    assert not planned.conflicts
+    assert left.declaration_result.message_count == 1
+    assert "x-delivery-limit" not in _arguments(rabbit, vhost)["work.dlq"]

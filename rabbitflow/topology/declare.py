@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import aiormq
@@ -164,7 +164,23 @@ async def apply(channels: ChannelSource, spec: Spec) -> None:
     try:
         await _active(await channels.get(), spec)
     except aiormq.exceptions.AMQPError as exc:
-        raise broker_error(exc, spec, "declare") from None
+        error = broker_error(exc, spec, "declare")
+        if isinstance(spec, QueueSpec) and _legacy_dlq(spec, error):
+            # A DLQ declared before rabbitflow set its delivery limit: RabbitMQ cannot add the
+            # argument to an existing queue, so it is kept as it is (docs/operations.md).
+            arguments = {k: v for k, v in spec.arguments.items() if k != "x-delivery-limit"}
+            await apply(channels, replace(spec, arguments=arguments))
+            return
+        raise error from None
+
+
+def _legacy_dlq(spec: QueueSpec, error: RabbitflowError) -> bool:
+    return (
+        spec.role == "dlq"
+        and isinstance(error, TopologyConflictError)
+        and error.argument == "x-delivery-limit"
+        and error.broker_value is None
+    )
 
 
 async def _active(channel: aiormq.abc.AbstractChannel, spec: Spec) -> None:
