@@ -28,7 +28,7 @@ from rabbitflow.broker_version import BrokerVersion
 from rabbitflow.testing import MemoryBroker, MemoryChannel, TestApp
 from rabbitflow.topology import Topology, derive, parse_topology
 from rabbitflow.topology.declare import declare
-from rabbitflow.topology.derived import Declarations, QueueSpec
+from rabbitflow.topology.derived import UNLIMITED_DELIVERIES, Declarations, QueueSpec
 from rabbitflow.worker import Worker, WorkerOptions
 
 # Real-broker TTLs fire on a timer: give them this long past their deadline.
@@ -61,6 +61,10 @@ class Backend(Protocol):
     version: BrokerVersion
 
     async def declare(self, declarations: Declarations) -> None: ...
+
+    async def reopen(self) -> None:
+        """Close the channel (its unacked messages go back) and open a new one."""
+        ...
 
     async def publish(
         self,
@@ -108,6 +112,10 @@ class MemoryBackend:
 
     async def declare(self, declarations: Declarations) -> None:
         self.broker.declare(declarations)
+
+    async def reopen(self) -> None:
+        await self.channel.close()
+        self.channel = await self.broker.connect().channel()
 
     async def publish(
         self,
@@ -181,6 +189,12 @@ class RabbitBackend:
 
     async def declare(self, declarations: Declarations) -> None:
         await declare(self.connection, declarations)
+
+    async def reopen(self) -> None:
+        assert self.channel is not None
+        await self.channel.close()
+        await asyncio.sleep(0.2)  # let the queue take the returned messages back
+        await self.open()
 
     async def publish(
         self,
@@ -585,6 +599,25 @@ async def test_requeued_messages_return_where_rabbitmq_puts_them(
 
 
 @pytest.mark.parametrize("kind", ["classic", "quorum"])
+async def test_a_closed_channel_gives_its_messages_back_in_order(
+    backend: Backend, kind: str
+) -> None:
+    await backend.declare(queues(queue("cq", kind)))
+    for i in range(5):
+        await backend.publish("", "cq", str(i).encode())
+    held = [await backend.get("cq") for _ in range(3)]
+    assert [got.body for got in held if got is not None] == [b"0", b"1", b"2"]
+
+    await backend.reopen()
+
+    # Classic: back in place. Quorum, 3.10 as 4.0: a closed channel's messages go to the head,
+    # in order (unlike a nack with requeue on 3.x, which sends a message to the back).
+    again = await drain(backend, "cq")
+    assert [got.body for got in again] == [b"0", b"1", b"2", b"3", b"4"]
+    assert [got.redelivered for got in again] == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("kind", ["classic", "quorum"])
 async def test_max_length_overflow(backend: Backend, kind: str) -> None:
     await backend.declare(
         Declarations(
@@ -654,6 +687,33 @@ async def test_quorum_delivery_limit_dead_letters_with_delivery_count(backend: B
         }
     ]
     assert dead.headers["x-first-death-reason"] == "delivery_limit"
+
+
+@pytest.mark.parametrize(
+    ("limit", "returns_until_gone"),
+    [
+        (None, "default"),  # RabbitMQ 4.0's default limit of 20; none before
+        (UNLIMITED_DELIVERIES, None),  # what rabbitflow declares on DLQs: never reached
+    ],
+)
+async def test_how_often_a_quorum_message_may_be_returned(
+    backend: Backend, limit: int | None, returns_until_gone: str | None
+) -> None:
+    arguments = {} if limit is None else {"x-delivery-limit": limit}
+    await backend.declare(queues(queue("returned", "quorum", arguments)))
+    await backend.publish("", "returned", b"m")
+
+    deliveries = 0
+    while deliveries < 25 and (got := await backend.get("returned")) is not None:
+        deliveries += 1
+        await backend.settle(got, requeue=True)
+
+    default = backend.version.default_delivery_limit
+    if returns_until_gone == "default" and default is not None:
+        assert deliveries == default + 1  # dropped (no dead-letter exchange) after the last
+    else:
+        assert deliveries == 25
+        assert [got.body for got in await drain(backend, "returned")] == [b"m"]
 
 
 async def eventually(backend: Backend, queue: str) -> Got:

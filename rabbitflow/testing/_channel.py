@@ -121,7 +121,9 @@ class MemoryChannel:
             self.broker.remove_consumer(consumer)
         self.consumers.clear()
         unacked, self._unacked = self._unacked, {}
-        self.broker.settle([(entry.queue, entry.envelope, True) for entry in unacked.values()])
+        self.broker.settle(
+            [(entry.queue, entry.envelope, True) for entry in unacked.values()], returned=True
+        )
         if error is None:
             self.closing.set_result(None)
         else:

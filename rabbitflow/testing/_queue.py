@@ -167,12 +167,13 @@ class MemoryQueue:
         """When the head expires, if it does."""
         return self.ready[0].expires_at if self.ready else None
 
-    def requeue(self, envelope: Envelope) -> bool:
+    def requeue(self, envelope: Envelope, *, returned: bool = False) -> bool:
         """Return an unacked delivery; False when a quorum delivery-limit dead-letters it.
 
         A classic queue puts it back in its original position. A quorum queue counts the
-        return in ``x-delivery-count`` and puts it back at the back (3.x) or at the head, after
-        the messages returned before it (4.0+)."""
+        return in ``x-delivery-count`` and puts it at the head, after the messages returned
+        before it, except a message nacked or rejected with requeue on 3.x, which goes to the
+        back (``returned``: given back by a closed channel, not nacked)."""
         envelope.redelivered = True
         if self.kind != "quorum":
             bisect.insort(self.ready, envelope, key=lambda e: e.seq)
@@ -181,7 +182,7 @@ class MemoryQueue:
         limit = self.delivery_limit
         if limit is not None and envelope.delivery_count > limit:
             return False
-        if self.version.requeue_to_head:
+        if returned or self.version.requeue_to_head:
             position = min(self._head_returns, len(self.ready))
             self.ready.insert(position, envelope)
             self._head_returns = position + 1

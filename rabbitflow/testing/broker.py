@@ -430,15 +430,21 @@ class MemoryBroker:
             self._dead_letter(queue, queue.take(), "expired")
         return queue.take() if queue.ready else None
 
-    def settle(self, entries: Iterable[tuple[MemoryQueue, Envelope, bool | None]]) -> None:
-        """Acks (None), returns (True) and rejections (False) of unacked deliveries."""
+    def settle(
+        self,
+        entries: Iterable[tuple[MemoryQueue, Envelope, bool | None]],
+        *,
+        returned: bool = False,
+    ) -> None:
+        """Acks (None), requeues (True) and rejections (False) of unacked deliveries;
+        ``returned``: given back by a closed channel rather than a nack or reject."""
         for queue, envelope, requeue in entries:
             queue.unacked -= 1
             if requeue is None:
                 continue
             if not requeue:
                 self._dead_letter(queue, envelope, "rejected")
-            elif not queue.requeue(envelope):
+            elif not queue.requeue(envelope, returned=returned):
                 self._dead_letter(queue, envelope, "delivery_limit")
         self.pump_all()
 
