@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -13,7 +13,8 @@ from typing import Any, TypeVar, overload
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
-from rabbitflow.connection import connect, underlay
+from rabbitflow.broker_version import BrokerVersion, describe
+from rabbitflow.connection import connect, connected_url, underlay
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.handler import Consumer, ExceptionTypes
 from rabbitflow.idempotency.guard import Guard
@@ -26,7 +27,7 @@ from rabbitflow.schedule.entry import Schedule, default_name
 from rabbitflow.schedule.timing import Cron, Every, Timing
 from rabbitflow.state import State
 from rabbitflow.topology import Topology, load_topology
-from rabbitflow.urls import mask_url, resolve_url
+from rabbitflow.urls import mask_url, resolve_urls, split_urls, validate_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=BaseModel)
@@ -41,7 +42,8 @@ class App:
     """A rabbitflow application: handlers bound to the queues of a topology file.
 
     ``topology`` is the path of ``topology.toml`` (``rabbitflow run --topology`` overrides it);
-    ``url`` the broker (else ``--url``, ``RABBITFLOW_URL``, the file's ``[broker].url``).
+    ``url`` the broker: one URL, or a list of the nodes of one cluster (else ``--url``,
+    ``RABBITFLOW_URL``, the file's ``[broker]``). Every URL is validated here.
     ``lifespan`` is an optional ``(app) -> async context manager`` wrapped around the run.
     ``idempotency`` is the store of idempotent consumers (``rabbitflow.idempotency``).
     ``state`` is what handlers read as ``app.state`` (default: an empty
@@ -52,14 +54,16 @@ class App:
         self,
         topology: str | Path = "topology.toml",
         *,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         lifespan: Lifespan | None = None,
         name: str = "rabbitflow",
         idempotency: IdempotencyStore | None = None,
         state: Any = None,
     ) -> None:
         self.topology_path = Path(topology)
-        self.url = url
+        self.urls: list[str] = split_urls(url)
+        for each in self.urls:
+            validate_url(each)
         self.name = name
         self.lifespan = lifespan
         self.idempotency = idempotency
@@ -75,6 +79,19 @@ class App:
         self._connect_lock: asyncio.Lock | None = None
         self._requester: Requester | None = None
         self._requester_lock: asyncio.Lock | None = None
+
+    @property
+    def url(self) -> str | None:
+        """The first of :attr:`urls` (the node documentation and AsyncAPI name), or None."""
+        return self.urls[0] if self.urls else None
+
+    @url.setter
+    def url(self, value: str | None) -> None:
+        # One URL, or several separated by commas; replaces the whole list.
+        urls = split_urls(value)
+        for each in urls:
+            validate_url(each)
+        self.urls = urls
 
     # -- registration -----------------------------------------------------------------
 
@@ -400,17 +417,21 @@ class App:
                 return self._publisher
             if self._connection is not None and not self._connection.is_closed:
                 await self._connection.close()
-            url = resolve_url(self.url, self._file_url())
-            self._connection = await connect(url, name=f"{self.name}-publisher")
-            log.info("publisher connected", url=mask_url(url))
+            urls = resolve_urls(self.urls, self._file_urls(), order="shuffle")
+            self._connection = await connect(urls, name=f"{self.name}-publisher")
+            log.info(
+                "publisher connected",
+                url=mask_url(connected_url(self._connection)),
+                broker_version=describe(BrokerVersion.of(self._connection)),
+            )
             self._publisher = await Publisher.open(underlay(self._connection))
             return self._publisher
 
-    def _file_url(self) -> str | None:
+    def _file_urls(self) -> list[str]:
         try:
-            return load_topology(self.topology_path).broker_url
+            return list(load_topology(self.topology_path).broker_urls)
         except Exception:
-            return None
+            return []
 
     async def close(self) -> None:
         """Close the connection ``publish()`` opened, if any."""

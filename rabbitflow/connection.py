@@ -1,10 +1,12 @@
-"""Opening AMQP connections, with broker errors turned into rabbitflow errors."""
+"""Opening AMQP connections to one node of a list, with broker errors turned into rabbitflow
+errors."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import ssl
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -18,13 +20,13 @@ from rabbitflow.errors import (
     UnreachableBrokerError,
     exception_chain,
 )
-from rabbitflow.urls import mask_url
+from rabbitflow.urls import mask_url, node_name
 
 CONNECT_TIMEOUT = 10.0
 
 
 async def connect(
-    url: str,
+    url: str | Sequence[str],
     *,
     name: str = "rabbitflow",
     heartbeat: int | None = None,
@@ -32,10 +34,39 @@ async def connect(
 ) -> AbstractConnection:
     """Open a plain (not auto-reconnecting) connection; rabbitflow drives reconnection itself.
 
+    ``url`` is one node or several nodes of one cluster, tried in order: an unreachable node
+    passes to the next one at once; a refused login or a certificate failure is the cluster's
+    answer (every node shares users and certificates) and is raised without trying further.
+    :func:`connected_url` tells which node answered.
+
     ``amqps://`` URLs verify the broker's certificate and host name; ``cafile``, ``certfile``
     and ``keyfile`` query parameters name a private CA and a client certificate. Turning
     verification off (``no_verify_ssl``) is refused."""
-    _refuse_unverified_tls(url)
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise UnreachableBrokerError("<no URL>", "no broker URL given")
+    for each in urls:
+        _refuse_unverified_tls(each)
+    failures: list[UnreachableBrokerError] = []
+    for each in urls:
+        try:
+            return await _connect_node(each, name=name, heartbeat=heartbeat, timeout=timeout)
+        except UnreachableBrokerError as exc:
+            failures.append(exc)
+    if len(failures) == 1:
+        raise failures[0]
+    reasons = (f"{node_name(u)}: {f.reason}" for u, f in zip(urls, failures, strict=True))
+    raise UnreachableBrokerError(f"any of {len(urls)} nodes", "; ".join(reasons))
+
+
+def connected_url(connection: AbstractConnection) -> str:
+    """The URL of the node ``connection`` reached (with its password: mask it to print)."""
+    return str(getattr(connection, "url", ""))
+
+
+async def _connect_node(
+    url: str, *, name: str, heartbeat: int | None, timeout: float
+) -> AbstractConnection:
     extra: dict[str, Any] = {} if heartbeat is None else {"heartbeat": heartbeat}
     try:
         connection: AbstractConnection = await aio_pika.connect(

@@ -110,7 +110,8 @@ def build(worker: Worker, broker_version: str | None = None) -> StartupSummary:
         else None
     )
     return StartupSummary(
-        broker=mask_url(options.url),
+        # The node this worker reached, of the nodes it was given.
+        broker=mask_url(worker.node),
         broker_version=broker_version,
         topology=topology.source,
         declare=options.declare,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import random
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,15 +14,16 @@ from typing import Any
 import aiormq
 import structlog
 from aio_pika.abc import AbstractConnection
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from rabbitflow.app import App
 from rabbitflow.breaker import CircuitBreaker
-from rabbitflow.connection import connect, underlay
+from rabbitflow.broker_version import BrokerVersion, describe
+from rabbitflow.connection import connect, connected_url, underlay
 from rabbitflow.dispatch import Dispatcher
 from rabbitflow.errors import (
     AccessRefusedError,
     BrokerError,
+    ConfigurationError,
     TlsVerificationError,
     UnreachableBrokerError,
 )
@@ -45,7 +46,7 @@ from rabbitflow.topology import Declarations, Topology, derive
 from rabbitflow.topology.declare import declare, verify
 from rabbitflow.topology.management import management_url, queue_depths, vhost_of
 from rabbitflow.tracing import get_tracing
-from rabbitflow.urls import mask_url
+from rabbitflow.urls import mask_url, mask_urls, split_urls
 
 log = structlog.get_logger("rabbitflow.worker")
 
@@ -61,13 +62,20 @@ BROKER_CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
 
 @dataclass
 class WorkerOptions:
-    url: str
+    """How a worker runs. ``url`` is one node or the nodes of one cluster, tried in order."""
+
+    url: str | Sequence[str]
     declare: bool = True
     shutdown_timeout: float = 30.0
     heartbeat: int | None = None
     max_reconnect_wait: float = 30.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node, in the order they are tried."""
+        return split_urls(self.url)
 
 
 class _Stop(Exception):
@@ -131,6 +139,8 @@ class Worker:
         )
         self._session: _Session | None = None
         self._publisher: Publisher | None = None
+        self._node = 0
+        self.broker_version: BrokerVersion | None = None
         self.repairer = Repairer(
             lambda: self._session.connection if self._session is not None else None,
             self.declarations,
@@ -139,11 +149,18 @@ class Worker:
         self.tier_monitor = TierMonitor(
             [self.declarations.routes[queue] for queue in app.consumers],
             self.metrics,
-            depths=functools.partial(
-                queue_depths, management_url(options.url), vhost_of(options.url)
-            ),
+            depths=self._queue_depths,
         )
         self._warn_timeouts()
+
+    @property
+    def node(self) -> str:
+        """The URL of the node this worker is (or was last) connected to."""
+        return self.options.urls[self._node]
+
+    def _queue_depths(self) -> Awaitable[dict[str, dict[str, int]]]:
+        # The management API of the node this worker is connected to.
+        return queue_depths(management_url(self.node), vhost_of(self.node))
 
     def _thread_count(self) -> int:
         sync = [
@@ -210,7 +227,7 @@ class Worker:
     async def _run(self) -> None:
         log.info(
             "starting",
-            url=mask_url(self.options.url),
+            url=mask_urls(self.options.urls),
             queues=sorted(self.app.consumers),
             declare=self.options.declare,
             tracing=self.tracing.enabled,
@@ -218,19 +235,24 @@ class Worker:
         warn_if_idle(self)
         # While the worker's connection is down (reconnecting, or closed before the shutdown
         # hooks run), app.publish() opens the app's own: it must go to the same broker.
-        self.app.url = self.options.url
+        self.app.urls = self.options.urls
         try:
             connection = await self._connect()
         except _Stop:
             log.info("stopped before the first connection")
             return
+        log.info(
+            "connected",
+            url=mask_url(connected_url(connection)),
+            broker_version=describe(self.broker_version),
+        )
         started = False
         try:
             await self._prepare(connection)
             async with self.app.lifespan_context():
                 started = True
                 # Scheduled publishing runs beside the consumers, on its own connection.
-                async with run_schedules(self.app.schedules.values(), self.options.url):
+                async with run_schedules(self.app.schedules.values(), self.options.urls):
                     await self._serve(connection)
         finally:
             self.ready = False
@@ -246,23 +268,51 @@ class Worker:
         # At start-up a refused login or vhost is a configuration error: fail fast. Once the
         # worker has run, a refusal (a connection limit reached, a vhost being recreated) is
         # retried like an unreachable broker, so a running service heals by itself.
-        retried = (
+        retried: tuple[type[Exception], ...] = (
             (UnreachableBrokerError, AccessRefusedError, TlsVerificationError)
             if reconnecting
             else (UnreachableBrokerError,)
         )
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(retried),
-            wait=wait_random_exponential(multiplier=0.5, max=self.options.max_reconnect_wait),
-            sleep=self._sleep,
-            before_sleep=_log_retry,
-            reraise=True,
-        ):
-            with attempt:
-                return await connect(
-                    self.options.url, name=self.app.name, heartbeat=self.options.heartbeat
-                )
-        raise AssertionError("unreachable")  # pragma: no cover
+        urls = self.options.urls
+        if not urls:
+            raise ConfigurationError("no broker URL: give --url, RABBITFLOW_URL or [broker].url")
+        # A lost node is tried last: the next one first, at once, then the whole list again
+        # after a random (full-jitter) backoff that doubles up to max_reconnect_wait.
+        first = (self._node + 1) % len(urls) if reconnecting else 0
+        rounds = 0
+        while True:
+            failures: list[str] = []
+            for offset in range(len(urls)):
+                index = (first + offset) % len(urls)
+                try:
+                    connection = await connect(
+                        urls[index], name=self.app.name, heartbeat=self.options.heartbeat
+                    )
+                except retried as exc:
+                    failures.append(str(exc))
+                    continue
+                self._node = index
+                self._note_version(connection)
+                return connection
+            rounds += 1
+            wait = random.uniform(0, min(self.options.max_reconnect_wait, 0.5 * 2**rounds))
+            log.warning(
+                "broker unreachable; retrying",
+                attempt=rounds,
+                retry_in=round(wait, 2),
+                error="; ".join(failures),
+            )
+            await self._sleep(wait)
+
+    def _note_version(self, connection: AbstractConnection) -> None:
+        version = BrokerVersion.of(connection)
+        self.broker_version = version
+        if version is not None and not version.supported:
+            log.warning(
+                "RabbitMQ older than 3.10 is not supported: retry tiers of quorum queues "
+                "need at-least-once dead-lettering",
+                broker_version=str(version),
+            )
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -295,7 +345,12 @@ class Worker:
                 connection = await self._reconnect()
             except _Stop:
                 return
-            log.info("reconnected", reconnections=self.reconnections)
+            log.info(
+                "reconnected",
+                reconnections=self.reconnections,
+                url=mask_url(connected_url(connection)),
+                broker_version=describe(self.broker_version),
+            )
 
     async def _reconnect(self) -> AbstractConnection:
         while True:
@@ -553,16 +608,6 @@ async def _settled(future: asyncio.Future[Any]) -> str:
     except BaseException as exc:
         return repr(exc)
     return "closed by the broker"
-
-
-def _log_retry(state: Any) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    log.warning(
-        "broker unreachable; retrying",
-        attempt=state.attempt_number,
-        retry_in=round(state.upcoming_sleep, 2),
-        error=str(exc),
-    )
 
 
 __all__ = ["BrokerError", "Worker", "WorkerOptions"]

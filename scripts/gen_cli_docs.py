@@ -37,8 +37,11 @@ fails when this page is out of date). How the commands are used: [quickstart.md]
   one `error: ...` line on stderr; `2` a usage error (unknown option, missing argument).
 - **Tracebacks**: expected errors print one line; `rabbitflow --debug COMMAND ...` shows the
   traceback.
-- **Broker URL**: `--url`, else `RABBITFLOW_URL`, else `[broker].url` of the topology file, else
-  `amqp://guest:guest@localhost:5672/`. Passwords are masked in everything rabbitflow prints.
+- **Broker URL**: `--url` (repeat it for the nodes of a cluster), else `RABBITFLOW_URL` (several
+  separated by commas), else `[broker].url` / `urls` of the topology file, else
+  `amqp://guest:guest@localhost:5672/`. Several nodes are shuffled per process unless
+  `--url-order given`; see [operations.md](operations.md#clusters). Every URL is validated
+  first; passwords are masked in everything rabbitflow prints.
 - `FILE` defaults to `./topology.toml`.
 """
 

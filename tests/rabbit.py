@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -62,11 +63,15 @@ class Rabbit:
 
 
 def find_rabbit() -> Rabbit | None:
-    """``RABBITFLOW_TEST_URL``, else a broker on 127.0.0.1:5672, else None."""
+    """``RABBITFLOW_TEST_URL``, else a broker on 127.0.0.1:5672, else None.
+
+    ``RABBITFLOW_TEST_CTL`` is the ``rabbitmqctl`` command for that broker (e.g.
+    ``../shared/tools/rabbitmq4.sh ctl`` for the RabbitMQ 4.0 node); default ``rabbitmqctl``."""
     ctl = shutil.which("rabbitmqctl")
     url = os.environ.get("RABBITFLOW_TEST_URL")
+    command = os.environ.get("RABBITFLOW_TEST_CTL")
     if url:
-        return Rabbit(url, [ctl] if ctl else [])
+        return Rabbit(url, shlex.split(command) if command else [ctl] if ctl else [])
     if _answers("127.0.0.1", 5672) and ctl:
         return Rabbit(LOCAL_URL, [ctl])
     return None

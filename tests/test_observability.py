@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -598,7 +599,7 @@ async def test_metrics_and_health_endpoints(
 
     port = free_port()
     async with (
-        BrokerGate() as gate,
+        BrokerGate(port=urlsplit(rabbit.url).port or 5672) as gate,
         running(app, gate.url(vhost_url), metrics_port=port, max_reconnect_wait=1.0) as worker,
     ):
         assert await http_get(port, "/healthz") == (200, "ok\n")

@@ -17,10 +17,10 @@ from click.core import ParameterSource
 from rabbitflow import dlq as ops
 from rabbitflow import headers as h
 from rabbitflow.cli import amqp_name, reports_errors
+from rabbitflow.cli.urls import broker_urls, url_options
 from rabbitflow.connection import connect
 from rabbitflow.errors import ConfigurationError, QueueNotFoundError
 from rabbitflow.topology import Topology, derive, load_topology
-from rabbitflow.urls import resolve_url
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., object])
@@ -44,9 +44,7 @@ def broker_options(func: F) -> F:
         type=click.Path(dir_okay=False),
         help="Topology file, for [broker].url; optional: skipped when the default is missing.",
     )(func)
-    return click.option(
-        "--url", metavar="URL", help="Broker URL (else RABBITFLOW_URL, the file, the default)."
-    )(func)
+    return url_options(func)
 
 
 @dlq.command("list")
@@ -62,10 +60,15 @@ def broker_options(func: F) -> F:
 @broker_options
 @reports_errors
 def list_command(
-    queue: str, limit: int, as_json: bool, url: str | None, topology_file: str
+    queue: str,
+    limit: int,
+    as_json: bool,
+    url: tuple[str, ...],
+    url_order: str,
+    topology_file: str,
 ) -> None:
     """Show how many messages QUEUE.dlq holds and the first ones, leaving it unchanged."""
-    broker = Broker.resolve(url, topology_file)
+    broker = Broker.resolve(url, topology_file, url_order)
     seen = broker.run(queue, "rabbitflow dlq list", lambda c: ops.peek(c, queue, limit=limit))
     now = datetime.now(UTC)
     if as_json:
@@ -92,13 +95,14 @@ def replay_command(
     limit: int | None,
     error_type: str | None,
     dry_run: bool,
-    url: str | None,
+    url: tuple[str, ...],
+    url_order: str,
     topology_file: str,
 ) -> None:
     """Move messages from QUEUE.dlq back to QUEUE, oldest first.
 
     A message is acked in the DLQ only after the broker confirmed its copy in QUEUE."""
-    broker = Broker.resolve(url, topology_file)
+    broker = Broker.resolve(url, topology_file, url_order)
     report = broker.run(
         queue,
         "rabbitflow dlq replay",
@@ -112,12 +116,14 @@ def replay_command(
 @click.option("--yes", is_flag=True, help="Confirm: the messages are deleted for good.")
 @broker_options
 @reports_errors
-def purge_command(queue: str, yes: bool, url: str | None, topology_file: str) -> None:
+def purge_command(
+    queue: str, yes: bool, url: tuple[str, ...], url_order: str, topology_file: str
+) -> None:
     """Delete every message of QUEUE.dlq. Needs --yes."""
     _, dead = ops.queue_names(queue)
     if not yes:
         raise click.UsageError(f"purge deletes every message in {dead} for good; pass --yes")
-    broker = Broker.resolve(url, topology_file)
+    broker = Broker.resolve(url, topology_file, url_order)
     removed = broker.run(queue, "rabbitflow dlq purge", lambda c: ops.purge(c, queue))
     click.echo(f"purged {_messages(removed)} from {dead}")
 
@@ -126,11 +132,11 @@ def purge_command(queue: str, yes: bool, url: str | None, topology_file: str) ->
 class Broker:
     """Where the ``dlq`` commands connect, and the topology file if there is one."""
 
-    url: str
+    url: list[str]
     topology: Topology | None
 
     @classmethod
-    def resolve(cls, url: str | None, topology_file: str) -> Broker:
+    def resolve(cls, url: tuple[str, ...], topology_file: str, url_order: str) -> Broker:
         """``--url``, else ``RABBITFLOW_URL``, else the file's ``[broker].url``, else the default.
 
         The default file may be missing; a file named with ``--topology`` may not."""
@@ -139,9 +145,9 @@ class Broker:
             source = click.get_current_context().get_parameter_source("topology_file")
             if source is not ParameterSource.DEFAULT:
                 raise ConfigurationError(f"topology file {topology_file} does not exist")
-            return cls(resolve_url(url), None)
+            return cls(broker_urls(url, None, url_order), None)
         topology = load_topology(path)
-        return cls(resolve_url(url, topology.broker_url), topology)
+        return cls(broker_urls(url, topology.broker_urls, url_order), topology)
 
     def run(
         self, queue: str, name: str, operation: Callable[[AbstractConnection], Awaitable[T]]
@@ -167,7 +173,7 @@ class Broker:
 
 
 async def _connected(
-    url: str, name: str, operation: Callable[[AbstractConnection], Awaitable[T]]
+    url: list[str], name: str, operation: Callable[[AbstractConnection], Awaitable[T]]
 ) -> T:
     connection = await connect(url, name=name)
     try:

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from rabbitflow.cli import amqp_name, quiet_client_logs, reports_errors
+from rabbitflow.cli.urls import broker_urls, url_options
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.topology import load_topology
-from rabbitflow.urls import resolve_url
 
 JSON = "application/json"
 TEXT = "text/plain"
@@ -39,14 +39,14 @@ def _header(value: str) -> tuple[str, str]:
 )
 @click.option("--message-id", help="Default: a new UUID.")
 @click.option("--correlation-id")
-@click.option("--url", help="Broker URL (else RABBITFLOW_URL, the topology's [broker].url).")
+@url_options
 @click.option(
     "--topology",
     "topology_path",
     type=click.Path(path_type=Path),
     default="topology.toml",
     show_default=True,
-    help="Read only for [broker].url.",
+    help="Read only for [broker].url / urls.",
 )
 @reports_errors
 def publish(
@@ -58,7 +58,8 @@ def publish(
     raw: bool,
     message_id: str | None,
     correlation_id: str | None,
-    url: str | None,
+    url: tuple[str, ...],
+    url_order: str,
     topology_path: Path,
 ) -> None:
     """Publish BODY with publisher confirms.
@@ -72,13 +73,14 @@ def publish(
     if not raw and _is_json(content_type):
         _check_json(text, content_type)
     payload = text.encode()
-    file_url = load_topology(topology_path).broker_url if topology_path.exists() else None
+    file_urls = load_topology(topology_path).broker_urls if topology_path.exists() else ()
+    urls = broker_urls(url, file_urls, url_order)
     quiet_client_logs()
     import asyncio
 
     sent = asyncio.run(
         _publish(
-            resolve_url(url, file_url),
+            urls,
             exchange,
             routing_key,
             payload,
@@ -108,7 +110,7 @@ def _check_json(text: str, content_type: str) -> None:
 
 
 async def _publish(
-    url: str,
+    urls: list[str],
     exchange: str,
     routing_key: str,
     payload: object,
@@ -120,7 +122,7 @@ async def _publish(
     from rabbitflow.connection import connect, underlay
     from rabbitflow.publisher import Publisher
 
-    connection = await connect(url, name="rabbitflow-publish")
+    connection = await connect(urls, name="rabbitflow-publish")
     try:
         publisher = await Publisher.open(underlay(connection))
         return await publisher.publish(

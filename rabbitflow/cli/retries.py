@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import click
 
 from rabbitflow import retries as ops
-from rabbitflow.cli import reports_errors
+from rabbitflow.cli import amqp_name, reports_errors
 from rabbitflow.cli.dlq import Broker, broker_options
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.topology import derive
@@ -20,7 +20,7 @@ def retries() -> None:
 
 
 @retries.command("list")
-@click.argument("queue")
+@click.argument("queue", callback=amqp_name("queue"))
 @click.option(
     "--limit",
     type=click.IntRange(min=0),
@@ -32,13 +32,18 @@ def retries() -> None:
 @broker_options
 @reports_errors
 def list_command(
-    queue: str, limit: int, as_json: bool, url: str | None, topology_file: str
+    queue: str,
+    limit: int,
+    as_json: bool,
+    url: tuple[str, ...],
+    url_order: str,
+    topology_file: str,
 ) -> None:
     """Show what waits in each retry tier of QUEUE.
 
     For each tier: how many messages wait, when each is due, and whether the oldest is
     overdue (a stuck tier). Leaves the tiers as they were."""
-    broker = Broker.resolve(url, topology_file)
+    broker = Broker.resolve(url, topology_file, url_order)
     if broker.topology is None:
         raise ConfigurationError(
             f"retries list needs the topology file that declares {queue!r} (--topology FILE)"

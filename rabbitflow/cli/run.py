@@ -15,10 +15,10 @@ import structlog
 
 from rabbitflow import tracing
 from rabbitflow.cli import reports_errors
+from rabbitflow.cli.urls import broker_urls, reconnect_option, url_options
 from rabbitflow.importer import UserImportError, load_app
 from rabbitflow.logging import configure_logging
 from rabbitflow.supervisor import Supervisor
-from rabbitflow.urls import resolve_url
 from rabbitflow.worker import DRAIN_GRACE, Worker, WorkerOptions
 
 log = structlog.get_logger("rabbitflow.run")
@@ -27,7 +27,8 @@ DUPLICATE_TERM_WINDOW = 0.5  # seconds
 
 @click.command()
 @click.argument("target", metavar="MODULE:APP")
-@click.option("--url", help="Broker URL (else RABBITFLOW_URL, the file's [broker].url).")
+@url_options
+@reconnect_option
 @click.option(
     "--topology",
     "topology_path",
@@ -94,7 +95,9 @@ DUPLICATE_TERM_WINDOW = 0.5  # seconds
 @reports_errors
 def run(
     target: str,
-    url: str | None,
+    url: tuple[str, ...],
+    url_order: str,
+    reconnect_max_wait: float,
     topology_path: Path | None,
     workers: int,
     no_declare: bool,
@@ -124,7 +127,8 @@ def run(
         sys.exit(1)
     topology = app.load_topology(topology_path)
     options = WorkerOptions(
-        url=resolve_url(url or app.url, topology.broker_url),
+        url=broker_urls(url or app.urls, topology.broker_urls, url_order),
+        max_reconnect_wait=reconnect_max_wait,
         declare=not no_declare,
         shutdown_timeout=shutdown_timeout,
         heartbeat=heartbeat,

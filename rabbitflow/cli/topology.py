@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, TypeVar
 import click
 
 from rabbitflow.cli import quiet_client_logs, reports_errors, write_output
+from rabbitflow.cli.urls import broker_urls, url_options
 from rabbitflow.topology.derived import Declarations, derive
 from rabbitflow.topology.loader import load_topology
-from rabbitflow.urls import mask_url, resolve_url
+from rabbitflow.urls import mask_url, mask_urls
 
 if TYPE_CHECKING:
     # The commands that talk to a broker import the client when they run, so that validate
@@ -27,11 +28,6 @@ T = TypeVar("T")
 
 DEFAULT_FILE = "topology.toml"
 file_argument = click.argument("file", default=DEFAULT_FILE, type=click.Path(dir_okay=False))
-url_option = click.option(
-    "--url",
-    metavar="URL",
-    help="Broker URL; overrides RABBITFLOW_URL and the file's [broker] url.",
-)
 
 
 @click.group()
@@ -50,7 +46,7 @@ def validate(file: str) -> None:
 
 @topology.command("plan")
 @file_argument
-@url_option
+@url_options
 @click.option(
     "--management-url",
     metavar="URL",
@@ -70,7 +66,8 @@ def validate(file: str) -> None:
 @reports_errors
 def plan_command(
     file: str,
-    url: str | None,
+    url: tuple[str, ...],
+    url_order: str,
     management_url: str | None,
     no_management: bool,
     exit_code: bool,
@@ -82,16 +79,17 @@ def plan_command(
     from rabbitflow.topology.management import vhost_of, with_credentials
 
     loaded = load_topology(file)
-    broker = resolve_url(url, loaded.broker_url)
+    broker = broker_urls(url, loaded.broker_urls, url_order)
     declarations = derive(loaded)
-    api = None if no_management else with_credentials(management_url, broker)
+    # The management API of the first node: every node of a cluster answers for all.
+    api = None if no_management else with_credentials(management_url, broker[0])
     result, reason = _with_connection(
         broker,
         "rabbitflow topology plan",
-        lambda connection: _plan(connection, declarations, api, vhost_of(broker)),
+        lambda connection: _plan(connection, declarations, api, vhost_of(broker[0])),
     )
     through = f", through the management API at {mask_url(api)}" if reason is None and api else ""
-    click.echo(f"plan for {mask_url(broker)} ({file}){through}:")
+    click.echo(f"plan for {mask_urls(broker)} ({file}){through}:")
     for line in plan_table(result.items):
         click.echo(f"  {line}")
     counts = result.counts()
@@ -133,15 +131,15 @@ async def _plan(
 
 @topology.command("declare")
 @file_argument
-@url_option
+@url_options
 @reports_errors
-def declare_command(file: str, url: str | None) -> None:
+def declare_command(file: str, url: tuple[str, ...], url_order: str) -> None:
     """Declare every exchange, queue and binding of FILE (idempotent, never deletes)."""
     from rabbitflow.topology.declare import declare
 
     loaded = load_topology(file)
-    broker = resolve_url(url, loaded.broker_url)
-    click.echo(f"declaring {file} on {mask_url(broker)}")
+    broker = broker_urls(url, loaded.broker_urls, url_order)
+    click.echo(f"declaring {file} on {mask_urls(broker)}")
     declarations = derive(loaded)
     done = _with_connection(
         broker,
@@ -234,7 +232,7 @@ def _definitions_text(declarations: Declarations, vhost: str) -> str:
 
 
 def _with_connection(
-    url: str, name: str, action: Callable[[AbstractConnection], Awaitable[T]]
+    url: list[str], name: str, action: Callable[[AbstractConnection], Awaitable[T]]
 ) -> T:
     import asyncio
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
 import aiormq
@@ -60,7 +60,7 @@ class Scheduler:
     def __init__(
         self,
         schedules: Iterable[Schedule],
-        url: str,
+        url: str | Sequence[str],
         *,
         name: str = "rabbitflow",
         poll: float | None = None,
@@ -180,7 +180,7 @@ async def _closed(amqp: aiormq.abc.AbstractConnection) -> None:
 
 @contextlib.asynccontextmanager
 async def run_schedules(
-    schedules: Iterable[Schedule], url: str, *, name: str = "rabbitflow"
+    schedules: Iterable[Schedule], url: str | Sequence[str], *, name: str = "rabbitflow"
 ) -> AsyncIterator[Scheduler | None]:
     """Run a :class:`Scheduler` for ``schedules`` (if any) in the background of the block."""
     listed = list(schedules)

@@ -128,7 +128,9 @@ class MemoryChannel:
         self.consumers.clear()
         self._stop_replies()
         unacked, self._unacked = self._unacked, {}
-        self.broker.settle([(entry.queue, entry.envelope, True) for entry in unacked.values()])
+        self.broker.settle(
+            [(entry.queue, entry.envelope, True) for entry in unacked.values()], returned=True
+        )
         if error is None:
             self.closing.set_result(None)
         else:
@@ -380,8 +382,11 @@ class MemoryChannel:
         envelope: Envelope,
     ) -> DeliveredMessage:
         properties = roundtrip(envelope.properties)
-        if queue.kind == "quorum":
-            # RabbitMQ 3.10 quorum queues put the count of earlier returns on every delivery.
+        if queue.kind == "quorum" and (
+            envelope.delivery_count or queue.version.counts_first_delivery
+        ):
+            # Quorum queues put the count of earlier returns on a delivery: on every one before
+            # 3.12, from 3.12 only once the message was returned.
             properties.headers = {
                 **(properties.headers or {}),
                 "x-delivery-count": envelope.delivery_count,

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from rabbitflow.broker_version import BrokerVersion
 from rabbitflow.testing._envelope import Envelope, StoredMessage
 
 if TYPE_CHECKING:
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 # A quorum queue in reject-publish mode accepts publishes again once its ready messages fall
 # to this share of x-max-length (rabbit_fifo's soft limit).
 QUORUM_SOFT_LIMIT = 0.8
+# The RabbitMQ release the in-memory broker behaves like unless told otherwise.
+MODELLED_VERSION = BrokerVersion(4, 0, 5)
 
 
 @dataclass(eq=False, slots=True)
@@ -50,7 +53,9 @@ class MemoryQueue:
     consumers: list[Consumer] = field(default_factory=list, repr=False)
     unacked: int = 0
     blocked: bool = field(default=False, repr=False)
+    version: BrokerVersion = field(default=MODELLED_VERSION, repr=False)
     _seq: int = field(default=0, repr=False)
+    _head_returns: int = field(default=0, repr=False)
     _turn: int = field(default=0, repr=False)
 
     @property
@@ -78,7 +83,16 @@ class MemoryQueue:
 
     @property
     def delivery_limit(self) -> int | None:
-        return self._int_argument("x-delivery-limit") if self.kind == "quorum" else None
+        """Returns a quorum message survives; 4.0's default of 20 when none is set, none for
+        a negative limit on 4.0 (3.x counts every return past a negative limit)."""
+        if self.kind != "quorum":
+            return None
+        limit = self._int_argument("x-delivery-limit")
+        if limit is None:
+            return self.version.default_delivery_limit
+        if limit < 0 and self.version.at_least(4, 0):
+            return None
+        return limit
 
     # -- enqueue -----------------------------------------------------------------------------
 
@@ -130,6 +144,8 @@ class MemoryQueue:
     def take(self) -> Envelope:
         """Remove and return the head."""
         envelope = self.ready.pop(0)
+        if self._head_returns:
+            self._head_returns -= 1
         if self.blocked:
             max_length = self._int_argument("x-max-length") or 0
             self.blocked = len(self.ready) > int(max_length * QUORUM_SOFT_LIMIT)
@@ -151,11 +167,13 @@ class MemoryQueue:
         """When the head expires, if it does."""
         return self.ready[0].expires_at if self.ready else None
 
-    def requeue(self, envelope: Envelope) -> bool:
+    def requeue(self, envelope: Envelope, *, returned: bool = False) -> bool:
         """Return an unacked delivery; False when a quorum delivery-limit dead-letters it.
 
-        A classic queue puts it back in its original position; a quorum queue (3.10) at the
-        back, counting the return in ``x-delivery-count``."""
+        A classic queue puts it back in its original position. A quorum queue counts the
+        return in ``x-delivery-count`` and puts it at the head, after the messages returned
+        before it, except a message nacked or rejected with requeue on 3.x, which goes to the
+        back (``returned``: given back by a closed channel, not nacked)."""
         envelope.redelivered = True
         if self.kind != "quorum":
             bisect.insort(self.ready, envelope, key=lambda e: e.seq)
@@ -164,7 +182,12 @@ class MemoryQueue:
         limit = self.delivery_limit
         if limit is not None and envelope.delivery_count > limit:
             return False
-        self.ready.append(envelope)
+        if returned or self.version.requeue_to_head:
+            position = min(self._head_returns, len(self.ready))
+            self.ready.insert(position, envelope)
+            self._head_returns = position + 1
+        else:
+            self.ready.append(envelope)
         return True
 
     # -- consumers ---------------------------------------------------------------------------

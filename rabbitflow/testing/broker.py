@@ -21,11 +21,12 @@ import aiormq.exceptions as amqp_errors
 from pamqp import commands as spec
 from pamqp import decode, encode
 
+from rabbitflow.broker_version import BrokerVersion
 from rabbitflow.duration import parse_duration
 from rabbitflow.testing._channel import MemoryChannel, MemoryConnection
 from rabbitflow.testing._deadletter import dead_lettered, is_cycle
 from rabbitflow.testing._envelope import Envelope, StoredMessage, roundtrip
-from rabbitflow.testing._queue import Consumer, MemoryQueue
+from rabbitflow.testing._queue import MODELLED_VERSION, Consumer, MemoryQueue
 from rabbitflow.testing._routing import headers_match, topic_matches
 from rabbitflow.testing.clock import VirtualClock
 from rabbitflow.topology.derived import Declarations
@@ -101,9 +102,20 @@ class MemoryBroker:
     Declare objects with :meth:`declare` (a topology's ``derive()``) or the ``declare_*`` /
     ``bind_*`` methods, open aiormq-shaped channels with :meth:`connect`, and move time with
     :meth:`advance`. Deliveries run as tasks on the current event loop.
+
+    ``version`` is the RabbitMQ release to behave like where releases differ (``"4.0"`` by
+    default, ``"3.10"``): where a quorum queue puts a requeued message (4.0: the head, 3.x:
+    the back), whether a first delivery carries ``x-delivery-count: 0`` (before 3.12), and
+    4.0's default quorum delivery limit of 20.
     """
 
-    def __init__(self, clock: VirtualClock | None = None) -> None:
+    def __init__(
+        self, clock: VirtualClock | None = None, *, version: str | BrokerVersion = MODELLED_VERSION
+    ) -> None:
+        parsed = BrokerVersion.parse(version) if isinstance(version, str) else version
+        if parsed is None:
+            raise ValueError(f"version {version!r} is not a RabbitMQ version such as '4.0'")
+        self.version = parsed
         self.clock = clock or VirtualClock()
         self.exchanges: dict[str, MemoryExchange] = {
             name: MemoryExchange(name, kind) for name, kind in PREDECLARED.items()
@@ -181,7 +193,7 @@ class MemoryBroker:
     ) -> MemoryQueue:
         """Declare a queue; checks what RabbitMQ checks for quorum queues and redeclarations."""
         args = _table(arguments)
-        wanted = MemoryQueue(name, durable, exclusive, auto_delete, args)
+        wanted = MemoryQueue(name, durable, exclusive, auto_delete, args, version=self.version)
         _check_queue(wanted)
         existing = self.queues.get(name)
         if existing is None:
@@ -421,15 +433,21 @@ class MemoryBroker:
             self._dead_letter(queue, queue.take(), "expired")
         return queue.take() if queue.ready else None
 
-    def settle(self, entries: Iterable[tuple[MemoryQueue, Envelope, bool | None]]) -> None:
-        """Acks (None), returns (True) and rejections (False) of unacked deliveries."""
+    def settle(
+        self,
+        entries: Iterable[tuple[MemoryQueue, Envelope, bool | None]],
+        *,
+        returned: bool = False,
+    ) -> None:
+        """Acks (None), requeues (True) and rejections (False) of unacked deliveries;
+        ``returned``: given back by a closed channel rather than a nack or reject."""
         for queue, envelope, requeue in entries:
             queue.unacked -= 1
             if requeue is None:
                 continue
             if not requeue:
                 self._dead_letter(queue, envelope, "rejected")
-            elif not queue.requeue(envelope):
+            elif not queue.requeue(envelope, returned=returned):
                 self._dead_letter(queue, envelope, "delivery_limit")
         self.pump_all()
 

@@ -7,13 +7,15 @@
   127.0.0.1:5672, else a testcontainers RabbitMQ when Docker answers; else the test is skipped,
   or fails when the ``CI`` environment variable is set.
 * ``rabbitmq_vhost`` / ``rabbitmq_vhost_url``: a fresh virtual host for one test, created and
-  deleted with ``rabbitmqctl`` (the local one, or the container's).
+  deleted with ``rabbitmqctl`` (the local one, the container's, or the command in
+  ``RABBITFLOW_TEST_CTL`` for the broker ``RABBITFLOW_TEST_URL`` names).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -45,6 +47,7 @@ def _async_fixture(func: F) -> F:
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 CONTAINER_IMAGE = "rabbitmq:3.13-alpine"
+CTL_ENV = "RABBITFLOW_TEST_CTL"
 
 Ctl = Callable[[list[str]], str]
 AppFactory = Callable[..., Awaitable["TestApp"]]
@@ -135,13 +138,17 @@ def _docker_answers() -> bool:
 
 
 def _local_ctl() -> Ctl | None:
+    # RABBITFLOW_TEST_CTL: the rabbitmqctl command of the broker RABBITFLOW_TEST_URL names,
+    # when it is not the rabbitmqctl on PATH (a node in a container or a chroot).
+    command = os.environ.get(CTL_ENV)
     path = shutil.which("rabbitmqctl")
-    if path is None:
+    prefix = shlex.split(command) if command else [path] if path else None
+    if prefix is None:
         return None
 
     def ctl(args: list[str]) -> str:
         result = subprocess.run(
-            [path, *args], capture_output=True, text=True, timeout=60, check=False
+            [*prefix, *args], capture_output=True, text=True, timeout=60, check=False
         )
         if result.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")

@@ -261,6 +261,8 @@ def _check_queues(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]
                     f"{config.queue_type} queues are always durable",
                     'remove durable = false or use queue_type = "classic"',
                 )
+        if config.queue_type == "classic":
+            yield from _check_classic(table, base)
         if config.dead_letter and any(c in name for c in "*#"):
             yield Problem(
                 base,
@@ -328,6 +330,24 @@ def _check_consumer_timeout(table: QueueTable, config: QueueConfig, base: str) -
             f"handler timeout {format_duration(timeout)} is not below consumer_timeout {label}",
             f"set timeout below {label}, or raise consumer_timeout",
         )
+
+
+def _check_classic(table: QueueTable, base: str) -> Iterator[Problem]:
+    if not table.durable and not table.exclusive:
+        # Deprecated in RabbitMQ 4.0 (transient_nonexcl_queues, logged), refused from 4.3.
+        yield Problem(
+            f"{base}.durable",
+            "a transient queue that is not exclusive is refused by RabbitMQ 4.3 and later",
+            "remove durable = false, or set exclusive = true for a per-connection queue",
+        )
+    for key in ("leader_locator", "initial_group_size"):
+        if getattr(table, key) is not None:
+            yield Problem(
+                f"{base}.{key}",
+                "placement applies to quorum and stream queues, which are replicated; "
+                "a classic queue lives on the node that declared it",
+                f'remove {key} or use queue_type = "quorum"',
+            )
 
 
 def _check_timeout(timeout: int | None, path: str) -> Iterator[Problem]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import aiormq
@@ -164,7 +164,23 @@ async def apply(channels: ChannelSource, spec: Spec) -> None:
     try:
         await _active(await channels.get(), spec)
     except aiormq.exceptions.AMQPError as exc:
-        raise broker_error(exc, spec, "declare") from None
+        error = broker_error(exc, spec, "declare")
+        if isinstance(spec, QueueSpec) and _legacy_dlq(spec, error):
+            # A DLQ declared before rabbitflow set its delivery limit: RabbitMQ cannot add the
+            # argument to an existing queue, so it is kept as it is (docs/operations.md).
+            arguments = {k: v for k, v in spec.arguments.items() if k != "x-delivery-limit"}
+            await apply(channels, replace(spec, arguments=arguments))
+            return
+        raise error from None
+
+
+def _legacy_dlq(spec: QueueSpec, error: RabbitflowError) -> bool:
+    return (
+        spec.role == "dlq"
+        and isinstance(error, TopologyConflictError)
+        and error.argument == "x-delivery-limit"
+        and error.broker_value is None
+    )
 
 
 async def _active(channel: aiormq.abc.AbstractChannel, spec: Spec) -> None:
@@ -343,4 +359,9 @@ def _queue_detail(spec: QueueSpec) -> str:
     elif arguments.get("x-dead-letter-exchange"):
         parts.append(f"dead-letters to {arguments['x-dead-letter-exchange']}")
     parts += ["exclusive"] if spec.exclusive else []
+    if "x-queue-leader-locator" in arguments:
+        parts.append(f"leader {arguments['x-queue-leader-locator']}")
+    replicas = arguments.get("x-quorum-initial-group-size", arguments.get("x-initial-cluster-size"))
+    if replicas is not None:
+        parts.append(f"{replicas} replicas")
     return ", ".join(parts)

@@ -13,6 +13,11 @@ from rabbitflow.duration import format_duration
 from rabbitflow.topology.model import QueueConfig, Topology
 
 QueueRole = Literal["work", "retry", "dlq"]
+# The largest x-delivery-limit (a signed 32-bit int): no limit in practice, on every version.
+# RabbitMQ 4.0 gives quorum queues a default limit of 20 (a message returned more often is
+# dropped), and -1 turns it off there; 3.10 accepts -1 too but then drops a message on its
+# first return, so only a huge limit means "unlimited" on both.
+UNLIMITED_DELIVERIES = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +123,7 @@ def derive(topology: Topology) -> Declarations:
         if config.dead_letter:
             queues.append(
                 QueueSpec(
-                    dlq_name(config.name), "dlq", config.name, arguments=_side_queue_type(config)
+                    dlq_name(config.name), "dlq", config.name, arguments=_dlq_arguments(config)
                 )
             )
             queue_bindings.append(BindingSpec(dlx, dlq_name(config.name), "queue", config.name))
@@ -159,6 +164,7 @@ def _work_queue(config: QueueConfig, dlx: str) -> QueueSpec:
         arguments["x-single-active-consumer"] = True
     if config.consumer_timeout_ms is not None:
         arguments["x-consumer-timeout"] = config.consumer_timeout_ms
+    arguments.update(_placement(config, config.queue_type))
     arguments.update(config.arguments)
     return QueueSpec(
         config.name,
@@ -173,7 +179,33 @@ def _work_queue(config: QueueConfig, dlx: str) -> QueueSpec:
 
 def _side_queue_type(config: QueueConfig) -> dict[str, Any]:
     # Retry tiers and DLQs of a stream are quorum queues: streams cannot expire or dead-letter.
-    return {"x-queue-type": "classic" if config.queue_type == "classic" else "quorum"}
+    side = "classic" if config.queue_type == "classic" else "quorum"
+    return {"x-queue-type": side, **_placement(config, side)}
+
+
+def _placement(config: QueueConfig, queue_type: str) -> dict[str, Any]:
+    # Where a replicated queue's leader goes (client-local: the declaring connection's node;
+    # balanced: the node with the fewest leaders) and on how many nodes it starts.
+    arguments: dict[str, Any] = {}
+    if queue_type == "classic":
+        return arguments
+    if config.leader_locator is not None:
+        arguments["x-queue-leader-locator"] = config.leader_locator
+    if config.initial_group_size is not None:
+        size_key = (
+            "x-initial-cluster-size" if queue_type == "stream" else "x-quorum-initial-group-size"
+        )
+        arguments[size_key] = config.initial_group_size
+    return arguments
+
+
+def _dlq_arguments(config: QueueConfig) -> dict[str, Any]:
+    arguments = _side_queue_type(config)
+    if arguments["x-queue-type"] == "quorum":
+        # `dlq list` reads a DLQ by taking messages and returning them; each return counts
+        # as a delivery, and a DLQ must never lose a message to a delivery limit.
+        arguments["x-delivery-limit"] = UNLIMITED_DELIVERIES
+    return arguments
 
 
 def _tier_queue(config: QueueConfig, delay_ms: int, name: str) -> QueueSpec:

@@ -60,6 +60,8 @@ class QueueConfig:
     consumer_timeout_ms: int | None = None
     stream_offset: StreamOffset = "next"
     idempotent: bool = False
+    leader_locator: str | None = None
+    initial_group_size: int | None = None
 
     @property
     def max_in_flight(self) -> int:
@@ -76,13 +78,16 @@ class Topology:
     dead_letter_exchange: str
     exchanges: dict[str, ExchangeTable]
     queues: dict[str, QueueConfig]
+    broker_urls: tuple[str, ...] = ()
 
     @classmethod
     def from_file(cls, source: str, parsed: TopologyFile) -> Topology:
         queues = {name: _resolve(name, table, parsed) for name, table in parsed.queues.items()}
+        urls = parsed.broker.all_urls or []
         return cls(
             source=source,
-            broker_url=parsed.broker.url,
+            broker_url=urls[0] if urls else None,
+            broker_urls=tuple(urls),
             dead_letter_exchange=parsed.dead_letter.exchange,
             exchanges=dict(parsed.exchanges),
             queues=queues,
@@ -126,6 +131,8 @@ def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
             else defaults.consumer_timeout
         ),
         idempotent=table.idempotent,
+        leader_locator=table.leader_locator or defaults.leader_locator,
+        initial_group_size=table.initial_group_size or defaults.initial_group_size,
     )
 
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from rabbitflow.duration import parse_duration, parse_size
 
 QueueType = Literal["quorum", "classic", "stream"]
 ExchangeType = Literal["direct", "topic", "fanout", "headers"]
+LeaderLocator = Literal["client-local", "balanced"]
 Duration = Annotated[int, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 # Where a stream consumer starts the first time: a position, an offset, or a point in time.
@@ -22,9 +30,25 @@ class _Table(BaseModel):
 
 
 class BrokerTable(_Table):
-    """``[broker]``: where to connect when neither ``--url`` nor ``RABBITFLOW_URL`` is given."""
+    """``[broker]``: where to connect when neither ``--url`` nor ``RABBITFLOW_URL`` is given.
+
+    ``url`` names one node, ``urls`` the nodes of one cluster (not both)."""
 
     url: str | None = None
+    urls: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> BrokerTable:
+        if self.url is not None and self.urls is not None:
+            raise ValueError("set url (one node) or urls (a cluster), not both")
+        return self
+
+    @property
+    def all_urls(self) -> list[str] | None:
+        """``urls``, else ``[url]``, else None."""
+        if self.urls is not None:
+            return list(self.urls)
+        return None if self.url is None else [self.url]
 
 
 class DeadLetterTable(_Table):
@@ -105,6 +129,8 @@ class DefaultsTable(_Table):
     immediate_retries: int = Field(default=0, ge=0, le=10)
     circuit_breaker: CircuitBreakerTable | None = None
     consumer_timeout: Duration | None = None
+    leader_locator: LeaderLocator | None = None
+    initial_group_size: int | None = Field(default=None, ge=1)
 
     @field_validator("prefetch", mode="before")
     @classmethod
@@ -138,6 +164,9 @@ class QueueTable(_Table):
     max_body_size: Size | None = None
     immediate_retries: int | None = Field(default=None, ge=0, le=10)
     circuit_breaker: CircuitBreakerTable | None = None
+    # Quorum placement, applied to the queue, its retry tiers and its DLQ alike.
+    leader_locator: LeaderLocator | None = None
+    initial_group_size: int | None = Field(default=None, ge=1)
     retry_on: list[str] = Field(default_factory=list)
     dead_letter_on: list[str] = Field(default_factory=list)
     single_active_consumer: bool = False

@@ -1,0 +1,92 @@
+"""The RabbitMQ version a connection reached, and every behaviour that depends on it.
+
+Anything rabbitflow does differently between RabbitMQ releases is decided here, from the
+``version`` the server announces in ``connection.start``, so that the rest of the code asks
+a question ("do requeued messages return to the head?") instead of comparing numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from aio_pika.abc import AbstractConnection
+
+from rabbitflow.connection import underlay
+
+OLDEST_SUPPORTED = (3, 10)
+_NUMBERS = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class BrokerVersion:
+    """``major.minor.patch`` of a RabbitMQ server; comparable with ``>=``."""
+
+    major: int
+    minor: int
+    patch: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> BrokerVersion | None:
+        """``"4.0.5"``, ``"3.10.7"``, ``"3.13.0-rc.1"``; None when it is not a version."""
+        match = _NUMBERS.match(text.strip())
+        if match is None:
+            return None
+        return cls(int(match[1]), int(match[2]), int(match[3] or 0))
+
+    @classmethod
+    def of(cls, connection: AbstractConnection) -> BrokerVersion | None:
+        """The version the broker of an open connection announced (None if it did not)."""
+        return cls.from_properties(underlay(connection).server_properties)
+
+    @classmethod
+    def from_properties(cls, properties: dict[str, Any] | None) -> BrokerVersion | None:
+        """From ``connection.start``'s server properties."""
+        value = (properties or {}).get("version")
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        return cls.parse(value) if isinstance(value, str) else None
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.patch}"
+
+    def at_least(self, major: int, minor: int = 0) -> bool:
+        return (self.major, self.minor) >= (major, minor)
+
+    @property
+    def supported(self) -> bool:
+        """3.10 or later: quorum-queue at-least-once dead-lettering needs 3.10."""
+        return self.at_least(*OLDEST_SUPPORTED)
+
+    @property
+    def requeue_to_head(self) -> bool:
+        """Quorum queues put a requeued message back at the head (4.0+) or the tail (3.x)."""
+        return self.at_least(4, 0)
+
+    @property
+    def counts_first_delivery(self) -> bool:
+        """Quorum queues send ``x-delivery-count: 0`` on a first delivery before 3.12; from 3.12
+        the header is absent until the message was returned once."""
+        return not self.at_least(3, 12)
+
+    @property
+    def default_delivery_limit(self) -> int | None:
+        """The delivery limit a quorum queue gets without ``x-delivery-limit``: 20 from 4.0 (a
+        message returned more often is dropped or dead-lettered), none before."""
+        return 20 if self.at_least(4, 0) else None
+
+    @property
+    def accepts_transient_queues(self) -> bool:
+        """Non-durable, non-exclusive queues: deprecated in 4.0 (logged), refused from 4.3."""
+        return not self.at_least(4, 3)
+
+    @property
+    def accepts_global_qos(self) -> bool:
+        """``basic.qos`` with ``global=true``: deprecated in 4.0, refused from 4.3."""
+        return not self.at_least(4, 3)
+
+
+def describe(version: BrokerVersion | None) -> str:
+    """For logs: ``"4.0.5"``, or ``"unknown"``."""
+    return "unknown" if version is None else str(version)
