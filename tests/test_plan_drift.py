@@ -122,6 +122,7 @@ async def _hand_made_audit(url: str) -> None:
 
 
 @pytest.mark.broker
+@pytest.mark.management
 def test_plan_sees_every_drift_and_exit_code_makes_it_2(
     rabbit: Rabbit, vhost: str, vhost_url: str, topology_file: Path, management: None
 ) -> None:
@@ -169,6 +170,7 @@ def test_plan_sees_every_drift_and_exit_code_makes_it_2(
 
 
 @pytest.mark.broker
+@pytest.mark.management
 def test_every_differing_argument_is_named_with_or_without_management(
     rabbit: Rabbit, vhost: str, vhost_url: str, topology_file: Path, management: None
 ) -> None:

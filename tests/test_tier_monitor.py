@@ -20,6 +20,7 @@ from rabbitflow.topology.management import management_url, queue_depths, vhost_o
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
+@pytest.mark.management
 async def test_a_tier_whose_messages_cannot_go_back_is_reported(
     tmp_path: Path, vhost_url: str
 ) -> None:
