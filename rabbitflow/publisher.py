@@ -95,7 +95,9 @@ class Publisher:
             reason = "no confirm from the broker in time"
             raise PublishError(exchange, routing_key, reason) from None
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-            raise PublishError(exchange, routing_key, f"channel unavailable: {exc!r}") from None
+            raise PublishError(
+                exchange, routing_key, f"channel unavailable: {str(exc) or type(exc).__name__}"
+            ) from None
         if isinstance(result, spec.Basic.Nack):
             raise PublishError(exchange, routing_key, "the broker nacked the message")
 

@@ -171,8 +171,13 @@ class Worker:
         return max(1, min(sum(sync), 256))
 
     def _warn_timeouts(self) -> None:
+        # A queue's own consumer_timeout is checked against its handler timeout by validate;
+        # the broker-wide default is not known before connecting, so it is assumed here.
         for queue in self.app.consumers:
-            timeout = self.topology.queues[queue].timeout_ms
+            config = self.topology.queues[queue]
+            timeout = config.timeout_ms
+            if config.consumer_timeout_ms is not None:
+                continue
             if timeout is not None and timeout >= BROKER_CONSUMER_TIMEOUT_MS:
                 log.warning(
                     "handler timeout is not below RabbitMQ's consumer_timeout (30m by default): "
