@@ -211,6 +211,10 @@ class Retry(RabbitflowError):
         self.reason = reason
         super().__init__(reason or f"retry requested (delay {delay})")
 
+    #: Whether waiting counts as an attempt. A wait that is not the handler's failure (a
+    #: duplicate waiting for its twin's lease) defers the message instead, attempt unchanged.
+    spends_attempt = True
+
     @classmethod
     def after(
         cls,

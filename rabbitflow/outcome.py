@@ -11,6 +11,7 @@ published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish
 | ``Retry(delay)`` beyond the largest tier | ``RETRY`` with a not-before (the copy hops tiers) |
 | ``Retry(delay)`` beyond ``max_defer`` | ``DEAD_LETTER`` (``not_before_out_of_range``) |
 | not-before still ahead (a hop) | ``DEFER`` to the largest tier that does not overshoot |
+| a wait that spends no attempt (``InProgress``) | ``DEFER`` with a not-before |
 | not-before beyond ``max_defer`` | ``DEAD_LETTER`` (``not_before_out_of_range``) |
 | ``Reject``, bad payload, ``dead_letter_on``, attempts spent, retries off | ``DEAD_LETTER`` |
 | any of those with ``dead_letter = false`` | ``DROP`` (logged at ERROR) |
@@ -121,6 +122,9 @@ class OutcomePolicy:
         if not self.routes.tiers:
             # A stream has no tiers (a copy would be appended to it): attempts run in place.
             return self.dead_letter(exc, attempt, "no retry tiers (attempts run in place)")
+        if isinstance(exc, Retry) and not exc.spends_attempt and exc.delay_ms is not None:
+            now = clock.now()
+            return self.defer(attempt, now + exc.delay_ms / 1000, now, set_not_before=True)
         wanted = self.retry.delay_for(attempt + 1)
         if isinstance(exc, Retry) and exc.delay_ms is not None:
             wanted = max(exc.delay_ms, 0)
@@ -133,15 +137,20 @@ class OutcomePolicy:
         not_before = _iso_after(wanted) if wanted > delay else None
         return Plan(Action.RETRY, "retry", attempt + 1, exc, tier, delay, not_before)
 
-    def defer(self, attempt: int, not_before: float, now: float) -> Plan:
-        """The plan for a delivery whose ``rabbitflow-not-before`` (epoch s) is still ahead."""
+    def defer(
+        self, attempt: int, not_before: float, now: float, *, set_not_before: bool = False
+    ) -> Plan:
+        """The plan for a delivery that must not run before ``not_before`` (epoch s): its
+        ``rabbitflow-not-before`` header is still ahead, or (``set_not_before``) a wait that
+        spends no attempt asks for one."""
         remaining_ms = int((not_before - now) * 1000)
         if remaining_ms > self._max_defer_ms or not self.routes.tiers:
             error = DeferralOutOfRange(self.queue, remaining_ms, self._max_defer_ms)
             return self.dead_letter(error, attempt, NOT_BEFORE_OUT_OF_RANGE)
         # Hop through tiers that do not overshoot, so the message runs close to not-before.
         delay, tier = self.routes.tier_at_most(max(remaining_ms, 0))
-        return Plan(Action.DEFER, "not before", attempt, None, tier, delay)
+        header = _iso_after(remaining_ms) if set_not_before else None
+        return Plan(Action.DEFER, "not before", attempt, None, tier, delay, header)
 
     def retries_now(self, exc: BaseException, attempt: int) -> bool:
         """Whether a failure on ``attempt`` may be retried in process (``immediate_retries``).

@@ -204,6 +204,8 @@ class Settler:
                 return await self._copy(delivery, plan, "", plan.tier, headers)
             case Action.DEFER:
                 headers = _deferred_headers(delivery)
+                if plan.not_before is not None:
+                    headers[h.NOT_BEFORE] = plan.not_before
                 headers[h.DUE_AT] = _iso_in(plan.delay_ms)
                 return await self._copy(delivery, plan, "", plan.tier, headers)
             case Action.DEAD_LETTER:

@@ -39,7 +39,11 @@ SKIPPED: Final = _Skipped()
 
 
 class InProgress(Retry):
-    """Another consumer is handling this message now; retried once its lease is over."""
+    """Another consumer is handling this message now; retried once its lease is over.
+
+    The wait is deferred, not retried: it spends no attempt of the message."""
+
+    spends_attempt = False
 
     def __init__(self, queue: str, message_id: str, retry_after_ms: int) -> None:
         self.queue = queue
