@@ -340,7 +340,10 @@ class Dispatcher:
 
 
 def _debug_enabled() -> bool:
-    # Chosen once per consumer: with DEBUG off the hot path pays one attribute test.
+    # Chosen once per consumer: with DEBUG off the hot path pays one attribute test. Before
+    # logging is configured (a library user, TestApp) rabbitflow prints nothing per message.
+    if not structlog.is_configured():
+        return False
     is_enabled_for = getattr(log.bind(), "is_enabled_for", None)
     return bool(is_enabled_for(logging.DEBUG)) if callable(is_enabled_for) else True
 

@@ -18,7 +18,6 @@ from tests.rabbit import Rabbit
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cret-pw"
 UNREACHABLE = f"amqp://app:{SECRET}@127.0.0.1:1/"
-URL_XFAIL = pytest.mark.xfail(strict=False, reason="URL validation: issue 12")
 
 BAD_TOPOLOGY = (
     '[exchanges.orders]\ntype = "topik"\n'
@@ -189,7 +188,6 @@ def test_bad_arguments_give_one_clear_line(
 
 
 @pytest.mark.parametrize("args", [c[1] for c in URL_CASES], ids=[c[0] for c in URL_CASES])
-@URL_XFAIL
 def test_bad_urls_give_one_clear_line(project: Path, args: list[str]) -> None:
     try:
         result = rabbitflow(project, *args, timeout=8)

@@ -44,5 +44,7 @@ def reconnect_option(func: F) -> F:
 
 def broker_urls(option: UrlSource, file_urls: UrlSource, order: str) -> list[str]:
     """The nodes to use, validated (one ``error:`` line naming a bad URL, password masked)."""
+    if isinstance(option, tuple | list) and any(not value.strip() for value in option):
+        raise click.BadParameter("an empty URL; give amqp://HOST:PORT/VHOST", param_hint="--url")
     chosen: UrlOrder = "given" if order == "given" else "shuffle"
     return resolve_urls(option, file_urls, order=chosen)

@@ -23,7 +23,10 @@ from rabbitflow.errors import (
     TopologyConflictError,
     TopologyMismatchError,
 )
+from rabbitflow.logging import get_logger
 from rabbitflow.topology.derived import BindingSpec, Declarations, ExchangeSpec, QueueSpec
+
+log = get_logger("rabbitflow.declare")
 
 Target = AbstractConnection | AbstractChannel
 Spec = ExchangeSpec | QueueSpec | BindingSpec
@@ -165,22 +168,46 @@ async def apply(channels: ChannelSource, spec: Spec) -> None:
         await _active(await channels.get(), spec)
     except aiormq.exceptions.AMQPError as exc:
         error = broker_error(exc, spec, "declare")
-        if isinstance(spec, QueueSpec) and _legacy_dlq(spec, error):
-            # A DLQ declared before rabbitflow set its delivery limit: RabbitMQ cannot add the
-            # argument to an existing queue, so it is kept as it is (docs/operations.md).
-            arguments = {k: v for k, v in spec.arguments.items() if k != "x-delivery-limit"}
-            await apply(channels, replace(spec, arguments=arguments))
-            return
-        raise error from None
+        if not isinstance(spec, QueueSpec) or not isinstance(error, TopologyConflictError):
+            raise error from None
+        cost = _added_later(spec, error)
+        if cost is None:
+            raise error from None
+        # RabbitMQ cannot add an argument to an existing queue, and refuses a declaration
+        # that differs: a queue declared by an earlier rabbitflow is kept as it is.
+        log.warning(
+            f"queue {spec.name!r} was declared without {error.argument} (by an earlier "
+            f"rabbitflow) and is kept as it is: {cost}",
+            queue=spec.name,
+            argument=error.argument,
+        )
+        arguments = {k: v for k, v in spec.arguments.items() if k != error.argument}
+        await apply(channels, replace(spec, arguments=arguments))
 
 
-def _legacy_dlq(spec: QueueSpec, error: RabbitflowError) -> bool:
-    return (
-        spec.role == "dlq"
-        and isinstance(error, TopologyConflictError)
-        and error.argument == "x-delivery-limit"
-        and error.broker_value is None
-    )
+# Arguments rabbitflow declares since a later release, by queue role: an existing queue that
+# lacks one is accepted without it (what that costs, and the policy that adds it).
+_ADDED_LATER: dict[tuple[str, str], str] = {
+    ("dlq", "x-delivery-limit"): (
+        "on RabbitMQ 4 its messages are deleted after 20 reads by `dlq list`; recreate it "
+        "when empty"
+    ),
+    ("work", "x-dead-letter-strategy"): (
+        "what the broker dead-letters while the DLQ is missing is dropped; apply a policy "
+        "with dead-letter-strategy = at-least-once and overflow = reject-publish "
+        "(docs/recoverability.md), or recreate the queue"
+    ),
+    ("work", "x-overflow"): (
+        "apply a policy with overflow = reject-publish (docs/recoverability.md), or recreate "
+        "the queue"
+    ),
+}
+
+
+def _added_later(spec: QueueSpec, error: TopologyConflictError) -> str | None:
+    if error.broker_value is not None:
+        return None
+    return _ADDED_LATER.get((spec.role, error.argument))
 
 
 async def _active(channel: aiormq.abc.AbstractChannel, spec: Spec) -> None:
