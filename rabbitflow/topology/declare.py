@@ -192,6 +192,9 @@ _ADDED_LATER: dict[tuple[str, str], str] = {
         "on RabbitMQ 4 its messages are deleted after 20 reads by `dlq list`; recreate it "
         "when empty"
     ),
+    ("retry", "x-delivery-limit"): (
+        "on RabbitMQ 4 a copy read 20 times by `retries list` goes back to its queue early"
+    ),
     ("work", "x-dead-letter-strategy"): (
         "what the broker dead-letters while the DLQ is missing is dropped; apply a policy "
         "with dead-letter-strategy = at-least-once and overflow = reject-publish "

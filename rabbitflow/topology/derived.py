@@ -225,6 +225,10 @@ def _tier_queue(config: QueueConfig, delay_ms: int, name: str) -> QueueSpec:
         # reject-publish overflow (RabbitMQ 3.10+).
         arguments["x-dead-letter-strategy"] = "at-least-once"
         arguments["x-overflow"] = "reject-publish"
+        # Nothing consumes a tier, but `retries list` and the console read it by taking
+        # messages and giving them back; RabbitMQ 4 counts each return against a default
+        # limit of 20 and would dead-letter the copy back to its queue early.
+        arguments["x-delivery-limit"] = UNLIMITED_DELIVERIES
     return QueueSpec(name, "retry", config.name, arguments=arguments)
 
 

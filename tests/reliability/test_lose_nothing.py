@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
@@ -249,7 +250,7 @@ async def test_concurrent_publishes_to_a_missing_exchange_keep_the_connection(
 def test_sigterm_on_a_half_open_connection_exits_in_time(checker: Checker) -> None:
     # Given a worker behind a TCP proxy, long handlers in flight, no heartbeat to notice
     checker.write_topology(prefetch=5)
-    with ChaosProxy(5672) as proxy:
+    with ChaosProxy(urlsplit(checker.url).port or 5672) as proxy:
         url = proxy.url(checker.url)
         worker = checker.start_worker("--shutdown-timeout", "2", sleep=30.0, url=url)
         checker.feed(5, rate=100)
