@@ -114,6 +114,10 @@ class OutcomePolicy:
         """The plan for a delivery whose handler failed on ``attempt``."""
         if self.action_for(exc) is Action.DEAD_LETTER:
             return self.dead_letter(exc, attempt, self._dead_letter_reason(exc))
+        if isinstance(exc, Retry) and not exc.spends_attempt and exc.delay_ms is not None:
+            # Not the handler's failure: the message waits, whatever attempts it has left.
+            now = clock.now()
+            return self.defer(attempt, now + exc.delay_ms / 1000, now, set_not_before=True)
         if not self.retry.enabled:
             return self.dead_letter(exc, attempt, "retries disabled")
         if attempt >= self.retry.max_attempts:
@@ -122,9 +126,6 @@ class OutcomePolicy:
         if not self.routes.tiers:
             # A stream has no tiers (a copy would be appended to it): attempts run in place.
             return self.dead_letter(exc, attempt, "no retry tiers (attempts run in place)")
-        if isinstance(exc, Retry) and not exc.spends_attempt and exc.delay_ms is not None:
-            now = clock.now()
-            return self.defer(attempt, now + exc.delay_ms / 1000, now, set_not_before=True)
         wanted = self.retry.delay_for(attempt + 1)
         if isinstance(exc, Retry) and exc.delay_ms is not None:
             wanted = max(exc.delay_ms, 0)

@@ -23,8 +23,10 @@ from rabbitflow.idempotency import (
     PostgresStore,
     RedisStore,
 )
+from rabbitflow.idempotency.guard import InProgress
+from rabbitflow.outcome import Action, OutcomePolicy
 from rabbitflow.testing import TestApp
-from rabbitflow.topology import parse_topology
+from rabbitflow.topology import derive, parse_topology
 
 REDIS_URL = os.environ.get("RABBITFLOW_TEST_REDIS", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get(
@@ -205,3 +207,18 @@ async def test_each_store_deduplicates_through_the_dispatcher(kind: str) -> None
             assert t.dead_letters("billing") == []
     finally:
         await dispose(kind, made, token)
+
+
+def test_a_duplicate_waiting_for_its_twin_spends_no_attempt() -> None:
+    # Given a queue with two attempts, a duplicate on its last attempt finds its twin's claim
+    config = parse_topology('[queues.billing]\nretry = { delays = ["1s"] }\n')
+    policy = OutcomePolicy(config.queues["billing"].retry, derive(config).routes["billing"])
+    waiting = InProgress("billing", "m-1", retry_after_ms=4_000)
+
+    plan = policy.decide(waiting, attempt=2)
+
+    # Then it waits in a tier until the lease ends instead of going to the DLQ, attempt kept
+    assert (plan.action, plan.attempt, plan.tier) == (Action.DEFER, 2, "billing.retry.1s")
+    assert plan.not_before is not None
+    # while a real failure on the last attempt is dead-lettered
+    assert policy.decide(ConnectionError("down"), attempt=2).action is Action.DEAD_LETTER
