@@ -298,9 +298,10 @@ def test_kill_9_mid_flight_loses_nothing(
 def test_reconnects_after_the_broker_closes_its_connection(
     rabbit: Rabbit, vhost: str, vhost_url: str, workers: Workers, tmp_path: Path
 ) -> None:
-    # Given a worker in the middle of ten 0.3 s handlers, with 3 s of work waiting
+    # Given a worker in the middle of ten 0.3 s handlers, with 9 s of work waiting (so that
+    # handlers are still in hand however long rabbitmqctl takes to close the connection)
     worker = workers.start(WORK, work_topology(tmp_path, queue_type="quorum"), sleep=0.3)
-    publish(vhost_url, "jobs", "work", jobs("before", 100))
+    publish(vhost_url, "jobs", "work", jobs("before", 300))
     workers.records.wait_for("start", 10, timeout=10)
 
     # When the broker closes the worker's connection (only this vhost's)
@@ -312,12 +313,12 @@ def test_reconnects_after_the_broker_closes_its_connection(
     # Then the worker reconnects and resumes consuming; nothing is lost
     worker.wait_for_event("reconnected", timeout=15)
     publish(vhost_url, "jobs", "work", jobs("after", 20))
-    expected = {f"before-{i}" for i in range(100)} | {f"after-{i}" for i in range(20)}
+    expected = {f"before-{i}" for i in range(300)} | {f"after-{i}" for i in range(20)}
 
     def all_done() -> bool:
         return set(workers.records.ids("done")) == expected
 
-    wait_until(all_done, 30, "every message to be handled")
+    wait_until(all_done, 60, "every message to be handled")
     assert worker.has_event("connection to the broker lost; reconnecting")
     # the handlers cut off by the lost connection ran again on the redelivered messages
     assert any(redelivered == "True" for _, redelivered in workers.records.of("done"))
