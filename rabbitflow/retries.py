@@ -189,7 +189,7 @@ class TierMonitor:
         for routes in self._routes:
             for delay, tier in routes.tiers.items():
                 row = stats.get(tier) if stats is not None else None
-                count = row["messages"] if row is not None else await _depth(channel, tier)
+                count = _total(row) if row is not None else await _depth(channel, tier)
                 if count is None:
                     return  # the channel was closed by a 404: next round, on a new one
                 label = format_duration(delay)
@@ -237,6 +237,12 @@ class TierMonitor:
                 messages=waiting,
                 for_s=round(now - since),
             )
+
+
+def _total(row: dict[str, int]) -> int:
+    # The statistics columns are sampled apart: count what waits for dead-lettering even when
+    # "messages" does not include it yet.
+    return max(row["messages"], row["messages_ready"] + row["messages_dlx"])
 
 
 async def _depth(channel: aiormq.abc.AbstractChannel, queue: str) -> int | None:
