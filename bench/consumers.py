@@ -137,10 +137,10 @@ def _install_sdk_tracing() -> None:
 
 async def rabbitflow(url: str, queue: str, topology_path: str, meter: Meter, traced: bool) -> None:
     from rabbitflow import App
-    from rabbitflow.logging import configure_logging
+    from rabbitflow._logging import configure_logging
+    from rabbitflow._tracing import Tracing, set_tracing
+    from rabbitflow._worker import Worker, WorkerOptions
     from rabbitflow.topology import load_topology
-    from rabbitflow.tracing import Tracing, set_tracing
-    from rabbitflow.worker import Worker, WorkerOptions
 
     configure_logging("json", "info")
     if traced:

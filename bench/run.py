@@ -75,7 +75,7 @@ async def _declare_plain(url: str, queue: str) -> None:
 async def _declare_rabbitflow(url: str, path: Path) -> None:
     from rabbitflow.connection import connect
     from rabbitflow.topology import derive, load_topology
-    from rabbitflow.topology.declare import declare
+    from rabbitflow.topology._declare import declare
 
     connection = await connect(url)
     await declare(connection, derive(load_topology(path)))
@@ -200,7 +200,7 @@ async def _publish_rate_raw(url: str, queue: str, count: int, window: int) -> fl
 async def _publish_rate_app(url: str, queue: str, count: int, window: int, tmp: Path) -> float:
     from bench.consumers import Order
     from rabbitflow import App
-    from rabbitflow.tracing import Tracing, set_tracing
+    from rabbitflow._tracing import Tracing, set_tracing
 
     set_tracing(Tracing(None))
     path = tmp / "publish.toml"

@@ -13,21 +13,21 @@ from typing import Any, TypeVar, overload
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
-from rabbitflow.broker_version import BrokerVersion, describe
+from rabbitflow._broker_version import BrokerVersion, describe
+from rabbitflow._handler import Consumer, ExceptionTypes
+from rabbitflow._logging import get_logger
+from rabbitflow._publisher import Publisher
+from rabbitflow._rpc import DEFAULT_TIMEOUT, Requester, read_reply
+from rabbitflow._schedule.entry import Schedule, default_name
+from rabbitflow._schedule.timing import Cron, Every, Timing
+from rabbitflow._state import State
+from rabbitflow._urls import mask_url, resolve_urls, split_urls, validate_url
 from rabbitflow.connection import connect, connected_url, underlay
 from rabbitflow.errors import ConfigurationError
-from rabbitflow.handler import Consumer, ExceptionTypes
-from rabbitflow.idempotency.guard import Guard
-from rabbitflow.idempotency.store import IdempotencyStore
-from rabbitflow.logging import get_logger
+from rabbitflow.idempotency._guard import Guard
+from rabbitflow.idempotency._store import IdempotencyStore
 from rabbitflow.middleware import Middleware, name_of
-from rabbitflow.publisher import Publisher
-from rabbitflow.rpc import DEFAULT_TIMEOUT, Requester, read_reply
-from rabbitflow.schedule.entry import Schedule, default_name
-from rabbitflow.schedule.timing import Cron, Every, Timing
-from rabbitflow.state import State
 from rabbitflow.topology import Topology, load_topology
-from rabbitflow.urls import mask_url, resolve_urls, split_urls, validate_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=BaseModel)

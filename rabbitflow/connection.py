@@ -14,13 +14,13 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
+from rabbitflow._urls import mask_url, node_name
 from rabbitflow.errors import (
     AccessRefusedError,
     TlsVerificationError,
     UnreachableBrokerError,
     exception_chain,
 )
-from rabbitflow.urls import mask_url, node_name
 
 CONNECT_TIMEOUT = 10.0
 

@@ -27,7 +27,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from rabbitflow import headers as h
+from rabbitflow import _headers as h
 from rabbitflow.errors import AccessRefusedError, BrokerError, PublishError, QueueNotFoundError
 from rabbitflow.topology import dlq_name
 

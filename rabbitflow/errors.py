@@ -202,7 +202,7 @@ class Retry(RabbitflowError):
     (e.g. a ``Retry-After`` header value)."""
 
     def __init__(self, delay: str | int | float | None = None, reason: str = "") -> None:
-        from rabbitflow.duration import parse_duration
+        from rabbitflow._duration import parse_duration
 
         if isinstance(delay, float):
             self.delay_ms: int | None = round(delay * 1000)
@@ -254,7 +254,7 @@ def retry_after_seconds(header_value: str | None, now: float | None = None) -> f
     if when.tzinfo is None:  # "-0000": RFC 5322's "UTC, origin unknown"
         when = when.replace(tzinfo=UTC)
     if now is None:
-        from rabbitflow import clock
+        from rabbitflow import _clock as clock
 
         now = clock.now()
     return max(when.timestamp() - now, 0.0)

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiormq.abc import DeliveredMessage
 
-from rabbitflow import headers as h
+from rabbitflow import _headers as h
 
 
 def read_attempt(headers: dict[str, Any] | None) -> int:

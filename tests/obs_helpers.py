@@ -22,8 +22,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from rabbitflow import App, Message
-from rabbitflow.tracing import Tracing, set_tracing
-from rabbitflow.worker import Worker, WorkerOptions
+from rabbitflow._tracing import Tracing, set_tracing
+from rabbitflow._worker import Worker, WorkerOptions
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,9 +15,9 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from rabbitflow import App, Message
+from rabbitflow._worker import Worker, WorkerOptions
 from rabbitflow.topology import derive
-from rabbitflow.topology.declare import declare
-from rabbitflow.worker import Worker, WorkerOptions
+from rabbitflow.topology._declare import declare
 from tests.rabbit import Rabbit
 
 RECORD_ENV = "RF_RECOVER_RECORD"

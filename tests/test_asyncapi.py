@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from pydantic import BaseModel
 
 from rabbitflow import App, Message
-from rabbitflow.asyncapi import build
+from rabbitflow._asyncapi import build
 from rabbitflow.cli import _register, cli
 from rabbitflow.topology import parse_topology
 

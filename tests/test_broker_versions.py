@@ -14,12 +14,12 @@ import aio_pika
 import pytest
 
 from rabbitflow import dlq
-from rabbitflow.broker_version import BrokerVersion
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow.errors import TopologyError
 from rabbitflow.topology import derive, parse_topology
-from rabbitflow.topology.declare import declare
-from rabbitflow.topology.derived import UNLIMITED_DELIVERIES
-from rabbitflow.topology.plan import plan
+from rabbitflow.topology._declare import declare
+from rabbitflow.topology._derived import UNLIMITED_DELIVERIES
+from rabbitflow.topology._plan import plan
 from tests.rabbit import Rabbit
 
 PLACED = (

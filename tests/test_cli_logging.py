@@ -14,7 +14,7 @@ UNREACHABLE = "amqp://app:s3cret-pw@127.0.0.1:1/"
 
 LIBRARY_USER = """
 import logging, sys
-from rabbitflow.logging import get_logger
+from rabbitflow._logging import get_logger
 
 log = get_logger("rabbitflow.app")
 log.info("publisher connected", url="amqp://u:hunter2@h/")

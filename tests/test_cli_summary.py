@@ -7,9 +7,9 @@ import json
 from structlog.testing import capture_logs
 
 from rabbitflow import App
-from rabbitflow.summary import build, log_summary, warn_if_idle
+from rabbitflow._summary import build, log_summary, warn_if_idle
+from rabbitflow._worker import Worker, WorkerOptions
 from rabbitflow.topology import parse_topology
-from rabbitflow.worker import Worker, WorkerOptions
 
 TOPOLOGY = """
 [queues.billing]

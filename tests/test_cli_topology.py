@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from rabbitflow.urls import mask_url
+from rabbitflow._urls import mask_url
 from tests.test_topology_broker import EXAMPLE, RABBITFLOW, run_cli
 
 BROKEN = '[defaults]\nprefetc = 3\n[queues.a]\nretry = { delays = ["5s", "5 parsecs"] }\n'

@@ -22,14 +22,14 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
-from rabbitflow import headers as h
+from rabbitflow import _headers as h
 from rabbitflow.cli import _register, cli
 from rabbitflow.console import ConsoleSettings, create_app
-from rabbitflow.console.inventory import oldest_due
-from rabbitflow.console.reads import reads_are_counted, reads_left
+from rabbitflow.console._inventory import oldest_due
+from rabbitflow.console._reads import reads_are_counted, reads_left
 from rabbitflow.dlq import DeadLetter
 from rabbitflow.topology import Topology, derive, parse_topology
-from rabbitflow.topology.declare import declare
+from rabbitflow.topology._declare import declare
 from tests.rabbit import Rabbit
 
 pytestmark = pytest.mark.broker

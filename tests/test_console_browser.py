@@ -25,9 +25,9 @@ import pytest
 from pydantic import BaseModel
 
 from rabbitflow import App
-from rabbitflow import headers as h
+from rabbitflow import _headers as h
+from rabbitflow._worker import Worker, WorkerOptions
 from rabbitflow.console import ConsoleSettings, create_app
-from rabbitflow.worker import Worker, WorkerOptions
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -297,7 +297,7 @@ async def test_the_page_asks_for_the_token_and_read_only_shows_no_button(
     topology_file.write_text(TOPOLOGY)
     topology = App(topology=topology_file).load_topology()
     from rabbitflow.topology import derive
-    from rabbitflow.topology.declare import declare
+    from rabbitflow.topology._declare import declare
 
     async with await aio_pika.connect(vhost_url) as connection:
         await declare(connection, derive(topology))

@@ -24,12 +24,12 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from rabbitflow import App, Message, Retry
-from rabbitflow.broker_version import BrokerVersion
+from rabbitflow._broker_version import BrokerVersion
+from rabbitflow._worker import Worker, WorkerOptions
 from rabbitflow.testing import MemoryBroker, MemoryChannel, TestApp
 from rabbitflow.topology import Topology, derive, parse_topology
-from rabbitflow.topology.declare import declare
-from rabbitflow.topology.derived import UNLIMITED_DELIVERIES, Declarations, QueueSpec
-from rabbitflow.worker import Worker, WorkerOptions
+from rabbitflow.topology._declare import declare
+from rabbitflow.topology._derived import UNLIMITED_DELIVERIES, Declarations, QueueSpec
 
 # Real-broker TTLs fire on a timer: give them this long past their deadline.
 SLACK = 0.3

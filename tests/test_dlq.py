@@ -13,11 +13,11 @@ import aio_pika
 import pytest
 from click.testing import CliRunner, Result
 
-from rabbitflow import headers as h
+from rabbitflow import _headers as h
 from rabbitflow.cli import _register, cli
 from rabbitflow.dlq import preview, replay_headers
 from rabbitflow.topology import derive, parse_topology
-from rabbitflow.topology.declare import declare
+from rabbitflow.topology._declare import declare
 
 Q = "billing.order-created"
 DLQ = f"{Q}.dlq"

@@ -61,7 +61,7 @@ from rabbitflow import dlq
 from rabbitflow.connection import connect
 from rabbitflow.errors import AccessRefusedError, TopologyError
 from rabbitflow.topology import derive, load_topology, parse_topology
-from rabbitflow.topology.declare import declare, verify
+from rabbitflow.topology._declare import declare, verify
 from tests.rabbit import Rabbit, require_rabbit
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,7 +28,7 @@ from rabbitflow import Retry
 from rabbitflow.connection import connect
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import derive, load_topology
-from rabbitflow.topology.declare import declare
+from rabbitflow.topology._declare import declare
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

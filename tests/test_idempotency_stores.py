@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from rabbitflow import App, Message
+from rabbitflow._outcome import Action, OutcomePolicy
 from rabbitflow.idempotency import (
     ClaimState,
     IdempotencyStore,
@@ -23,8 +24,7 @@ from rabbitflow.idempotency import (
     PostgresStore,
     RedisStore,
 )
-from rabbitflow.idempotency.guard import InProgress
-from rabbitflow.outcome import Action, OutcomePolicy
+from rabbitflow.idempotency._guard import InProgress
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import derive, parse_topology
 

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from rabbitflow import App, ConfigurationError, Message
+from rabbitflow._state import State
 from rabbitflow.middleware import CallNext, build_stack
-from rabbitflow.state import State
 
 
 def recorder(name: str, trail: list[str]) -> Any:

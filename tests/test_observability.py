@@ -26,10 +26,10 @@ from opentelemetry.instrumentation.aio_pika import AioPikaInstrumentor
 from opentelemetry.trace import SpanKind, StatusCode
 
 from rabbitflow import App, Message, Reject, Retry
-from rabbitflow.logging import configure_logging
-from rabbitflow.outcome import Action
-from rabbitflow.tracing import Tracing, set_tracing
-from rabbitflow.worker import Worker
+from rabbitflow._logging import configure_logging
+from rabbitflow._outcome import Action
+from rabbitflow._tracing import Tracing, set_tracing
+from rabbitflow._worker import Worker
 from tests.obs_helpers import (
     ROOT,
     BrokerGate,

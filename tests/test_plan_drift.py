@@ -14,9 +14,9 @@ from click.testing import CliRunner, Result
 
 import rabbitflow.cli
 from rabbitflow.topology import derive, parse_topology
-from rabbitflow.topology.derived import QueueSpec
-from rabbitflow.topology.drift import applied_policy, differences
-from rabbitflow.topology.management import management_url, with_credentials
+from rabbitflow.topology._derived import QueueSpec
+from rabbitflow.topology._drift import applied_policy, differences
+from rabbitflow.topology._management import management_url, with_credentials
 from tests.rabbit import Rabbit
 
 TOPOLOGY = """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from rabbitflow import App
-from rabbitflow.asyncapi import build
+from rabbitflow._asyncapi import build
 from rabbitflow.topology import parse_topology
 from tests.test_asyncapi import check_document
 

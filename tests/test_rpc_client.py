@@ -25,8 +25,8 @@ from rabbitflow import (
     RequestTimeout,
     UnroutableError,
 )
-from rabbitflow.publisher import Publisher
-from rabbitflow.rpc import Replier
+from rabbitflow._publisher import Publisher
+from rabbitflow._rpc import Replier
 from tests.rabbit import Rabbit
 
 pytestmark = pytest.mark.broker

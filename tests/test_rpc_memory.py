@@ -10,8 +10,8 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from rabbitflow import RemoteError
-from rabbitflow.publisher import Publisher
-from rabbitflow.rpc import REPLY_TO, Replier, Requester, read_reply
+from rabbitflow._publisher import Publisher
+from rabbitflow._rpc import REPLY_TO, Replier, Requester, read_reply
 from rabbitflow.testing import MemoryBroker
 
 

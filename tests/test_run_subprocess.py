@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rabbitflow.cli.run import DUPLICATE_TERM_WINDOW
+from rabbitflow.cli._run import DUPLICATE_TERM_WINDOW
 from tests.rabbit import Rabbit
 from tests.runtime_helpers import (
     ROOT,

@@ -19,7 +19,7 @@ import pytest
 from pydantic import BaseModel
 
 from rabbitflow import App, Message, PublishError, UnroutableError
-from rabbitflow.worker import Worker, WorkerOptions
+from rabbitflow._worker import Worker, WorkerOptions
 from tests.rabbit import Rabbit
 from tests.runtime_helpers import drain_async, message_counts_async, wait_until, worker_connections
 

@@ -9,9 +9,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from rabbitflow import App, Message
+from rabbitflow._schedule import Cron, Every
+from rabbitflow._schedule.scheduler import first_tick
 from rabbitflow.errors import ConfigurationError
-from rabbitflow.schedule import Cron, Every
-from rabbitflow.schedule.scheduler import first_tick
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import parse_topology
 

@@ -11,11 +11,11 @@ import aiormq
 import pytest
 from structlog.testing import capture_logs
 
-from rabbitflow.metrics import Metrics
-from rabbitflow.retries import TierMonitor
+from rabbitflow._metrics import Metrics
+from rabbitflow._retries import TierMonitor
 from rabbitflow.topology import derive, load_topology
-from rabbitflow.topology.declare import declare
-from rabbitflow.topology.management import management_url, queue_depths, vhost_of
+from rabbitflow.topology._declare import declare
+from rabbitflow.topology._management import management_url, queue_depths, vhost_of
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

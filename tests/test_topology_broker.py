@@ -17,8 +17,8 @@ from click.testing import CliRunner, Result
 import rabbitflow.cli
 from rabbitflow.errors import AccessRefusedError, TopologyConflictError, TopologyMismatchError
 from rabbitflow.topology import Declarations, derive, load_topology
-from rabbitflow.topology.declare import declare, verify
-from rabbitflow.topology.plan import plan
+from rabbitflow.topology._declare import declare, verify
+from rabbitflow.topology._plan import plan
 from tests.rabbit import Rabbit
 
 pytestmark = pytest.mark.broker

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rabbitflow.duration import format_duration, parse_duration
+from rabbitflow._duration import format_duration, parse_duration
 from rabbitflow.errors import TopologyError, TopologySyntaxError
 from rabbitflow.topology import Topology, derive, load_topology, parse_topology
 

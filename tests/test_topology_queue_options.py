@@ -9,7 +9,7 @@ import pytest
 
 from rabbitflow.errors import TopologyError
 from rabbitflow.topology import derive, parse_topology
-from rabbitflow.topology.declare import declare
+from rabbitflow.topology._declare import declare
 from tests.rabbit import Rabbit
 
 

@@ -9,11 +9,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from rabbitflow import App
+from rabbitflow._urls import InvalidUrlError, mask_url, resolve_urls
+from rabbitflow._worker import Worker, WorkerOptions
 from rabbitflow.connection import connect, connected_url
 from rabbitflow.errors import TopologyError, UnreachableBrokerError
 from rabbitflow.topology import parse_topology
-from rabbitflow.urls import InvalidUrlError, mask_url, resolve_urls
-from rabbitflow.worker import Worker, WorkerOptions
 from tests.rabbit import Rabbit
 from tests.test_topology_broker import run_cli
 

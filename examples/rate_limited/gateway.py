@@ -2,7 +2,7 @@
 
 It accepts ``limit`` requests per fixed window of ``window`` seconds and answers any more with
 ``429 Too Many Requests`` and a ``Retry-After`` header (whole seconds until the window ends),
-as most HTTP APIs do. It reads the time from :func:`rabbitflow.clock.now`, the clock
+as most HTTP APIs do. It reads the time from :func:`rabbitflow._clock.now`, the clock
 ``rabbitflow.testing.TestApp`` replaces with its virtual one, so a test waits for the window
 in virtual time. Point the client at the real provider instead of this stub in production.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from rabbitflow import clock
+from rabbitflow import _clock as clock
 
 
 @dataclass

@@ -25,21 +25,21 @@ T = TypeVar("T")
 # the first sentence of the command's own help (tests/test_cli_help.py keeps them equal).
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "console": (
-        "rabbitflow.cli.console",
+        "rabbitflow.cli._console",
         "console",
         "Serve the operator console for the queues of FILE on http://HOST:PORT/.",
     ),
-    "dlq": ("rabbitflow.cli.dlq", "dlq", "Inspect, replay and purge dead-letter queues."),
-    "docs": ("rabbitflow.cli.docs", "docs", "Generate documentation from an app and its topology."),
-    "publish": ("rabbitflow.cli.publish", "publish", "Publish BODY with publisher confirms."),
+    "dlq": ("rabbitflow.cli._dlq", "dlq", "Inspect, replay and purge dead-letter queues."),
+    "docs": ("rabbitflow.cli._docs", "docs", "Generate documentation from an app and its topology."),
+    "publish": ("rabbitflow.cli._publish", "publish", "Publish BODY with publisher confirms."),
     "retries": (
-        "rabbitflow.cli.retries",
+        "rabbitflow.cli._retries",
         "retries",
         "Inspect the retry tiers of a queue (QUEUE.retry.<delay>).",
     ),
-    "run": ("rabbitflow.cli.run", "run", "Consume the queues of MODULE:APP."),
+    "run": ("rabbitflow.cli._run", "run", "Consume the queues of MODULE:APP."),
     "topology": (
-        "rabbitflow.cli.topology",
+        "rabbitflow.cli._topology",
         "topology",
         "Validate, plan, declare and export a topology.toml.",
     ),
@@ -118,7 +118,7 @@ def amqp_name(kind: str) -> Callable[[click.Context, click.Parameter, str], str]
     """A click callback refusing a queue or exchange name the AMQP client would refuse."""
 
     def check(ctx: click.Context, param: click.Parameter, value: str) -> str:
-        from rabbitflow.topology.wire import ALLOWED_FORM, name_problems
+        from rabbitflow.topology._wire import ALLOWED_FORM, name_problems
 
         for message, _ in name_problems(value, kind):
             raise click.BadParameter(f"{value!r}: {message} (use {ALLOWED_FORM})")

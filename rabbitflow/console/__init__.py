@@ -4,6 +4,6 @@ Needs the ``console`` extra (``pip install 'rabbitflow[console]'``). ``create_ap
 ASGI application; ``rabbitflow console`` serves it with uvicorn.
 """
 
-from rabbitflow.console.app import ConsoleSettings, create_app
+from rabbitflow.console._app import ConsoleSettings, create_app
 
 __all__ = ["ConsoleSettings", "create_app"]

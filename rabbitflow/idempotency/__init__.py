@@ -5,11 +5,11 @@
 :class:`IdempotencyStore` protocol; implement it for another database.
 """
 
-from rabbitflow.idempotency.guard import SKIPPED, Guard, InProgress
-from rabbitflow.idempotency.memory import MemoryStore
-from rabbitflow.idempotency.postgres_store import PostgresStore
-from rabbitflow.idempotency.redis_store import RedisStore
-from rabbitflow.idempotency.store import ClaimResult, ClaimState, IdempotencyStore
+from rabbitflow.idempotency._guard import SKIPPED, Guard, InProgress
+from rabbitflow.idempotency._memory import MemoryStore
+from rabbitflow.idempotency._postgres_store import PostgresStore
+from rabbitflow.idempotency._redis_store import RedisStore
+from rabbitflow.idempotency._store import ClaimResult, ClaimState, IdempotencyStore
 
 __all__ = [
     "SKIPPED",

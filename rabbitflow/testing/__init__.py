@@ -13,8 +13,8 @@ The pytest plugin (``rabbitflow.testing.pytest_plugin``, registered as an entry 
 the ``rabbitflow_app`` fixture and fixtures for tests against a real RabbitMQ.
 """
 
-from rabbitflow.testing.app import DrainError, Handled, TestApp
-from rabbitflow.testing.broker import (
+from rabbitflow.testing._app import DrainError, Handled, TestApp
+from rabbitflow.testing._broker import (
     MemoryBroker,
     MemoryChannel,
     MemoryConnection,
@@ -23,7 +23,7 @@ from rabbitflow.testing.broker import (
     PublishResult,
     StoredMessage,
 )
-from rabbitflow.testing.clock import VirtualClock
+from rabbitflow.testing._clock import VirtualClock
 
 __all__ = [
     "DrainError",

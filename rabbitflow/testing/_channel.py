@@ -22,7 +22,7 @@ from rabbitflow.testing._envelope import Envelope, roundtrip
 from rabbitflow.testing._queue import Consumer, MemoryQueue
 
 if TYPE_CHECKING:
-    from rabbitflow.testing.broker import MemoryBroker
+    from rabbitflow.testing._broker import MemoryBroker
 
 ConsumerCallback = Callable[[DeliveredMessage], Awaitable[Any]]
 NO_ROUTE = 312

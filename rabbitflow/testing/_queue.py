@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rabbitflow.broker_version import BrokerVersion
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow.testing._envelope import Envelope, StoredMessage
 
 if TYPE_CHECKING:

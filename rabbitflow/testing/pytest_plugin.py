@@ -29,7 +29,7 @@ import pytest
 
 if TYPE_CHECKING:
     from rabbitflow.app import App
-    from rabbitflow.testing.app import TestApp
+    from rabbitflow.testing._app import TestApp
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -216,7 +216,7 @@ def rabbitmq_vhost_url(rabbitmq_broker: RabbitMQ, rabbitmq_vhost: str) -> str:
 @_async_fixture
 async def rabbitflow_app() -> AsyncIterator[AppFactory]:
     """``await rabbitflow_app(app, topology=None, **options)``: an entered in-memory TestApp."""
-    from rabbitflow.testing.app import TestApp  # imported late: the plugin loads in every session
+    from rabbitflow.testing._app import TestApp  # imported late: the plugin loads in every session
 
     async with contextlib.AsyncExitStack() as stack:
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rabbitflow import App
-from rabbitflow.payload import no_such_helper  # type: ignore[attr-defined]  # the user's bug
+from rabbitflow._payload import no_such_helper  # type: ignore[attr-defined]  # the user's bug
 
 app = App()
 print(no_such_helper)

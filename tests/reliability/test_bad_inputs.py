@@ -31,11 +31,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pamqp import commands as spec
 
-from rabbitflow import headers as h
+from rabbitflow import _headers as h
+from rabbitflow._settle import parse_not_before
 from rabbitflow.errors import TopologyError
 from rabbitflow.message import read_attempt
-from rabbitflow.settle import parse_not_before
-from rabbitflow.topology.loader import parse_topology
+from rabbitflow.topology._loader import parse_topology
 from tests.rabbit import Rabbit
 from tests.reliability.checker import DLQ, Checker, header_text, job, take_all
 from tests.runtime_helpers import WorkerProcess, run_cli, wait_until

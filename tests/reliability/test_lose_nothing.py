@@ -19,10 +19,10 @@ import aiormq
 import pytest
 from pamqp import commands as spec
 
+from rabbitflow._publisher import Publisher
+from rabbitflow._worker import DRAIN_GRACE
 from rabbitflow.connection import connect
 from rabbitflow.errors import PublishError, UnreachableBrokerError
-from rabbitflow.publisher import Publisher
-from rabbitflow.worker import DRAIN_GRACE
 from tests.reliability.chaos_node import ChaosNode
 from tests.reliability.checker import Checker, header_text, job
 from tests.reliability.proxy import ChaosProxy

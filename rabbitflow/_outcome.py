@@ -1,0 +1,202 @@
+"""The one place that decides what happens to a delivery: a complete :class:`Plan`.
+
+The dispatcher asks the policy for a plan (after the handler ran, or instead of running it),
+and the settler carries the plan out without deciding anything. When a plan's copy cannot be
+published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish_failure`).
+
+| situation | plan |
+|---|---|
+| handler returned | ``ACK`` |
+| retryable failure, attempts left, tiers | ``RETRY`` to the tier for the next attempt |
+| ``Retry(delay)`` beyond the largest tier | ``RETRY`` with a not-before (the copy hops tiers) |
+| ``Retry(delay)`` beyond ``max_defer`` | ``DEAD_LETTER`` (``not_before_out_of_range``) |
+| not-before still ahead (a hop) | ``DEFER`` to the largest tier that does not overshoot |
+| a wait that spends no attempt (``InProgress``) | ``DEFER`` with a not-before |
+| not-before beyond ``max_defer`` | ``DEAD_LETTER`` (``not_before_out_of_range``) |
+| ``Reject``, bad payload, ``dead_letter_on``, attempts spent, retries off | ``DEAD_LETTER`` |
+| any of those with ``dead_letter = false`` | ``DROP`` (logged at ERROR) |
+| its copy could not be published | ``REQUEUE`` after an exponential backoff |
+
+The table is built once per consumer; a failure walks its exception's MRO so that a subclass
+follows its parent unless it has an entry of its own.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from rabbitflow import _clock as clock
+from rabbitflow._handler import ExceptionTypes
+from rabbitflow.errors import DecodeError, DeferralOutOfRange, HandlerTimeout, Reject, Retry
+from rabbitflow.topology._derived import QueueRoutes
+from rabbitflow.topology._model import RetryPolicy
+
+# A copy that could not be published is returned to the queue after this backoff, doubled
+# for each consecutive failure of the same message, up to the cap.
+REQUEUE_BACKOFF = 1.0
+REQUEUE_BACKOFF_MAX = 60.0
+
+
+class Action(enum.Enum):
+    """What the settler does with a delivery (also the ``outcome`` label of the metrics)."""
+
+    ACK = "ack"
+    RETRY = "retry"
+    DEFER = "deferred"
+    DEAD_LETTER = "dead_letter"
+    DROP = "dropped"
+    REQUEUE = "requeued"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything the settler needs to settle one delivery; it decides nothing further.
+
+    ``attempt`` is the attempt written on the copy (the next one for a retry); ``tier`` and
+    ``delay_ms`` name the retry tier of a ``RETRY`` or ``DEFER``; ``not_before`` is the ISO
+    time the copy must not run before; ``after`` is the backoff of a ``REQUEUE``."""
+
+    action: Action
+    reason: str = ""
+    attempt: int = 1
+    error: BaseException | None = None
+    tier: str = ""
+    delay_ms: int = 0
+    not_before: str | None = None
+    after: float = 0.0
+
+
+ACK = Plan(Action.ACK, "ok")
+
+NOT_BEFORE_OUT_OF_RANGE = "not_before_out_of_range"
+
+
+class OutcomePolicy:
+    """Maps exceptions to plans for one consumer and applies its retry policy and routes."""
+
+    __slots__ = ("_dead_letter_on", "_max_defer_ms", "_table", "queue", "retry", "routes")
+
+    def __init__(
+        self,
+        retry: RetryPolicy,
+        routes: QueueRoutes,
+        retry_on: ExceptionTypes = (),
+        dead_letter_on: ExceptionTypes = (),
+    ) -> None:
+        self.queue = routes.queue
+        self.retry = retry
+        self.routes = routes
+        self._dead_letter_on = dead_letter_on
+        self._max_defer_ms = retry.max_defer_ms
+        table: dict[type[BaseException], Action] = {
+            BaseException: Action.RETRY if not retry_on else Action.DEAD_LETTER,
+            HandlerTimeout: Action.RETRY,
+        }
+        table.update(dict.fromkeys(retry_on, Action.RETRY))
+        table.update(dict.fromkeys(dead_letter_on, Action.DEAD_LETTER))
+        # Explicit requests from the handler and undecodable payloads are never overridden.
+        table.update(
+            {Retry: Action.RETRY, Reject: Action.DEAD_LETTER, DecodeError: Action.DEAD_LETTER}
+        )
+        self._table = table
+
+    def action_for(self, exc: BaseException) -> Action:
+        """``RETRY`` for a failure of the kind that is retried, else ``DEAD_LETTER``."""
+        for cls in type(exc).__mro__:
+            action = self._table.get(cls)
+            if action is not None:
+                return action
+        return Action.RETRY  # unreachable: BaseException is in every MRO
+
+    def decide(self, exc: BaseException, attempt: int) -> Plan:
+        """The plan for a delivery whose handler failed on ``attempt``."""
+        if self.action_for(exc) is Action.DEAD_LETTER:
+            return self.dead_letter(exc, attempt, self._dead_letter_reason(exc))
+        if isinstance(exc, Retry) and not exc.spends_attempt and exc.delay_ms is not None:
+            # Not the handler's failure: the message waits, whatever attempts it has left.
+            now = clock.now()
+            return self.defer(attempt, now + exc.delay_ms / 1000, now, set_not_before=True)
+        if not self.retry.enabled:
+            return self.dead_letter(exc, attempt, "retries disabled")
+        if attempt >= self.retry.max_attempts:
+            spent = f"max_attempts ({self.retry.max_attempts}) reached"
+            return self.dead_letter(exc, attempt, spent)
+        if not self.routes.tiers:
+            # A stream has no tiers (a copy would be appended to it): attempts run in place.
+            return self.dead_letter(exc, attempt, "no retry tiers (attempts run in place)")
+        wanted = self.retry.delay_for(attempt + 1)
+        if isinstance(exc, Retry) and exc.delay_ms is not None:
+            wanted = max(exc.delay_ms, 0)
+            if wanted > self._max_defer_ms:
+                error = DeferralOutOfRange(self.queue, wanted, self._max_defer_ms)
+                error.__cause__ = exc
+                return self.dead_letter(error, attempt, NOT_BEFORE_OUT_OF_RANGE)
+        delay, tier = self.routes.tier_at_least(wanted)
+        # Beyond the largest tier the copy carries a not-before and hops tiers until it is due.
+        not_before = _iso_after(wanted) if wanted > delay else None
+        return Plan(Action.RETRY, "retry", attempt + 1, exc, tier, delay, not_before)
+
+    def defer(
+        self, attempt: int, not_before: float, now: float, *, set_not_before: bool = False
+    ) -> Plan:
+        """The plan for a delivery that must not run before ``not_before`` (epoch s): its
+        ``rabbitflow-not-before`` header is still ahead, or (``set_not_before``) a wait that
+        spends no attempt asks for one."""
+        remaining_ms = int((not_before - now) * 1000)
+        if remaining_ms > self._max_defer_ms or not self.routes.tiers:
+            error = DeferralOutOfRange(self.queue, remaining_ms, self._max_defer_ms)
+            return self.dead_letter(error, attempt, NOT_BEFORE_OUT_OF_RANGE)
+        # Hop through tiers that do not overshoot, so the message runs close to not-before.
+        delay, tier = self.routes.tier_at_most(max(remaining_ms, 0))
+        header = _iso_after(remaining_ms) if set_not_before else None
+        return Plan(Action.DEFER, "not before", attempt, None, tier, delay, header)
+
+    def retries_now(self, exc: BaseException, attempt: int) -> bool:
+        """Whether a failure on ``attempt`` may be retried in process (``immediate_retries``).
+
+        An explicit ``Retry`` asks for a delay, and a timeout already took its full time."""
+        return (
+            self.action_for(exc) is Action.RETRY
+            and self.retry.enabled
+            and attempt < self.retry.max_attempts
+            and not isinstance(exc, Retry | HandlerTimeout)
+        )
+
+    def dead_letter(self, exc: BaseException | None, attempt: int, reason: str) -> Plan:
+        """Dead-letter, or drop (loudly) when the queue has no DLQ."""
+        action = Action.DEAD_LETTER if self.routes.dead_letter_exchange else Action.DROP
+        return Plan(action, reason, attempt, exc)
+
+    def after_publish_failure(self, plan: Plan, failures: int) -> Plan:
+        """The plan once ``plan``'s copy failed to publish for the ``failures``-th time.
+
+        The original goes back to its queue after an exponential backoff, so a missing or
+        refused target never turns into a hot loop."""
+        after = min(REQUEUE_BACKOFF * 2 ** max(failures - 1, 0), REQUEUE_BACKOFF_MAX)
+        reason = f"{plan.action.value} copy not published"
+        return Plan(Action.REQUEUE, reason, plan.attempt, plan.error, plan.tier, after=after)
+
+    def resume(self, failed: Plan, attempt: int) -> tuple[Plan | None, int]:
+        """What to do with the redelivery of a message whose ``failed`` copy was not published.
+
+        The settler remembers such messages, because a classic queue counts no redeliveries:
+        the attempt the copy would have carried still counts, so ``max_attempts`` ends the
+        loop. A message already due for the DLQ goes there again without running."""
+        if failed.action is Action.DEAD_LETTER or failed.action is Action.DROP:
+            return failed, attempt
+        return None, max(attempt, failed.attempt)
+
+    def _dead_letter_reason(self, exc: BaseException) -> str:
+        if isinstance(exc, Reject):
+            return "rejected by the handler"
+        if isinstance(exc, DecodeError):
+            return "undecodable payload"
+        if any(isinstance(exc, cls) for cls in self._dead_letter_on):
+            return "matches dead_letter_on"
+        return "not in retry_on"
+
+
+def _iso_after(delay_ms: int) -> str:
+    return datetime.fromtimestamp(clock.utcnow().timestamp() + delay_ms / 1000, UTC).isoformat()

@@ -1,0 +1,447 @@
+"""The only code that acks, republishes to a retry tier, or dead-letters a delivery.
+
+Every path acks the original delivery only after the work is done: after the handler returned,
+or after the broker confirmed the retry or dead-letter copy. When a copy cannot be confirmed the
+original is returned to its queue instead (at-least-once: never lost, possibly redelivered).
+What to do is decided by :class:`rabbitflow._outcome.OutcomePolicy`; this module carries it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+from collections import OrderedDict
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp import commands as spec
+
+from rabbitflow import _clock as clock
+from rabbitflow import _headers as h
+from rabbitflow._duration import format_duration
+from rabbitflow._metrics import Metrics
+from rabbitflow._outcome import Action, OutcomePolicy, Plan
+from rabbitflow._publisher import PERSISTENT, Publisher
+from rabbitflow._tracing import get_tracing
+from rabbitflow.errors import PublishError
+
+if TYPE_CHECKING:
+    from rabbitflow._repair import Repairer
+
+log = structlog.get_logger("rabbitflow.settle")
+
+# Messages whose copy failed to publish that a settler remembers (see Settler._failed).
+FAILED_MEMORY = 10_000
+# Longest time a completed delivery waits for its ack to be sent (batched with others).
+ACK_DELAY = 0.002
+
+
+class Acker:
+    """Acks completed deliveries of one channel in batches.
+
+    Completed tags are flushed when a quarter of the prefetch window is done, or
+    ``ACK_DELAY`` after the first of them, whichever comes first: the broker keeps sending
+    while three quarters of the window are still free, and one frame acks many messages.
+    When every tag up to a completed one is settled, one ``basic.ack(multiple=True)`` covers
+    them all; completed tags above a gap (a slow message still in hand) are acked one by
+    one, since ``multiple`` would ack the slow message too.
+    """
+
+    __slots__ = (
+        "_batch",
+        "_channel",
+        "_done",
+        "_event",
+        "_loop",
+        "_low",
+        "_settled",
+        "_task",
+        "_timer",
+    )
+
+    def __init__(self, channel: AbstractChannel, prefetch: int = 1) -> None:
+        self._channel = channel
+        self._low = 1  # every tag below this one is settled
+        self._settled: set[int] = set()  # settled tags >= _low (acks pending or nacked)
+        self._done: list[int] = []  # tags whose ack has not been sent yet
+        self._batch = max(1, prefetch // 4)
+        self._event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._task = self._loop.create_task(self._flusher())
+
+    def ack(self, tag: int) -> None:
+        done = self._done
+        done.append(tag)
+        self._settled.add(tag)
+        if len(done) >= self._batch:
+            self._event.set()
+        elif self._timer is None:
+            self._timer = self._loop.call_later(ACK_DELAY, self._event.set)
+
+    async def nack(self, tag: int, *, requeue: bool = True) -> None:
+        """Return a delivery to its queue now (sent at once, not batched)."""
+        self._settled.add(tag)
+        await self._channel.basic_nack(tag, requeue=requeue, wait=False)
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._event.wait()
+            self._event.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._done:
+            return
+        done, self._done = self._done, []
+        low, settled = self._low, self._settled
+        while low in settled:
+            settled.discard(low)
+            low += 1
+        self._low = low
+        below = [tag for tag in done if tag < low]
+        try:
+            # RabbitMQ fails the channel if the tag of a multiple ack is not outstanding
+            # itself, so the batch ends on the highest tag not acked yet.
+            if below:
+                await self._channel.basic_ack(max(below), multiple=True, wait=False)
+            for tag in done:
+                if tag >= low:
+                    await self._channel.basic_ack(tag, wait=False)
+        except Exception as exc:
+            # The channel is gone: its unacked deliveries go back to the queue on the broker
+            # side, so these tags are stale and will be redelivered.
+            log.debug("acks dropped on a closed channel", count=len(done), error=repr(exc))
+
+    async def close(self) -> None:
+        """Send every pending ack, then stop the flusher."""
+        await self.flush()
+        self._task.cancel()
+
+
+def _now() -> str:
+    return clock.utcnow().isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _iso_in(delay_ms: int) -> str:
+    # When a copy leaves its tier: what `rabbitflow retries list` shows as due.
+    due = datetime.fromtimestamp(clock.now() + delay_ms / 1000, UTC)
+    return due.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _bounded(text: str, limit: int) -> str:
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+class Settler:
+    """Carries out the :class:`Plan` of each delivery of one consumer; decides nothing.
+
+    The only branch on what to do is the ``match`` in :meth:`settle`. A copy that cannot be
+    published goes back to the policy, whose answer (a ``REQUEUE``) is carried out in turn.
+    """
+
+    __slots__ = (
+        "_failed",
+        "_publish_failures",
+        "acker",
+        "metrics",
+        "policy",
+        "publisher",
+        "queue",
+        "repairer",
+        "routes",
+    )
+
+    def __init__(
+        self,
+        policy: OutcomePolicy,
+        acker: Acker,
+        publisher: Publisher,
+        metrics: Metrics | None = None,
+        repairer: Repairer | None = None,
+    ) -> None:
+        self.policy = policy
+        self.queue = policy.queue
+        self.routes = policy.routes
+        self.acker = acker
+        self.publisher = publisher
+        self.metrics = metrics
+        self.repairer = repairer
+        # Messages whose copy could not be published, by identity: their last plan and how
+        # many times in a row it failed. Bounded; empty in normal operation.
+        self._failed: OrderedDict[object, tuple[Plan, int]] = OrderedDict()
+        self._publish_failures = metrics.publish_failures if metrics is not None else None
+
+    @property
+    def failing(self) -> bool:
+        """Whether some message's copy failed to publish and has not been settled since."""
+        return bool(self._failed)
+
+    def failed_plan(self, delivery: DeliveredMessage) -> Plan | None:
+        """The plan whose copy failed the last time ``delivery`` was in hand, if any."""
+        entry = self._failed.get(_identity(delivery))
+        return entry[0] if entry is not None else None
+
+    async def settle(self, delivery: DeliveredMessage, plan: Plan) -> Action:
+        """Carry out ``plan``; return the action that was taken."""
+        match plan.action:
+            case Action.ACK:
+                self.acker.ack(delivery.delivery_tag or 0)
+                if self._failed:
+                    self._failed.pop(_identity(delivery), None)
+                return Action.ACK
+            case Action.RETRY:
+                headers = self._failure_headers(delivery, plan, stack=False)
+                headers[h.DUE_AT] = _iso_in(plan.delay_ms)
+                return await self._copy(delivery, plan, "", plan.tier, headers)
+            case Action.DEFER:
+                headers = _deferred_headers(delivery)
+                if plan.not_before is not None:
+                    headers[h.NOT_BEFORE] = plan.not_before
+                headers[h.DUE_AT] = _iso_in(plan.delay_ms)
+                return await self._copy(delivery, plan, "", plan.tier, headers)
+            case Action.DEAD_LETTER:
+                headers = self._failure_headers(delivery, plan, stack=True)
+                dlx = self.routes.dead_letter_exchange or ""
+                return await self._copy(delivery, plan, dlx, self.queue, headers)
+            case Action.DROP:
+                self._done(delivery, plan)
+                return Action.DROP
+            case Action.REQUEUE:
+                # The delivery stays in hand during the backoff: a missing target does not
+                # turn into a hot redelivery loop, and a crash now returns it all the same.
+                await asyncio.sleep(plan.after)
+                try:
+                    await self.acker.nack(delivery.delivery_tag or 0, requeue=True)
+                except Exception as exc:
+                    log.debug("nack dropped on a closed channel", error=repr(exc))
+                return Action.REQUEUE
+        raise AssertionError(plan.action)  # pragma: no cover
+
+    async def _copy(
+        self,
+        delivery: DeliveredMessage,
+        plan: Plan,
+        exchange: str,
+        routing_key: str,
+        headers: dict[str, Any],
+    ) -> Action:
+        """Publish ``plan``'s copy, then ack the original; on failure, ask the policy."""
+        error = await self._republish(delivery, exchange, routing_key, headers)
+        repairer = self.repairer
+        if (
+            error is not None
+            and error.missing
+            and repairer is not None
+            and await repairer.repair(self.queue, exchange, routing_key, error)
+        ):
+            error = await self._republish(delivery, exchange, routing_key, headers)
+        if error is None:
+            self._done(delivery, plan)
+            return plan.action
+        key = _identity(delivery)
+        failures = self._failed.pop(key, (plan, 0))[1] + 1
+        self._failed[key] = (plan, failures)
+        while len(self._failed) > FAILED_MEMORY:
+            self._failed.popitem(last=False)
+        fallback = self.policy.after_publish_failure(plan, failures)
+        log.error(
+            "could not publish the copy; the message goes back to its queue",
+            queue=self.queue,
+            message_id=delivery.header.properties.message_id,
+            planned=plan.action.value,
+            target=routing_key if not exchange else f"{exchange}/{routing_key}",
+            failures=failures,
+            retry_in=fallback.after,
+            error=error.reason,
+        )
+        if self._publish_failures is not None:
+            self._publish_failures.labels(self.queue, plan.action.value).inc()
+        return await self.settle(delivery, fallback)
+
+    def _done(self, delivery: DeliveredMessage, plan: Plan) -> None:
+        """The plan's copy is confirmed (or none was needed): ack, forget, log, count."""
+        self.acker.ack(delivery.delivery_tag or 0)
+        if self._failed:
+            self._failed.pop(_identity(delivery), None)
+        self._log(delivery, plan)
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if plan.action is Action.RETRY:
+            metrics.retries.labels(self.queue, format_duration(plan.delay_ms)).inc()
+        elif plan.action is Action.DEAD_LETTER or plan.action is Action.DROP:
+            metrics.dead_lettered.labels(self.queue, _error_type(plan.error)).inc()
+
+    def _log(self, delivery: DeliveredMessage, plan: Plan) -> None:
+        props = delivery.header.properties
+        match plan.action:
+            case Action.ACK:
+                log.debug(
+                    "handled", queue=self.queue, message_id=props.message_id, attempt=plan.attempt
+                )
+            case Action.RETRY:
+                log.warning(
+                    "retry scheduled",
+                    queue=self.queue,
+                    attempt=plan.attempt - 1,
+                    next_attempt=plan.attempt,
+                    delay=format_duration(plan.delay_ms),
+                    not_before=plan.not_before,
+                    message_id=props.message_id,
+                    error=_error_type(plan.error),
+                    reason=_bounded(str(plan.error), 200),
+                )
+            case Action.DEFER:
+                log.debug(
+                    "deferred: not before its time",
+                    queue=self.queue,
+                    message_id=props.message_id,
+                    tier=plan.tier,
+                    not_before=_text((props.headers or {}).get(h.NOT_BEFORE)),
+                )
+            case Action.DEAD_LETTER:
+                log.error(
+                    "message dead-lettered",
+                    queue=self.queue,
+                    message_id=props.message_id,
+                    attempt=plan.attempt,
+                    error=_error_type(plan.error),
+                    reason=plan.reason,
+                    detail=_bounded(str(plan.error), 200),
+                )
+            case Action.DROP:
+                log.error(
+                    "message dropped: the queue has dead_letter = false",
+                    queue=self.queue,
+                    message_id=props.message_id,
+                    attempt=plan.attempt,
+                    error=_error_type(plan.error),
+                    reason=plan.reason,
+                )
+
+    def _failure_headers(
+        self, delivery: DeliveredMessage, plan: Plan, *, stack: bool
+    ) -> dict[str, Any]:
+        old = delivery.header.properties.headers or {}
+        headers = h.carried_headers(old)
+        if h.ATTEMPT in old:
+            headers.setdefault(h.ORIGIN_QUEUE, self.queue)
+            headers.setdefault(h.ORIGIN_EXCHANGE, delivery.exchange or "")
+            headers.setdefault(h.ORIGIN_ROUTING_KEY, delivery.routing_key or "")
+            headers.setdefault(h.FIRST_FAILED_AT, _now())
+        else:
+            # A first failure: these headers are rabbitflow's, whatever a publisher put there.
+            headers[h.ORIGIN_QUEUE] = self.queue
+            headers[h.ORIGIN_EXCHANGE] = delivery.exchange or ""
+            headers[h.ORIGIN_ROUTING_KEY] = delivery.routing_key or ""
+            headers[h.FIRST_FAILED_AT] = _now()
+            headers.pop(h.REPLAY_COUNT, None)
+        headers[h.ATTEMPT] = plan.attempt
+        exc = plan.error
+        headers[h.ERROR_TYPE] = _error_type(exc)
+        headers[h.ERROR_MESSAGE] = _bounded(str(exc), h.ERROR_MESSAGE_LIMIT)
+        if plan.not_before is not None:
+            headers[h.NOT_BEFORE] = plan.not_before
+        if stack:
+            headers[h.DEAD_LETTER_REASON] = plan.reason
+            if exc is not None:
+                headers[h.ERROR_STACK] = _stack(exc)
+        return headers
+
+    async def _republish(
+        self, delivery: DeliveredMessage, exchange: str, routing_key: str, headers: dict[str, Any]
+    ) -> PublishError | None:
+        """Publish the copy and wait for its confirm; the error when it was not confirmed."""
+        props = delivery.header.properties
+        try:
+            with get_tracing().publish_span(exchange, routing_key, headers, props.message_id):
+                await self.publisher.send(
+                    exchange, routing_key, delivery.body, copy_properties(props, headers)
+                )
+        except PublishError as exc:
+            return exc
+        return None
+
+
+def copy_properties(props: spec.Basic.Properties, headers: dict[str, Any]) -> spec.Basic.Properties:
+    """The properties of a persistent copy of a delivery (retry, dead letter, deferral).
+
+    Not copied: ``expiration`` (RabbitMQ strips it when dead-lettering; a copy must not expire
+    on the way) and ``user_id`` (the broker refuses a publish whose ``user_id`` is not the
+    publishing connection's user)."""
+    return spec.Basic.Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=headers,
+        delivery_mode=PERSISTENT,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        message_type=props.message_type,
+        app_id=props.app_id,
+    )
+
+
+def _identity(delivery: DeliveredMessage) -> object:
+    # Redeliveries carry the same message_id and body; the tag changes with every delivery.
+    message_id = delivery.header.properties.message_id
+    return message_id if message_id else hash((delivery.routing_key, delivery.body))
+
+
+def _deferred_headers(delivery: DeliveredMessage) -> dict[str, Any]:
+    headers = delivery.header.properties.headers or {}
+    return {k: v for k, v in headers.items() if not k.startswith(h.BROKER_HEADERS_PREFIX)}
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def _stack(exc: BaseException) -> str:
+    """The traceback, bounded: each chunk (a frame, an exception line) to the error-message
+    limit, so that a huge exception message cannot push the frames out; then the whole to
+    the stack limit, keeping the end, where the failure is."""
+    chunks = traceback.TracebackException.from_exception(exc).format()
+    text = "".join(_bounded_chunk(chunk) for chunk in chunks)
+    data = text.encode("utf-8", "replace")
+    if len(data) > h.ERROR_STACK_LIMIT:
+        text = "..." + data[-(h.ERROR_STACK_LIMIT - 3) :].decode("utf-8", "ignore")
+    return text
+
+
+def _bounded_chunk(chunk: str) -> str:
+    bounded = _bounded(chunk, h.ERROR_MESSAGE_LIMIT)
+    return bounded if bounded is chunk or not chunk.endswith("\n") else bounded + "\n"
+
+
+def _error_type(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def parse_not_before(value: object) -> float | None:
+    """Epoch seconds of a ``rabbitflow-not-before`` header; None when absent or malformed."""
+    if not isinstance(value, str | bytes):
+        return None
+    try:
+        text = value.decode() if isinstance(value, bytes) else value
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None

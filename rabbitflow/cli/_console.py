@@ -1,0 +1,115 @@
+"""``rabbitflow console``: serve the operator's web page (docs/console.md)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import click
+
+from rabbitflow._logging import LogFormat, configure_logging
+from rabbitflow._urls import resolve_url
+from rabbitflow.cli import reports_errors
+from rabbitflow.errors import ConfigurationError
+from rabbitflow.topology import load_topology
+
+TOKEN_ENV = "RABBITFLOW_CONSOLE_TOKEN"
+
+
+@click.command()
+@click.argument("file", default="topology.toml", type=click.Path(dir_okay=False))
+@click.option(
+    "--url", metavar="URL", help="Broker URL (else RABBITFLOW_URL, the file, the default)."
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    default=8025,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on.",
+)
+@click.option(
+    "--token",
+    envvar=TOKEN_ENV,
+    metavar="TOKEN",
+    help=f"Every request must carry it (else {TOKEN_ENV}); required off loopback.",
+)
+@click.option("--read-only", is_flag=True, help="Show queues and dead letters; offer no action.")
+@click.option(
+    "--management-url",
+    metavar="URL",
+    envvar="RABBITFLOW_MANAGEMENT_URL",
+    help="RabbitMQ management API (http://host:15672/), for unacked counts.",
+)
+@click.option(
+    "--limit",
+    default=500,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many messages of a DLQ the page reads and groups.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    default="auto",
+    show_default=True,
+    help="Of the audit lines; auto: console on a terminal, JSON otherwise.",
+)
+@reports_errors
+def console(
+    file: str,
+    url: str | None,
+    host: str,
+    port: int,
+    token: str | None,
+    read_only: bool,
+    management_url: str | None,
+    limit: int,
+    log_format: LogFormat,
+) -> None:
+    """Serve the operator console for the queues of FILE on http://HOST:PORT/.
+
+    Queue depths, retry tiers and DLQs; dead letters grouped by error type; replay and purge
+    with a confirmation step, through the same code as "rabbitflow dlq"."""
+    if not _loopback(host) and not token:
+        raise click.UsageError(
+            f"--host {host} listens beyond this machine: set --token or {TOKEN_ENV}"
+        )
+    try:
+        import uvicorn
+
+        from rabbitflow.console import ConsoleSettings, create_app
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"rabbitflow console needs the console extra ({exc.name} is missing): "
+            "pip install 'rabbitflow[console]'"
+        ) from None
+    path = Path(file)
+    if not path.exists():
+        raise ConfigurationError(f"topology file {file} does not exist")
+    topology = load_topology(path)
+    settings = ConsoleSettings(
+        url=resolve_url(url, topology.broker_url),
+        topology=topology,
+        token=token or None,
+        read_only=read_only,
+        host=host,
+        management_url=management_url,
+        limit=limit,
+    )
+    configure_logging(log_format)
+    where = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"rabbitflow console on http://{where}:{port}/" + (" (token required)" if token else "")
+    )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

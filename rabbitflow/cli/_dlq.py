@@ -1,0 +1,276 @@
+"""``rabbitflow dlq list|replay|purge``: the dead-letter queue runbook (docs/dlq.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+import click
+from aio_pika.abc import AbstractConnection
+from click.core import ParameterSource
+
+from rabbitflow import _headers as h
+from rabbitflow import dlq as ops
+from rabbitflow.cli import amqp_name, reports_errors
+from rabbitflow.cli._urls import broker_urls, url_options
+from rabbitflow.connection import connect
+from rabbitflow.errors import ConfigurationError, QueueNotFoundError
+from rabbitflow.topology import Topology, derive, load_topology
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., object])
+
+
+@click.group()
+def dlq() -> None:
+    """Inspect, replay and purge dead-letter queues.
+
+    QUEUE is the work queue; its dead-letter queue is QUEUE.dlq (the .dlq name is accepted
+    too)."""
+
+
+def broker_options(func: F) -> F:
+    """``--url`` and ``--topology``, shared by every ``dlq`` command."""
+    func = click.option(
+        "--topology",
+        "topology_file",
+        default="topology.toml",
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="Topology file, for [broker].url; optional: skipped when the default is missing.",
+    )(func)
+    return url_options(func)
+
+
+@dlq.command("list")
+@click.argument("queue", callback=amqp_name("queue"))
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="How many messages to show, from the head of the DLQ.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@broker_options
+@reports_errors
+def list_command(
+    queue: str,
+    limit: int,
+    as_json: bool,
+    url: tuple[str, ...],
+    url_order: str,
+    topology_file: str,
+) -> None:
+    """Show how many messages QUEUE.dlq holds and the first ones, leaving it unchanged."""
+    broker = Broker.resolve(url, topology_file, url_order)
+    seen = broker.run(queue, "rabbitflow dlq list", lambda c: ops.peek(c, queue, limit=limit))
+    now = datetime.now(UTC)
+    if as_json:
+        click.echo(json.dumps(seen.to_json(now), indent=2, ensure_ascii=False))
+    else:
+        click.echo("\n".join(render_peek(seen, now)))
+
+
+@dlq.command("replay")
+@click.argument("queue", callback=amqp_name("queue"))
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Move at most N messages (default: all of them)."
+)
+@click.option(
+    "--error-type",
+    metavar="NAME",
+    help="Only messages that failed with this exception (qualified or bare class name).",
+)
+@click.option("--dry-run", is_flag=True, help="Change nothing; print what would move.")
+@broker_options
+@reports_errors
+def replay_command(
+    queue: str,
+    limit: int | None,
+    error_type: str | None,
+    dry_run: bool,
+    url: tuple[str, ...],
+    url_order: str,
+    topology_file: str,
+) -> None:
+    """Move messages from QUEUE.dlq back to QUEUE, oldest first.
+
+    A message is acked in the DLQ only after the broker confirmed its copy in QUEUE."""
+    broker = Broker.resolve(url, topology_file, url_order)
+    report = broker.run(
+        queue,
+        "rabbitflow dlq replay",
+        lambda c: ops.replay(c, queue, limit=limit, error_type=error_type, dry_run=dry_run),
+    )
+    click.echo("\n".join(render_replay(report, error_type)))
+
+
+@dlq.command("purge")
+@click.argument("queue", callback=amqp_name("queue"))
+@click.option("--yes", is_flag=True, help="Confirm: the messages are deleted for good.")
+@broker_options
+@reports_errors
+def purge_command(
+    queue: str, yes: bool, url: tuple[str, ...], url_order: str, topology_file: str
+) -> None:
+    """Delete every message of QUEUE.dlq. Needs --yes."""
+    _, dead = ops.queue_names(queue)
+    if not yes:
+        raise click.UsageError(f"purge deletes every message in {dead} for good; pass --yes")
+    broker = Broker.resolve(url, topology_file, url_order)
+    removed = broker.run(queue, "rabbitflow dlq purge", lambda c: ops.purge(c, queue))
+    click.echo(f"purged {_messages(removed)} from {dead}")
+
+
+@dataclass(frozen=True, slots=True)
+class Broker:
+    """Where the ``dlq`` commands connect, and the topology file if there is one."""
+
+    url: list[str]
+    topology: Topology | None
+
+    @classmethod
+    def resolve(cls, url: tuple[str, ...], topology_file: str, url_order: str) -> Broker:
+        """``--url``, else ``RABBITFLOW_URL``, else the file's ``[broker].url``, else the default.
+
+        The default file may be missing; a file named with ``--topology`` may not."""
+        path = Path(topology_file)
+        if not path.exists():
+            source = click.get_current_context().get_parameter_source("topology_file")
+            if source is not ParameterSource.DEFAULT:
+                raise ConfigurationError(f"topology file {topology_file} does not exist")
+            return cls(broker_urls(url, None, url_order), None)
+        topology = load_topology(path)
+        return cls(broker_urls(url, topology.broker_urls, url_order), topology)
+
+    def run(
+        self, queue: str, name: str, operation: Callable[[AbstractConnection], Awaitable[T]]
+    ) -> T:
+        """Run ``operation`` on a connection of its own, explaining a missing DLQ."""
+        try:
+            return asyncio.run(_connected(self.url, name, operation))
+        except QueueNotFoundError as exc:
+            raise self._explained(exc, queue) from None
+
+    def _explained(self, exc: QueueNotFoundError, queue: str) -> QueueNotFoundError:
+        work, dead = ops.queue_names(queue)
+        if self.topology is None or exc.queue != dead:
+            return exc
+        route = derive(self.topology).routes.get(work)
+        if route is not None and route.dead_letter_exchange is None:
+            hint = f"{work!r} has dead_letter = false in {self.topology.source}, so no DLQ"
+            return QueueNotFoundError(exc.queue, exc.vhost, hint)
+        if route is not None:
+            hint = "it is in the topology file: declare it with `rabbitflow topology declare`"
+            return QueueNotFoundError(exc.queue, exc.vhost, hint)
+        return exc
+
+
+async def _connected(
+    url: list[str], name: str, operation: Callable[[AbstractConnection], Awaitable[T]]
+) -> T:
+    connection = await connect(url, name=name)
+    try:
+        return await operation(connection)
+    finally:
+        await connection.close()
+
+
+def render_peek(seen: ops.Peek, now: datetime) -> Iterator[str]:
+    """The text ``rabbitflow dlq list`` prints."""
+    shown = len(seen.messages)
+    if seen.count == 0:
+        yield f"{seen.dlq}: empty"
+    elif 0 < shown < seen.count:
+        yield f"{seen.dlq}: {_messages(seen.count)}, showing the first {shown}"
+    else:
+        yield f"{seen.dlq}: {_messages(seen.count)}"
+    for message in seen.messages:
+        yield ""
+        yield from render_message(message, now)
+
+
+def render_message(message: ops.DeadLetter, now: datetime) -> Iterator[str]:
+    """One message of ``dlq list``: identity, failure, age and a body preview."""
+    yield f"#{message.position}  message_id: {message.message_id or '(none)'}"
+    yield f"    error:       {_error(message)}"
+    yield f"    attempt:     {message.attempt}"
+    yield f"    origin:      {message.origin_queue or '(unknown)'}"
+    yield f"    age:         {_age(message, now)}"
+    yield f"    replays:     {message.replay_count}"
+    yield f"    body:        {_body(message)}"
+
+
+def render_replay(report: ops.ReplayReport, error_type: str | None) -> Iterator[str]:
+    """The text ``rabbitflow dlq replay`` prints."""
+    moved = f"{_messages(report.moved)} from {report.dlq} to {report.queue}"
+    why = f" {report.skipped} (error type is not {error_type})"
+    if not report.dry_run:
+        left = report.count - report.moved
+        yield (
+            f"moved {moved}"
+            + (f", skipped{why}" if error_type else "")
+            + (f"; {left} left in {report.dlq}" if left > 0 else "")
+        )
+        return
+    yield f"dry run, nothing changed: would move {moved}" + (f", skip{why}" if error_type else "")
+    for message in report.messages:
+        yield f"  #{message.position}  {message.message_id or '(no message_id)'}  {_error(message)}"
+    if report.moved > len(report.messages):
+        yield f"  ... and {report.moved - len(report.messages)} more"
+
+
+def _error(message: ops.DeadLetter) -> str:
+    if message.error_type is None:
+        reason = message.dead_letter_reason
+        if reason is not None:
+            return f"(no {h.ERROR_TYPE}) dead-lettered by the broker: {reason}"
+        return f"(no {h.ERROR_TYPE} header)"
+    text = ops.escape(message.error_message or "")
+    if len(text) > ops.ERROR_PREVIEW_CHARS:
+        text = text[: ops.ERROR_PREVIEW_CHARS] + "..."
+    return f"{message.error_type}: {text}" if text else message.error_type
+
+
+_AGE_SOURCES = {
+    h.FIRST_FAILED_AT: f"from {h.FIRST_FAILED_AT}",
+    "timestamp": f"from the AMQP timestamp; no {h.FIRST_FAILED_AT}",
+    "x-death": f"from the broker's x-death time; no {h.FIRST_FAILED_AT} or timestamp",
+}
+
+
+def _age(message: ops.DeadLetter, now: datetime) -> str:
+    seconds, source = message.age(now)
+    if seconds is None or source is None:
+        return f"unknown (no {h.FIRST_FAILED_AT}, timestamp or x-death)"
+    return f"{format_age(seconds)} ({_AGE_SOURCES[source]})"
+
+
+def format_age(seconds: float) -> str:
+    """``42s``, ``5m12s``, ``3h05m``, ``2d04h``: two units at most."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _body(message: ops.DeadLetter) -> str:
+    kind = f", {message.content_type}" if message.content_type else ""
+    if message.content_encoding:
+        kind += f" ({message.content_encoding})"
+    size = f"{message.body_size} byte{'s' if message.body_size != 1 else ''}{kind}"
+    return f"{size}: {message.body_preview}" if message.body_size else size
+
+
+def _messages(count: int) -> str:
+    return f"{count} message{'s' if count != 1 else ''}"

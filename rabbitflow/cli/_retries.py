@@ -1,0 +1,62 @@
+"""``rabbitflow retries list``: what waits in a queue's retry tiers (docs/recoverability.md)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import click
+
+from rabbitflow import _retries as ops
+from rabbitflow.cli import amqp_name, reports_errors
+from rabbitflow.cli._dlq import Broker, broker_options
+from rabbitflow.errors import ConfigurationError
+from rabbitflow.topology import derive
+
+
+@click.group()
+def retries() -> None:
+    """Inspect the retry tiers of a queue (QUEUE.retry.<delay>)."""
+
+
+@retries.command("list")
+@click.argument("queue", callback=amqp_name("queue"))
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="How many messages to show per tier, oldest first.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@broker_options
+@reports_errors
+def list_command(
+    queue: str,
+    limit: int,
+    as_json: bool,
+    url: tuple[str, ...],
+    url_order: str,
+    topology_file: str,
+) -> None:
+    """Show what waits in each retry tier of QUEUE.
+
+    For each tier: how many messages wait, when each is due, and whether the oldest is
+    overdue (a stuck tier). Leaves the tiers as they were."""
+    broker = Broker.resolve(url, topology_file, url_order)
+    if broker.topology is None:
+        raise ConfigurationError(
+            f"retries list needs the topology file that declares {queue!r} (--topology FILE)"
+        )
+    routes = derive(broker.topology).routes.get(queue)
+    if routes is None:
+        raise ConfigurationError(f"queue {queue!r} is not in {broker.topology.source}")
+    tiers = broker.run(
+        queue, "rabbitflow retries list", lambda c: ops.waiting(c, routes, limit=limit)
+    )
+    now = datetime.now(UTC)
+    if as_json:
+        document = {"queue": queue, "tiers": [tier.to_json(now) for tier in tiers]}
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        click.echo("\n".join(ops.render(queue, tiers, now)))

@@ -1,0 +1,250 @@
+"""``rabbitflow topology validate|plan|declare|export``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import click
+
+from rabbitflow._urls import mask_url, mask_urls
+from rabbitflow.cli import quiet_client_logs, reports_errors, write_output
+from rabbitflow.cli._urls import broker_urls, url_options
+from rabbitflow.topology._derived import Declarations, derive
+from rabbitflow.topology._loader import load_topology
+
+if TYPE_CHECKING:
+    # The commands that talk to a broker import the client when they run, so that validate
+    # and export start fast.
+    from aio_pika.abc import AbstractConnection
+
+    from rabbitflow.topology._declare import Declared
+    from rabbitflow.topology._plan import Plan, PlanItem
+
+T = TypeVar("T")
+
+DEFAULT_FILE = "topology.toml"
+file_argument = click.argument("file", default=DEFAULT_FILE, type=click.Path(dir_okay=False))
+
+
+@click.group()
+def topology() -> None:
+    """Validate, plan, declare and export a topology.toml."""
+
+
+@topology.command()
+@file_argument
+@reports_errors
+def validate(file: str) -> None:
+    """Check FILE without touching a broker; exit 1 listing every error."""
+    loaded = load_topology(file)
+    click.echo(f"{file}: valid; {summary(derive(loaded))}")
+
+
+@topology.command("plan")
+@file_argument
+@url_options
+@click.option(
+    "--management-url",
+    metavar="URL",
+    help="RabbitMQ's management HTTP API (default: http://HOST:15672/ of the broker URL, "
+    "with its credentials).",
+)
+@click.option(
+    "--no-management",
+    is_flag=True,
+    help="Compare over AMQP only: bindings, policies and objects not in the file are not seen.",
+)
+@click.option(
+    "--exit-code",
+    is_flag=True,
+    help="Exit 2 when the broker differs from the file in any way (for CI drift checks).",
+)
+@reports_errors
+def plan_command(
+    file: str,
+    url: tuple[str, ...],
+    url_order: str,
+    management_url: str | None,
+    no_management: bool,
+    exit_code: bool,
+) -> None:
+    """Show what declare would create, and how the broker differs from FILE.
+
+    Changes nothing, deletes nothing. Exit 1 when declare would fail on a conflict; with
+    --exit-code, exit 2 when anything differs."""
+    from rabbitflow.topology._management import vhost_of, with_credentials
+
+    loaded = load_topology(file)
+    broker = broker_urls(url, loaded.broker_urls, url_order)
+    declarations = derive(loaded)
+    # The management API of the first node: every node of a cluster answers for all.
+    api = None if no_management else with_credentials(management_url, broker[0])
+    result, reason = _with_connection(
+        broker,
+        "rabbitflow topology plan",
+        lambda connection: _plan(connection, declarations, api, vhost_of(broker[0])),
+    )
+    through = f", through the management API at {mask_url(api)}" if reason is None and api else ""
+    click.echo(f"plan for {mask_urls(broker)} ({file}){through}:")
+    for line in plan_table(result.items):
+        click.echo(f"  {line}")
+    counts = result.counts()
+    click.echo(", ".join(f"{counts[action]} {action}" for action in counts))
+    if result.unseen is not None:
+        why = (
+            "--no-management" if api is None else f"the management API at {mask_url(api)} {reason}"
+        )
+        click.echo(f"note: {why}: {result.unseen}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    if result.conflicts:
+        click.echo(
+            f"error: declare would fail: {plural(len(result.conflicts), 'conflicting object')}; "
+            "see docs/topology.md on changing queue arguments",
+            err=True,
+        )
+        sys.exit(1)
+    if exit_code and result.differences:
+        click.echo(f"the broker differs from {file}: {len(result.differences)} row(s)", err=True)
+        sys.exit(2)
+
+
+async def _plan(
+    connection: AbstractConnection, declarations: Declarations, api: str | None, vhost: str
+) -> tuple[Plan, str | None]:
+    from rabbitflow.topology._management import ManagementUnavailable, read_state
+    from rabbitflow.topology._plan import plan
+
+    state = None
+    reason = None
+    if api is not None:
+        try:
+            state = await read_state(api, vhost)
+        except ManagementUnavailable as exc:
+            reason = exc.reason
+    return await plan(connection, declarations, state), reason
+
+
+@topology.command("declare")
+@file_argument
+@url_options
+@reports_errors
+def declare_command(file: str, url: tuple[str, ...], url_order: str) -> None:
+    """Declare every exchange, queue and binding of FILE (idempotent, never deletes)."""
+    from rabbitflow.topology._declare import declare
+
+    loaded = load_topology(file)
+    broker = broker_urls(url, loaded.broker_urls, url_order)
+    click.echo(f"declaring {file} on {mask_urls(broker)}")
+    declarations = derive(loaded)
+    done = _with_connection(
+        broker,
+        "rabbitflow topology declare",
+        lambda connection: declare(connection, declarations, on_declared=_print_declared),
+    )
+    click.echo(f"declared {_count(done)}")
+
+
+@topology.command()
+@file_argument
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["definitions", "mermaid"]),
+    required=True,
+    help="definitions: JSON for rabbitmqctl import_definitions; mermaid: a flowchart.",
+)
+@click.option("--vhost", default="/", show_default=True, help="vhost written in definitions.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write to this file instead of stdout.",
+)
+@reports_errors
+def export(file: str, fmt: str, vhost: str, output: str | None) -> None:
+    """Print FILE's objects as RabbitMQ definitions or a Mermaid flowchart."""
+    from rabbitflow.topology._export import mermaid
+
+    declarations = derive(load_topology(file))
+    text = _definitions_text(declarations, vhost) if fmt == "definitions" else mermaid(declarations)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        write_output(output, text)
+        click.echo(f"wrote {fmt} to {output}", err=True)
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """``1 queue``, ``2 queues``, ``0 queues``."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def summary(declarations: Declarations) -> str:
+    """``4 exchanges, 4 queues, 8 retry tiers, 4 dead-letter queues, 10 bindings``."""
+    roles = [spec.role for spec in declarations.queues]
+    bindings = len(declarations.exchange_bindings) + len(declarations.queue_bindings)
+    return ", ".join(
+        [
+            plural(len(declarations.exchanges), "exchange"),
+            plural(roles.count("work"), "queue"),
+            plural(roles.count("retry"), "retry tier"),
+            plural(roles.count("dlq"), "dead-letter queue"),
+            plural(bindings, "binding"),
+        ]
+    )
+
+
+def plan_table(items: tuple[PlanItem, ...]) -> list[str]:
+    """Aligned rows: action, kind, name, detail."""
+    rows = [("ACTION", "KIND", "NAME", "DETAIL")]
+    rows += [(item.action, item.kind, item.name, item.detail) for item in items]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, [*widths, 0], strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def _print_declared(declared: Declared) -> None:
+    # Printed as it happens, so a conflict half-way shows what was declared before it.
+    click.echo(f"  {declared}")
+
+
+def _count(done: list[Declared]) -> str:
+    kinds = [item.kind for item in done]
+    return ", ".join(plural(kinds.count(kind), kind) for kind in ("exchange", "queue", "binding"))
+
+
+def _definitions_text(declarations: Declarations, vhost: str) -> str:
+    from rabbitflow.topology._export import definitions
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        document = definitions(declarations, vhost)
+    for warning in caught:
+        click.echo(f"warning: {warning.message}", err=True)
+    return json.dumps(document, indent=2) + "\n"
+
+
+def _with_connection(
+    url: list[str], name: str, action: Callable[[AbstractConnection], Awaitable[T]]
+) -> T:
+    import asyncio
+
+    from rabbitflow.connection import connect
+
+    quiet_client_logs()
+
+    async def run() -> T:
+        connection = await connect(url, name=name)
+        try:
+            return await action(connection)
+        finally:
+            await connection.close()
+
+    return asyncio.run(run())

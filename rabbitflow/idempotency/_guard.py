@@ -1,0 +1,144 @@
+"""``Guard``: the idempotency check around one consumer's handler.
+
+For each delivery with a ``message_id``: a key already done is skipped (the dispatcher acks
+it without running the handler); a key claimed by a live lease elsewhere raises
+:class:`InProgress`, a retry no earlier than the rest of that lease; otherwise the handler
+runs under a fresh claim, which becomes done when it returns and is released when it fails.
+A delivery without a ``message_id`` runs unguarded and is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import structlog
+from aiormq.abc import DeliveredMessage
+
+from rabbitflow._metrics import Value
+from rabbitflow.errors import Retry
+from rabbitflow.idempotency._store import ClaimState, IdempotencyStore
+
+log = structlog.get_logger("rabbitflow.idempotency")
+
+# How the dispatcher calls the handler for one delivery on a given attempt.
+Invoke = Callable[[DeliveredMessage, int], Awaitable[Any]]
+
+
+class _Skipped:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+
+SKIPPED: Final = _Skipped()
+"""What a guarded call returns for a message already handled: ack it, reply nothing."""
+
+
+class InProgress(Retry):
+    """Another consumer is handling this message now; retried once its lease is over.
+
+    The wait is deferred, not retried: it spends no attempt of the message."""
+
+    spends_attempt = False
+
+    def __init__(self, queue: str, message_id: str, retry_after_ms: int) -> None:
+        self.queue = queue
+        self.message_id = message_id
+        self.retry_after_ms = retry_after_ms
+        super().__init__(
+            delay=max(retry_after_ms, 1),
+            reason=f"message {message_id!r} of queue {queue!r} is being handled elsewhere",
+        )
+
+
+class Guard:
+    """Claims each message of ``queue`` in ``store`` around the handler.
+
+    ``skipped`` and ``unkeyed`` count the duplicates acked without running and the deliveries
+    without a ``message_id`` (run unguarded); pass metric children to export them."""
+
+    __slots__ = ("lease_ms", "queue", "skipped", "store", "ttl_ms", "unkeyed")
+
+    def __init__(
+        self,
+        queue: str,
+        store: IdempotencyStore,
+        *,
+        skipped: Value | None = None,
+        unkeyed: Value | None = None,
+    ) -> None:
+        self.queue = queue
+        self.store = store
+        self.lease_ms = store.lease_ms
+        self.ttl_ms = store.ttl_ms
+        self.skipped = skipped or Value()
+        self.unkeyed = unkeyed or Value()
+
+    def wrap(self, invoke: Invoke) -> Invoke:
+        """``invoke`` guarded: returns :data:`SKIPPED` instead of running a done message."""
+
+        async def guarded(delivery: DeliveredMessage, attempt: int) -> Any:
+            message_id = delivery.header.properties.message_id
+            if not message_id:
+                self._unkeyed()
+                return await invoke(delivery, attempt)
+            key = f"{self.queue}:{message_id}"
+            owner = uuid.uuid4().hex
+            found = await self.store.claim(key, owner, self.lease_ms)
+            if found.state is ClaimState.DONE:
+                self.skipped.value += 1
+                log.info(
+                    "duplicate skipped: already handled", queue=self.queue, message_id=message_id
+                )
+                return SKIPPED
+            if found.state is ClaimState.BUSY:
+                raise InProgress(self.queue, message_id, found.retry_after_ms)
+            try:
+                result = await invoke(delivery, attempt)
+            except BaseException:
+                await self._release(key, owner)
+                raise
+            await self._complete(key, owner)
+            return result
+
+        return guarded
+
+    def _unkeyed(self) -> None:
+        self.unkeyed.value += 1
+        count = int(self.unkeyed.value)
+        if count == 1 or count % 1000 == 0:
+            log.warning(
+                "delivery without message_id on an idempotent queue: handled without the check",
+                queue=self.queue,
+                count=count,
+            )
+
+    async def _release(self, key: str, owner: str) -> None:
+        # Failed or cancelled: free the key so that the retry (or the redelivery after a
+        # shutdown) runs at once instead of waiting for the lease to run out.
+        try:
+            await asyncio.shield(self.store.release(key, owner))
+        except Exception as exc:
+            log.warning(
+                "could not release an idempotency claim; it expires with its lease",
+                queue=self.queue,
+                key=key,
+                error=repr(exc),
+            )
+
+    async def _complete(self, key: str, owner: str) -> None:
+        try:
+            await self.store.complete(key, owner, self.ttl_ms)
+        except Exception as exc:
+            # The handler's work is done: the message is acked all the same. Only a later
+            # duplicate, arriving after the lease, would run again.
+            log.error(
+                "could not mark a message done in the idempotency store",
+                queue=self.queue,
+                key=key,
+                error=repr(exc),
+            )

@@ -1,0 +1,65 @@
+"""``MemoryStore``: idempotency keys in a dict, for tests and single-process apps."""
+
+from __future__ import annotations
+
+from rabbitflow import _clock as clock
+from rabbitflow.idempotency._store import (
+    CLAIMED,
+    DEFAULT_LEASE,
+    DEFAULT_TTL,
+    DONE,
+    ClaimResult,
+    ClaimState,
+    durations,
+)
+
+_DONE = ""  # the owner of a done key
+
+
+class MemoryStore:
+    """Keys in this process only (tests, one process): duplicates are caught within it, not
+    across a deployment (use :class:`~rabbitflow.idempotency.RedisStore` or
+    :class:`~rabbitflow.idempotency.PostgresStore` there)."""
+
+    __slots__ = ("_keys", "lease_ms", "ttl_ms")
+
+    def __init__(self, *, ttl: str | int = DEFAULT_TTL, lease: str | int = DEFAULT_LEASE) -> None:
+        self.ttl_ms, self.lease_ms = durations(ttl, lease)
+        # key -> (owner, expires at in epoch ms); owner "" means done. rabbitflow's clock, so
+        # that under TestApp leases and ttls run on the virtual clock.
+        self._keys: dict[str, tuple[str, float]] = {}
+
+    def _ms(self) -> float:
+        return clock.now() * 1000
+
+    async def claim(self, key: str, owner: str, lease_ms: int) -> ClaimResult:
+        now = self._ms()
+        held = self._keys.get(key)
+        if held is not None and held[1] > now:
+            if held[0] == _DONE:
+                return DONE
+            return ClaimResult(ClaimState.BUSY, int(held[1] - now))
+        self._keys[key] = (owner, now + lease_ms)
+        return CLAIMED
+
+    async def complete(self, key: str, owner: str, ttl_ms: int) -> None:
+        self._keys[key] = (_DONE, self._ms() + ttl_ms)
+        if len(self._keys) > 10_000 and len(self._keys) % 1024 == 0:
+            self._expire()
+
+    async def release(self, key: str, owner: str) -> None:
+        held = self._keys.get(key)
+        if held is not None and held[0] == owner:
+            del self._keys[key]
+
+    async def close(self) -> None:
+        return None
+
+    def _expire(self) -> None:
+        now = self._ms()
+        for key in [k for k, (_, expires) in self._keys.items() if expires <= now]:
+            del self._keys[key]
+
+    def __len__(self) -> int:
+        """Keys held (claimed or done, expired ones included until swept)."""
+        return len(self._keys)

@@ -1,6 +1,0 @@
-"""Stream consumers that resume where they stopped: the offset of the last handled message is
-kept on the broker (:mod:`rabbitflow.streams.offsets`)."""
-
-from rabbitflow.streams.offsets import StreamOffsets, offset_queue
-
-__all__ = ["StreamOffsets", "offset_queue"]
