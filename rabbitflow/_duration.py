@@ -1,16 +1,16 @@
-"""Durations and sizes as written in topology files: ``"250ms"``, ``"5s"``, ``"1m"``, ``"2h"``."""
+"""Durations and sizes as written in topology files: ``"250ms"``, ``"5s"``, ``"2h"``, ``"7d"``."""
 
 from __future__ import annotations
 
 import re
 
-_UNITS_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNITS_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _SIZE_UNITS = {"b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2}
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kib|mib|gib|kb|mb)\s*$", re.IGNORECASE)
 
 DURATION_HINT = (
-    'write a number with a unit ("250ms", "5s", "1m", "2h") or an integer of milliseconds'
+    'write a number with a unit ("250ms", "5s", "1m", "2h", "7d") or an integer of milliseconds'
 )
 
 
@@ -31,8 +31,8 @@ def parse_duration(value: object) -> int:
 
 
 def format_duration(millis: int) -> str:
-    """The shortest exact label of a duration: ``500ms``, ``5s``, ``90s``, ``5m``, ``2h``."""
-    for unit in ("h", "m", "s"):
+    """The shortest exact label of a duration: ``500ms``, ``5s``, ``90s``, ``2h``, ``1d``."""
+    for unit in ("d", "h", "m", "s"):
         size = _UNITS_MS[unit]
         if millis and millis % size == 0:
             return f"{millis // size}{unit}"

@@ -36,7 +36,7 @@ def test_validate_lists_every_error_and_exits_1(tmp_path: Path) -> None:
         f"error: {path}: 2 errors",
         '  defaults.prefetc: unknown key (did you mean "prefetch"?)',
         "  queues.a.retry.delays[1]: '5 parsecs' is not a duration; write a number with a unit "
-        '("250ms", "5s", "1m", "2h") or an integer of milliseconds',
+        '("250ms", "5s", "1m", "2h", "7d") or an integer of milliseconds',
     ]
     assert result.stdout == ""
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from rabbitflow._duration import format_duration, parse_duration
 from rabbitflow.errors import TopologyError, TopologySyntaxError
-from rabbitflow.topology import Topology, derive, load_topology, parse_topology
+from rabbitflow.topology import Topology, derive, load_topology, parse_topology, tier_name
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG_NAME = "a" * 256
@@ -32,10 +32,11 @@ GOOD: list[tuple[str, str, Callable[[Topology], Any]]] = [
     ),
     (
         "durations in every form",
-        '[queues.a]\ntimeout = 1500\nretry = { delays = ["250ms", "5s", "1m", "2h"] }\n',
+        '[queues.a]\ntimeout = 1500\nretry = { delays = ["250ms", "5s", "1m", "2h", "7d"] }\n',
         lambda t: (
             t.queues["a"].timeout_ms == 1500
-            and t.queues["a"].retry.delays_ms == (250, 5_000, 60_000, 7_200_000)
+            and t.queues["a"].retry.delays_ms == (250, 5_000, 60_000, 7_200_000, 604_800_000)
+            and tier_name("a", 604_800_000) == "a.retry.7d"
         ),
     ),
     (
@@ -112,7 +113,8 @@ BAD: list[tuple[str, str, str]] = [
         "bad duration",
         '[queues."billing.order-created"]\nretry = { delays = ["5s", "5 parsecs"] }\n',
         "queues.\"billing.order-created\".retry.delays[1]: '5 parsecs' is not a duration; "
-        'write a number with a unit ("250ms", "5s", "1m", "2h") or an integer of milliseconds',
+        'write a number with a unit ("250ms", "5s", "1m", "2h", "7d") or an integer of '
+        "milliseconds",
     ),
     (
         "fractional milliseconds",
@@ -399,11 +401,11 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_duration_labels_round_trip(millis: int) -> None:
     label = format_duration(millis)
     assert parse_duration(label) == millis
-    number = int(label.rstrip("mhs"))
+    number = int(label.rstrip("mhsd"))
     assert number > 0 or millis == 0
 
 
-@given(st.integers(min_value=1, max_value=10**6), st.sampled_from(["ms", "s", "m", "h"]))
+@given(st.integers(min_value=1, max_value=10**6), st.sampled_from(["ms", "s", "m", "h", "d"]))
 def test_written_durations_survive_formatting(number: int, unit: str) -> None:
     millis = parse_duration(f"{number}{unit}")
     assert parse_duration(format_duration(millis)) == millis

@@ -30,7 +30,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Serve the operator console for the queues of FILE on http://HOST:PORT/.",
     ),
     "dlq": ("rabbitflow.cli._dlq", "dlq", "Inspect, replay and purge dead-letter queues."),
-    "docs": ("rabbitflow.cli._docs", "docs", "Generate documentation from an app and its topology."),
+    "docs": (
+        "rabbitflow.cli._docs",
+        "docs",
+        "Generate documentation from an app and its topology.",
+    ),
     "publish": ("rabbitflow.cli._publish", "publish", "Publish BODY with publisher confirms."),
     "retries": (
         "rabbitflow.cli._retries",

@@ -64,16 +64,9 @@ class IdempotencyStore(Protocol):
 
 def durations(ttl: str | int, lease: str | int) -> tuple[int, int]:
     """``ttl`` and ``lease`` in ms, checked: both positive, the lease shorter than the ttl."""
-    ttl_ms, lease_ms = _duration(ttl), _duration(lease)
+    ttl_ms, lease_ms = parse_duration(ttl), parse_duration(lease)
     if ttl_ms <= 0 or lease_ms <= 0:
         raise ValueError("ttl and lease must be positive durations")
     if lease_ms > ttl_ms:
         raise ValueError(f"the lease ({lease}) must not be longer than the ttl ({ttl})")
     return ttl_ms, lease_ms
-
-
-def _duration(value: str | int) -> int:
-    # Days ("7d", the contract's example ttl) on top of what topology durations accept.
-    if isinstance(value, str) and value.strip().endswith("d") and value.strip()[:-1].isdigit():
-        return int(value.strip()[:-1]) * 86_400_000
-    return parse_duration(value)
