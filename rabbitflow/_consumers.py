@@ -89,15 +89,15 @@ class RunningConsumer:
     def _new_tag(self) -> str:
         return f"{self._prefix}.{uuid.uuid4().hex[:8]}"
 
-    async def consume(self, callback: Callback, stream_callback: Callback | None = None) -> None:
-        """basic.consume ``callback`` (a stream's offset-tracking ``stream_callback`` if any)."""
+    async def consume(self, callback: Callback) -> None:
+        """basic.consume; a stream consumer resumes after the last handled offset."""
         self._callback = callback
         arguments = None
-        if self.offsets is not None:  # resume after the last handled offset
-            arguments = self.offsets.consume_arguments()
+        if self.offsets is not None:
+            callback, arguments = self.offsets.wrap(callback), self.offsets.consume_arguments()
         tag = self._new_tag()
         await self.channel.basic_consume(
-            self.queue, stream_callback or callback, consumer_tag=tag, arguments=arguments
+            self.queue, callback, consumer_tag=tag, arguments=arguments
         )
         self.tag = tag
 
@@ -252,7 +252,9 @@ class ConsumerSet:
         executor: Executor | None = None,
         in_flight: set[asyncio.Task[Any]] | None = None,
     ) -> tuple[Dispatcher, Acker]:
-        """The dispatcher (and its acker) of ``consumer`` on ``channel``, wired as in a run."""
+        """The dispatcher (and its acker) of ``consumer`` on ``channel``.
+
+        ``executor`` and ``in_flight`` default to the set's own."""
         config = self.topology.queues[consumer.queue]
         acker = Acker(channel, config.prefetch)
         settler = Settler(
@@ -310,9 +312,7 @@ class ConsumerSet:
                 running.offsets = await StreamOffsets.open(
                     connection, config, self.app.name, publisher
                 )
-                await running.consume(callback, running.offsets.wrap(callback))
-            else:
-                await running.consume(callback)
+            await running.consume(callback)
         except BaseException:
             running.drop()
             raise
