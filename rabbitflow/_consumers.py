@@ -16,6 +16,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import aiormq
+import structlog
 
 from rabbitflow._breaker import CircuitBreaker
 from rabbitflow._dispatch import Dispatcher
@@ -35,10 +36,15 @@ from rabbitflow.app import App
 from rabbitflow.errors import BrokerError
 from rabbitflow.topology import Declarations, Topology, derive
 
+log = structlog.get_logger("rabbitflow.worker")
+
 # The test kit's hooks: one replaces a handler (to record its calls), one wraps the
 # delivery callback (to know the delivery a handler runs for).
 Instrument = Callable[[Consumer, Signature], Consumer]
 Wrap = Callable[[Callback], Callback]
+
+# RabbitMQ's default consumer_timeout: a delivery unacked for longer closes its channel.
+BROKER_CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
 
 
 class RunningConsumer:
@@ -222,6 +228,7 @@ class ConsumerSet:
             )
             for queue, consumer in app.consumers.items()
         }
+        _warn_timeouts(app, topology)
         if executor is None:
             executor = ThreadPoolExecutor(
                 max_workers=_thread_count(topology, signatures),
@@ -342,3 +349,20 @@ class ConsumerSet:
 def _thread_count(topology: Topology, signatures: dict[str, Signature]) -> int:
     sync = [topology.queues[q].max_in_flight for q, sig in signatures.items() if not sig.is_async]
     return max(1, min(sum(sync), 256))
+
+
+def _warn_timeouts(app: App, topology: Topology) -> None:
+    # A queue's own consumer_timeout is checked against its handler timeout by validate;
+    # the broker-wide default is not known before connecting, so it is assumed here.
+    for queue in app.consumers:
+        config = topology.queues[queue]
+        timeout = config.timeout_ms
+        if config.consumer_timeout_ms is not None:
+            continue
+        if timeout is not None and timeout >= BROKER_CONSUMER_TIMEOUT_MS:
+            log.warning(
+                "handler timeout is not below RabbitMQ's consumer_timeout (30m by default): "
+                "a handler running that long gets its channel closed by the broker",
+                queue=queue,
+                timeout_ms=timeout,
+            )

@@ -48,8 +48,6 @@ DRAIN_GRACE = 5.0
 # What one consumer may take, once its handlers are done, to store its stream offset, and
 # then again to send its acks.
 SETTLE_TIMEOUT = 1.0
-# RabbitMQ's default consumer_timeout: a delivery unacked for longer closes its channel.
-BROKER_CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
 
 
 @dataclass
@@ -97,7 +95,6 @@ class Worker:
         self._node = 0
         self.broker_version: BrokerVersion | None = None
         self._wire_extras()
-        self._warn_timeouts()
 
     def _wire_extras(self) -> None:
         """What runs beside the consumers, and on which connection.
@@ -143,22 +140,6 @@ class Worker:
     def paused(self) -> set[str]:
         """The queues whose circuit breaker has paused consuming."""
         return {consumer.queue for consumer in self._running if consumer.paused}
-
-    def _warn_timeouts(self) -> None:
-        # A queue's own consumer_timeout is checked against its handler timeout by validate;
-        # the broker-wide default is not known before connecting, so it is assumed here.
-        for queue in self.app.consumers:
-            config = self.topology.queues[queue]
-            timeout = config.timeout_ms
-            if config.consumer_timeout_ms is not None:
-                continue
-            if timeout is not None and timeout >= BROKER_CONSUMER_TIMEOUT_MS:
-                log.warning(
-                    "handler timeout is not below RabbitMQ's consumer_timeout (30m by default): "
-                    "a handler running that long gets its channel closed by the broker",
-                    queue=queue,
-                    timeout_ms=timeout,
-                )
 
     # -- lifecycle ----------------------------------------------------------------------
 
