@@ -123,6 +123,10 @@ class Acker:
         await self.flush()
         self._task.cancel()
 
+    def abort(self) -> None:
+        """Stop without sending: the channel is gone, and its delivery tags with it."""
+        self._task.cancel()
+
 
 def _now() -> str:
     return clock.utcnow().isoformat(timespec="milliseconds").replace("+00:00", "Z")

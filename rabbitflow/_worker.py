@@ -5,35 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import uuid
-from collections.abc import Awaitable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import aiormq
 import structlog
 from aio_pika.abc import AbstractConnection
 
-from rabbitflow._breaker import CircuitBreaker
 from rabbitflow._broker_version import BrokerVersion, describe
-from rabbitflow._dispatch import Dispatcher
-from rabbitflow._handler import Consumer, Signature, inspect_handler
+from rabbitflow._consumers import ConsumerSet, RunningConsumer
 from rabbitflow._health import HealthServer
-from rabbitflow._importer import exception_types
 from rabbitflow._metrics import Metrics
-from rabbitflow._outcome import OutcomePolicy
 from rabbitflow._publisher import Publisher
 from rabbitflow._repair import Repairer
 from rabbitflow._retries import TierMonitor
-from rabbitflow._rpc import Replier
 from rabbitflow._schedule import run_schedules
-from rabbitflow._settle import Acker, Settler
-from rabbitflow._streams import StreamOffsets
-from rabbitflow._streams.offsets import Callback
 from rabbitflow._summary import log_summary, warn_if_idle
-from rabbitflow._telemetry import Telemetry
-from rabbitflow._tracing import get_tracing
 from rabbitflow._urls import mask_url, mask_urls, split_urls
 from rabbitflow.app import App
 from rabbitflow.connection import connect, connected_url, underlay
@@ -44,7 +33,7 @@ from rabbitflow.errors import (
     TlsVerificationError,
     UnreachableBrokerError,
 )
-from rabbitflow.topology import Declarations, Topology, derive
+from rabbitflow.topology import Topology
 from rabbitflow.topology._declare import declare, verify
 from rabbitflow.topology._management import management_url, queue_depths, vhost_of
 
@@ -56,8 +45,9 @@ CLOSE_TIMEOUT = 2.0
 # cancelling pending handlers (1 s), consumer cancels (0.5 s), acks (1 s per consumer, sent
 # without waiting, so in practice nothing), closing the connection (CLOSE_TIMEOUT).
 DRAIN_GRACE = 5.0
-# RabbitMQ's default consumer_timeout: a delivery unacked for longer closes its channel.
-BROKER_CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
+# What one consumer may take, once its handlers are done, to store its stream offset, and
+# then again to send its acks.
+SETTLE_TIMEOUT = 1.0
 
 
 @dataclass
@@ -82,24 +72,6 @@ class _Stop(Exception):
     """Raised inside the reconnect loop when shutdown was requested."""
 
 
-@dataclass
-class _Session:
-    """What one connection holds; dropped as a whole when the connection is lost."""
-
-    connection: AbstractConnection
-    channels: list[aiormq.abc.AbstractChannel] = field(default_factory=list)
-    ackers: list[Acker] = field(default_factory=list)
-    consumer_tags: dict[str, aiormq.abc.AbstractChannel] = field(default_factory=dict)
-    dispatchers: dict[str, Dispatcher] = field(default_factory=dict)
-    breakers: list[CircuitBreaker] = field(default_factory=list)
-    offsets: list[StreamOffsets] = field(default_factory=list)
-    # Set when the broker cancels a consumer (its queue was deleted): treated like a lost
-    # connection, so the topology is declared (or verified) again before consuming resumes.
-    cancelled: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
 class Worker:
     """Consumes every queue of ``app`` that has a handler, until :meth:`stop`."""
 
@@ -109,49 +81,51 @@ class Worker:
         self.app = app
         self.topology = topology
         self.options = options
-        self.declarations: Declarations = derive(topology)
-        self.signatures: dict[str, Signature] = {
-            queue: inspect_handler(consumer) for queue, consumer in app.consumers.items()
-        }
-        self.policies = {
-            queue: OutcomePolicy(
-                topology.queues[queue].retry,
-                self.declarations.routes[queue],
-                consumer.retry_on
-                + exception_types(topology.queues[queue].retry_on, f"queues.{queue}.retry_on"),
-                consumer.dead_letter_on
-                + exception_types(
-                    topology.queues[queue].dead_letter_on, f"queues.{queue}.dead_letter_on"
-                ),
-            )
-            for queue, consumer in app.consumers.items()
-        }
-        self.metrics = metrics or Metrics()
-        self.tracing = get_tracing()
+        self.consumers = ConsumerSet.build(app, topology, metrics=metrics)
+        self.declarations = self.consumers.declarations
+        self.metrics = self.consumers.metrics
+        self.tracing = self.consumers.tracing
         self._ready = False
         self.finished = False  # the run is over: drained, closed, shutdown hooks run
         self.reconnections = 0
-        self.paused: set[str] = set()
         self._stopping = asyncio.Event()
-        self._in_flight: set[asyncio.Task[Any]] = set()
-        self._executor = ThreadPoolExecutor(
-            max_workers=self._thread_count(), thread_name_prefix="rabbitflow-handler"
-        )
-        self._session: _Session | None = None
+        self._connection: AbstractConnection | None = None  # the latest, open or not
+        self._running: list[RunningConsumer] = []  # the consumers on that connection
         self._publisher: Publisher | None = None
         self._node = 0
         self.broker_version: BrokerVersion | None = None
+        self._wire_extras()
+
+    def _wire_extras(self) -> None:
+        """What runs beside the consumers, and on which connection.
+
+        - the repairer declares a queue's tiers and DLQ again on the worker's connection
+          (the settlers call it when a copy finds them missing);
+        - the tier monitor samples the retry tiers while consuming (:meth:`_while_consuming`);
+        - schedules publish on a connection of their own, across reconnections
+          (:meth:`_while_running`);
+        - stream offsets and RPC replies belong to each consumer (:class:`ConsumerSet`).
+        """
         self.repairer = Repairer(
-            lambda: self._session.connection if self._session is not None else None,
-            self.declarations,
-            may_declare=options.declare,
+            lambda: self._connection, self.declarations, may_declare=self.options.declare
         )
+        self.consumers.repairer = self.repairer
         self.tier_monitor = TierMonitor(
-            [self.declarations.routes[queue] for queue in app.consumers],
+            [self.declarations.routes[queue] for queue in self.app.consumers],
             self.metrics,
             depths=self._queue_depths,
         )
-        self._warn_timeouts()
+
+    def _while_running(self) -> AbstractAsyncContextManager[object]:
+        return run_schedules(self.app.schedules.values(), self.options.urls)
+
+    @contextlib.asynccontextmanager
+    async def _while_consuming(self, amqp: aiormq.abc.AbstractConnection) -> AsyncIterator[None]:
+        monitor = asyncio.ensure_future(self.tier_monitor.run(amqp))
+        try:
+            yield
+        finally:
+            monitor.cancel()
 
     @property
     def node(self) -> str:
@@ -162,29 +136,10 @@ class Worker:
         # The management API of the node this worker is connected to.
         return queue_depths(management_url(self.node), vhost_of(self.node))
 
-    def _thread_count(self) -> int:
-        sync = [
-            self.topology.queues[q].max_in_flight
-            for q, sig in self.signatures.items()
-            if not sig.is_async
-        ]
-        return max(1, min(sum(sync), 256))
-
-    def _warn_timeouts(self) -> None:
-        # A queue's own consumer_timeout is checked against its handler timeout by validate;
-        # the broker-wide default is not known before connecting, so it is assumed here.
-        for queue in self.app.consumers:
-            config = self.topology.queues[queue]
-            timeout = config.timeout_ms
-            if config.consumer_timeout_ms is not None:
-                continue
-            if timeout is not None and timeout >= BROKER_CONSUMER_TIMEOUT_MS:
-                log.warning(
-                    "handler timeout is not below RabbitMQ's consumer_timeout (30m by default): "
-                    "a handler running that long gets its channel closed by the broker",
-                    queue=queue,
-                    timeout_ms=timeout,
-                )
+    @property
+    def paused(self) -> set[str]:
+        """The queues whose circuit breaker has paused consuming."""
+        return {consumer.queue for consumer in self._running if consumer.paused}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -193,7 +148,7 @@ class Worker:
         if not self._stopping.is_set():
             log.info(
                 "shutdown requested; draining in-flight messages",
-                in_flight=len(self._in_flight),
+                in_flight=len(self.consumers.in_flight),
                 timeout=self.options.shutdown_timeout,
             )
         self._stopping.set()
@@ -256,8 +211,7 @@ class Worker:
             await self._prepare(connection)
             async with self.app.lifespan_context():
                 started = True
-                # Scheduled publishing runs beside the consumers, on its own connection.
-                async with run_schedules(self.app.schedules.values(), self.options.urls):
+                async with self._while_running():
                     await self._serve(connection)
         finally:
             self.ready = False
@@ -265,7 +219,7 @@ class Worker:
             if not started and not connection.is_closed:
                 await connection.close()
             await self.app.close()
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self.consumers.close()
             self.finished = True
             log.info("stopped")
 
@@ -375,146 +329,37 @@ class Worker:
 
     async def _consume(self, connection: AbstractConnection) -> bool:
         """Consume on ``connection`` until it is lost (return True) or shutdown (False)."""
-        session = _Session(connection)
-        self._session = session
+        self._connection = connection
+        self._running = []
         amqp = underlay(connection)
+        assert self._publisher is not None
         try:
-            for consumer in self.app.consumers.values():
-                await self._start_consumer(session, amqp, consumer)
+            self._running = await self.consumers.start(amqp, self._publisher)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             log.warning("could not start consuming", error=repr(exc))
-            await self._drop(session)
+            await self._drop(connection)
             return not self._stopping.is_set()
         self.ready = True
         log.info("consuming", queues=sorted(self.app.consumers))
         if not self.reconnections:
             log_summary(self, str(amqp.server_properties.get("version") or "") or None)
-        monitor = asyncio.ensure_future(self.tier_monitor.run(amqp))
-        try:
-            lost = await self._wait_until_lost_or_stopped(session, amqp)
-        finally:
-            monitor.cancel()
+        async with self._while_consuming(amqp):
+            lost = await self._wait_until_lost_or_stopped(amqp)
         self.ready = False
         if lost:
-            if session.cancelled.done():
+            if any(consumer.cancelled.done() for consumer in self._running):
                 log.warning("consumer cancelled by the broker; reconnecting", error=lost)
             else:
                 log.warning("connection to the broker lost; reconnecting", error=lost)
-            await self._drop(session)
+            await self._drop(connection)
             return not self._stopping.is_set()
-        await self._drain(session)
+        await self._drain(connection)
         return False
 
-    def dispatcher(
-        self,
-        consumer: Consumer,
-        channel: aiormq.abc.AbstractChannel,
-        publisher: Publisher,
-        *,
-        breaker: CircuitBreaker | None = None,
-        executor: Executor | None = None,
-        in_flight: set[asyncio.Task[Any]] | None = None,
-    ) -> tuple[Dispatcher, Acker]:
-        """The dispatcher (and its acker) of ``consumer`` on ``channel``, wired as in a run.
-
-        The test kit uses it too, so tests exercise exactly this wiring."""
-        config = self.topology.queues[consumer.queue]
-        acker = Acker(channel, config.prefetch)
-        settler = Settler(
-            self.policies[consumer.queue], acker, publisher, self.metrics, self.repairer
-        )
-        dispatcher = Dispatcher(
-            consumer,
-            self.signatures[consumer.queue],
-            self.policies[consumer.queue],
-            settler,
-            timeout_ms=config.timeout_ms,
-            max_body_size=config.max_body_size,
-            max_in_flight=config.max_in_flight,
-            prefetch=config.prefetch,
-            executor=executor or self._executor,
-            in_flight=self._in_flight if in_flight is None else in_flight,
-            immediate_retries=config.immediate_retries,
-            breaker=breaker,
-            telemetry=Telemetry.bind(self.metrics, consumer.queue, self.tracing),
-            middleware=self.app.middleware,
-            guard=self.app.guard(consumer.queue, self.topology),
-            replier=Replier(consumer.queue, publisher),
-        )
-        return dispatcher, acker
-
-    async def _start_consumer(
-        self, session: _Session, amqp: aiormq.abc.AbstractConnection, consumer: Consumer
-    ) -> None:
-        config = self.topology.queues[consumer.queue]
-        channel = await amqp.channel(publisher_confirms=False)
-        session.channels.append(channel)
-        # basic.qos caps the deliveries the broker pushes before they are acked.
-        await channel.basic_qos(prefetch_count=config.prefetch)
-        channel.on_consumer_cancel_callbacks.add(
-            lambda _frame: _fail(session.cancelled, consumer.queue)
-        )
-        assert self._publisher is not None
-        dispatcher, acker = self.dispatcher(
-            consumer,
-            channel,
-            self._publisher,
-            breaker=self._breaker(session, channel, consumer.queue),
-        )
-        session.ackers.append(acker)
-        tag = f"{self.app.name}.{consumer.queue}.{uuid.uuid4().hex[:8]}"
-        session.dispatchers[tag] = dispatcher
-        callback: Callback = dispatcher
-        arguments = None
-        if config.queue_type == "stream":  # resume after the last handled offset
-            offsets = await StreamOffsets.open(amqp, config, self.app.name, self._publisher)
-            session.offsets.append(offsets)
-            callback, arguments = offsets.wrap(dispatcher), offsets.consume_arguments()
-        await channel.basic_consume(consumer.queue, callback, consumer_tag=tag, arguments=arguments)
-        session.consumer_tags[tag] = channel
-
-    def _breaker(
-        self, session: _Session, channel: aiormq.abc.AbstractChannel, queue: str
-    ) -> CircuitBreaker | None:
-        config = self.topology.queues[queue].circuit_breaker
-        if config is None:
-            return None
-        tags: list[str] = []
-
-        async def pause() -> None:
-            # basic.cancel: the broker stops delivering; the backlog stays in the queue.
-            self.paused.add(queue)
-            for tag, owner in list(session.consumer_tags.items()):
-                if owner is channel:
-                    del session.consumer_tags[tag]
-                    tags.append(tag)
-                    with contextlib.suppress(Exception):
-                        await channel.basic_cancel(tag)
-
-        async def resume() -> None:
-            self.paused.discard(queue)
-            while tags:
-                dispatcher = session.dispatchers.pop(tags.pop())
-                # A fresh consumer tag: RabbitMQ before 3.10.9 / 3.11.1 crashes the channel
-                # (INTERNAL_ERROR) when a quorum-queue consumer comes back under the tag it
-                # just cancelled while deliveries of that tag are in flight (rabbitmq-server#5927).
-                tag = f"{self.app.name}.{queue}.{uuid.uuid4().hex[:8]}"
-                session.dispatchers[tag] = dispatcher
-                session.consumer_tags[tag] = channel
-                with contextlib.suppress(Exception):
-                    await channel.basic_consume(queue, dispatcher, consumer_tag=tag)
-
-        gauge = self.metrics.breaker.labels(queue)
-        breaker = CircuitBreaker(queue, config, pause, resume, gauge)
-        session.breakers.append(breaker)
-        return breaker
-
-    async def _wait_until_lost_or_stopped(
-        self, session: _Session, amqp: aiormq.abc.AbstractConnection
-    ) -> str | None:
+    async def _wait_until_lost_or_stopped(self, amqp: aiormq.abc.AbstractConnection) -> str | None:
         closings: list[asyncio.Future[Any]] = [amqp.closing]
-        closings += [channel.closing for channel in session.channels]
-        closings.append(session.cancelled)
+        closings += [consumer.channel.closing for consumer in self._running]
+        closings += [consumer.cancelled for consumer in self._running]
         stop = asyncio.ensure_future(self._stopping.wait())
         watched = [asyncio.ensure_future(_settled(f)) for f in closings]
         try:
@@ -529,7 +374,7 @@ class Worker:
                 return future.result()
         return "closed"
 
-    async def _drain(self, session: _Session) -> None:
+    async def _drain(self, connection: AbstractConnection) -> None:
         """Stop deliveries, let in-flight handlers finish within the timeout, ack, close.
 
         Bounded whatever the broker does: a blocked connection (memory or disk alarm) reads
@@ -542,11 +387,8 @@ class Worker:
         # basic.cancel stops new deliveries; those already in hand stay ours to settle. The
         # cancels run beside the handlers, so a broker that never answers them costs no
         # handler its time.
-        cancels = [
-            asyncio.ensure_future(channel.basic_cancel(tag))
-            for tag, channel in session.consumer_tags.items()
-        ]
-        pending = set(self._in_flight)
+        cancels = [asyncio.ensure_future(consumer.cancel()) for consumer in self._running]
+        pending = set(self.consumers.in_flight)
         if pending:
             log.info("waiting for in-flight handlers", count=len(pending))
             _, pending = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0))
@@ -559,28 +401,25 @@ class Worker:
                 task.cancel()
             await asyncio.wait(pending, timeout=1.0)
         await _within(asyncio.gather(*cancels, return_exceptions=True), 0.5)
-        for offsets in session.offsets:
-            await _within(offsets.close(), 1.0)
-        for acker in session.ackers:
-            await _within(acker.close(), 1.0)
-        await self._close(session)
+        for consumer in self._running:
+            await _within(consumer.save_offset(), SETTLE_TIMEOUT)
+        for consumer in self._running:
+            await _within(consumer.drain(), SETTLE_TIMEOUT)
+        for consumer in self._running:
+            consumer.close()
+        await self._close(connection)
 
-    async def _drop(self, session: _Session) -> None:
+    async def _drop(self, connection: AbstractConnection) -> None:
         # Deliveries of a lost channel are requeued by the broker; their tags mean nothing on
         # a new channel, so handlers still running for them are cancelled, not settled.
-        for task in list(self._in_flight):
-            task.cancel()
-        for acker in session.ackers:
-            acker._task.cancel()
-        await self._close(session)
+        self.consumers.cancel_handlers()
+        for consumer in self._running:
+            consumer.drop()
+        await self._close(connection)
 
-    async def _close(self, session: _Session) -> None:
-        for breaker in session.breakers:
-            breaker.cancel()
-        for offsets in session.offsets:
-            offsets.stop()
+    async def _close(self, connection: AbstractConnection) -> None:
         self.app.attach(None)
-        await _within(session.connection.close(), CLOSE_TIMEOUT)
+        await _within(connection.close(), CLOSE_TIMEOUT)
 
 
 async def _within(awaitable: Awaitable[Any], seconds: float) -> None:
@@ -596,13 +435,6 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
     # A call given up on still ends with an error; fetching it keeps asyncio from logging it.
     if not task.cancelled():
         task.exception()
-
-
-def _fail(future: asyncio.Future[None], queue: str) -> None:
-    if not future.done():
-        future.set_exception(
-            BrokerError(f"the broker cancelled the consumer of queue {queue!r} (deleted?)")
-        )
 
 
 async def _settled(future: asyncio.Future[Any]) -> str:

@@ -20,18 +20,18 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 
+from rabbitflow._consumers import ConsumerSet, RunningConsumer
 from rabbitflow._duration import parse_duration
 from rabbitflow._handler import Consumer, Signature
 from rabbitflow._metrics import Metrics
 from rabbitflow._publisher import Publisher
 from rabbitflow._schedule import Schedule
-from rabbitflow._settle import Acker
-from rabbitflow._worker import Worker, WorkerOptions
+from rabbitflow._streams.offsets import Callback
 from rabbitflow.app import App
 from rabbitflow.errors import RabbitflowError
 from rabbitflow.message import Message, read_attempt
 from rabbitflow.testing._broker import MemoryBroker
-from rabbitflow.testing._channel import MemoryChannel, MemoryConnection
+from rabbitflow.testing._channel import MemoryChannel
 from rabbitflow.testing._clock import VirtualClock, wall_clock
 from rabbitflow.testing._envelope import StoredMessage
 from rabbitflow.testing._queue import MemoryQueue
@@ -112,10 +112,9 @@ class TestApp:
         self._source = topology
         self._lifespan = lifespan
         self._handled: dict[str, list[Handled]] = {}
-        self._ackers: list[Acker] = []
-        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._running: list[RunningConsumer] = []
         self._stack = contextlib.AsyncExitStack()
-        self._worker: Worker | None = None
+        self._consumers: ConsumerSet | None = None
         self._executor: Executor = (
             ThreadPoolExecutor(thread_name_prefix="rabbitflow-test-handler")
             if threads
@@ -135,11 +134,20 @@ class TestApp:
 
     async def _open(self) -> None:
         topology = self._load()
-        # The worker's own start-up work (handler signatures, outcome policies, derived
-        # topology) so the test runs exactly what `rabbitflow run` would.
-        worker = Worker(self.app, topology, WorkerOptions(url="memory://"))
-        self._worker = worker
-        self.broker.declare(worker.declarations)
+        # The worker's own wiring (handler signatures, outcome policies, derived topology),
+        # so the test runs exactly what `rabbitflow run` would. Circuit breakers and stream
+        # offsets wait in real time, which the virtual clock does not drive: they stay off.
+        consumers = ConsumerSet.build(
+            self.app,
+            topology,
+            executor=self._executor,
+            breakers=False,
+            streams=False,
+            instrument=self._recorded,
+            wrap=_delivering,
+        )
+        self._consumers = consumers
+        self.broker.declare(consumers.declarations)
         self._stack.enter_context(wall_clock(self.clock))
         self._stack.push_async_callback(self._shutdown)
         connection = self.broker.connect()
@@ -151,8 +159,7 @@ class TestApp:
         self._stack.callback(self.app.attach, None)
         if self._lifespan:
             await self._stack.enter_async_context(self.app.lifespan_context())
-        for consumer in self.app.consumers.values():
-            await self._start(connection, worker, consumer)
+        self._running = await consumers.start(cast(AbstractConnection, connection), self._publisher)
 
     async def __aexit__(
         self,
@@ -170,41 +177,14 @@ class TestApp:
             return self._source
         return self.app.load_topology(self._source)
 
-    async def _start(
-        self, connection: MemoryConnection, worker: Worker, consumer: Consumer
-    ) -> None:
-        # Mirrors Worker._start_consumer: one channel per consumer, qos, acker, settler.
-        config = worker.topology.queues[consumer.queue]
-        channel = await connection.channel(publisher_confirms=False)
-        await channel.basic_qos(prefetch_count=config.prefetch)
-        assert self._publisher is not None
-        signature = worker.signatures[consumer.queue]
-        dispatcher, acker = worker.dispatcher(
-            self._recorded(consumer, signature),
-            cast(AbstractChannel, channel),
-            self._publisher,
-            executor=self._executor,
-            in_flight=self._in_flight,
-        )
-        self._ackers.append(acker)
-
-        async def deliver(delivery: DeliveredMessage) -> None:
-            token = _CURRENT.set(_Current(delivery))
-            try:
-                await dispatcher(delivery)
-            finally:
-                _CURRENT.reset(token)
-
-        tag = f"{self.app.name}.{consumer.queue}.test"
-        await channel.basic_consume(consumer.queue, deliver, consumer_tag=tag)
-
     async def _shutdown(self) -> None:
         for task in self.broker.pending():
             task.cancel()
         await self.broker.close()
-        for acker in self._ackers:
-            await acker.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for consumer in self._running:
+            await consumer.drain()
+        if self._consumers is not None:
+            self._consumers.close()
         await asyncio.sleep(0)  # let the ackers' cancelled flush tasks finish
 
     # -- recording what handlers saw ---------------------------------------------------------
@@ -257,13 +237,13 @@ class TestApp:
     @property
     def metrics(self) -> Metrics:
         """The metrics the handlers updated (as ``/metrics`` would show them)."""
-        assert self._worker is not None, "use TestApp as `async with TestApp(app) as t:`"
-        return self._worker.metrics
+        assert self._consumers is not None, "use TestApp as `async with TestApp(app) as t:`"
+        return self._consumers.metrics
 
     @property
     def topology(self) -> Topology:
-        assert self._worker is not None, "use TestApp as `async with TestApp(app) as t:`"
-        return self._worker.topology
+        assert self._consumers is not None, "use TestApp as `async with TestApp(app) as t:`"
+        return self._consumers.topology
 
     async def publish(
         self, exchange: str, routing_key: str, payload: object, **options: Any
@@ -318,8 +298,8 @@ class TestApp:
                     )
                 await asyncio.wait(pending, timeout=remaining)
                 continue
-            for acker in self._ackers:
-                await acker.flush()
+            for consumer in self._running:
+                await consumer.flush()
             await asyncio.sleep(0)
             if not self.broker.pending():
                 break
@@ -370,6 +350,19 @@ class TestApp:
         if queue not in self.app.consumers:
             raise KeyError(f"no handler for queue {queue!r}")
         return list(self._handled.get(queue, []))
+
+
+def _delivering(dispatcher: Callback) -> Callback:
+    """Each delivery's handler runs knowing the delivery (see ``_recorded``)."""
+
+    async def deliver(delivery: DeliveredMessage) -> None:
+        token = _CURRENT.set(_Current(delivery))
+        try:
+            await dispatcher(delivery)
+        finally:
+            _CURRENT.reset(token)
+
+    return deliver
 
 
 def _find_schedule(app: App, schedule: str | Callable[..., Any]) -> Schedule:
