@@ -28,7 +28,7 @@ from rabbitflow._schedule import Schedule
 from rabbitflow._settle import Acker
 from rabbitflow._worker import Worker, WorkerOptions
 from rabbitflow.app import App
-from rabbitflow.errors import RabbitflowError
+from rabbitflow.errors import DrainError
 from rabbitflow.message import Message, read_attempt
 from rabbitflow.testing._broker import MemoryBroker
 from rabbitflow.testing._channel import MemoryChannel, MemoryConnection
@@ -39,10 +39,6 @@ from rabbitflow.topology import Topology, dlq_name
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class DrainError(RabbitflowError):
-    """``drain()`` could not finish: a handler hangs, messages loop, or the broker saw an error."""
 
 
 @dataclass(slots=True)
