@@ -11,16 +11,14 @@ import os
 import random
 import re
 from collections.abc import Sequence
-from typing import Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from rabbitflow.errors import InvalidUrlError
+from rabbitflow.types import UrlOrder, UrlSource
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 URL_ENV = "RABBITFLOW_URL"
 SCHEMES = ("amqp", "amqps")
-UrlOrder = Literal["shuffle", "given"]
-UrlSource = str | Sequence[str] | None
 _USERINFO = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 
 

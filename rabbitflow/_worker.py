@@ -126,7 +126,7 @@ class Worker:
             )
             for queue, consumer in app.consumers.items()
         }
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(app.metrics_registry)
         self.tracing = get_tracing()
         self._ready = False
         self.finished = False  # the run is over: drained, closed, shutdown hooks run

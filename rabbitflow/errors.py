@@ -106,6 +106,15 @@ class InvalidUrlError(ConfigurationError):
         super().__init__(f"broker URL {self.url}: {reason}")
 
 
+class OutputError(RabbitflowError):
+    """A file a command was told to write (``--output``) cannot be written."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot write {path!r}: {reason}")
+
+
 class BrokerError(RabbitflowError):
     """The broker could not be reached or refused an operation.
 

@@ -245,7 +245,7 @@ class TestApp:
                     raise
 
         return Consumer(
-            queue, handler, consumer.retry_on, consumer.dead_letter_on, consumer.options
+            queue, handler, consumer.retry_on, consumer.dead_letter_on, consumer.idempotent
         )
 
     # -- what tests call ---------------------------------------------------------------------
