@@ -92,7 +92,9 @@ async def _connect_node(
             # verified will not heal by retrying, unlike an unreachable broker.
             raise TlsVerificationError(
                 f"TLS verification of the broker at {mask_url(url)} failed: {reason(exc)}; "
-                "trust a private CA with ?cafile=PATH in the URL"
+                "trust a private CA with ?cafile=PATH in the URL",
+                url=mask_url(url),
+                reason=reason(exc),
             ) from None
         raise UnreachableBrokerError(mask_url(url), reason(exc)) from None
 
@@ -108,7 +110,9 @@ def _refuse_unverified_tls(url: str) -> None:
     if any(value not in ("0", "false", "") for value in query.get("no_verify_ssl", [])):
         raise TlsVerificationError(
             "no_verify_ssl in the broker URL turns off TLS certificate verification, which "
-            "rabbitflow refuses; trust a private CA with ?cafile=PATH instead"
+            "rabbitflow refuses; trust a private CA with ?cafile=PATH instead",
+            url=mask_url(url),
+            reason="no_verify_ssl",
         )
 
 

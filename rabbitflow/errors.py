@@ -136,7 +136,13 @@ class UnreachableBrokerError(BrokerError):
 
 
 class TlsVerificationError(BrokerError):
-    """The broker's TLS certificate could not be verified (or verification was turned off)."""
+    """The broker's TLS certificate could not be verified (or verification was turned off).
+
+    ``url`` is the broker's, password masked."""
+
+    def __init__(self, message: str, *, url: str, reason: str = "") -> None:
+        self.url = url
+        super().__init__(message, doing="connecting", reason=reason)
 
 
 class AccessRefusedError(BrokerError):
