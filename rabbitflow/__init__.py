@@ -10,8 +10,15 @@ from rabbitflow.errors import (
     BrokerError,
     ConfigurationError,
     DecodeError,
+    DeferralOutOfRange,
+    DrainError,
     HandlerTimeout,
+    ImportStringError,
+    InvalidUrlError,
+    OutputError,
+    Problem,
     PublishError,
+    QueueNotFoundError,
     RabbitflowError,
     Reject,
     RemoteError,
@@ -20,8 +27,11 @@ from rabbitflow.errors import (
     TlsVerificationError,
     TopologyConflictError,
     TopologyError,
+    TopologyMismatchError,
+    TopologySyntaxError,
     UnreachableBrokerError,
     UnroutableError,
+    UserImportError,
 )
 
 if TYPE_CHECKING:
@@ -47,23 +57,41 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-__all__ = [
-    "AccessRefusedError",
+__all__ = [  # noqa: RUF022 (grouped by topic, as dramatiq does)
+    # The application and what a handler receives (imported on first use).
     "App",
-    "BrokerError",
-    "ConfigurationError",
-    "DecodeError",
-    "HandlerTimeout",
     "Message",
-    "PublishError",
-    "RabbitflowError",
+    # Control flow a handler raises.
     "Reject",
-    "RemoteError",
-    "RequestTimeout",
     "Retry",
+    # The root of every error.
+    "RabbitflowError",
+    # Wiring: the app, its import string, its URLs, its topology file.
+    "ConfigurationError",
+    "ImportStringError",
+    "InvalidUrlError",
+    "OutputError",
+    "Problem",
+    "TopologyError",
+    "TopologySyntaxError",
+    "UserImportError",
+    # The broker: connecting, permissions, topology on the broker.
+    "AccessRefusedError",
+    "BrokerError",
+    "QueueNotFoundError",
     "TlsVerificationError",
     "TopologyConflictError",
-    "TopologyError",
+    "TopologyMismatchError",
     "UnreachableBrokerError",
+    # Publishing and requests.
+    "PublishError",
+    "RemoteError",
+    "RequestTimeout",
     "UnroutableError",
+    # One message's failure (recorded in its DLQ headers).
+    "DecodeError",
+    "DeferralOutOfRange",
+    "HandlerTimeout",
+    # Tests (rabbitflow.testing).
+    "DrainError",
 ]

@@ -240,7 +240,7 @@ class ConsumerSet:
             declarations,
             signatures,
             policies,
-            metrics=metrics or Metrics(),
+            metrics=metrics or Metrics(app.metrics_registry),
             executor=executor,
             repairer=repairer,
             breakers=breakers,

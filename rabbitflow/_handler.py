@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -13,9 +12,7 @@ from pydantic import BaseModel
 from rabbitflow import _payload as payload
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.message import Message
-
-HandlerFunc = Callable[..., Any]
-ExceptionTypes = tuple[type[BaseException], ...]
+from rabbitflow.types import Decoder, ExceptionTypes, HandlerFunc
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +23,8 @@ class Consumer:
     func: HandlerFunc
     retry_on: ExceptionTypes = ()
     dead_letter_on: ExceptionTypes = ()
-    options: dict[str, Any] = field(default_factory=dict)
+    # @app.consumer(idempotent=...); None: the queue's `idempotent` key decides.
+    idempotent: bool | None = None
 
     @property
     def name(self) -> str:
@@ -38,7 +36,7 @@ class Signature:
     """How to call a handler: which decoder feeds its first parameter, and whether it wants the
     :class:`Message` (``message_only``: its only parameter is the Message)."""
 
-    decode: payload.Decoder
+    decode: Decoder
     is_async: bool
     wants_message: bool
     message_only: bool
@@ -74,7 +72,7 @@ def inspect_handler(consumer: Consumer) -> Signature:
     return Signature(_decoder_for(first, consumer), is_async, len(params) == 2, False)
 
 
-def _decoder_for(annotation: Any, consumer: Consumer) -> payload.Decoder:
+def _decoder_for(annotation: Any, consumer: Consumer) -> Decoder:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return payload.model_decoder(annotation)
     origin = typing.get_origin(annotation) or annotation

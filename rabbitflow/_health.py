@@ -1,8 +1,9 @@
 """``--metrics-port``: ``/metrics`` (Prometheus text), ``/healthz`` and ``/readyz``.
 
-``/healthz`` answers 200 while the process runs its event loop; ``/readyz`` answers 200 only
-while the broker connection is open and every consumer is consuming (a paused circuit
-breaker counts as consuming: it is a decision, not a fault).
+``/metrics`` is rabbitflow's own metrics followed by the user's prometheus_client registry
+(see :mod:`rabbitflow._metrics`). ``/healthz`` answers 200 while the process runs its event
+loop; ``/readyz`` answers 200 only while the broker connection is open and every consumer
+is consuming (a paused circuit breaker counts as consuming: it is a decision, not a fault).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class HealthServer:
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", _TEXT, b"method not allowed\n"
         if path == "/metrics":
-            return "200 OK", _PROMETHEUS, self.metrics.render().encode()
+            return "200 OK", _PROMETHEUS, self.metrics.exposition().encode()
         if path == "/healthz":
             return "200 OK", _TEXT, b"ok\n"
         if path == "/readyz":

@@ -10,20 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rabbitflow.app import App
-from rabbitflow.errors import ConfigurationError
+from rabbitflow.errors import ConfigurationError, ImportStringError, UserImportError
 
-
-class ImportStringError(ConfigurationError):
-    """``module:app`` could not be turned into an :class:`App`."""
-
-
-class UserImportError(ImportStringError):
-    """The user's module raised while being imported; carries its traceback."""
-
-    def __init__(self, module: str, trace: str) -> None:
-        self.module = module
-        self.trace = trace
-        super().__init__(f"importing {module!r} failed:\n{trace}")
+__all__ = ["ImportStringError", "UserImportError", "load_app"]
 
 
 def load_app(target: str) -> App:

@@ -6,13 +6,14 @@ import logging
 import re
 import sys
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from opentelemetry import trace
 from structlog.typing import EventDict, WrappedLogger
 
-LogFormat = Literal["json", "console", "auto"]
+from rabbitflow.types import LogFormat
+
 _renders_json = False
 _SECRET_IN_URL = re.compile(r"(amqps?://[^:/@\s]+:)[^@\s]+@")
 

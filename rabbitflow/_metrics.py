@@ -3,12 +3,22 @@
 The hot path touches only pre-bound children (an attribute and an integer add): everything
 runs on the event loop thread, so no locks are needed, and label dictionaries are never
 built per message. Rendering happens on scrape.
+
+This registry is rabbitflow's own because it is cheaper per message than prometheus_client's
+(docs/performance.md, "Metrics cost"). A user's own prometheus_client metrics are served
+beside it: :meth:`Metrics.exposition` appends the output of prometheus_client's default
+``REGISTRY`` (or the registry given as ``App(metrics_registry=...)``) when prometheus_client
+is installed (``pip install rabbitflow[prometheus]``).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 DURATION_BUCKETS = (
     0.001,
@@ -130,9 +140,11 @@ class Metric:
 
 
 class Metrics:
-    """Every metric rabbitflow exports."""
+    """Every metric rabbitflow exports, and the user's prometheus_client registry to serve
+    beside them (``registry``; None: prometheus_client's default ``REGISTRY``, if installed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._others = _exposer(registry)
         self.consumed = Metric(
             "rabbitflow_messages_total",
             "Deliveries settled, by queue and outcome (ack, retry, deferred, dead_letter, dropped, "
@@ -207,4 +219,22 @@ class Metrics:
         )
 
     def render(self) -> str:
+        """rabbitflow's own metrics in the Prometheus text format."""
         return "\n".join(line for metric in self.all() for line in metric.render()) + "\n"
+
+    def exposition(self) -> str:
+        """What ``/metrics`` serves: :meth:`render`, then the user's registry, if any."""
+        own = self.render()
+        return own if self._others is None else own + self._others()
+
+
+def _exposer(registry: CollectorRegistry | None) -> Callable[[], str] | None:
+    """How to render the user's registry, chosen once; None without prometheus_client."""
+    try:
+        from prometheus_client import REGISTRY, generate_latest
+    except ImportError:
+        if registry is not None:  # pragma: no cover - a registry implies prometheus_client
+            raise
+        return None
+    chosen = REGISTRY if registry is None else registry
+    return lambda: generate_latest(chosen).decode("utf-8")

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rabbitflow import _clock as clock
-from rabbitflow._handler import ExceptionTypes
 from rabbitflow.errors import DecodeError, DeferralOutOfRange, HandlerTimeout, Reject, Retry
 from rabbitflow.topology._derived import QueueRoutes
 from rabbitflow.topology._model import RetryPolicy
+from rabbitflow.types import ExceptionTypes
 
 # A copy that could not be published is returned to the queue after this backoff, doubled
 # for each consecutive failure of the same message, up to the cap.

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from rabbitflow.errors import DecodeError
+from rabbitflow.types import Decoder
 
 JSON = "application/json"
 TEXT = "text/plain"
 BINARY = "application/octet-stream"
 _IDENTITY_ENCODINGS = frozenset({None, "", "identity", "utf-8", "utf8", "UTF-8"})
-
-# A decoder turns (queue, body, content type) into the value the handler's first parameter wants.
-Decoder = Callable[[str, bytes, str | None], Any]
 
 
 def media_type(content_type: str | None) -> str:

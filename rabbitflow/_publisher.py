@@ -10,9 +10,10 @@ import aiormq
 from aiormq.abc import AbstractChannel
 from pamqp import commands as spec
 
+from rabbitflow._border import LOST, NACKED, publish_error
 from rabbitflow._payload import encode
 from rabbitflow._tracing import get_tracing
-from rabbitflow.errors import PublishError, UnroutableError
+from rabbitflow.errors import PublishError
 
 if TYPE_CHECKING:
     from aiormq.abc import ChannelFrame
@@ -84,22 +85,10 @@ class Publisher:
                 mandatory=mandatory,
                 timeout=timeout,
             )
-        except aiormq.exceptions.PublishError:
-            raise UnroutableError(exchange, routing_key) from None
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            reason = f"not found: {exc.args[-1] if exc.args else exc!r}"
-            raise PublishError(exchange, routing_key, reason, missing=True) from None
-        except aiormq.exceptions.DeliveryError:
-            raise PublishError(exchange, routing_key, "the broker nacked the message") from None
-        except TimeoutError:
-            reason = "no confirm from the broker in time"
-            raise PublishError(exchange, routing_key, reason) from None
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-            raise PublishError(
-                exchange, routing_key, f"channel unavailable: {str(exc) or type(exc).__name__}"
-            ) from None
+        except (*LOST, TimeoutError) as exc:
+            raise publish_error(exc, exchange, routing_key) from None
         if isinstance(result, spec.Basic.Nack):
-            raise PublishError(exchange, routing_key, "the broker nacked the message")
+            raise PublishError(exchange, routing_key, NACKED)
 
     async def publish(
         self,
@@ -148,6 +137,38 @@ class Publisher:
     async def close(self) -> None:
         if not self.channel.is_closed:
             await self.channel.close()
+
+
+def copy_properties(props: spec.Basic.Properties, headers: dict[str, Any]) -> spec.Basic.Properties:
+    """The wire properties of a persistent copy of a received message, with ``headers``.
+
+    The one place where a copy's fields are chosen, for retries, dead letters, deferrals and
+    DLQ replays alike (``props`` is a delivery's ``header.properties`` or an aio-pika
+    message's ``properties``). ``headers`` replaces the original's: each caller decides what
+    a copy carries (failure headers, a reset attempt, no broker ``x-`` headers).
+
+    Not copied:
+
+    - ``expiration``: a per-message TTL runs again from the moment a copy is published, and
+      RabbitMQ expires a message at the head of a queue once its TTL is over, so a copy could
+      vanish (or be dead-lettered as ``expired``) while it waits in a retry tier or a DLQ.
+      RabbitMQ itself removes it when it dead-letters a message for the same reason.
+    - ``user_id``: RabbitMQ validates it against the user of the publishing connection and
+      refuses the publish (406 PRECONDITION_FAILED) when they differ, which they do when the
+      original was sent by another service's user."""
+    return spec.Basic.Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=headers,
+        delivery_mode=PERSISTENT,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        message_type=props.message_type,
+        app_id=props.app_id,
+    )
 
 
 class _ClosingGuard:

@@ -21,6 +21,7 @@ import structlog
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from rabbitflow import _headers as h
+from rabbitflow._border import LOST
 from rabbitflow._duration import format_duration
 from rabbitflow._metrics import Metrics
 from rabbitflow.dlq import _as_int, _parse_time, _reading, _text, ready_count
@@ -180,7 +181,7 @@ class TierMonitor:
                     channel = await connection.channel(publisher_confirms=False)
                 await self.sample(channel)
                 await asyncio.sleep(self._interval)
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except LOST as exc:
             log.debug("tier monitor stopped", error=repr(exc))
 
     async def sample(self, channel: aiormq.abc.AbstractChannel) -> None:

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiormq.abc import AbstractChannel, DeliveredMessage
-from pamqp import commands as spec
 
 from rabbitflow import _clock as clock
 from rabbitflow import _headers as h
 from rabbitflow._duration import format_duration
 from rabbitflow._metrics import Metrics
 from rabbitflow._outcome import Action, OutcomePolicy, Plan
-from rabbitflow._publisher import PERSISTENT, Publisher
+from rabbitflow._publisher import Publisher, copy_properties
 from rabbitflow._tracing import get_tracing
 from rabbitflow.errors import PublishError
 
@@ -374,27 +373,6 @@ class Settler:
         except PublishError as exc:
             return exc
         return None
-
-
-def copy_properties(props: spec.Basic.Properties, headers: dict[str, Any]) -> spec.Basic.Properties:
-    """The properties of a persistent copy of a delivery (retry, dead letter, deferral).
-
-    Not copied: ``expiration`` (RabbitMQ strips it when dead-lettering; a copy must not expire
-    on the way) and ``user_id`` (the broker refuses a publish whose ``user_id`` is not the
-    publishing connection's user)."""
-    return spec.Basic.Properties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        headers=headers,
-        delivery_mode=PERSISTENT,
-        priority=props.priority,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        message_id=props.message_id,
-        timestamp=props.timestamp,
-        message_type=props.message_type,
-        app_id=props.app_id,
-    )
 
 
 def _identity(delivery: DeliveredMessage) -> object:

@@ -11,26 +11,15 @@ import os
 import random
 import re
 from collections.abc import Sequence
-from typing import Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from rabbitflow.errors import ConfigurationError
+from rabbitflow.errors import InvalidUrlError
+from rabbitflow.types import UrlOrder, UrlSource
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 URL_ENV = "RABBITFLOW_URL"
 SCHEMES = ("amqp", "amqps")
-UrlOrder = Literal["shuffle", "given"]
-UrlSource = str | Sequence[str] | None
 _USERINFO = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-
-
-class InvalidUrlError(ConfigurationError):
-    """A broker URL that cannot be used; names it with its password masked."""
-
-    def __init__(self, url: str, reason: str) -> None:
-        self.url = mask_url(url)
-        self.reason = reason
-        super().__init__(f"broker URL {self.url}: {reason}")
 
 
 def split_urls(value: UrlSource) -> list[str]:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 from rabbitflow._broker_version import BrokerVersion, describe
-from rabbitflow._handler import Consumer, ExceptionTypes
+from rabbitflow._handler import Consumer
 from rabbitflow._logging import get_logger
 from rabbitflow._publisher import Publisher
 from rabbitflow._rpc import DEFAULT_TIMEOUT, Requester, read_reply
@@ -28,12 +27,14 @@ from rabbitflow.idempotency._guard import Guard
 from rabbitflow.idempotency._store import IdempotencyStore
 from rabbitflow.middleware import Middleware, name_of
 from rabbitflow.topology import Topology, load_topology
+from rabbitflow.types import ExceptionTypes, Hook, Lifespan
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=BaseModel)
 MW = TypeVar("MW", bound=Middleware)
-Hook = Callable[[], Awaitable[None] | None]
-Lifespan = Callable[["App"], AbstractAsyncContextManager[Any]]
 
 log = get_logger("rabbitflow.app")
 
@@ -48,6 +49,9 @@ class App:
     ``idempotency`` is the store of idempotent consumers (``rabbitflow.idempotency``).
     ``state`` is what handlers read as ``app.state`` (default: an empty
     :class:`~rabbitflow.state.State`; pass your own object for typed attributes).
+    ``metrics_registry`` is the prometheus_client ``CollectorRegistry`` whose metrics
+    ``/metrics`` serves beside rabbitflow's (default: prometheus_client's ``REGISTRY``, when
+    it is installed).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class App:
         name: str = "rabbitflow",
         idempotency: IdempotencyStore | None = None,
         state: Any = None,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.topology_path = Path(topology)
         self.urls: list[str] = split_urls(url)
@@ -68,6 +73,7 @@ class App:
         self.lifespan = lifespan
         self.idempotency = idempotency
         self.state: Any = State() if state is None else state
+        self.metrics_registry = metrics_registry
         self.consumers: dict[str, Consumer] = {}
         self.middleware: list[Middleware] = []
         self.startup_hooks: list[Hook] = []
@@ -112,9 +118,8 @@ class App:
         """
 
         def register(func: F) -> F:
-            options = {} if idempotent is None else {"idempotent": idempotent}
             self.add_consumer(
-                Consumer(queue, func, tuple(retry_on), tuple(dead_letter_on), options)
+                Consumer(queue, func, tuple(retry_on), tuple(dead_letter_on), idempotent)
             )
             return func
 
@@ -235,7 +240,7 @@ class App:
 
     def is_idempotent(self, queue: str, topology: Topology) -> bool:
         """The consumer's ``idempotent=`` if given, else the queue's ``idempotent`` key."""
-        chosen = self.consumers[queue].options.get("idempotent")
+        chosen = self.consumers[queue].idempotent
         if chosen is None:
             return topology.queues[queue].idempotent
         return bool(chosen)

@@ -3,7 +3,6 @@ errors."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
+from rabbitflow._border import reason
 from rabbitflow._urls import mask_url, node_name
 from rabbitflow.errors import (
     AccessRefusedError,
@@ -75,7 +75,7 @@ async def _connect_node(
         return connection
     except aiormq.exceptions.InvalidFrameError as exc:
         if "Connection.Close" not in str(exc):
-            raise UnreachableBrokerError(mask_url(url), _reason(exc)) from None
+            raise UnreachableBrokerError(mask_url(url), reason(exc)) from None
         # RabbitMQ answers connection.open with connection.close (530 NOT_ALLOWED) for a
         # vhost that does not exist or that the user may not access.
         raise AccessRefusedError(
@@ -84,17 +84,19 @@ async def _connect_node(
         ) from None
     except aiormq.exceptions.ProbableAuthenticationError as exc:
         raise AccessRefusedError(
-            f"the broker at {mask_url(url)} refused the login or the vhost: {_reason(exc)}"
+            f"the broker at {mask_url(url)} refused the login or the vhost: {reason(exc)}"
         ) from None
     except (TimeoutError, OSError, socket.gaierror, aiormq.exceptions.AMQPError) as exc:
         if _certificate_failure(exc):
             # aiormq wraps the ssl error in AMQPConnectionError; a certificate that cannot be
             # verified will not heal by retrying, unlike an unreachable broker.
             raise TlsVerificationError(
-                f"TLS verification of the broker at {mask_url(url)} failed: {_reason(exc)}; "
-                "trust a private CA with ?cafile=PATH in the URL"
+                f"TLS verification of the broker at {mask_url(url)} failed: {reason(exc)}; "
+                "trust a private CA with ?cafile=PATH in the URL",
+                url=mask_url(url),
+                reason=reason(exc),
             ) from None
-        raise UnreachableBrokerError(mask_url(url), _reason(exc)) from None
+        raise UnreachableBrokerError(mask_url(url), reason(exc)) from None
 
 
 def _certificate_failure(exc: BaseException) -> bool:
@@ -108,20 +110,15 @@ def _refuse_unverified_tls(url: str) -> None:
     if any(value not in ("0", "false", "") for value in query.get("no_verify_ssl", [])):
         raise TlsVerificationError(
             "no_verify_ssl in the broker URL turns off TLS certificate verification, which "
-            "rabbitflow refuses; trust a private CA with ?cafile=PATH instead"
+            "rabbitflow refuses; trust a private CA with ?cafile=PATH instead",
+            url=mask_url(url),
+            reason="no_verify_ssl",
         )
 
 
 def _vhost(url: str) -> str:
     path = urlsplit(url).path
     return unquote(path[1:]) if len(path) > 1 else "/"
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    return text.replace("\n", " ")
 
 
 def underlay(connection: AbstractConnection) -> aiormq.abc.AbstractConnection:

@@ -23,12 +23,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import aio_pika
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from pamqp import commands as spec
 
 from rabbitflow import _headers as h
-from rabbitflow.errors import AccessRefusedError, BrokerError, PublishError, QueueNotFoundError
+from rabbitflow._border import broker_call
+from rabbitflow._publisher import Publisher, copy_properties
+from rabbitflow.connection import underlay
+from rabbitflow.errors import PublishError, QueueNotFoundError
 from rabbitflow.topology import dlq_name
 
 DLQ_SUFFIX = ".dlq"
@@ -223,23 +225,30 @@ async def replay(
     *,
     limit: int | None = None,
     error_type: str | None = None,
+    select: Callable[[DeadLetter], bool] | None = None,
     dry_run: bool = False,
 ) -> ReplayReport:
     """Move messages from ``Q.dlq`` back to ``Q``, oldest first.
 
     Each message is published to the default exchange with routing key ``Q`` (so no other queue
-    bound to the original exchange gets it again), persistent and mandatory; the DLQ copy is
-    acked only once the broker has confirmed that publish. A crash in between leaves both
-    copies: a replay can duplicate a message, never lose one. Messages that do not match
-    ``error_type`` stay in the DLQ, in order. Raises ``PublishError`` if a publish is returned
-    or refused; that message and all later ones stay in the DLQ."""
+    bound to the original exchange gets it again), persistent and mandatory, through the same
+    confirming publisher as retries and dead letters; the DLQ copy is acked only once the
+    broker has confirmed that publish. A crash in between leaves both copies: a replay can
+    duplicate a message, never lose one.
+
+    Only messages that match ``error_type`` (see :meth:`DeadLetter.matches`) and for which
+    ``select`` returns true are moved (e.g. ``select=lambda m: m.message_id in wanted``); the
+    others stay in the DLQ, in order. ``limit`` bounds how many are moved. Raises
+    ``PublishError`` if a publish is returned or refused; that message and all later ones
+    stay in the DLQ."""
     work, dlq = queue_names(queue)
     count = await ready_count(connection, dlq, hint=_missing_dlq_hint(work))
     await ready_count(connection, work, hint="replay moves messages back to it; declare it first")
     budget = count if limit is None else min(limit, count)
+    picks = _picker(error_type, select)
     # With a filter every message may be examined and the matching ones acked: one consumer
     # sized to the whole DLQ, so that no second window is needed (see _Reader).
-    window = count if error_type else min(budget, WINDOW)
+    window = count if picks is not None else min(budget, WINDOW)
     moved, skipped = 0, 0
     reported: list[DeadLetter] = []
     async with (
@@ -248,7 +257,7 @@ async def replay(
     ):
         while moved < budget and (message := await reader.next()) is not None:
             letter = DeadLetter.from_delivery(moved + skipped + 1, message)
-            if not letter.matches(error_type):
+            if picks is not None and not picks(letter):
                 skipped += 1
                 continue
             if publisher is not None:
@@ -259,26 +268,37 @@ async def replay(
     return ReplayReport(work, dlq, count, moved, skipped, dry_run, tuple(reported))
 
 
+def _picker(
+    error_type: str | None, select: Callable[[DeadLetter], bool] | None
+) -> Callable[[DeadLetter], bool] | None:
+    """One predicate for both filters, chosen once; None when every message is moved."""
+    if error_type is None:
+        return select
+    if select is None:
+        return lambda letter: letter.matches(error_type)
+    return lambda letter: letter.matches(error_type) and select(letter)
+
+
 async def purge(connection: AbstractConnection, queue: str) -> int:
     """Delete every ready message of ``Q.dlq`` for good; returns how many were deleted.
 
     Messages a consumer holds unacknowledged at that moment are not ready, so not purged."""
     work, dlq = queue_names(queue)
     await ready_count(connection, dlq, hint=_missing_dlq_hint(work))
-    async with _broker_call(f"purging {dlq!r}"), _channel(connection) as channel:
-        target = await channel.get_queue(dlq, ensure=False)
-        result = await target.purge()
+    with broker_call(f"purging {dlq!r}"):
+        async with _channel(connection) as channel:
+            target = await channel.get_queue(dlq, ensure=False)
+            result = await target.purge()
     return int(result.message_count or 0)
 
 
 async def ready_count(connection: AbstractConnection, queue: str, *, hint: str = "") -> int:
     """Ready messages in ``queue``, from a passive declare; ``QueueNotFoundError`` if absent."""
     # A passive declare of a missing queue closes its channel with 404, hence a channel of its own.
-    async with _broker_call(f"looking up {queue!r}"), _channel(connection) as channel:
-        try:
+    missing = QueueNotFoundError(queue, _vhost(connection), hint)
+    with broker_call(f"looking up {queue!r}", missing=missing):
+        async with _channel(connection) as channel:
             declared = await channel.declare_queue(queue, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            raise QueueNotFoundError(queue, _vhost(connection), hint) from None
     result = declared.declaration_result
     return int(result.message_count or 0)
 
@@ -297,25 +317,11 @@ def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def replay_message(message: AbstractIncomingMessage) -> aio_pika.Message:
-    """The persistent copy of a dead-lettered message that ``replay`` publishes."""
-    return aio_pika.Message(
-        body=message.body,
-        headers=replay_headers(message.headers),
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-        # Not copied: `expiration` (RabbitMQ already strips it when dead-lettering, so the
-        # message cannot expire again) and `user_id` (the broker refuses a publish whose
-        # user_id is not the user of the publishing connection).
-    )
+def replay_properties(message: AbstractIncomingMessage) -> spec.Basic.Properties:
+    """The wire properties of the persistent copy that ``replay`` publishes (see
+    :func:`rabbitflow._publisher.copy_properties` for what is kept) with
+    :func:`replay_headers`."""
+    return copy_properties(message.properties, replay_headers(message.headers))
 
 
 def preview(body: bytes, size: int = PREVIEW_BYTES) -> str:
@@ -490,7 +496,7 @@ async def _reading(
     connection: AbstractConnection, queue: str, *, expected: int, window: int
 ) -> AsyncIterator[_Reader]:
     reader = _Reader(connection, queue, expected, window)
-    async with _broker_call(f"reading {queue!r}"):
+    with broker_call(f"reading {queue!r}"):
         try:
             yield reader
         except BaseException:
@@ -505,44 +511,38 @@ async def _reading(
 @contextlib.asynccontextmanager
 async def _publisher(
     connection: AbstractConnection, dry_run: bool
-) -> AsyncIterator[AbstractChannel | None]:
+) -> AsyncIterator[Publisher | None]:
     if dry_run:
         yield None
         return
-    # Confirms make publish() wait for the broker's ack; a mandatory publish that no queue
-    # takes comes back as basic.return, which on_return_raises turns into an exception.
-    async with (
-        _broker_call("publishing"),
-        _channel(connection, publisher_confirms=True, on_return_raises=True) as channel,
-    ):
-        yield channel
+    # The publisher of retries and dead letters: confirms, and a mandatory publish that no
+    # queue takes (basic.return) fails instead of being confirmed.
+    with broker_call("publishing"):
+        publisher = await Publisher.open(underlay(connection))
+    try:
+        yield publisher
+    finally:
+        with contextlib.suppress(Exception):
+            await publisher.close()
 
 
 async def _move(
-    publisher: AbstractChannel,
+    publisher: Publisher,
     reader: _Reader,
     message: AbstractIncomingMessage,
     work: str,
     moved: int,
 ) -> None:
+    properties = replay_properties(message)
     try:
-        await publisher.default_exchange.publish(
-            replay_message(message), routing_key=work, mandatory=True, timeout=PUBLISH_TIMEOUT
-        )
-    except (aiormq.exceptions.DeliveryError, TimeoutError) as exc:
-        raise PublishError("", work, _refusal(exc, message, moved)) from None
+        await publisher.send("", work, message.body, properties, timeout=PUBLISH_TIMEOUT)
+    except PublishError as exc:
+        ident = f"message {message.message_id!r}" if message.message_id else "the next message"
+        stopped = f"stopped after moving {moved}, {ident} and the rest stay in the DLQ"
+        raise PublishError(
+            exc.exchange, exc.routing_key, f"{exc.reason}; {stopped}", missing=exc.missing
+        ) from None
     await reader.ack(message)
-
-
-def _refusal(exc: BaseException, message: AbstractIncomingMessage, moved: int) -> str:
-    if isinstance(exc, aiormq.exceptions.PublishError):
-        why = "returned unroutable (the queue is gone?)"
-    elif isinstance(exc, TimeoutError):
-        why = f"not confirmed within {PUBLISH_TIMEOUT:g}s"
-    else:
-        why = "refused by the broker (basic.nack: queue full or unavailable?)"
-    ident = f"message {message.message_id!r}" if message.message_id else "the next message"
-    return f"{why}; stopped after moving {moved}, {ident} and the rest stay in the DLQ"
 
 
 @contextlib.asynccontextmanager
@@ -555,21 +555,6 @@ async def _channel(
     finally:
         if not channel.is_closed:
             await channel.close()
-
-
-@contextlib.asynccontextmanager
-async def _broker_call(doing: str) -> AsyncIterator[None]:
-    """Turn aio-pika/aiormq failures into rabbitflow errors at the border."""
-    try:
-        yield
-    except aiormq.exceptions.ChannelAccessRefused as exc:
-        raise AccessRefusedError(f"{doing}: access refused: {_reason(exc)}") from None
-    except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
-        raise BrokerError(f"{doing}: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    return (str(exc) or type(exc).__name__).replace("\n", " ")
 
 
 def _missing_dlq_hint(work: str) -> str:

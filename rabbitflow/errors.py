@@ -76,21 +76,73 @@ class ConfigurationError(RabbitflowError):
     """The application is wired wrongly (handler for an unknown queue, bad import string...)."""
 
 
+class ImportStringError(ConfigurationError):
+    """``module:app`` (``rabbitflow run``) could not be turned into an :class:`App`.
+
+    ``target`` is the import string as given, when known."""
+
+    def __init__(self, message: str, *, target: str = "") -> None:
+        self.target = target
+        super().__init__(message)
+
+
+class UserImportError(ImportStringError):
+    """The user's module raised while being imported; carries its traceback."""
+
+    def __init__(self, module: str, trace: str) -> None:
+        self.module = module
+        self.trace = trace
+        super().__init__(f"importing {module!r} failed:\n{trace}", target=module)
+
+
+class InvalidUrlError(ConfigurationError):
+    """A broker URL that cannot be used; names it with its password masked."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        from rabbitflow._urls import mask_url
+
+        self.url = mask_url(url)
+        self.reason = reason
+        super().__init__(f"broker URL {self.url}: {reason}")
+
+
+class OutputError(RabbitflowError):
+    """A file a command was told to write (``--output``) cannot be written."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot write {path!r}: {reason}")
+
+
 class BrokerError(RabbitflowError):
-    """The broker could not be reached or refused an operation."""
+    """The broker could not be reached or refused an operation.
+
+    ``doing`` names the operation (``"purging 'q.dlq'"``) and ``reason`` is the broker's or
+    the client's own words, when the error was converted from an AMQP failure."""
+
+    def __init__(self, message: str, *, doing: str = "", reason: str = "") -> None:
+        self.doing = doing
+        self.reason = reason or message
+        super().__init__(message)
 
 
 class UnreachableBrokerError(BrokerError):
-    """No connection could be opened to the broker."""
+    """No connection could be opened to the broker; ``url`` has its password masked."""
 
     def __init__(self, url: str, reason: str) -> None:
         self.url = url
-        self.reason = reason
-        super().__init__(f"cannot connect to {url}: {reason}")
+        super().__init__(f"cannot connect to {url}: {reason}", doing="connecting", reason=reason)
 
 
 class TlsVerificationError(BrokerError):
-    """The broker's TLS certificate could not be verified (or verification was turned off)."""
+    """The broker's TLS certificate could not be verified (or verification was turned off).
+
+    ``url`` is the broker's, password masked."""
+
+    def __init__(self, message: str, *, url: str, reason: str = "") -> None:
+        self.url = url
+        super().__init__(message, doing="connecting", reason=reason)
 
 
 class AccessRefusedError(BrokerError):
@@ -122,7 +174,17 @@ def _setting(argument: str, value: object) -> str:
 
 
 class TopologyMismatchError(BrokerError):
-    """An object the topology needs is missing from the broker (seen with ``--no-declare``)."""
+    """Objects the topology needs are missing from the broker (seen with ``--no-declare``).
+
+    ``missing`` names each one with its kind: ``("exchange 'orders'", "queue 'billing'")``."""
+
+    def __init__(self, missing: Sequence[str]) -> None:
+        self.missing = tuple(missing)
+        super().__init__(
+            f"missing on the broker: {', '.join(self.missing)}; "
+            "run `rabbitflow topology declare` first",
+            doing="checking the topology",
+        )
 
 
 class QueueNotFoundError(BrokerError):
@@ -279,6 +341,15 @@ class RequestTimeout(RabbitflowError):
             f"no reply to the request on exchange {exchange!r} with routing key "
             f"{routing_key!r} within {seconds:g}s"
         )
+
+
+class DrainError(RabbitflowError):
+    """``TestApp.drain()`` could not finish: a handler hangs, messages loop, or the in-memory
+    broker saw an error; ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
 
 
 class RemoteError(RabbitflowError):

@@ -21,12 +21,11 @@ message, and an app without middleware calls its handlers directly.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 from rabbitflow.message import Message
-
-CallNext = Callable[[Message], Awaitable[Any]]
+from rabbitflow.types import CallNext
 
 
 class Middleware(Protocol):

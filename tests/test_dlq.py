@@ -14,8 +14,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from rabbitflow import _headers as h
+from rabbitflow import dlq
 from rabbitflow.cli import _register, cli
-from rabbitflow.dlq import preview, replay_headers
+from rabbitflow.connection import connect
+from rabbitflow.dlq import ReplayReport, preview, replay_headers
 from rabbitflow.topology import derive, parse_topology
 from rabbitflow.topology._declare import declare
 
@@ -325,6 +327,58 @@ def test_replay_dry_run_changes_nothing(vhost_url: str) -> None:
     ]
     assert drain(vhost_url, Q) == []
     assert ids(drain(vhost_url, DLQ)) == ["m-1", "m-2", "m-3", "m-4"]
+
+
+@pytest.mark.broker
+def test_replay_select_from_python_moves_the_picked_messages_as_plain_copies(
+    vhost_url: str,
+) -> None:
+    # given six failed messages, m-3 and m-5 with a per-message TTL and a user_id
+    extra = {"expiration": 600_000, "user_id": "guest", "app_id": "shop", "priority": 3}
+    messages = list(two_error_types(6))
+    for number in (3, 5):
+        message = messages[number - 1]
+        messages[number - 1] = aio_pika.Message(
+            message.body,
+            headers=dict(message.headers),
+            content_type=message.content_type,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            **extra,
+        )
+    seed(vhost_url, messages)
+
+    # when a replay picks m-3, m-4 and m-5 by id, of the declined ones only
+    async def run() -> tuple[ReplayReport, list[aio_pika.abc.AbstractIncomingMessage]]:
+        connection = await connect(vhost_url)
+        async with connection:
+            report = await dlq.replay(
+                connection,
+                Q,
+                error_type=DECLINED,
+                select=lambda m: m.message_id in {"m-3", "m-4", "m-5"},
+            )
+            channel = await connection.channel()
+            work = await channel.get_queue(Q)
+            got = []
+            while (message := await work.get(no_ack=True, fail=False)) is not None:
+                got.append(message)
+            return report, got
+
+    report, back = asyncio.run(run())
+
+    # then only m-3 and m-5 moved, the rest stayed in order, and the copies keep their
+    # properties but neither the TTL nor the user_id
+    assert (report.moved, report.skipped) == (2, 4)
+    assert [m.message_id for m in back] == ["m-3", "m-5"]
+    for number, message in zip((3, 5), back, strict=True):
+        assert (message.app_id, message.priority) == ("shop", 3)
+        assert message.correlation_id == f"c-{number}"
+        assert message.expiration is None
+        assert message.user_id is None
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert ids(drain(vhost_url, DLQ)) == ["m-1", "m-2", "m-4", "m-6"]
 
 
 @pytest.mark.broker

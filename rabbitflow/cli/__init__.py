@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
-from rabbitflow.errors import RabbitflowError
+from rabbitflow.errors import OutputError, RabbitflowError
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -136,11 +136,7 @@ def write_output(path: str | Path, text: str) -> None:
     try:
         Path(path).write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
-
-
-class OutputError(RabbitflowError):
-    """An ``--output`` file that cannot be written."""
+        raise OutputError(str(path), str(exc.strerror or exc)) from None
 
 
 def quiet_client_logs() -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
-from rabbitflow._logging import LogFormat, configure_logging
+from rabbitflow._logging import configure_logging
 from rabbitflow._urls import resolve_url
 from rabbitflow.cli import reports_errors
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.topology import load_topology
+from rabbitflow.types import LogFormat
 
 TOKEN_ENV = "RABBITFLOW_CONSOLE_TOKEN"
 

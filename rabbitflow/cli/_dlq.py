@@ -47,18 +47,25 @@ def broker_options(func: F) -> F:
     return url_options(func)
 
 
+def list_options(limit_help: str) -> Callable[[F], F]:
+    """``QUEUE``, ``--limit``, ``--json`` and the broker options of a read-only listing
+    (``dlq list``, ``retries list``); ``limit_help`` says what ``--limit`` counts."""
+
+    def decorate(func: F) -> F:
+        func = broker_options(reports_errors(func))  # type: ignore[assignment]  # wraps keeps F
+        func = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(
+            func
+        )
+        func = click.option(
+            "--limit", type=click.IntRange(min=0), default=10, show_default=True, help=limit_help
+        )(func)
+        return click.argument("queue", callback=amqp_name("queue"))(func)
+
+    return decorate
+
+
 @dlq.command("list")
-@click.argument("queue", callback=amqp_name("queue"))
-@click.option(
-    "--limit",
-    type=click.IntRange(min=0),
-    default=10,
-    show_default=True,
-    help="How many messages to show, from the head of the DLQ.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-@broker_options
-@reports_errors
+@list_options("How many messages to show, from the head of the DLQ.")
 def list_command(
     queue: str,
     limit: int,

@@ -8,8 +8,7 @@ from datetime import UTC, datetime
 import click
 
 from rabbitflow import _retries as ops
-from rabbitflow.cli import amqp_name, reports_errors
-from rabbitflow.cli._dlq import Broker, broker_options
+from rabbitflow.cli._dlq import Broker, list_options
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.topology import derive
 
@@ -20,17 +19,7 @@ def retries() -> None:
 
 
 @retries.command("list")
-@click.argument("queue", callback=amqp_name("queue"))
-@click.option(
-    "--limit",
-    type=click.IntRange(min=0),
-    default=10,
-    show_default=True,
-    help="How many messages to show per tier, oldest first.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-@broker_options
-@reports_errors
+@list_options("How many messages to show per tier, oldest first.")
 def list_command(
     queue: str,
     limit: int,

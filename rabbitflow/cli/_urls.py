@@ -7,7 +7,8 @@ from typing import TypeVar
 
 import click
 
-from rabbitflow._urls import UrlOrder, UrlSource, resolve_urls
+from rabbitflow._urls import resolve_urls
+from rabbitflow.types import UrlOrder, UrlSource
 
 F = TypeVar("F", bound=Callable[..., object])
 

@@ -36,29 +36,10 @@ async def replay_where(
     wanted: Callable[[ops.DeadLetter], bool],
     limit: int | None = None,
 ) -> ops.ReplayReport:
-    """Like :func:`rabbitflow.dlq.replay`, for the messages ``wanted`` picks.
-
-    Built from the same reader and publisher: the DLQ is read in order without taking
-    anything, a picked message is published (confirmed, mandatory) to the work queue and only
-    then acked; the others are given back in their places when the reader closes."""
-    work, dlq = ops.queue_names(queue)
-    count = await ops.ready_count(connection, dlq, hint=f"{work!r} has no dead-letter queue")
-    await ops.ready_count(connection, work, hint="replay moves messages back to it")
-    budget = count if limit is None else min(limit, count)
-    moved, skipped = 0, 0
-    async with (
-        ops._reading(connection, dlq, expected=count, window=count) as reader,
-        ops._publisher(connection, dry_run=False) as publisher,
-    ):
-        assert publisher is not None  # only a dry run has no publisher
-        while moved < budget and (message := await reader.next()) is not None:
-            letter = ops.DeadLetter.from_delivery(moved + skipped + 1, message)
-            if not wanted(letter):
-                skipped += 1
-                continue
-            await ops._move(publisher, reader, message, work, moved)
-            moved += 1
-    return ops.ReplayReport(work, dlq, count, moved, skipped, False, ())
+    """:func:`rabbitflow.dlq.replay` of the messages ``wanted`` picks: the DLQ is read in
+    order without taking anything, a picked message is published (confirmed, mandatory) to
+    the work queue and only then acked; the others stay in their places."""
+    return await ops.replay(connection, queue, limit=limit, select=wanted)
 
 
 async def replay_group(

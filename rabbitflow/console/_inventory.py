@@ -16,10 +16,11 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from rabbitflow import _headers as h
+from rabbitflow._border import broker_call
 from rabbitflow._duration import format_duration
 from rabbitflow._settle import parse_not_before
 from rabbitflow.console._reads import broker_major, reads_are_counted
-from rabbitflow.dlq import DeadLetter, _broker_call
+from rabbitflow.dlq import DeadLetter
 from rabbitflow.topology import Topology, derive
 from rabbitflow.topology._model import QueueConfig
 
@@ -90,7 +91,7 @@ async def read_overview(
         and reads_are_counted(major, str(spec.arguments.get("x-queue-type")), spec.arguments)
     }
     rows: list[QueueRow] = []
-    async with _broker_call("reading queue depths"), _Prober(connection) as probe:
+    async with broker_call("reading queue depths"), _Prober(connection) as probe:
         for config in topology.queues.values():
             route = routes[config.name]
             tiers = [

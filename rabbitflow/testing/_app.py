@@ -28,7 +28,7 @@ from rabbitflow._publisher import Publisher
 from rabbitflow._schedule import Schedule
 from rabbitflow._streams.offsets import Callback
 from rabbitflow.app import App
-from rabbitflow.errors import RabbitflowError
+from rabbitflow.errors import DrainError
 from rabbitflow.message import Message, read_attempt
 from rabbitflow.testing._broker import MemoryBroker
 from rabbitflow.testing._channel import MemoryChannel
@@ -39,10 +39,6 @@ from rabbitflow.topology import Topology, dlq_name
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class DrainError(RabbitflowError):
-    """``drain()`` could not finish: a handler hangs, messages loop, or the broker saw an error."""
 
 
 @dataclass(slots=True)
@@ -229,7 +225,7 @@ class TestApp:
                     raise
 
         return Consumer(
-            queue, handler, consumer.retry_on, consumer.dead_letter_on, consumer.options
+            queue, handler, consumer.retry_on, consumer.dead_letter_on, consumer.idempotent
         )
 
     # -- what tests call ---------------------------------------------------------------------

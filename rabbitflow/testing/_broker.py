@@ -30,8 +30,8 @@ from rabbitflow.testing._envelope import Envelope, StoredMessage, roundtrip
 from rabbitflow.testing._queue import MODELLED_VERSION, Consumer, MemoryQueue
 from rabbitflow.testing._routing import headers_match, topic_matches
 from rabbitflow.topology._derived import Declarations
+from rabbitflow.types import ExchangeType
 
-ExchangeType = Literal["direct", "topic", "fanout", "headers"]
 QUEUE_TYPES = ("classic", "quorum", "stream")
 # Exchanges every RabbitMQ vhost has.
 PREDECLARED: dict[str, ExchangeType] = {

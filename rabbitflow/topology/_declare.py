@@ -15,6 +15,7 @@ import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from rabbitflow._border import reply_text
 from rabbitflow._duration import format_duration
 from rabbitflow._logging import get_logger
 from rabbitflow.errors import (
@@ -142,10 +143,7 @@ async def verify(target: Target, declarations: Declarations) -> None:
     finally:
         await channels.close()
     if missing:
-        names = ", ".join(f"{_kind(spec)} {spec.name!r}" for spec in missing)
-        raise TopologyMismatchError(
-            f"missing on the broker: {names}; run `rabbitflow topology declare` first"
-        )
+        raise TopologyMismatchError([f"{_kind(spec)} {spec.name!r}" for spec in missing])
 
 
 async def exists(channels: ChannelSource, spec: ExchangeSpec | QueueSpec) -> bool:
@@ -250,7 +248,7 @@ async def _passive(channel: aiormq.abc.AbstractChannel, spec: ExchangeSpec | Que
 
 def broker_error(exc: aiormq.exceptions.AMQPError, spec: Spec, verb: str) -> RabbitflowError:
     """The rabbitflow error for a broker refusal of ``verb`` on ``spec``."""
-    text = _reply_text(exc)
+    text = reply_text(exc)
     if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed) and not isinstance(
         spec, BindingSpec
     ):
@@ -311,11 +309,6 @@ def _int_or_text(raw: str) -> int | str:
         return int(raw)
     except ValueError:
         return raw
-
-
-def _reply_text(exc: BaseException) -> str:
-    text = str(exc.args[0]) if exc.args else str(exc) or type(exc).__name__
-    return text.replace("\n", " ")
 
 
 def _kind(spec: Spec) -> Kind:

@@ -11,10 +11,10 @@ from rabbitflow.topology._schema import (
     DefaultsTable,
     ExchangeTable,
     QueueTable,
-    QueueType,
     StreamOffset,
     TopologyFile,
 )
+from rabbitflow.types import QueueType
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,7 +67,6 @@ class PlanItem:
     kind: Kind
     name: str
     detail: str = ""
-    conflict: TopologyConflictError | None = None
     conflicts: tuple[TopologyConflictError, ...] = ()
 
 
@@ -176,7 +175,7 @@ async def _plan_object(
         others = [d for d in _unchecked(spec, entry) if d.argument not in named]
         if others:
             detail += "; also differs, not compared by RabbitMQ: " + "; ".join(map(str, others))
-        return PlanItem("conflict", described.kind, spec.name, detail, found[0], tuple(found))
+        return PlanItem("conflict", described.kind, spec.name, detail, tuple(found))
     unchecked = _unchecked(spec, entry)
     if unchecked:
         detail = "; ".join(map(str, unchecked))

@@ -15,9 +15,8 @@ from pydantic import (
 )
 
 from rabbitflow._duration import parse_duration, parse_size
+from rabbitflow.types import ExchangeType, QueueType
 
-QueueType = Literal["quorum", "classic", "stream"]
-ExchangeType = Literal["direct", "topic", "fanout", "headers"]
 LeaderLocator = Literal["client-local", "balanced"]
 Duration = Annotated[int, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
