@@ -17,14 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
+from rabbitflow._span import NO_SPANS, SYSTEM, ConsumerSpans, consumer_spans
 from rabbitflow.errors import ConfigurationError
 
-SYSTEM = "rabbitmq"
 _TRACE_HEADERS = ("traceparent", "tracestate")
 
 
@@ -44,7 +43,6 @@ class _HeaderGetter(Getter[dict[str, Any]]):
 
 
 _GETTER = _HeaderGetter()
-_ROOT = otel_context.Context()  # no parent: a delivery without trace context starts a trace
 
 
 def _configured_provider() -> trace.TracerProvider | None:
@@ -92,12 +90,16 @@ def _service_name() -> str:
 
 
 class Tracing:
-    """Spans for one process; ``tracer`` is None when tracing is off."""
+    """Spans for one process; ``tracer`` is None when tracing is off.
 
-    __slots__ = ("tracer",)
+    ``shortcut=False`` makes every CONSUMER span through ``tracer.start_span`` even when the
+    tracer is the SDK's (tests compare the two)."""
 
-    def __init__(self, tracer: Tracer | None) -> None:
+    __slots__ = ("shortcut", "tracer")
+
+    def __init__(self, tracer: Tracer | None, *, shortcut: bool = True) -> None:
         self.tracer = tracer
+        self.shortcut = shortcut
 
     @classmethod
     def from_environment(cls) -> Tracing:
@@ -110,27 +112,11 @@ class Tracing:
     def enabled(self) -> bool:
         return self.tracer is not None
 
-    @staticmethod
-    def consume_attributes(queue: str) -> dict[str, Any]:
-        """The attributes every CONSUMER span of ``queue`` has (built once per consumer)."""
-        return {
-            "messaging.system": SYSTEM,
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.rabbitmq.queue": queue,
-        }
-
-    def consume_span(
-        self, name: str, headers: dict[str, Any] | None, attributes: dict[str, Any]
-    ) -> Span:
-        """Start (not yet current) the CONSUMER span ``name`` of a delivery, parented on the
-        trace context in its headers; ``attributes`` are taken as they are."""
-        assert self.tracer is not None
-        # A message without headers carries no context: skip the propagators' work.
-        parent = propagate.extract(headers, getter=_GETTER) if headers else _ROOT
-        return self.tracer.start_span(
-            name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
-        )
+    def consumer_spans(self, queue: str) -> ConsumerSpans:
+        """What opens the CONSUMER span of each delivery of ``queue`` (chosen once)."""
+        if self.tracer is None:
+            return NO_SPANS
+        return consumer_spans(self.tracer, queue, _GETTER, self.shortcut)
 
     @contextmanager
     def publish_span(
@@ -162,11 +148,6 @@ class Tracing:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 raise
-
-
-def record_failure(span: Span, exc: BaseException) -> None:
-    span.record_exception(exc)
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1024]))
 
 
 def flush(timeout_ms: int = 5000) -> None:

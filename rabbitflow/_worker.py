@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractConnection
 
 from rabbitflow._breaker import CircuitBreaker
 from rabbitflow._broker_version import BrokerVersion, describe
-from rabbitflow._dispatch import Dispatcher
+from rabbitflow._dispatch import Dispatcher, DispatchSpec
 from rabbitflow._handler import Consumer, Signature, inspect_handler
 from rabbitflow._health import HealthServer
 from rabbitflow._importer import exception_types
@@ -423,22 +423,25 @@ class Worker:
         settler = Settler(
             self.policies[consumer.queue], acker, publisher, self.metrics, self.repairer
         )
-        dispatcher = Dispatcher(
+        spec = DispatchSpec(
             consumer,
             self.signatures[consumer.queue],
             self.policies[consumer.queue],
-            settler,
             timeout_ms=config.timeout_ms,
             max_body_size=config.max_body_size,
             max_in_flight=config.max_in_flight,
             prefetch=config.prefetch,
-            executor=executor or self._executor,
-            in_flight=self._in_flight if in_flight is None else in_flight,
             immediate_retries=config.immediate_retries,
-            breaker=breaker,
-            telemetry=Telemetry.bind(self.metrics, consumer.queue, self.tracing),
             middleware=self.app.middleware,
             guard=self.app.guard(consumer.queue, self.topology),
+        )
+        dispatcher = Dispatcher(
+            spec,
+            settler,
+            Telemetry.bind(self.metrics, consumer.queue, self.tracing),
+            executor=executor or self._executor,
+            in_flight=self._in_flight if in_flight is None else in_flight,
+            breaker=breaker,
             replier=Replier(consumer.queue, publisher),
         )
         return dispatcher, acker
