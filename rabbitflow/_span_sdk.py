@@ -90,6 +90,7 @@ class SdkSpans:
         "_plain",
         "_processor",
         "_random_ids",
+        "_root_decision",
         "_sampler",
         "_static",
         "_tracer",
@@ -109,6 +110,9 @@ class SdkSpans:
         self._enabled = getattr(tracer, "_is_enabled", None)
         # Attributes can be taken as they are when the sampler returns them unchanged and the
         # limits cannot cut them; otherwise they go through the SDK's BoundedAttributes.
+        # A root span's decision, when the sampler gives every root the same one (the default,
+        # parentbased_always_on, does): no sampler call for a delivery without trace context.
+        self._root_decision = _static_root(self._sampler)
         limits = self._limits
         self._plain = (
             _plain_sampler(self._sampler)
@@ -133,10 +137,17 @@ class SdkSpans:
             trace_id = parent.trace_id
             random_id = parent.trace_flags.random_trace_id
         attributes = delivery_attributes(self._static, delivery, attempt)
-        result = self._sampler.should_sample(
-            context, trace_id, self._name, CONSUMER, attributes, ()
-        )
-        decision = result.decision
+        if context is ROOT and self._root_decision is not None:
+            decision = self._root_decision
+            trace_state = None
+            sampled_attributes: Mapping[str, Any] = attributes
+        else:
+            result = self._sampler.should_sample(
+                context, trace_id, self._name, CONSUMER, attributes, ()
+            )
+            decision = result.decision
+            trace_state = result.trace_state
+            sampled_attributes = result.attributes
         flags = TraceFlags.SAMPLED if decision.is_sampled() else TraceFlags.DEFAULT  # type: ignore[no-untyped-call]
         if random_id:
             flags |= TraceFlags.RANDOM_TRACE_ID
@@ -145,7 +156,7 @@ class SdkSpans:
             tracer.id_generator.generate_span_id(),
             is_remote=False,
             trace_flags=TraceFlags(flags),
-            trace_state=result.trace_state,
+            trace_state=trace_state,
         )
         end_metrics = None if self._metrics is None else self._metrics.start_span(parent, decision)
         if not decision.is_recording():  # type: ignore[no-untyped-call]
@@ -153,7 +164,7 @@ class SdkSpans:
         if not self._plain:
             bounded: Mapping[str, Any] = BoundedAttributes(
                 self._limits.max_span_attributes,
-                result.attributes,
+                sampled_attributes,
                 immutable=False,
                 max_value_len=self._limits.max_span_attribute_length,
             )
@@ -162,6 +173,14 @@ class SdkSpans:
         span = ConsumerSpan(self, span_context, parent, bounded, end_metrics)
         self._processor.on_start(span, parent_context=context)  # type: ignore[arg-type]
         return span.attach()
+
+
+def _static_root(sampler: sdk_sampling.Sampler) -> sdk_sampling.Decision | None:
+    if type(sampler) is sdk_sampling.StaticSampler:
+        return sampler._decision
+    if type(sampler) in (sdk_sampling.ParentBased, sdk_sampling.ParentBasedTraceIdRatio):
+        return _static_root(sampler._root)  # type: ignore[attr-defined]
+    return None
 
 
 def _plain_sampler(sampler: sdk_sampling.Sampler) -> bool:

@@ -19,7 +19,13 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 
 from rabbitflow import App, Message, Reject
 from rabbitflow._span import ApiSpans
@@ -149,17 +155,25 @@ def _reset_tracing() -> Iterator[None]:
     set_tracing(None)
 
 
-@pytest.mark.parametrize("limit", [None, 11], ids=["default-limits", "11-attributes"])
+@pytest.mark.parametrize(
+    ("limit", "sampler"),
+    [
+        (None, ParentBased(ALWAYS_ON)),
+        (None, ParentBased(TraceIdRatioBased(1.0))),
+        (11, ParentBased(ALWAYS_ON)),
+    ],
+    ids=["default", "ratio-sampler", "11-attributes"],
+)
 async def test_the_shortcut_exports_the_spans_the_sdk_exports(
-    tmp_path: Path, limit: int | None
+    tmp_path: Path, limit: int | None, sampler: Sampler
 ) -> None:
     # given the same deliveries: plain, failing once then retried, with a sampled and an
     # unsampled traceparent, and one rejected; each handler opens a child span and writes on
     # the consumer span
     limits = SpanLimits(max_span_attributes=limit) if limit else None
     # when they run through the SDK's start_span and through rabbitflow's shortcut
-    through_sdk, sdk_seen = await run(tmp_path, shortcut=False, limits=limits)
-    shortcut, shortcut_seen = await run(tmp_path, shortcut=True, limits=limits)
+    through_sdk, sdk_seen = await run(tmp_path, shortcut=False, sampler=sampler, limits=limits)
+    shortcut, shortcut_seen = await run(tmp_path, shortcut=True, sampler=sampler, limits=limits)
 
     # then the exported spans are the same, field for field, ids included
     assert shortcut == through_sdk
