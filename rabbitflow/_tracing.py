@@ -80,9 +80,25 @@ def _sdk_provider(exporter_name: str) -> trace.TracerProvider:
             f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported; use console, otlp or none"
         )
     provider = TracerProvider(resource=Resource.create({"service.name": _service_name()}))
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider.add_span_processor(BatchSpanProcessor(exporter, **_batching()))
     trace.set_tracer_provider(provider)
     return provider
+
+
+# Small batches, sent often. With the SDK's defaults (512 spans, or every 5 s) a span waits a
+# quarter of a second at 2,000 msg/s: long enough to outlive the young GC generations, so the
+# spans in the queue push the interpreter into full collections, each a pause of the event
+# loop; and the export thread then encodes 512 spans while holding the GIL. 64 spans (or every
+# 200 ms) keep both short (docs/performance.md, "The consumer span").
+_BATCHING = {
+    "max_export_batch_size": ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 64),
+    "schedule_delay_millis": ("OTEL_BSP_SCHEDULE_DELAY", 200),
+}
+
+
+def _batching() -> dict[str, int]:
+    """rabbitflow's batch sizes and timing, except where an ``OTEL_BSP_*`` variable says."""
+    return {key: default for key, (env, default) in _BATCHING.items() if env not in os.environ}
 
 
 def _service_name() -> str:
