@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
@@ -23,6 +23,9 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from rabbitflow._span import NO_SPANS, SYSTEM, ConsumerSpans, consumer_spans
 from rabbitflow.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 _TRACE_HEADERS = ("traceparent", "tracestate")
 
@@ -62,7 +65,7 @@ def _configured_provider() -> trace.TracerProvider | None:
 def _sdk_provider(exporter_name: str) -> trace.TracerProvider:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
     exporter: Any
     if exporter_name == "console":
@@ -80,7 +83,7 @@ def _sdk_provider(exporter_name: str) -> trace.TracerProvider:
             f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported; use console, otlp or none"
         )
     provider = TracerProvider(resource=Resource.create({"service.name": _service_name()}))
-    provider.add_span_processor(BatchSpanProcessor(exporter, **_batching()))
+    provider.add_span_processor(_batch_processor(exporter))
     trace.set_tracer_provider(provider)
     return provider
 
@@ -90,15 +93,14 @@ def _sdk_provider(exporter_name: str) -> trace.TracerProvider:
 # spans in the queue push the interpreter into full collections, each a pause of the event
 # loop; and the export thread then encodes 512 spans while holding the GIL. 64 spans (or every
 # 200 ms) keep both short (docs/performance.md, "The consumer span").
-_BATCHING = {
-    "max_export_batch_size": ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 64),
-    "schedule_delay_millis": ("OTEL_BSP_SCHEDULE_DELAY", 200),
-}
+def _batch_processor(exporter: Any) -> BatchSpanProcessor:
+    """rabbitflow's batch sizes and timing, except where an ``OTEL_BSP_*`` variable says (the
+    SDK reads those when given None)."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-
-def _batching() -> dict[str, int]:
-    """rabbitflow's batch sizes and timing, except where an ``OTEL_BSP_*`` variable says."""
-    return {key: default for key, (env, default) in _BATCHING.items() if env not in os.environ}
+    size = None if "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" in os.environ else 64
+    delay = None if "OTEL_BSP_SCHEDULE_DELAY" in os.environ else 200
+    return BatchSpanProcessor(exporter, max_export_batch_size=size, schedule_delay_millis=delay)
 
 
 def _service_name() -> str:

@@ -16,7 +16,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.sampling import (
 from rabbitflow import App, Message, Reject
 from rabbitflow._span import ApiSpans
 from rabbitflow._span_sdk import SdkSpans
-from rabbitflow._tracing import Tracing, _batching, set_tracing
+from rabbitflow._tracing import Tracing, _batch_processor, set_tracing
 from rabbitflow.testing import TestApp
 
 TOPOLOGY = """
@@ -231,17 +231,16 @@ def test_rabbitflows_own_batch_processor_exports_small_batches_unless_told_other
     # given no OTEL_BSP_* variables, then one of them set
     monkeypatch.delenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", raising=False)
     monkeypatch.delenv("OTEL_BSP_SCHEDULE_DELAY", raising=False)
-    ours = _batching()
+    ours = _batch_processor(InMemorySpanExporter())
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "256")
-    told = _batching()
-
-    # then rabbitflow sends 64 spans at a time or every 200 ms, and leaves the SDK to read a
-    # variable the user set
-    assert ours == {"max_export_batch_size": 64, "schedule_delay_millis": 200}
-    assert told == {"schedule_delay_millis": 200}
-    processor = BatchSpanProcessor(InMemorySpanExporter(), **told)
+    told = _batch_processor(InMemorySpanExporter())
     try:
-        assert processor._batch_processor._max_export_batch_size == 256
-        assert processor._batch_processor._schedule_delay == 0.2
+        # then rabbitflow sends 64 spans at a time or every 200 ms, and the SDK reads the
+        # variable the user set
+        assert ours._batch_processor._max_export_batch_size == 64
+        assert ours._batch_processor._schedule_delay == 0.2
+        assert told._batch_processor._max_export_batch_size == 256
+        assert told._batch_processor._schedule_delay == 0.2
     finally:
-        processor.shutdown()
+        ours.shutdown()
+        told.shutdown()
