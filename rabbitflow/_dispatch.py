@@ -16,7 +16,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +68,7 @@ class Dispatcher:
     __slots__ = (
         "_breaker",
         "_debug",
+        "_deliver",
         "_immediate",
         "_in_flight",
         "_invoke",
@@ -100,6 +101,7 @@ class Dispatcher:
         # a semaphore is only needed when concurrency is set lower than prefetch.
         limited = spec.max_in_flight < spec.prefetch
         self._limiter = asyncio.Semaphore(spec.max_in_flight) if limited else None
+        self._deliver = self._limited if limited else self._handle
         self._in_flight = in_flight
         self._immediate = spec.immediate_retries
         self._breaker = breaker
@@ -107,21 +109,19 @@ class Dispatcher:
         self._debug = _debug_enabled()
         self._invoke = _invoker(spec, _runner(spec, asyncio.get_running_loop(), executor))
 
-    def __call__(self, delivery: DeliveredMessage) -> Coroutine[Any, Any, None]:
-        return self._tracked(delivery)
-
-    async def _tracked(self, delivery: DeliveredMessage) -> None:
+    async def __call__(self, delivery: DeliveredMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
         try:
-            if self._limiter is None:
-                await self._handle(delivery)
-            else:
-                async with self._limiter:
-                    await self._handle(delivery)
+            await self._deliver(delivery)
         finally:
             self._in_flight.discard(task)
+
+    async def _limited(self, delivery: DeliveredMessage) -> None:
+        assert self._limiter is not None
+        async with self._limiter:
+            await self._handle(delivery)
 
     async def _handle(self, delivery: DeliveredMessage) -> None:
         props = delivery.header.properties
