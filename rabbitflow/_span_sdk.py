@@ -108,11 +108,11 @@ class SdkSpans:
         # Tracer metrics and tracer configuration (enabled or not) came in SDK 1.3x.
         self._metrics = getattr(tracer, "_tracer_metrics", None)
         self._enabled = getattr(tracer, "_is_enabled", None)
-        # Attributes can be taken as they are when the sampler returns them unchanged and the
-        # limits cannot cut them; otherwise they go through the SDK's BoundedAttributes.
         # A root span's decision, when the sampler gives every root the same one (the default,
         # parentbased_always_on, does): no sampler call for a delivery without trace context.
         self._root_decision = _static_root(self._sampler)
+        # Attributes can be taken as they are when the sampler returns them unchanged and the
+        # limits cannot cut them; otherwise they go through the SDK's BoundedAttributes.
         limits = self._limits
         self._plain = (
             _plain_sampler(self._sampler)
