@@ -9,6 +9,7 @@ exported span is the one the SDK would have made (``tests/test_span_equality.py`
 
 from __future__ import annotations
 
+import logging
 import traceback
 from collections.abc import Mapping
 from time import time_ns
@@ -47,6 +48,7 @@ from rabbitflow._span import (
 )
 
 _UNSET = Status(StatusCode.UNSET)
+_sdk_log = logging.getLogger("opentelemetry.sdk.trace")  # the SDK's warnings, from its logger
 # The samplers of the SDK hand the attributes they were given back unchanged.
 _PLAIN_SAMPLERS = (
     sdk_sampling.StaticSampler,
@@ -261,6 +263,7 @@ class ConsumerSpan(trace_api.Span, ReadableSpan):
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
         if self._end_time is not None:
+            _sdk_log.warning("Setting attribute on ended span.")
             return
         attributes = self._attributes
         if isinstance(attributes, BoundedAttributes):
