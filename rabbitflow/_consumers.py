@@ -19,7 +19,7 @@ import aiormq
 import structlog
 
 from rabbitflow._breaker import CircuitBreaker
-from rabbitflow._dispatch import Dispatcher
+from rabbitflow._dispatch import Dispatcher, DispatchSpec
 from rabbitflow._handler import Consumer, Signature, inspect_handler
 from rabbitflow._importer import exception_types
 from rabbitflow._metrics import Metrics
@@ -267,22 +267,25 @@ class ConsumerSet:
         settler = Settler(
             self.policies[consumer.queue], acker, publisher, self.metrics, self.repairer
         )
-        dispatcher = Dispatcher(
+        spec = DispatchSpec(
             consumer,
             self.signatures[consumer.queue],
             self.policies[consumer.queue],
-            settler,
             timeout_ms=config.timeout_ms,
             max_body_size=config.max_body_size,
             max_in_flight=config.max_in_flight,
             prefetch=config.prefetch,
-            executor=executor or self._executor,
-            in_flight=self.in_flight if in_flight is None else in_flight,
             immediate_retries=config.immediate_retries,
-            breaker=breaker,
-            telemetry=Telemetry.bind(self.metrics, consumer.queue, self.tracing),
             middleware=self.app.middleware,
             guard=self.app.guard(consumer.queue, self.topology),
+        )
+        dispatcher = Dispatcher(
+            spec,
+            settler,
+            Telemetry.bind(self.metrics, consumer.queue, self.tracing),
+            executor=executor or self._executor,
+            in_flight=self.in_flight if in_flight is None else in_flight,
+            breaker=breaker,
             replier=Replier(consumer.queue, publisher),
         )
         return dispatcher, acker

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from rabbitflow._metrics import Buckets, Metrics, Value
 from rabbitflow._outcome import Action
+from rabbitflow._span import ConsumerSpans
 from rabbitflow._tracing import Tracing
 
 
@@ -16,7 +17,7 @@ class Telemetry:
     in_flight: Value
     duration: Buckets
     outcomes: dict[Action, Value]
-    tracing: Tracing | None
+    spans: ConsumerSpans
 
     @classmethod
     def bind(cls, metrics: Metrics, queue: str, tracing: Tracing) -> Telemetry:
@@ -24,5 +25,5 @@ class Telemetry:
             in_flight=metrics.in_flight.labels(queue),
             duration=metrics.duration.histogram(queue),
             outcomes={action: metrics.consumed.labels(queue, action.value) for action in Action},
-            tracing=tracing if tracing.enabled else None,
+            spans=tracing.consumer_spans(queue),
         )

@@ -15,16 +15,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
+from rabbitflow._span import NO_SPANS, SYSTEM, ConsumerSpans, consumer_spans
 from rabbitflow.errors import ConfigurationError
 
-SYSTEM = "rabbitmq"
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
 _TRACE_HEADERS = ("traceparent", "tracestate")
 
 
@@ -44,7 +46,6 @@ class _HeaderGetter(Getter[dict[str, Any]]):
 
 
 _GETTER = _HeaderGetter()
-_ROOT = otel_context.Context()  # no parent: a delivery without trace context starts a trace
 
 
 def _configured_provider() -> trace.TracerProvider | None:
@@ -64,7 +65,7 @@ def _configured_provider() -> trace.TracerProvider | None:
 def _sdk_provider(exporter_name: str) -> trace.TracerProvider:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
     exporter: Any
     if exporter_name == "console":
@@ -82,9 +83,24 @@ def _sdk_provider(exporter_name: str) -> trace.TracerProvider:
             f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported; use console, otlp or none"
         )
     provider = TracerProvider(resource=Resource.create({"service.name": _service_name()}))
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider.add_span_processor(_batch_processor(exporter))
     trace.set_tracer_provider(provider)
     return provider
+
+
+# Small batches, sent often. With the SDK's defaults (512 spans, or every 5 s) a span waits a
+# quarter of a second at 2,000 msg/s: long enough to outlive the young GC generations, so the
+# spans in the queue push the interpreter into full collections, each a pause of the event
+# loop; and the export thread then encodes 512 spans while holding the GIL. 64 spans (or every
+# 200 ms) keep both short (docs/performance.md, "The consumer span").
+def _batch_processor(exporter: Any) -> BatchSpanProcessor:
+    """rabbitflow's batch sizes and timing, except where an ``OTEL_BSP_*`` variable says (the
+    SDK reads those when given None)."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    size = None if "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" in os.environ else 64
+    delay = None if "OTEL_BSP_SCHEDULE_DELAY" in os.environ else 200
+    return BatchSpanProcessor(exporter, max_export_batch_size=size, schedule_delay_millis=delay)
 
 
 def _service_name() -> str:
@@ -92,12 +108,16 @@ def _service_name() -> str:
 
 
 class Tracing:
-    """Spans for one process; ``tracer`` is None when tracing is off."""
+    """Spans for one process; ``tracer`` is None when tracing is off.
 
-    __slots__ = ("tracer",)
+    ``shortcut=False`` makes every CONSUMER span through ``tracer.start_span`` even when the
+    tracer is the SDK's (tests compare the two)."""
 
-    def __init__(self, tracer: Tracer | None) -> None:
+    __slots__ = ("shortcut", "tracer")
+
+    def __init__(self, tracer: Tracer | None, *, shortcut: bool = True) -> None:
         self.tracer = tracer
+        self.shortcut = shortcut
 
     @classmethod
     def from_environment(cls) -> Tracing:
@@ -110,27 +130,11 @@ class Tracing:
     def enabled(self) -> bool:
         return self.tracer is not None
 
-    @staticmethod
-    def consume_attributes(queue: str) -> dict[str, Any]:
-        """The attributes every CONSUMER span of ``queue`` has (built once per consumer)."""
-        return {
-            "messaging.system": SYSTEM,
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.rabbitmq.queue": queue,
-        }
-
-    def consume_span(
-        self, name: str, headers: dict[str, Any] | None, attributes: dict[str, Any]
-    ) -> Span:
-        """Start (not yet current) the CONSUMER span ``name`` of a delivery, parented on the
-        trace context in its headers; ``attributes`` are taken as they are."""
-        assert self.tracer is not None
-        # A message without headers carries no context: skip the propagators' work.
-        parent = propagate.extract(headers, getter=_GETTER) if headers else _ROOT
-        return self.tracer.start_span(
-            name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
-        )
+    def consumer_spans(self, queue: str) -> ConsumerSpans:
+        """What opens the CONSUMER span of each delivery of ``queue`` (chosen once)."""
+        if self.tracer is None:
+            return NO_SPANS
+        return consumer_spans(self.tracer, queue, _GETTER, self.shortcut)
 
     @contextmanager
     def publish_span(
@@ -162,11 +166,6 @@ class Tracing:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 raise
-
-
-def record_failure(span: Span, exc: BaseException) -> None:
-    span.record_exception(exc)
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1024]))
 
 
 def flush(timeout_ms: int = 5000) -> None:
