@@ -14,7 +14,6 @@ import asyncio
 import contextvars
 import functools
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
@@ -26,6 +25,7 @@ from aiormq.abc import DeliveredMessage
 
 from rabbitflow import _clock as clock
 from rabbitflow import _headers as h
+from rabbitflow._backoff import full_jitter
 from rabbitflow._breaker import CircuitBreaker
 from rabbitflow._handler import Consumer, Signature
 from rabbitflow._logging import DELIVERY
@@ -199,7 +199,7 @@ class Dispatcher:
         succeeds, else the plan for the last failure."""
         for trial in range(self._immediate):
             if trial:
-                await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** (trial - 1))))
+                await asyncio.sleep(full_jitter(trial, base=0.05, cap=1.0))
             attempt += 1
             try:
                 result = await self._invoke(delivery, attempt)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractConnection
 
+from rabbitflow._backoff import full_jitter
 from rabbitflow._broker_version import BrokerVersion, describe
 from rabbitflow._consumers import ConsumerSet, RunningConsumer
 from rabbitflow._health import HealthServer
@@ -254,7 +254,7 @@ class Worker:
                 self._note_version(connection)
                 return connection
             rounds += 1
-            wait = random.uniform(0, min(self.options.max_reconnect_wait, 0.5 * 2**rounds))
+            wait = full_jitter(rounds + 1, base=0.5, cap=self.options.max_reconnect_wait)
             log.warning(
                 "broker unreachable; retrying",
                 attempt=rounds,
