@@ -149,6 +149,12 @@ class Publisher:
         if not self.channel.is_closed:
             await self.channel.close()
 
+    async def ready_channel(self) -> AbstractChannel:
+        """The confirm-mode channel, reopened first if the broker closed it."""
+        if self.channel.is_closed or self._lock.locked():
+            await self._reopen()
+        return self.channel
+
 
 class _ClosingGuard:
     """The write queue of one publishing channel, shut to frames once its close-ok is queued.
