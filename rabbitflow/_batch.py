@@ -195,10 +195,13 @@ async def send_batch(
     """Write ``outgoing`` in chunks, then collect each message's confirm: (error, sent)."""
     confirms: list[asyncio.Future[Any]] = []
     unsent: PublishError | None = None
+    # aiormq's channel gets the batched write; any other (the in-memory broker of
+    # rabbitflow.testing) one publish per message, with the same per-message outcomes.
+    write = _write if isinstance(channel, aiormq.Channel) else _write_each
     for start in range(0, len(outgoing), CHUNK):
         chunk = outgoing[start : start + CHUNK]
         try:
-            confirms += await _write(channel, chunk)
+            confirms += await write(channel, chunk)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             unsent = _unavailable(chunk[0], exc)
             break
@@ -260,6 +263,25 @@ async def _write(channel: AbstractChannel, chunk: Sequence[Outgoing]) -> list[as
     # alike; the confirms tell each message's fate, so the drain error adds nothing.
     await asyncio.wait([drained])
     return futures
+
+
+async def _write_each(
+    channel: AbstractChannel, chunk: Sequence[Outgoing]
+) -> list[asyncio.Future[Any]]:
+    if channel.is_closed:
+        raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
+    return [
+        asyncio.ensure_future(
+            channel.basic_publish(
+                m.body,
+                exchange=m.exchange,
+                routing_key=m.routing_key,
+                properties=m.properties,
+                mandatory=m.mandatory,
+            )
+        )
+        for m in chunk
+    ]
 
 
 def _forget(index: dict[str, int], message_id: str, tag: int) -> Any:
