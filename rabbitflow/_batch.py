@@ -192,7 +192,12 @@ Outcome = tuple[PublishError | None, bool]
 async def send_batch(
     channel: AbstractChannel, outgoing: Sequence[Outgoing], *, timeout: float | None
 ) -> list[Outcome]:
-    """Write ``outgoing`` in chunks, then collect each message's confirm: (error, sent)."""
+    """Write ``outgoing`` in chunks, then collect each message's confirm: (error, sent).
+
+    ``timeout`` bounds the whole batch: writing (a connection the broker has blocked, on a
+    memory or disk alarm, takes no writes) and confirms."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     confirms: list[asyncio.Future[Any]] = []
     unsent: PublishError | None = None
     # aiormq's channel gets the batched write; any other (the in-memory broker of
@@ -201,12 +206,21 @@ async def send_batch(
     for start in range(0, len(outgoing), CHUNK):
         chunk = outgoing[start : start + CHUNK]
         try:
-            confirms += await write(channel, chunk)
+            futures, drained = await write(channel, chunk)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             unsent = _unavailable(chunk[0], exc)
             break
+        confirms += futures
+        if drained is not None:
+            # A channel closed while writing fails ``drained`` and the chunk's confirms
+            # alike; the confirms tell each message's fate, so the drain error adds nothing.
+            await asyncio.wait([drained], timeout=_left(loop, deadline))
+            if not drained.done():
+                reason = "not sent: the connection took no writes in time (blocked by the broker?)"
+                unsent = PublishError(chunk[0].exchange, chunk[0].routing_key, reason)
+                break
     if confirms:
-        _, pending = await asyncio.wait(confirms, timeout=timeout)
+        _, pending = await asyncio.wait(confirms, timeout=_left(loop, deadline))
         for future in pending:
             future.cancel()
     outcomes = [_outcome(m, f) for m, f in zip(outgoing, confirms, strict=False)]
@@ -215,8 +229,15 @@ async def send_batch(
     return outcomes
 
 
-async def _write(channel: AbstractChannel, chunk: Sequence[Outgoing]) -> list[asyncio.Future[Any]]:
-    """Number the chunk's messages and queue them as one write; wait until it is written.
+def _left(loop: asyncio.AbstractEventLoop, deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - loop.time(), 0.0)
+
+
+Written = tuple[list[asyncio.Future[Any]], "asyncio.Future[Any] | None"]
+
+
+async def _write(channel: AbstractChannel, chunk: Sequence[Outgoing]) -> Written:
+    """Number the chunk's messages and queue them as one write: (confirms, written).
 
     This is aiormq's ``basic_publish`` for many messages at once: under the channel's lock
     the delivery tags are taken in the order the frames go out, since the broker confirms
@@ -259,18 +280,13 @@ async def _write(channel: AbstractChannel, chunk: Sequence[Outgoing]) -> list[as
                 chan.confirmations.pop(first + offset, None)
                 future.cancel()
             raise
-    # A channel closed while writing fails ``drained`` and every confirm of the chunk
-    # alike; the confirms tell each message's fate, so the drain error adds nothing.
-    await asyncio.wait([drained])
-    return futures
+    return futures, drained
 
 
-async def _write_each(
-    channel: AbstractChannel, chunk: Sequence[Outgoing]
-) -> list[asyncio.Future[Any]]:
+async def _write_each(channel: AbstractChannel, chunk: Sequence[Outgoing]) -> Written:
     if channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
-    return [
+    futures: list[asyncio.Future[Any]] = [
         asyncio.ensure_future(
             channel.basic_publish(
                 m.body,
@@ -282,6 +298,7 @@ async def _write_each(
         )
         for m in chunk
     ]
+    return futures, None
 
 
 def _forget(index: dict[str, int], message_id: str, tag: int) -> Any:
