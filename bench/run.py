@@ -331,7 +331,9 @@ def latency_round(url: str, tmp: Path, rate: int, seconds: float) -> dict[str, d
         queue, topology, extra = _fresh_queue(url, f"bench.latency.{label}", tmp, case)
         count = int(rate * seconds)
         command = [sys.executable, "-m", "bench.consumers", case, url, queue, str(count), topology]
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
         time.sleep(2.0)  # let the consumer connect before the clock starts
         asyncio.run(_paced_publish(url, queue, rate, seconds, persistent))
         out, _ = process.communicate(timeout=120)
