@@ -165,8 +165,14 @@ class Batch:
                         **(message.properties.headers or {}),
                         **trace_headers,
                     }
-            channel = await (await self._acquire()).ready_channel()
-            outcomes = await send_batch(channel, outgoing, timeout=self.timeout)
+            publisher = await self._acquire()
+            try:
+                channel = await publisher.ready_channel()
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                unsent: Outcome = (_unavailable(first, exc), False)
+                outcomes = [unsent] * len(outgoing)
+            else:
+                outcomes = await send_batch(channel, outgoing, timeout=self.timeout)
         failures = [
             BatchFailure(index, self.message_ids[index], error, sent)
             for index, (error, sent) in enumerate(outcomes)
