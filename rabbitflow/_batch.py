@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,10 +31,11 @@ if TYPE_CHECKING:
     from rabbitflow._publisher import Publisher
 
 PERSISTENT = 2
-# Messages per write. A chunk is one frame buffer: large enough that the per-write cost
-# vanishes, small enough that a big batch is not copied into memory all at once, and that
-# a single publish on the same channel waits at most one chunk for the lock.
+# Messages and body bytes per write. A chunk is one frame buffer: large enough that the
+# per-write cost vanishes, small enough that a big batch is not copied into memory all at
+# once, and that a single publish on the same channel waits at most one chunk for the lock.
 CHUNK = 500
+CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +210,7 @@ async def send_batch(
     # aiormq's channel gets the batched write; any other (the in-memory broker of
     # rabbitflow.testing) one publish per message, with the same per-message outcomes.
     write = _write if isinstance(channel, aiormq.Channel) else _write_each
-    for start in range(0, len(outgoing), CHUNK):
-        chunk = outgoing[start : start + CHUNK]
+    for chunk in _chunks(outgoing):
         try:
             futures, drained = await write(channel, chunk)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
@@ -233,6 +233,17 @@ async def send_batch(
     if unsent is not None:
         outcomes += [(unsent, False)] * (len(outgoing) - len(confirms))
     return outcomes
+
+
+def _chunks(outgoing: Sequence[Outgoing]) -> Iterator[Sequence[Outgoing]]:
+    start = size = 0
+    for end, message in enumerate(outgoing, 1):
+        size += len(message.body)
+        if end - start == CHUNK or size >= CHUNK_BYTES:
+            yield outgoing[start:end]
+            start, size = end, 0
+    if start < len(outgoing):
+        yield outgoing[start:]
 
 
 def _left(loop: asyncio.AbstractEventLoop, deadline: float | None) -> float | None:
