@@ -116,9 +116,12 @@ async def taskiq_prepare(url: str, queue: str, count: int) -> None:
 
 
 async def taskiq(url: str, queue: str, meter: Meter) -> None:
-    """taskiq with taskiq-aio-pika and its ``OpenTelemetryMiddleware``: the receiver acks when
-    the result is saved (its default, ``WHEN_SAVED``), after the task ran."""
+    """taskiq with taskiq-aio-pika and its ``OpenTelemetryMiddleware``, logging at INFO as
+    ``taskiq worker`` sets it up (a line per task); the receiver acks when the result is
+    saved (its default, ``WHEN_SAVED``), after the task ran."""
     from taskiq.receiver import Receiver
+
+    logging.basicConfig(level=logging.INFO)
 
     broker = _taskiq_broker(url, queue, traced=True)
     _taskiq_task(broker, meter)

@@ -662,8 +662,9 @@ def describe(env: dict[str, Any], args: argparse.Namespace) -> str:
         f"(at the end); Python {env['python']}, RabbitMQ {env['rabbitmq']}; rabbitflow "
         f"{env['rabbitflow']}, aio-pika {env['aio-pika']}, aiormq {env['aiormq']}, pydantic "
         f"{env['pydantic']}, opentelemetry-sdk {env['opentelemetry-sdk']}; {peers}. "
-        f"{args.rounds} rounds, {args.messages:,} messages per consume case, "
-        f"{args.publish_messages:,} per publish case, {args.workers_messages:,} per workers case."
+        f"{args.rounds} rounds; sections {args.only}; {args.messages:,} messages per consume "
+        f"case, {args.publish_messages:,} per publish case, {args.workers_messages:,} per "
+        "workers case."
     )
 
 
