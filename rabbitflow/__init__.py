@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from rabbitflow.errors import (
     AccessRefusedError,
+    BatchFailure,
+    BatchPublishError,
     BrokerError,
     ConfigurationError,
     DecodeError,
@@ -84,6 +86,8 @@ __all__ = [  # noqa: RUF022 (grouped by topic, as dramatiq does)
     "TopologyMismatchError",
     "UnreachableBrokerError",
     # Publishing and requests.
+    "BatchFailure",
+    "BatchPublishError",
     "PublishError",
     "RemoteError",
     "RequestTimeout",

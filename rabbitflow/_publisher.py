@@ -138,6 +138,12 @@ class Publisher:
         if not self.channel.is_closed:
             await self.channel.close()
 
+    async def ready_channel(self) -> AbstractChannel:
+        """The confirm-mode channel, reopened first if the broker closed it."""
+        if self.channel.is_closed or self._lock.locked():
+            await self._reopen()
+        return self.channel
+
 
 def copy_properties(props: spec.Basic.Properties, headers: dict[str, Any]) -> spec.Basic.Properties:
     """The wire properties of a persistent copy of a received message, with ``headers``.

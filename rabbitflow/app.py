@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
+from rabbitflow._batch import Batch
 from rabbitflow._broker_version import BrokerVersion, describe
 from rabbitflow._handler import Consumer
 from rabbitflow._logging import get_logger
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=BaseModel)
 MW = TypeVar("MW", bound=Middleware)
+
+__all__ = ["App", "Batch"]
 
 log = get_logger("rabbitflow.app")
 
@@ -329,6 +332,58 @@ class App:
             expiration=expiration,
             reply_to=reply_to,
         )
+
+    def batch(self, *, timeout: float | None = 30.0) -> Batch:
+        """A batch of publishes, sent together and confirmed message by message.
+
+        ``async with app.batch() as batch:`` then ``batch.publish(...)`` (the arguments of
+        :meth:`publish`; nothing is sent yet, it returns the message id) for each message;
+        when the block ends the batch is written to the broker in a few large writes
+        instead of one per message, and every confirm is awaited. Confirms and mandatory
+        routing stay per message: :class:`~rabbitflow.errors.BatchPublishError` (a
+        :class:`~rabbitflow.PublishError`) lists each message that was returned, nacked,
+        not confirmed within ``timeout`` seconds or never sent, by index and message id;
+        the others are confirmed all the same. A block that raises sends nothing.
+        """
+        return Batch(self._ready_publisher, timeout=timeout)
+
+    async def publish_many(
+        self,
+        exchange: str,
+        routing_key: str,
+        payloads: Sequence[object],
+        *,
+        message_ids: Sequence[str] | None = None,
+        headers: dict[str, Any] | None = None,
+        persistent: bool = True,
+        mandatory: bool = True,
+        timeout: float | None = 30.0,
+    ) -> list[str]:
+        """Publish every payload to one exchange and routing key as one :meth:`batch`.
+
+        ``message_ids``, when given, has one id per payload. Returns the message ids in
+        order once every message is confirmed; raises
+        :class:`~rabbitflow.errors.BatchPublishError` as :meth:`batch` does."""
+        if message_ids is not None and len(message_ids) != len(payloads):
+            raise ValueError(f"{len(message_ids)} message_ids for {len(payloads)} payloads")
+        batch = Batch(self._ready_publisher, timeout=timeout)
+        for index, payload in enumerate(payloads):
+            batch.publish(
+                exchange,
+                routing_key,
+                payload,
+                headers=headers,
+                message_id=None if message_ids is None else message_ids[index],
+                persistent=persistent,
+                mandatory=mandatory,
+            )
+        return await batch.send()
+
+    async def _ready_publisher(self) -> Publisher:
+        publisher = self._publisher
+        if publisher is None or not publisher.is_open:
+            publisher = await self._own_publisher()
+        return publisher
 
     # -- request / reply -----------------------------------------------------------------
 

@@ -225,6 +225,50 @@ class UnroutableError(PublishError):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class BatchFailure:
+    """One message of a batch that the broker did not confirm.
+
+    ``sent`` is false when the message was never written to the connection (the broker
+    cannot have it); true when it was written and then returned, nacked or left without a
+    confirm: a nacked or returned message is not queued, one left unconfirmed may be."""
+
+    index: int
+    message_id: str
+    error: PublishError
+    sent: bool
+
+
+class BatchPublishError(PublishError):
+    """Some messages of :meth:`App.publish_many` were not confirmed; the rest were.
+
+    ``failures`` lists each unconfirmed message by its index in the batch and its
+    ``message_id``; ``message_ids`` holds the ids of the whole batch, in order, and
+    ``confirmed`` those the broker confirmed."""
+
+    def __init__(
+        self,
+        exchange: str,
+        routing_key: str,
+        failures: Sequence[BatchFailure],
+        message_ids: Sequence[str],
+    ) -> None:
+        self.failures = tuple(failures)
+        self.message_ids = tuple(message_ids)
+        first = self.failures[0]
+        reason = (
+            f"{len(self.failures)} of {len(self.message_ids)} messages not confirmed; "
+            f"first: #{first.index} ({first.message_id}): {first.error.reason}"
+        )
+        missing = all(f.error.missing for f in self.failures)
+        super().__init__(exchange, routing_key, reason, missing=missing)
+
+    @property
+    def confirmed(self) -> tuple[str, ...]:
+        failed = {f.index for f in self.failures}
+        return tuple(m for i, m in enumerate(self.message_ids) if i not in failed)
+
+
 class DecodeError(RabbitflowError):
     """A message body that cannot be decoded or validated; it goes to the DLQ at once."""
 
