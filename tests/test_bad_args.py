@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cret-pw"
@@ -211,13 +211,13 @@ def refused_url(rabbit: Rabbit, vhost: str, vhost_url: str, project: Path) -> It
     parked = rabbitflow(project, "publish", "", "jobs.dlq", "{}", "--url", vhost_url)
     assert parked.returncode == 0, parked.stderr
     user = f"rf-refused-{uuid.uuid4().hex[:8]}"
-    rabbit.ctl("add_user", user, SECRET)
+    rabbit.admin.add_user(user, SECRET)
     try:
-        rabbit.ctl("set_permissions", "-p", vhost, user, "", "", "")
+        rabbit.admin.set_permissions(vhost, user, "", "", "")
         parts = urlsplit(rabbit.vhost_url(vhost))
         yield urlunsplit(parts._replace(netloc=f"{user}:{SECRET}@{parts.hostname}:{parts.port}"))
     finally:
-        rabbit.ctl("delete_user", user, check=False)
+        rabbit.forget_user(user)
 
 
 REFUSED: list[tuple[str, list[str], str]] = [

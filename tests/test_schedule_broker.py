@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime_helpers import ROOT, Workers, wait_until
+from tests.support.processes import ROOT, Workers
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

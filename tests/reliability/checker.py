@@ -42,9 +42,10 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from rabbitflow.topology import derive, load_topology
-from tests.rabbit import Rabbit
 from tests.reliability.app import DB_ENV, SLEEP_ENV
-from tests.runtime_helpers import ROOT, WorkerProcess, run_cli, wait_until
+from tests.support.broker import Rabbit
+from tests.support.processes import ROOT, WorkerProcess, run_cli
+from tests.support.waiting import wait_until
 
 APP = "tests.reliability.app:app"
 SYNC_APP = "tests.reliability.app:sync_app"
