@@ -30,3 +30,16 @@ def vhost(rabbit: Rabbit) -> Iterator[str]:
 def vhost_url(rabbit: Rabbit, vhost: str) -> str:
     """AMQP URL of the test's own vhost."""
     return rabbit.vhost_url(vhost)
+
+
+# The chaos stage's fixtures: RabbitMQ nodes of their own that the tests stop, pause, alarm
+# and kill (tests/reliability/chaos_node.py, tests/cluster).
+CHAOS_FIXTURES = frozenset({"chaos_node", "cluster"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on a chaos node or the cluster is in the ``chaos`` stage."""
+    for item in items:
+        if CHAOS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.chaos)

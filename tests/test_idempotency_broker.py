@@ -81,6 +81,7 @@ def worker(tmp_path: Path, url: str, prefix: str, sleep: float, *extra: str) -> 
     return process
 
 
+@pytest.mark.crash
 def test_a_killed_worker_blocks_the_key_only_until_its_lease_ends_then_duplicates_are_skipped(
     tmp_path: Path, rabbit: Rabbit, vhost: str, vhost_url: str, prefix: str
 ) -> None:

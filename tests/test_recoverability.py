@@ -425,6 +425,7 @@ def _records(path: Path) -> list[list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.crash
 async def test_a_message_that_kills_the_worker_ends_in_the_dlq(
     tmp_path: Path, vhost_url: str
 ) -> None:

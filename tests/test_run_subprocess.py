@@ -29,7 +29,7 @@ from tests.support.processes import ROOT, Workers, run_cli
 from tests.support.topology import work_topology
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.crash]
 
 WORK = "tests.apps.work:async_app"
 SYNC_WORK = "tests.apps.work:sync_app"

@@ -20,7 +20,7 @@ import pytest
 from tests.support.processes import ROOT, Workers
 from tests.support.waiting import wait_until
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.crash]
 
 TICKER = "tests.apps.ticker:app"
 TOPOLOGY = ROOT / "tests" / "apps" / "work.toml"
