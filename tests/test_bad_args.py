@@ -3,9 +3,7 @@ never the password of the URL. Each case is a whole `rabbitflow` process, as a u
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from tests.support.broker import Rabbit
+from tests.support.processes import ROOT, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cret-pw"
 UNREACHABLE = f"amqp://app:{SECRET}@127.0.0.1:1/"
 
@@ -44,16 +42,7 @@ app = App(topology="topology.toml")
 
 
 def rabbitflow(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "RABBITFLOW_URL"}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(
-        [sys.executable, "-m", "rabbitflow", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_cli(*args, cwd=cwd, timeout=timeout, extra_env={"PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")

@@ -143,14 +143,19 @@ class Workers:
 
 
 def run_cli(
-    *args: str, timeout: float = 30.0, stdin: str | None = None
+    *args: str,
+    timeout: float = 30.0,
+    stdin: str | None = None,
+    cwd: Path = ROOT,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m rabbitflow ARGS`` from the repository root."""
-    env = {**os.environ}
+    """``python -m rabbitflow ARGS`` (from the repository root unless ``cwd``), without the
+    caller's ``RABBITFLOW_URL``."""
+    env = {**os.environ, **(extra_env or {})}
     env.pop("RABBITFLOW_URL", None)
     return subprocess.run(
         [sys.executable, "-m", "rabbitflow", *args],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -42,10 +42,15 @@ class Records:
         return wait_until(enough, timeout, f"{count} {kind!r} records")
 
 
-def record(*fields: object) -> None:
-    """Append one line to ``$RF_RECOVER_RECORD`` (one O_APPEND write: survives ``os._exit``)."""
+def record(*fields: object, env: str = RECORD_ENV) -> None:
+    """Append one line to the file ``$env`` names.
+
+    One ``write`` on an ``O_APPEND`` descriptor: lines from concurrent handlers (threads
+    included) never interleave, and a line is in the file once ``write`` returns, even if the
+    process is killed (or calls ``os._exit``) right after.
+    """
     line = " ".join(str(f) for f in fields) + "\n"
-    fd = os.open(os.environ[RECORD_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(os.environ[env], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
     finally:
