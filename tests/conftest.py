@@ -39,7 +39,8 @@ CHAOS_FIXTURES = frozenset({"chaos_node", "cluster"})
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test on a chaos node or the cluster is in the ``chaos`` stage."""
+    """Every test on a chaos node or the cluster is in the ``chaos`` stage, on those nodes."""
     for item in items:
         if CHAOS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.chaos)
+            item.add_marker(pytest.mark.nodes)

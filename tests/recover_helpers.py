@@ -2,7 +2,6 @@
 
 from tests.support.amqp import declare_topology, publish_many
 from tests.support.amqp import drain_async as drain
-from tests.support.amqp import message_counts_async as ready_counts
 from tests.support.amqp import publish_one as publish
 from tests.support.broker import queue_counts as depths
 from tests.support.output import text
@@ -21,7 +20,6 @@ __all__ = [
     "drain",
     "publish",
     "publish_many",
-    "ready_counts",
     "record",
     "running",
     "text",

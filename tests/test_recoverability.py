@@ -441,7 +441,7 @@ async def test_a_message_that_kills_the_worker_ends_in_the_dlq(
         done = {fields[1] for fields in _records(record_file) if fields[0] == "done"}
         if done != set(ids) - {"poison-1"}:
             return False
-        return (await ready_counts(vhost_url, "crashy.dlq"))["crashy.dlq"] == 1
+        return (await ready_counts(vhost_url, ["crashy.dlq"]))["crashy.dlq"] == 1
 
     # When a worker that dies on the poison message is restarted every time it dies
     starts = 0
@@ -653,7 +653,7 @@ circuit_breaker = { failure_ratio = 0.5, window = "10s", min_calls = 4, cooldown
 
         # Then consuming pauses: the backlog waits in the queue, not in the retry tier
         await asyncio.sleep(2.5)  # through one half-open trial that fails again
-        counts = await ready_counts(vhost_url, "downstream", "downstream.retry.1s")
+        counts = await ready_counts(vhost_url, ["downstream", "downstream.retry.1s"])
         # About one prefetch window per trial runs (without the breaker: all 30 at once);
         # the rest waits in the queue, and the tier holds at most about a prefetch.
         assert len(calls) <= 3 * 4, calls
@@ -700,7 +700,7 @@ circuit_breaker = { failure_ratio = 0.5, window = "10s", min_calls = 3, cooldown
         await publish_many(vhost_url, "no-retry", [f"m-{n}" for n in range(20)])
         await wait_for(lambda: "no-retry" in worker.paused, "the breaker to open", 5)
         await asyncio.sleep(0.5)
-        counts = await ready_counts(vhost_url, "no-retry", "no-retry.dlq")
+        counts = await ready_counts(vhost_url, ["no-retry", "no-retry.dlq"])
 
     # Then the breaker opened after min_calls failures instead of draining the backlog
     # into the DLQ

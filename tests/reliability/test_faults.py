@@ -28,7 +28,7 @@ from tests.support.broker import Rabbit
 from tests.support.processes import run_cli
 from tests.support.waiting import wait_until
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.chaos]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.chaos, pytest.mark.nodes]
 
 
 def test_kill_9_three_times(checker: Checker) -> None:

@@ -28,7 +28,7 @@ from tests.reliability.checker import Checker, header_text, job
 from tests.reliability.proxy import ChaosProxy
 from tests.support.waiting import wait_until
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.chaos]
 
 
 def _failing(keys: set[str]) -> object:

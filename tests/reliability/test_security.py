@@ -18,7 +18,7 @@ from tests.reliability.chaos_node import TLS_PORT, ChaosNode, TlsFiles
 from tests.reliability.checker import Checker
 from tests.support.processes import run_cli
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.chaos]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.chaos, pytest.mark.nodes]
 
 
 @pytest.fixture
