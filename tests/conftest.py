@@ -1,46 +1,27 @@
+"""The project's fixtures for the real broker, on the shipped plugin's ``rabbitmq_broker``
+(``RABBITFLOW_TEST_URL``, else 127.0.0.1:5672, else a testcontainers RabbitMQ; skipped
+without one, failed when ``CI`` is set). Helpers are in ``tests/support``."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
-from rabbitflow.testing.pytest_plugin import CONTAINER_IMAGE
-from rabbitflow.testing.pytest_plugin import _docker_answers as docker_answers
-from tests.rabbit import Rabbit, find_rabbit, require_rabbit
+from rabbitflow.testing.pytest_plugin import RabbitMQ
+from tests.support.broker import Rabbit
 
 
 @pytest.fixture(scope="session")
-def rabbit() -> Iterator[Rabbit]:
-    """The real broker: ``RABBITFLOW_TEST_URL``, else RabbitMQ on 127.0.0.1:5672, else a
-    testcontainers RabbitMQ where Docker runs (a laptop); skipped without any, failed in CI."""
-    found = find_rabbit()
-    if found is not None:
-        yield found
-        return
-    if docker_answers():
-        with rabbit_container() as container:
-            yield container
-        return
-    yield require_rabbit()
-
-
-@contextmanager
-def rabbit_container() -> Iterator[Rabbit]:
-    """A RabbitMQ container for the session; ``rabbitmqctl`` runs inside it."""
-    from testcontainers.community.rabbitmq import RabbitMqContainer
-
-    with RabbitMqContainer(CONTAINER_IMAGE) as container:
-        host = container.get_container_host_ip()
-        port = container.get_exposed_port(container.port)
-        url = f"amqp://{container.username}:{container.password}@{host}:{port}/"
-        container_id = container.get_wrapped_container().id
-        yield Rabbit(url, ["docker", "exec", container_id, "rabbitmqctl"])
+def rabbit(rabbitmq_broker: RabbitMQ) -> Rabbit:
+    """The real broker, with ``rabbitmqctl`` for what its management API cannot do."""
+    return Rabbit(rabbitmq_broker)
 
 
 @pytest.fixture
 def vhost(rabbit: Rabbit) -> Iterator[str]:
-    """A fresh vhost for one test, deleted afterwards."""
+    """A fresh vhost for one test (through the management API when it answers), deleted
+    afterwards."""
     with rabbit.vhost() as name:
         yield name
 
@@ -49,3 +30,17 @@ def vhost(rabbit: Rabbit) -> Iterator[str]:
 def vhost_url(rabbit: Rabbit, vhost: str) -> str:
     """AMQP URL of the test's own vhost."""
     return rabbit.vhost_url(vhost)
+
+
+# The chaos stage's fixtures: RabbitMQ nodes of their own that the tests stop, pause, alarm
+# and kill (tests/reliability/chaos_node.py, tests/cluster).
+CHAOS_FIXTURES = frozenset({"chaos_node", "cluster"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on a chaos node or the cluster is in the ``chaos`` stage, on those nodes."""
+    for item in items:
+        if CHAOS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.chaos)
+            item.add_marker(pytest.mark.nodes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from rabbitflow import App, Message
-from tests.recover_helpers import record
+from tests.support.records import record
 
 app = App(name="crashapp")
 

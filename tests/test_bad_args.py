@@ -3,9 +3,7 @@ never the password of the URL. Each case is a whole `rabbitflow` process, as a u
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +11,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
+from tests.support.processes import ROOT, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cret-pw"
 UNREACHABLE = f"amqp://app:{SECRET}@127.0.0.1:1/"
 
@@ -44,16 +42,7 @@ app = App(topology="topology.toml")
 
 
 def rabbitflow(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "RABBITFLOW_URL"}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(
-        [sys.executable, "-m", "rabbitflow", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_cli(*args, cwd=cwd, timeout=timeout, extra_env={"PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")
@@ -211,13 +200,13 @@ def refused_url(rabbit: Rabbit, vhost: str, vhost_url: str, project: Path) -> It
     parked = rabbitflow(project, "publish", "", "jobs.dlq", "{}", "--url", vhost_url)
     assert parked.returncode == 0, parked.stderr
     user = f"rf-refused-{uuid.uuid4().hex[:8]}"
-    rabbit.ctl("add_user", user, SECRET)
+    rabbit.admin.add_user(user, SECRET)
     try:
-        rabbit.ctl("set_permissions", "-p", vhost, user, "", "", "")
+        rabbit.admin.set_permissions(vhost, user, "", "", "")
         parts = urlsplit(rabbit.vhost_url(vhost))
         yield urlunsplit(parts._replace(netloc=f"{user}:{SECRET}@{parts.hostname}:{parts.port}"))
     finally:
-        rabbit.ctl("delete_user", user, check=False)
+        rabbit.forget_user(user)
 
 
 REFUSED: list[tuple[str, list[str], str]] = [

@@ -20,7 +20,7 @@ from rabbitflow.topology import derive, parse_topology
 from rabbitflow.topology._declare import declare
 from rabbitflow.topology._derived import UNLIMITED_DELIVERIES
 from rabbitflow.topology._plan import plan
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
 
 PLACED = (
     '[defaults]\nleader_locator = "balanced"\ninitial_group_size = 1\n'

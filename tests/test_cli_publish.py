@@ -7,7 +7,8 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from rabbitflow import cli
-from tests.runtime_helpers import drain, work_topology
+from tests.support.amqp import drain
+from tests.support.topology import work_topology
 
 
 def rabbitflow(*args: str) -> Result:

@@ -30,7 +30,7 @@ from rabbitflow.console._reads import reads_are_counted, reads_left
 from rabbitflow.dlq import DeadLetter
 from rabbitflow.topology import Topology, derive, parse_topology
 from rabbitflow.topology._declare import declare
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
 
 pytestmark = pytest.mark.broker
 
@@ -407,9 +407,9 @@ async def test_the_on_call_user_of_operations_md_is_enough(
 ) -> None:
     # Given: the on-call user of docs/operations.md (read on DLQs only, write on amq.default)
     user = f"oncall-{vhost}"
-    rabbit.ctl("add_user", user, "oncall-secret")
+    rabbit.admin.add_user(user, "oncall-secret")
     try:
-        rabbit.ctl("set_permissions", "-p", vhost, user, "^$", "^amq\\.default$", "^.*\\.dlq$")
+        rabbit.admin.set_permissions(vhost, user, "^$", "^amq\\.default$", "^.*\\.dlq$")
         await publish(vhost_url, f"{Q}.retry.10m", failed(1, TIMEOUT))
         await dead_letter(vhost_url, failed(2, DECLINED))
         url = vhost_url.replace("guest:guest@", f"{user}:oncall-secret@")
@@ -424,7 +424,7 @@ async def test_the_on_call_user_of_operations_md_is_enough(
             result = (await http.get(done.headers["location"])).text
         await app.state.console.link.close()
     finally:
-        rabbit.ctl("delete_user", user, check=False)
+        rabbit.forget_user(user)
 
     # Then: counts are shown, the due time is said to be unreadable, the replay works
     row = _row(page, Q)

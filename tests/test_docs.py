@@ -62,7 +62,7 @@ from rabbitflow.connection import connect
 from rabbitflow.errors import AccessRefusedError, TopologyError
 from rabbitflow.topology import derive, load_topology, parse_topology
 from rabbitflow.topology._declare import declare, verify
-from tests.rabbit import Rabbit, require_rabbit
+from tests.support.broker import Rabbit
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -241,7 +241,7 @@ def test_markers_are_known() -> None:
 
 
 @pytest.mark.parametrize("block", CODE, ids=[b.where for b in CODE])
-def test_code_sample(block: Block, tmp_path: Path) -> None:
+def test_code_sample(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if block.mode == "skip":
         pytest.skip(f"{block.where}: {block.marker}")
     for earlier in READ[block.page].blocks:
@@ -256,7 +256,7 @@ def test_code_sample(block: Block, tmp_path: Path) -> None:
     elif block.mode == "fragment":
         check_fragment(block)
     elif block.mode == "broker":
-        with broker_vhost(tmp_path) as url:
+        with broker_vhost(request.getfixturevalue("rabbit"), tmp_path) as url:
             run_python(block, tmp_path, {"RABBITFLOW_URL": url})
     else:
         run_python(block, tmp_path)
@@ -333,9 +333,8 @@ def is_test_module(block: Block) -> bool:
 
 
 @contextlib.contextmanager
-def broker_vhost(directory: Path) -> Iterator[str]:
+def broker_vhost(rabbit: Rabbit, directory: Path) -> Iterator[str]:
     """A fresh vhost on the real broker with ``directory/topology.toml`` declared; its URL."""
-    rabbit = require_rabbit()
     with rabbit.vhost("rf-docs") as vhost:
         url = rabbit.vhost_url(vhost)
         topology = directory / "topology.toml"
@@ -692,22 +691,24 @@ def users(rabbit: Rabbit, vhost: str, grants: Grants) -> Iterator[dict[str, str]
     base = urlsplit(rabbit.vhost_url(vhost))
 
     def create(role: str) -> None:
-        rabbit.ctl("add_user", names[role], passwords[role])
-        rabbit.ctl("set_permissions", "-p", vhost, names[role], *grants[role])
+        rabbit.admin.add_user(names[role], passwords[role])
+        rabbit.admin.set_permissions(vhost, names[role], *grants[role])
+
+    def delete(name: str) -> None:
+        with contextlib.suppress(RuntimeError):
+            rabbit.admin.delete_user(name)
 
     def url(role: str) -> str:
         netloc = f"{names[role]}:{passwords[role]}@{base.hostname}:{base.port or 5672}"
         return urlunsplit(base._replace(netloc=netloc))
 
-    # rabbitmqctl takes half a second a call: create and delete the users side by side.
+    # rabbitmqctl (without the management API) takes a second a call: side by side.
     with ThreadPoolExecutor(len(grants)) as pool:
         try:
             list(pool.map(create, grants))
             yield {role: url(role) for role in grants}
         finally:
-            list(
-                pool.map(lambda name: rabbit.ctl("delete_user", name, check=False), names.values())
-            )
+            list(pool.map(delete, names.values()))
 
 
 @pytest.mark.broker

@@ -15,16 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.rabbit import Rabbit
-from tests.runtime_helpers import (
-    ROOT,
-    Records,
-    WorkerProcess,
-    publish,
-    run_cli,
-    wait_queues_empty,
-    wait_until,
-)
+from tests.support.amqp import publish
+from tests.support.broker import Rabbit, wait_queues_empty
+from tests.support.processes import ROOT, WorkerProcess, run_cli
+from tests.support.records import Records
+from tests.support.waiting import wait_until
 from tests.test_idempotency_stores import REDIS_URL, delete_prefix, require_service
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -86,6 +81,7 @@ def worker(tmp_path: Path, url: str, prefix: str, sleep: float, *extra: str) -> 
     return process
 
 
+@pytest.mark.crash
 def test_a_killed_worker_blocks_the_key_only_until_its_lease_ends_then_duplicates_are_skipped(
     tmp_path: Path, rabbit: Rabbit, vhost: str, vhost_url: str, prefix: str
 ) -> None:

@@ -500,11 +500,14 @@ async def test_passwords_never_reach_the_logs(tmp_path: Path, vhost_url: str) ->
         # when they run for three seconds (and have tried to connect a few times), then get SIGTERM
         await asyncio.sleep(3)
         await wait_for(
-            lambda: all(
-                (tmp_path / f"{name}.log").read_text().count("broker unreachable") >= 2
-                for name in ("json", "console")
-            ),
-            "the workers to retry connecting",
+            lambda: (
+                all(
+                    (tmp_path / f"{name}.log").read_text().count("broker unreachable") >= 2
+                    for name in ("json", "console")
+                )
+                and runs["refused"].poll() is not None
+            ),  # it exits by itself on ACCESS_REFUSED
+            "the workers to retry connecting, and the refused one to exit",
             timeout=20,
         )
         codes = {}

@@ -17,7 +17,7 @@ from rabbitflow.topology import derive, parse_topology
 from rabbitflow.topology._derived import QueueSpec
 from rabbitflow.topology._drift import applied_policy, differences
 from rabbitflow.topology._management import management_url, with_credentials
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
 
 TOPOLOGY = """
 [exchanges.orders]

@@ -23,22 +23,18 @@ import pytest
 from pydantic import BaseModel
 
 from rabbitflow import Message, Reject, Retry
-from tests.rabbit import Rabbit
-from tests.recover_helpers import (
-    RECORD_ENV,
-    Runs,
-    app_for,
-    declare_topology,
-    depths,
-    drain,
-    publish,
-    publish_many,
-    ready_counts,
-    running,
-    text,
-    wait_until,
-)
-from tests.runtime_helpers import run_cli
+from tests.support.amqp import declare_topology, publish_many
+from tests.support.amqp import drain_async as drain
+from tests.support.amqp import message_counts_async as ready_counts
+from tests.support.amqp import publish_one as publish
+from tests.support.broker import Rabbit
+from tests.support.broker import queue_counts as depths
+from tests.support.output import text
+from tests.support.processes import run_cli
+from tests.support.records import RECORD_ENV, Runs
+from tests.support.topology import app_for
+from tests.support.waiting import wait_for
+from tests.support.worker import running
 
 pytestmark = [pytest.mark.broker]
 
@@ -109,7 +105,7 @@ retry = { delays = ["1s", "2s"], max_attempts = 3 }
             correlation_id="c-1",
             headers={"tenant": "acme", "traceparent": "00-abc-def-01"},
         )
-        await wait_until(lambda: len(runs.runs) >= 3, 10, "three handler runs")
+        await wait_for(lambda: len(runs.runs) >= 3, "three handler runs", 10)
         await asyncio.sleep(0.5)  # a fourth run would show up here
 
         # Then the handler ran exactly 3 times, at t, t+1s, t+3s, as attempts 1, 2, 3
@@ -189,7 +185,7 @@ retry = { delays = ["500ms", "1s"], max_attempts = 5 }
     # When a message is published
     async with running(app, vhost_url):
         await publish(vhost_url, "orders", "order.paid", b"{}", message_id="m-2")
-        await wait_until(lambda: shipped, 10, "the message to be processed")
+        await wait_for(lambda: shipped, "the message to be processed", 10)
         await asyncio.sleep(1.2)  # longer than the tiers: a stray copy would come back
 
     # Then it was processed exactly once, on attempt 3, and nothing is left anywhere
@@ -232,7 +228,7 @@ bindings = [{ exchange = "orders", routing_key = "order.created" }]
     # When only billing fails, then succeeds on its retry
     async with running(app, vhost_url):
         await publish(vhost_url, "orders", "order.created", b"{}", message_id="m-3")
-        await wait_until(lambda: len(billing.runs) == 2, 5, "billing's retry")
+        await wait_for(lambda: len(billing.runs) == 2, "billing's retry", 5)
         await asyncio.sleep(1.0)  # a copy that reached audit would be handled by now
 
     # Then audit received exactly one copy in total, billing two runs
@@ -330,9 +326,7 @@ async def test_each_exception_gets_its_documented_outcome(
         for key, message_id, body in sent:
             await publish(vhost_url, "in", key, body, message_id=message_id)
         retried = ("refused-1", "refused-2")
-        await wait_until(
-            lambda: all(runs.count(m) == 2 for m in retried), 5, "the retried messages"
-        )
+        await wait_for(lambda: all(runs.count(m) == 2 for m in retried), "the retried messages", 5)
         await asyncio.sleep(0.8)  # longer than the tier: a stray retry would run by now
 
     # Then undecodable payloads never reach the handler and are dead-lettered at once
@@ -401,7 +395,7 @@ retry = { delays = ["1s", "5s"], max_attempts = 3 }
     async with running(app, vhost_url):
         await publish(vhost_url, "", "rate-limited", b"{}", message_id="in-3s")
         await publish(vhost_url, "", "long-backoff", b"{}", message_id="in-8s")
-        await wait_until(lambda: runs.count("in-8s") == 2, 14, "the 8s retry")
+        await wait_for(lambda: runs.count("in-8s") == 2, "the 8s retry", 14)
 
     # Then 3s waits for the 5s tier (the smallest >= 3s), not the 1s tier
     first, second = runs.of("in-3s")
@@ -431,6 +425,7 @@ def _records(path: Path) -> list[list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.crash
 async def test_a_message_that_kills_the_worker_ends_in_the_dlq(
     tmp_path: Path, vhost_url: str
 ) -> None:
@@ -446,7 +441,7 @@ async def test_a_message_that_kills_the_worker_ends_in_the_dlq(
         done = {fields[1] for fields in _records(record_file) if fields[0] == "done"}
         if done != set(ids) - {"poison-1"}:
             return False
-        return (await ready_counts(vhost_url, "crashy.dlq"))["crashy.dlq"] == 1
+        return (await ready_counts(vhost_url, ["crashy.dlq"]))["crashy.dlq"] == 1
 
     # When a worker that dies on the poison message is restarted every time it dies
     starts = 0
@@ -516,10 +511,10 @@ retry = { delays = ["1s"], max_attempts = 5 }
             raise ConnectionError("downstream down")
 
     async with running(app, vhost_url):
-        rabbit.ctl("delete_queue", "-p", vhost, "fragile.retry.1s")
+        rabbit.admin.delete_queue(vhost, "fragile.retry.1s")
         # When the handler fails twice: the first retry copy is returned as unroutable
         await publish(vhost_url, "", "fragile", b"{}", message_id="m-7")
-        await wait_until(lambda: len(runs.runs) >= 3, 10, "three handler runs")
+        await wait_for(lambda: len(runs.runs) >= 3, "three handler runs", 10)
         await asyncio.sleep(0.5)
         # Then the worker declared the tier again and the copies went through it
         left = depths(rabbit, vhost)
@@ -555,10 +550,10 @@ retry = { delays = ["1s"], max_attempts = 3 }
 
     await declare_topology(app, vhost_url)
     async with running(app, vhost_url, declare=False):
-        rabbit.ctl("delete_queue", "-p", vhost, "fragile.retry.1s")
+        rabbit.admin.delete_queue(vhost, "fragile.retry.1s")
         # When the handler keeps failing
         await publish(vhost_url, "", "fragile", b"{}", message_id="m-8")
-        await wait_until(lambda: depths(rabbit, vhost)["fragile.dlq"][0] == 1, 15, "the DLQ copy")
+        await wait_for(lambda: depths(rabbit, vhost)["fragile.dlq"][0] == 1, "the DLQ copy", 15)
         await asyncio.sleep(1.5)
 
     # Then each failed retry counted as an attempt: max_attempts runs, not a loop
@@ -606,7 +601,7 @@ retry = { delays = ["1s"], max_attempts = 4 }
     async with running(app, vhost_url):
         await publish(vhost_url, "", "flaky", b"{}", message_id="flaky-1")
         await publish(vhost_url, "", "broken", b"{}", message_id="broken-1")
-        await wait_until(lambda: runs.count("broken-1") == 4, 6, "four runs of broken-1")
+        await wait_for(lambda: runs.count("broken-1") == 4, "four runs of broken-1", 6)
         await asyncio.sleep(0.3)
 
     # Then flaky-1 ran 3 times in a row in the same delivery, never through the 30s tier
@@ -654,11 +649,11 @@ circuit_breaker = { failure_ratio = 0.5, window = "10s", min_calls = 4, cooldown
     async with running(app, vhost_url) as worker:
         # When 30 messages arrive while the downstream fails
         await publish_many(vhost_url, "downstream", ids)
-        await wait_until(lambda: "downstream" in worker.paused, 5, "the breaker to open")
+        await wait_for(lambda: "downstream" in worker.paused, "the breaker to open", 5)
 
         # Then consuming pauses: the backlog waits in the queue, not in the retry tier
         await asyncio.sleep(2.5)  # through one half-open trial that fails again
-        counts = await ready_counts(vhost_url, "downstream", "downstream.retry.1s")
+        counts = await ready_counts(vhost_url, ["downstream", "downstream.retry.1s"])
         # About one prefetch window per trial runs (without the breaker: all 30 at once);
         # the rest waits in the queue, and the tier holds at most about a prefetch.
         assert len(calls) <= 3 * 4, calls
@@ -667,7 +662,7 @@ circuit_breaker = { failure_ratio = 0.5, window = "10s", min_calls = 4, cooldown
 
         # When the downstream recovers, after the cool-down consuming resumes
         down = False
-        await wait_until(lambda: len(processed) >= 30, 15, "every message processed")
+        await wait_for(lambda: len(processed) >= 30, "every message processed", 15)
         await asyncio.sleep(0.5)
         assert not worker.paused
         # Pausing and resuming never cost the connection (redeliveries, duplicates)
@@ -703,9 +698,9 @@ circuit_breaker = { failure_ratio = 0.5, window = "10s", min_calls = 3, cooldown
     # When 20 messages arrive while the downstream is down
     async with running(app, vhost_url) as worker:
         await publish_many(vhost_url, "no-retry", [f"m-{n}" for n in range(20)])
-        await wait_until(lambda: "no-retry" in worker.paused, 5, "the breaker to open")
+        await wait_for(lambda: "no-retry" in worker.paused, "the breaker to open", 5)
         await asyncio.sleep(0.5)
-        counts = await ready_counts(vhost_url, "no-retry", "no-retry.dlq")
+        counts = await ready_counts(vhost_url, ["no-retry", "no-retry.dlq"])
 
     # Then the breaker opened after min_calls failures instead of draining the backlog
     # into the DLQ
@@ -735,8 +730,8 @@ retry = { delays = ["1h"], max_attempts = 3 }
     async with running(app, vhost_url) as worker:
         for key in ("a", "b", "bad"):
             await publish(vhost_url, "", "slow", b"{}", message_id=key)
-        await wait_until(
-            lambda: depths(rabbit, vhost)["slow.retry.1h"][0] == 2, 10, "two messages in the tier"
+        await wait_for(
+            lambda: depths(rabbit, vhost)["slow.retry.1h"][0] == 2, "two messages in the tier", 10
         )
         # When the tier monitor samples
         # (from the management API, whose figures lag by up to 5 s)

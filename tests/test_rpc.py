@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from rabbitflow import App, Message, Reject, RemoteError, RequestTimeout
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import parse_topology
-from tests.runtime_helpers import ROOT, WorkerProcess
+from tests.support.processes import ROOT, WorkerProcess
 
 TOPOLOGY = parse_topology(
     """

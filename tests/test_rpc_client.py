@@ -27,7 +27,7 @@ from rabbitflow import (
 )
 from rabbitflow._publisher import Publisher
 from rabbitflow._rpc import Replier
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
 
 pytestmark = pytest.mark.broker
 

@@ -17,24 +17,19 @@ from pathlib import Path
 import pytest
 
 from rabbitflow.cli._run import DUPLICATE_TERM_WINDOW
-from tests.rabbit import Rabbit
-from tests.runtime_helpers import (
-    ROOT,
-    Workers,
-    drain,
-    jobs,
-    message_counts,
-    publish,
+from tests.support.amqp import drain, jobs, message_counts, publish
+from tests.support.broker import (
+    Rabbit,
     queue_counts,
     queue_names,
-    run_cli,
     wait_queues_empty,
-    wait_until,
-    work_topology,
     worker_connections,
 )
+from tests.support.processes import ROOT, Workers, run_cli
+from tests.support.topology import work_topology
+from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.crash]
 
 WORK = "tests.apps.work:async_app"
 SYNC_WORK = "tests.apps.work:sync_app"
@@ -367,7 +362,7 @@ def test_no_declare_runs_without_configure_permission(
     topology = work_topology(tmp_path)
     declared = run_cli("topology", "declare", str(topology), "--url", vhost_url)
     assert declared.returncode == 0, declared.stderr
-    rabbit.ctl("set_permissions", "-p", vhost, "guest", "^$", ".*", ".*")
+    rabbit.admin.set_permissions(vhost, "guest", "^$", ".*", ".*")
 
     # When the worker runs with --no-declare, Then it checks the topology and consumes
     worker = workers.start(WORK, topology, "--no-declare")

@@ -20,8 +20,9 @@ from pydantic import BaseModel
 
 from rabbitflow import App, Message, PublishError, UnroutableError
 from rabbitflow._worker import Worker, WorkerOptions
-from tests.rabbit import Rabbit
-from tests.runtime_helpers import drain_async, message_counts_async, wait_until, worker_connections
+from tests.support.amqp import drain_async, message_counts_async
+from tests.support.broker import Rabbit, worker_connections
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime_helpers import ROOT, Workers, wait_until
+from tests.support.processes import ROOT, Workers
+from tests.support.waiting import wait_until
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.crash]
 
 TICKER = "tests.apps.ticker:app"
 TOPOLOGY = ROOT / "tests" / "apps" / "work.toml"

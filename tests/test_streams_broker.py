@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.rabbit import Rabbit
-from tests.runtime_helpers import ROOT, Workers, drain, publish
+from tests.support.amqp import drain, publish
+from tests.support.broker import Rabbit
+from tests.support.processes import ROOT, Workers
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

@@ -19,7 +19,7 @@ from rabbitflow.errors import AccessRefusedError, TopologyConflictError, Topolog
 from rabbitflow.topology import Declarations, derive, load_topology
 from rabbitflow.topology._declare import declare, verify
 from rabbitflow.topology._plan import plan
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
 
 pytestmark = pytest.mark.broker
 
@@ -256,16 +256,16 @@ async def test_conflict_on_an_exchange_type(tmp_path: Path, vhost_url: str) -> N
 
 async def test_declare_without_configure_permission(rabbit: Rabbit, vhost: str) -> None:
     user, password = f"rf-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    rabbit.ctl("add_user", user, password)
+    rabbit.admin.add_user(user, password)
     try:
-        rabbit.ctl("set_permissions", "-p", vhost, user, "^$", ".*", ".*")
+        rabbit.admin.set_permissions(vhost, user, "^$", ".*", ".*")
         url = rabbit.vhost_url(vhost).replace("guest:guest@", f"{user}:{password}@")
         connection = await aio_pika.connect(url)
         async with connection:
             with pytest.raises(AccessRefusedError) as raised:
                 await declare(connection, example())
     finally:
-        rabbit.ctl("delete_user", user, check=False)
+        rabbit.forget_user(user)
     assert str(raised.value).startswith(
         "cannot declare exchange 'orders': the user lacks configure permission on 'orders'"
     )
@@ -381,7 +381,7 @@ async def test_verify_names_a_missing_queue(rabbit: Rabbit, vhost: str, vhost_ur
     async with connection:
         await declare(connection, declarations)
         await verify(connection, declarations)  # everything there: no error
-        rabbit.ctl("delete_queue", "-p", vhost, "support.vip-orders.retry.5s")
+        rabbit.admin.delete_queue(vhost, "support.vip-orders.retry.5s")
 
         with pytest.raises(TopologyMismatchError) as raised:
             await declare(connection, declarations, passive=True)

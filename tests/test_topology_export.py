@@ -14,7 +14,7 @@ import pytest
 
 from rabbitflow.topology import Declarations, derive, load_topology, parse_topology
 from rabbitflow.topology._export import ExportWarning, definitions, mermaid
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
 from tests.test_topology_broker import EXAMPLE, broker_state, object_names, run_cli
 
 

@@ -10,7 +10,7 @@ import pytest
 from rabbitflow.errors import TopologyError
 from rabbitflow.topology import derive, parse_topology
 from rabbitflow.topology._declare import declare
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
 
 
 def _work_arguments(toml: str) -> dict[str, object]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import aiormq
 import pytest
 
-from tests.runtime_helpers import run_cli
+from tests.support.processes import run_cli
 
 pytestmark = pytest.mark.broker
 

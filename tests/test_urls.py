@@ -14,7 +14,7 @@ from rabbitflow._worker import Worker, WorkerOptions
 from rabbitflow.connection import connect, connected_url
 from rabbitflow.errors import TopologyError, UnreachableBrokerError
 from rabbitflow.topology import parse_topology
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
 from tests.test_topology_broker import run_cli
 
 NODES = [

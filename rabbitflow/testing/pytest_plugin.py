@@ -7,18 +7,17 @@
   127.0.0.1:5672, else a testcontainers RabbitMQ when Docker answers; else the test is skipped,
   or fails when the ``CI`` environment variable is set.
 * ``rabbitmq_vhost`` / ``rabbitmq_vhost_url``: a fresh virtual host for one test, created and
-  deleted with ``rabbitmqctl`` (the local one, the container's, or the command in
-  ``RABBITFLOW_TEST_CTL`` for the broker ``RABBITFLOW_TEST_URL`` names).
+  deleted through the broker's management HTTP API when it answers
+  (``RABBITFLOW_TEST_MANAGEMENT_URL``, else the AMQP port plus 10000: 15672), else with
+  ``rabbitmqctl`` (the local one, the container's, or the command in ``RABBITFLOW_TEST_CTL``
+  for the broker ``RABBITFLOW_TEST_URL`` names), which starts an Erlang VM per call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shlex
-import shutil
 import socket
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,15 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
+
+from rabbitflow.testing._admin import (
+    CTL_ENV,
+    Admin,
+    Ctl,
+    ManagementAPI,
+    local_ctl,
+    management_for,
+)
 
 if TYPE_CHECKING:
     from rabbitflow.app import App
@@ -47,18 +55,24 @@ def _async_fixture(func: F) -> F:
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 CONTAINER_IMAGE = "rabbitmq:3.13-alpine"
-CTL_ENV = "RABBITFLOW_TEST_CTL"
+__all__ = ["CTL_ENV", "Admin", "Ctl", "ManagementAPI", "RabbitMQ"]
 
-Ctl = Callable[[list[str]], str]
 AppFactory = Callable[..., Awaitable["TestApp"]]
 
 
 @dataclass(frozen=True)
 class RabbitMQ:
-    """A real broker for tests: its URL and, when available, a way to run ``rabbitmqctl``."""
+    """A real broker for tests: its URL and, when available, a way to run ``rabbitmqctl`` and
+    its management API."""
 
     url: str
     ctl: Ctl | None = None
+    management: ManagementAPI | None = None
+
+    @property
+    def admin(self) -> Admin:
+        """Vhosts, users and permissions: through ``management`` when set, else ``ctl``."""
+        return Admin(self.management, self.ctl)
 
     def vhost_url(self, vhost: str) -> str:
         """``url`` with its virtual host replaced by ``vhost``."""
@@ -72,20 +86,21 @@ class RabbitMQ:
     @contextlib.contextmanager
     def vhost(self, prefix: str = "rabbitflow-test") -> Iterator[str]:
         """A new virtual host, usable by the URL's user, deleted afterwards."""
-        if self.ctl is None:
+        if not self.admin.available:
             unavailable(
-                f"cannot create a vhost on {self.url.split('@')[-1]}: no rabbitmqctl "
-                "(install it next to the broker, or use rabbitmq_url with its own vhost)"
+                f"cannot create a vhost on {self.url.split('@')[-1]}: neither its management "
+                "API nor rabbitmqctl answers (install rabbitmqctl next to the broker, or use "
+                "rabbitmq_url with its own vhost)"
             )
             raise AssertionError("unreachable")  # pragma: no cover
         name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-        self.ctl(["add_vhost", name])
+        self.admin.add_vhost(name)
         try:
-            self.ctl(["set_permissions", "-p", name, self.user, ".*", ".*", ".*"])
+            self.admin.set_permissions(name, self.user)
             yield name
         finally:
             with contextlib.suppress(Exception):
-                self.ctl(["delete_vhost", name])
+                self.admin.delete_vhost(name)
 
 
 def in_ci(environ: Mapping[str, str] | None = None) -> bool:
@@ -137,24 +152,9 @@ def _docker_answers() -> bool:
         return False
 
 
-def _local_ctl() -> Ctl | None:
-    # RABBITFLOW_TEST_CTL: the rabbitmqctl command of the broker RABBITFLOW_TEST_URL names,
-    # when it is not the rabbitmqctl on PATH (a node in a container or a chroot).
-    command = os.environ.get(CTL_ENV)
-    path = shutil.which("rabbitmqctl")
-    prefix = shlex.split(command) if command else [path] if path else None
-    if prefix is None:
-        return None
-
-    def ctl(args: list[str]) -> str:
-        result = subprocess.run(
-            [*prefix, *args], capture_output=True, text=True, timeout=60, check=False
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
-        return result.stdout
-
-    return ctl
+def connect(url: str, ctl: Ctl | None) -> RabbitMQ:
+    """The broker at ``url``: administered through its management API when it answers."""
+    return RabbitMQ(url, ctl, management_for(url))
 
 
 @contextlib.contextmanager
@@ -181,9 +181,9 @@ def rabbitmq_broker() -> Iterator[RabbitMQ]:
     """The real broker of this test session (see the module docstring for where it comes from)."""
     source = choose_source(os.environ, _local_answers, _docker_answers)
     if source == "env":
-        yield RabbitMQ(os.environ["RABBITFLOW_TEST_URL"], _local_ctl())
+        yield connect(os.environ["RABBITFLOW_TEST_URL"], local_ctl())
     elif source == "local":
-        yield RabbitMQ(LOCAL_URL, _local_ctl())
+        yield connect(LOCAL_URL, local_ctl())
     elif source == "docker":
         with _container() as broker:
             yield broker

@@ -7,6 +7,7 @@ nodes running and leaves them so: a node a test killed is revived afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -19,9 +20,9 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.rabbit import Rabbit, _answers
 from tests.reliability.checker import Checker
-from tests.runtime_helpers import ROOT
+from tests.support.broker import Rabbit, answers
+from tests.support.processes import ROOT
 
 TOOL = Path(os.environ.get("RF_CLUSTER_TOOL", ROOT.parent / "shared" / "tools" / "cluster.sh"))
 NODES = (1, 2, 3)
@@ -47,7 +48,7 @@ class Cluster:
 
     def rabbit(self, node: int) -> Rabbit:
         """Node ``node`` as a :class:`Rabbit` (its URL, ``rabbitmqctl -n rfcN``)."""
-        return Rabbit(
+        return Rabbit.at(
             f"amqp://guest:guest@127.0.0.1:{port(node)}/", [str(self.tool), "ctl", str(node)]
         )
 
@@ -59,7 +60,7 @@ class Cluster:
         return ",".join(self.url(node, vhost) for node in order)
 
     def up(self, node: int) -> bool:
-        return _answers("127.0.0.1", port(node))
+        return answers("127.0.0.1", port(node))
 
     def kill(self, node: int) -> float:
         """SIGKILL the node's beam; return the wall-clock time just before the kill."""
@@ -126,13 +127,14 @@ def cluster_vhost(cluster: Cluster) -> Iterator[str]:
     vhost deleted."""
     rabbit = cluster.rabbit(1)
     name = f"rf-cluster-{uuid.uuid4().hex[:10]}"
-    rabbit.ctl("add_vhost", name)
+    rabbit.admin.add_vhost(name)
     try:
-        rabbit.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        rabbit.admin.set_permissions(name, "guest")
         yield name
     finally:
         cluster.revive_down()
-        rabbit.ctl("delete_vhost", name, check=False)
+        with contextlib.suppress(RuntimeError):
+            rabbit.admin.delete_vhost(name)
 
 
 def checker_on(cluster: Cluster, node: int, vhost: str, tmp_path: Path, name: str) -> Checker:

@@ -22,7 +22,8 @@ import pytest
 
 from tests.cluster.conftest import Cluster, checker_on
 from tests.reliability.checker import QUEUE, REPORT_ENV, Checker, job
-from tests.runtime_helpers import WorkerProcess, wait_until
+from tests.support.processes import WorkerProcess
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

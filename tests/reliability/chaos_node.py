@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
 
 NODE = "rf-chaos@localhost"
 AMQP_PORT = 5673
@@ -128,7 +128,7 @@ class ChaosNode:
         self.base: Path | None = None
         self.tls: TlsFiles | None = None
         self.tls_error = ""
-        self.rabbit = Rabbit(
+        self.rabbit = Rabbit.at(
             f"amqp://guest:guest@127.0.0.1:{AMQP_PORT}/", [self.ctl_path, "-n", NODE]
         )
         self._lock: IO[str] | None = None

@@ -42,9 +42,12 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from rabbitflow.topology import derive, load_topology
-from tests.rabbit import Rabbit
 from tests.reliability.app import DB_ENV, SLEEP_ENV
-from tests.runtime_helpers import ROOT, WorkerProcess, run_cli, wait_until
+from tests.support.amqp import drain as take_all
+from tests.support.broker import Rabbit
+from tests.support.output import text as header_text
+from tests.support.processes import ROOT, WorkerProcess, run_cli
+from tests.support.waiting import wait_until
 
 APP = "tests.reliability.app:app"
 SYNC_APP = "tests.reliability.app:sync_app"
@@ -340,29 +343,6 @@ async def _counts_async(url: str, queues: Sequence[str]) -> dict[str, int]:
 def ready_counts(url: str, queues: Sequence[str]) -> dict[str, int]:
     """Ready messages per queue from passive declares (exact for quorum queues; -1: missing)."""
     return asyncio.run(_counts_async(url, queues))
-
-
-async def _take_all_async(url: str, queue: str) -> list[AbstractIncomingMessage]:
-    connection = await aio_pika.connect(url)
-    try:
-        channel = await connection.channel()
-        source = await channel.get_queue(queue, ensure=False)
-        taken: list[AbstractIncomingMessage] = []
-        while (message := await source.get(no_ack=False, fail=False)) is not None:
-            await message.ack()
-            taken.append(message)
-        return taken
-    finally:
-        await connection.close()
-
-
-def take_all(url: str, queue: str) -> list[AbstractIncomingMessage]:
-    """Every message of ``queue``, acked (so removed) one by one."""
-    return asyncio.run(_take_all_async(url, queue))
-
-
-def header_text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def death_reasons(headers: dict[str, Any]) -> list[str]:

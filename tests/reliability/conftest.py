@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.rabbit import Rabbit
-from tests.reliability.chaos_node import ChaosNode, ChaosNodeUnavailable
+from tests.reliability.chaos_node import NODE, ChaosNode, ChaosNodeUnavailable
 from tests.reliability.checker import Checker
+from tests.support.broker import Rabbit
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +25,7 @@ def chaos_node(rabbit: Rabbit) -> Iterator[ChaosNode]:
         node.start()
     except (ChaosNodeUnavailable, OSError, RuntimeError) as exc:
         node.stop()
-        message = f"second RabbitMQ node {node.rabbit.ctl_prefix[-1]} unavailable: {exc}"
+        message = f"second RabbitMQ node {NODE} unavailable: {exc}"
         if os.environ.get("CI"):
             pytest.fail(message, pytrace=False)
         pytest.skip(message)

@@ -36,9 +36,10 @@ from rabbitflow._settle import parse_not_before
 from rabbitflow.errors import TopologyError
 from rabbitflow.message import read_attempt
 from rabbitflow.topology._loader import parse_topology
-from tests.rabbit import Rabbit
 from tests.reliability.checker import DLQ, Checker, header_text, job, take_all
-from tests.runtime_helpers import WorkerProcess, run_cli, wait_until
+from tests.support.broker import Rabbit
+from tests.support.processes import WorkerProcess, run_cli
+from tests.support.waiting import wait_until
 
 MAX_BODY = 512 * 1024
 FRAME_MAX = 131072  # RabbitMQ's default: a larger body travels in several frames

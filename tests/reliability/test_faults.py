@@ -21,13 +21,14 @@ import aio_pika
 import pytest
 
 from rabbitflow import App, UnroutableError
-from tests.rabbit import Rabbit
 from tests.reliability.chaos_node import CONSUMER_TIMEOUT_MS, ChaosNode
 from tests.reliability.checker import SYNC_APP, Checker, Run, death_reasons, header_text, job
 from tests.reliability.proxy import ChaosProxy
-from tests.runtime_helpers import run_cli, wait_until
+from tests.support.broker import Rabbit
+from tests.support.processes import run_cli
+from tests.support.waiting import wait_until
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.chaos, pytest.mark.nodes]
 
 
 def test_kill_9_three_times(checker: Checker) -> None:
@@ -363,7 +364,7 @@ def test_a_queue_deleted_while_running_is_declared_again(checker: Checker) -> No
     checker.records.wait_for("done", 300, timeout=20)
 
     # When its queue is deleted behind its back
-    checker.rabbit.ctl("delete_queue", "-p", checker.vhost, "work")
+    checker.rabbit.admin.delete_queue(checker.vhost, "work")
 
     # Then the broker cancels the consumer, the worker reconnects and declares the queue again,
     # and consumes what is published afterwards
@@ -502,12 +503,12 @@ def test_backlog_of_large_messages_stays_within_prefetch(
 def app_user(rabbit: Rabbit, vhost: str) -> Iterator[tuple[str, str]]:
     """A user with read and write but no configure permission on the test's vhost."""
     name, password = f"rf-app-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    rabbit.ctl("add_user", name, password)
+    rabbit.admin.add_user(name, password)
     try:
-        rabbit.ctl("set_permissions", "-p", vhost, name, "^$", ".*", ".*")
+        rabbit.admin.set_permissions(vhost, name, "^$", ".*", ".*")
         yield name, password
     finally:
-        rabbit.ctl("delete_user", name, check=False)
+        rabbit.forget_user(name)
 
 
 def test_least_privilege_user_runs_with_no_declare(

@@ -26,9 +26,9 @@ from rabbitflow.errors import PublishError, UnreachableBrokerError
 from tests.reliability.chaos_node import ChaosNode
 from tests.reliability.checker import Checker, header_text, job
 from tests.reliability.proxy import ChaosProxy
-from tests.runtime_helpers import wait_until
+from tests.support.waiting import wait_until
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.chaos]
 
 
 def _failing(keys: set[str]) -> object:
@@ -39,7 +39,7 @@ def test_quorum_queue_with_its_dlq_deleted_loses_nothing(checker: Checker) -> No
     # Given a worker on a quorum queue whose DLQ an operator deletes while it runs
     checker.write_topology(queue_type="quorum", retry='{ delays = ["100ms"], max_attempts = 2 }')
     worker = checker.start_worker(sleep=0.0)
-    checker.rabbit.ctl("delete_queue", "-p", checker.vhost, "work.dlq")
+    checker.rabbit.admin.delete_queue(checker.vhost, "work.dlq")
 
     # When five of 100 messages always fail
     poison = {"10", "30", "50", "70", "90"}
@@ -64,7 +64,7 @@ def test_no_declare_worker_keeps_messages_whose_dlq_is_gone(checker: Checker) ->
     checker.write_topology(queue_type="quorum", retry="false", crash_limit=2)
     checker.declare()
     worker = checker.start_worker("--no-declare", sleep=0.0)
-    checker.rabbit.ctl("delete_queue", "-p", checker.vhost, "work.dlq")
+    checker.rabbit.admin.delete_queue(checker.vhost, "work.dlq")
 
     # When three messages are rejected by their handler for 6 s
     checker.feed(3, rate=100, body=lambda n: job(n, action="fail"))

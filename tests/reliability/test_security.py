@@ -16,9 +16,9 @@ import pytest
 
 from tests.reliability.chaos_node import TLS_PORT, ChaosNode, TlsFiles
 from tests.reliability.checker import Checker
-from tests.runtime_helpers import run_cli
+from tests.support.processes import run_cli
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.chaos, pytest.mark.nodes]
 
 
 @pytest.fixture

@@ -1,0 +1,85 @@
+"""Sockets of a test: free ports, HTTP GET, and a gate in front of the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from urllib.parse import urlsplit, urlunsplit
+
+
+class BrokerGate:
+    """A TCP forwarder to RabbitMQ that can stop accepting connections: an outage during
+    which the worker's reconnection attempts are refused and retried, for as long as a test
+    needs, without touching the broker's configuration."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 5672) -> None:
+        self.upstream = (host, port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    def url(self, broker_url: str) -> str:
+        parts = urlsplit(broker_url)
+        return urlunsplit(
+            parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{self.port}")
+        )
+
+    async def __aenter__(self) -> BrokerGate:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
+
+    def shut(self) -> None:
+        """Refuse new connections; those already open stay up."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def close(self) -> None:
+        self.shut()
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        for source, target in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(_pipe(source, target))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of ``GET path`` (the health server shares the test's event loop)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+        await writer.drain()
+        response = (await asyncio.wait_for(reader.read(), 5)).decode()
+    finally:
+        writer.close()
+    head, _, body = response.partition("\r\n\r\n")
+    return int(head.split()[1]), body

@@ -1,0 +1,37 @@
+"""Polling until something holds: from a thread (``wait_until``) or the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def _expired(deadline: float, timeout: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def wait_until(
+    probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        _expired(deadline, timeout, what)
+        time.sleep(interval)
+    return value
+
+
+async def wait_for(
+    probe: Callable[[], T | None], what: str, timeout: float = 10.0, interval: float = 0.02
+) -> T:
+    """Poll ``probe`` on the event loop (other tasks run meanwhile) until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        _expired(deadline, timeout, what)
+        await asyncio.sleep(interval)
+    return value
