@@ -30,23 +30,14 @@ from rabbitflow._logging import configure_logging
 from rabbitflow._outcome import Action
 from rabbitflow._tracing import Tracing, set_tracing
 from rabbitflow._worker import Worker
-from tests.obs_helpers import (
-    ROOT,
-    BrokerGate,
-    Spans,
-    body_of,
-    capture_spans,
-    forget_cached_loggers,
-    free_port,
-    http_get,
-    json_lines,
-    parse_metrics,
-    running,
-    sample,
-    wait_for,
-    write_topology,
-)
-from tests.rabbit import Rabbit
+from tests.support.broker import Rabbit
+from tests.support.network import BrokerGate, free_port, http_get
+from tests.support.output import body_of, forget_cached_loggers, json_lines, parse_metrics, sample
+from tests.support.processes import ROOT
+from tests.support.spans import Spans, capture_spans
+from tests.support.topology import write_topology
+from tests.support.waiting import wait_for
+from tests.support.worker import running
 
 pytestmark = pytest.mark.broker
 
@@ -478,7 +469,7 @@ def rabbitflow_run(
 async def test_passwords_never_reach_the_logs(tmp_path: Path, vhost_url: str) -> None:
     # given broker URLs with the password "sekret": unreachable, or refusing the login
     topology = str(write_topology(tmp_path, "cli.work"))
-    target = "tests.obs_helpers:cli_app"
+    target = "tests.apps.obs_cli:cli_app"
     unreachable = "amqp://guest:sekret@127.0.0.1:1/"
     refusing = vhost_url.replace("guest:guest@", "guest:sekret@")
     assert "sekret" in refusing
@@ -548,7 +539,7 @@ async def test_spans_are_exported_before_rabbitflow_run_exits(
     # given `rabbitflow run` with OTEL_TRACES_EXPORTER=console (spans are batched, every 5s)
     topology = str(write_topology(tmp_path, "cli.work"))
     worker = rabbitflow_run(
-        tmp_path, "worker", "run", "tests.obs_helpers:cli_app", "--url", vhost_url,
+        tmp_path, "worker", "run", "tests.apps.obs_cli:cli_app", "--url", vhost_url,
         "--topology", topology, "--log-format", "json",
         env={"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "obs-test"},
     )  # fmt: skip
