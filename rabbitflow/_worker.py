@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiormq
@@ -35,7 +35,12 @@ from rabbitflow.errors import (
 )
 from rabbitflow.topology import Topology
 from rabbitflow.topology._declare import declare, verify
-from rabbitflow.topology._management import management_url, queue_depths, vhost_of
+from rabbitflow.topology._management import (
+    configured_url,
+    queue_depths,
+    vhost_of,
+    with_credentials,
+)
 
 log = structlog.get_logger("rabbitflow.worker")
 
@@ -61,6 +66,8 @@ class WorkerOptions:
     max_reconnect_wait: float = 30.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # The management API the stuck-tier monitor reads; None: port 15672 of the node in use.
+    management_url: str | None = field(default_factory=configured_url)
 
     @property
     def urls(self) -> list[str]:
@@ -133,8 +140,9 @@ class Worker:
         return self.options.urls[self._node]
 
     def _queue_depths(self) -> Awaitable[dict[str, dict[str, int]]]:
-        # The management API of the node this worker is connected to.
-        return queue_depths(management_url(self.node), vhost_of(self.node))
+        # The management API of the node this worker is connected to, unless one is given.
+        api = with_credentials(self.options.management_url, self.node)
+        return queue_depths(api, vhost_of(self.node))
 
     @property
     def paused(self) -> set[str]:

@@ -7,16 +7,18 @@ import asyncio
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiormq
 import pytest
 from click.testing import CliRunner, Result
 
 import rabbitflow.cli
+from rabbitflow._urls import mask_url
 from rabbitflow.topology import derive, parse_topology
 from rabbitflow.topology._derived import QueueSpec
 from rabbitflow.topology._drift import applied_policy, differences
-from rabbitflow.topology._management import management_url, with_credentials
+from rabbitflow.topology._management import configured_url, management_url, with_credentials
 from tests.support.broker import Rabbit
 
 TOPOLOGY = """
@@ -66,10 +68,14 @@ def row(result: Result, action: str, kind: str, name: str) -> str:
 
 @pytest.fixture
 def management() -> None:
+    # The test broker's API: RABBITFLOW_MANAGEMENT_URL (CI's RabbitMQ 4.0), else port 15672.
+    api = urlsplit(configured_url() or "http://127.0.0.1:15672/")
     try:
-        socket.create_connection(("127.0.0.1", 15672), timeout=1).close()
+        socket.create_connection(
+            (api.hostname or "127.0.0.1", api.port or 15672), timeout=1
+        ).close()
     except OSError:
-        message = "RabbitMQ's management API does not answer on 127.0.0.1:15672"
+        message = f"RabbitMQ's management API does not answer on {api.netloc}"
         if os.environ.get("CI"):
             pytest.fail(f"{message}; .ci/services/rabbitmq-management.sh enables it")
         pytest.skip(message)
@@ -141,7 +147,8 @@ def test_plan_sees_every_drift_and_exit_code_makes_it_2(
 
     # Then every difference is a row, nothing is changed, and --exit-code exits 2
     assert result.exit_code == 2, result.output
-    assert "through the management API at http://guest:***@127.0.0.1:15672/" in result.stdout
+    api = mask_url(with_credentials(configured_url(), vhost_url))
+    assert f"through the management API at {api}" in result.stdout
     assert row(result, "change", "binding", "orders -> billing") == (
         "broker routing key 'order.*', file routing key 'order.created': "
         "declare adds the file's; the broker's stays until unbound by hand"

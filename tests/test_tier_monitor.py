@@ -15,7 +15,12 @@ from rabbitflow._metrics import Metrics
 from rabbitflow._retries import TierMonitor
 from rabbitflow.topology import derive, load_topology
 from rabbitflow.topology._declare import declare
-from rabbitflow.topology._management import management_url, queue_depths, vhost_of
+from rabbitflow.topology._management import (
+    configured_url,
+    queue_depths,
+    vhost_of,
+    with_credentials,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -43,7 +48,8 @@ async def test_a_tier_whose_messages_cannot_go_back_is_reported(
     # When the monitor samples the tier twice, more than twice its delay apart (the
     # management statistics lag by up to 5 s)
     metrics = Metrics()
-    depths = functools.partial(queue_depths, management_url(vhost_url), vhost_of(vhost_url))
+    api = with_credentials(configured_url(), vhost_url)  # as the worker does
+    depths = functools.partial(queue_depths, api, vhost_of(vhost_url))
     monitor = TierMonitor([declarations.routes["full"]], metrics, interval=0.1, depths=depths)
     amqp = await aiormq.connect(vhost_url)
     try:

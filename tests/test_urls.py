@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+import rabbitflow._worker
 from rabbitflow import App
 from rabbitflow._urls import InvalidUrlError, mask_url, resolve_urls
 from rabbitflow._worker import Worker, WorkerOptions
@@ -204,3 +205,29 @@ async def test_a_worker_whose_first_node_is_down_consumes_through_the_next(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 15)
+
+
+def test_the_worker_reads_the_management_api_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a worker whose management API is behind a proxy, not on port 15672 of the node
+    seen: list[tuple[str, str]] = []
+
+    async def depths(api: str, vhost: str) -> dict[str, dict[str, int]]:
+        seen.append((api, vhost))
+        return {}
+
+    monkeypatch.setattr(rabbitflow._worker, "queue_depths", depths)
+    options = WorkerOptions(
+        url="amqp://app:s3cret@rabbit-1:5672/orders", management_url="https://mgmt.example/"
+    )
+    worker = Worker(App(), parse_topology(""), options)
+
+    # When the tier monitor reads the depths
+    asyncio.run(worker._queue_depths())  # type: ignore[arg-type]
+
+    # Then it asks the given API, with the node's credentials, for the node's vhost
+    assert seen == [("https://app:s3cret@mgmt.example/", "orders")]
+    # and RABBITFLOW_MANAGEMENT_URL gives the same without the option (empty: the default)
+    monkeypatch.setenv("RABBITFLOW_MANAGEMENT_URL", "http://proxy:8080/")
+    assert WorkerOptions(url="amqp://x/").management_url == "http://proxy:8080/"
+    monkeypatch.setenv("RABBITFLOW_MANAGEMENT_URL", "")
+    assert WorkerOptions(url="amqp://x/").management_url is None

@@ -86,6 +86,13 @@ DUPLICATE_TERM_WINDOW = 0.5  # seconds
     help="Address for --metrics-port (0.0.0.0 in a container).",
 )
 @click.option(
+    "--management-url",
+    metavar="URL",
+    envvar="RABBITFLOW_MANAGEMENT_URL",
+    help="RabbitMQ's management API, for the retry-tier gauges and the stuck-tier warning "
+    "(default: http://HOST:15672/ of the node in use, with its credentials).",
+)
+@click.option(
     "--loop",
     type=click.Choice(["auto", "asyncio", "uvloop"]),
     default="auto",
@@ -107,6 +114,7 @@ def run(
     heartbeat: int | None,
     metrics_port: int | None,
     metrics_host: str,
+    management_url: str | None,
     loop: str,
 ) -> None:
     """Consume the queues of MODULE:APP.
@@ -134,6 +142,7 @@ def run(
         heartbeat=heartbeat,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
+        management_url=management_url,
     )
     worker = Worker(app, topology, options)
     _run_loop(worker, loop)

@@ -50,6 +50,7 @@ def validate(file: str) -> None:
 @click.option(
     "--management-url",
     metavar="URL",
+    envvar="RABBITFLOW_MANAGEMENT_URL",
     help="RabbitMQ's management HTTP API (default: http://HOST:15672/ of the broker URL, "
     "with its credentials).",
 )

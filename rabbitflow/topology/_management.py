@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from rabbitflow._urls import mask_url
 
 DEFAULT_PORT = 15672
+# Where the management API is when it is not port 15672 of the broker's host (a proxy, an
+# ingress, another port): `rabbitflow run`, `topology plan` and `console` read it.
+MANAGEMENT_URL_ENV = "RABBITFLOW_MANAGEMENT_URL"
 DEFAULT_TLS_PORT = 15671
 
 
@@ -56,6 +60,11 @@ def management_url(amqp_url: str) -> str:
         userinfo += "@"
     port = DEFAULT_TLS_PORT if tls else DEFAULT_PORT
     return urlunsplit(("https" if tls else "http", f"{userinfo}{host}:{port}", "/", "", ""))
+
+
+def configured_url() -> str | None:
+    """The management API named by ``RABBITFLOW_MANAGEMENT_URL``; None when unset or empty."""
+    return os.environ.get(MANAGEMENT_URL_ENV) or None
 
 
 def with_credentials(api_url: str | None, amqp_url: str) -> str:
