@@ -13,19 +13,22 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 tool=${RF_RMQ4_TOOL:-../shared/tools/rabbitmq4.sh}
 root=${RMQ4_ROOT:-/var/tmp/rabbitmq4/trixie}
+port=${RF_RMQ4_PORT:-5690}
+api=$((port + 10000))
+label=${RF_RMQ4_LABEL:-RabbitMQ 4.0}
 if [ ! -x "$tool" ]; then
-  echo "rabbitmq4: $tool is missing; the RabbitMQ 4.0 pass cannot run" >&2
+  echo "$label: $tool is missing; its pass cannot run" >&2
   exit 1
 fi
-up() { (exec 3<>/dev/tcp/127.0.0.1/5690) 2>/dev/null; }
-api_up() { (exec 3<>/dev/tcp/127.0.0.1/15690) 2>/dev/null; }
+up() { (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; }
+api_up() { (exec 3<>/dev/tcp/127.0.0.1/$api) 2>/dev/null; }
 with_management() {
   mkdir -p "$root/etc/rabbitmq/conf.d"
-  printf 'management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = 15690\n' \
+  printf 'management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = %s\n' "$api" \
     > "$root/etc/rabbitmq/conf.d/90-rabbitflow-management.conf"
   echo '[rabbitmq_management].' > "$root/etc/rabbitmq/enabled_plugins"
 }
-if up && api_up; then echo "RabbitMQ 4.0 answers on 127.0.0.1:5690 (management on 15690)"; exit 0; fi
+if up && api_up; then echo "$label answers on 127.0.0.1:$port (management on $api)"; exit 0; fi
 if [ ! -x "$root/usr/sbin/rabbitmqctl" ]; then
   "$tool" start   # builds the chroot, then starts the node once without the plugin
 fi
@@ -34,14 +37,14 @@ with_management
 "$tool" start
 for _ in $(seq 1 60); do
   if up && api_up && "$tool" ctl -q await_startup >/dev/null 2>&1; then
-    echo "RabbitMQ 4.0 is up (management on 127.0.0.1:15690)"; exit 0
+    echo "$label is up (management on 127.0.0.1:$api)"; exit 0
   fi
   sleep 1
 done
 if up; then
-  echo "RabbitMQ 4.0 is up, but its management API does not answer on 15690:" \
-    "the 4.0 pass makes vhosts with rabbitmqctl (slower)" >&2
+  echo "$label is up, but its management API does not answer on $api:" \
+    "its pass makes vhosts with rabbitmqctl (slower)" >&2
   exit 0
 fi
-echo "RabbitMQ 4.0 did not answer on 127.0.0.1:5690" >&2
+echo "$label did not answer on 127.0.0.1:$port" >&2
 exit 1
