@@ -12,12 +12,11 @@ import enum
 import time
 from collections.abc import Awaitable, Callable
 
-import structlog
-
+from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Value
 from rabbitflow.topology._schema import CircuitBreakerTable
 
-log = structlog.get_logger("rabbitflow.breaker")
+log = get_logger("rabbitflow.breaker")
 
 BUCKET_SECONDS = 1.0
 

@@ -16,12 +16,12 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import aiormq
-import structlog
 
 from rabbitflow._breaker import CircuitBreaker
 from rabbitflow._dispatch import Dispatcher, DispatchSpec
 from rabbitflow._handler import Consumer, Signature, inspect_handler
 from rabbitflow._importer import exception_types
+from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Metrics
 from rabbitflow._outcome import OutcomePolicy
 from rabbitflow._publisher import Publisher
@@ -36,7 +36,7 @@ from rabbitflow.app import App
 from rabbitflow.errors import BrokerError
 from rabbitflow.topology import Declarations, Topology, derive
 
-log = structlog.get_logger("rabbitflow.worker")
+log = get_logger("rabbitflow.worker")
 
 # The test kit's hooks: one replaces a handler (to record its calls), one wraps the
 # delivery callback (to know the delivery a handler runs for).

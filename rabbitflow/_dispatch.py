@@ -28,7 +28,7 @@ from rabbitflow import _headers as h
 from rabbitflow._backoff import full_jitter
 from rabbitflow._breaker import CircuitBreaker
 from rabbitflow._handler import Consumer, Signature
-from rabbitflow._logging import DELIVERY
+from rabbitflow._logging import DELIVERY, get_logger
 from rabbitflow._outcome import ACK, Action, OutcomePolicy, Plan
 from rabbitflow._payload import check_envelope
 from rabbitflow._rpc import Replier
@@ -40,7 +40,7 @@ from rabbitflow.idempotency._guard import SKIPPED, Guard, InProgress, Invoke
 from rabbitflow.message import Message, read_attempt
 from rabbitflow.middleware import Middleware, build_stack
 
-log = structlog.get_logger("rabbitflow.dispatch")
+log = get_logger("rabbitflow.dispatch")
 
 Run = Callable[[tuple[Any, ...]], Awaitable[Any]]
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import structlog
-
+from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Metrics
 
-log = structlog.get_logger("rabbitflow.health")
+log = get_logger("rabbitflow.health")
 _TEXT = "text/plain; charset=utf-8"
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 

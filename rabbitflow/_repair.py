@@ -14,15 +14,15 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import structlog
 from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import AMQPError
 
+from rabbitflow._logging import get_logger
 from rabbitflow.errors import PublishError, RabbitflowError
 from rabbitflow.topology._declare import declare
 from rabbitflow.topology._derived import Declarations, derived_for
 
-log = structlog.get_logger("rabbitflow.repair")
+log = get_logger("rabbitflow.repair")
 
 # Within this time of a repair of a queue, another failure does not repair it again: the
 # copy is published again at once if the repair worked, else the message backs off.

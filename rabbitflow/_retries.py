@@ -17,12 +17,12 @@ from typing import Any
 
 import aiormq
 import aiormq.abc
-import structlog
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from rabbitflow import _headers as h
 from rabbitflow._border import LOST
 from rabbitflow._duration import format_duration
+from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Metrics
 from rabbitflow.dlq import _as_int, _parse_time, _reading, _text, ready_count
 from rabbitflow.topology._derived import QueueRoutes, dlq_name
@@ -30,7 +30,7 @@ from rabbitflow.topology._derived import QueueRoutes, dlq_name
 # The management API's queue depths of the vhost (see topology.management.queue_depths).
 Depths = Callable[[], Awaitable[dict[str, dict[str, int]]]]
 
-log = structlog.get_logger("rabbitflow.retries")
+log = get_logger("rabbitflow.retries")
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,17 +14,17 @@ import uuid
 from typing import Any, TypeVar, overload
 
 import aiormq
-import structlog
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 from pydantic import BaseModel
 
 from rabbitflow import _headers as h
 from rabbitflow import _payload as payload
+from rabbitflow._logging import get_logger
 from rabbitflow._publisher import Publisher
 from rabbitflow.errors import BrokerError, PublishError, RemoteError, RequestTimeout
 
-log = structlog.get_logger("rabbitflow.rpc")
+log = get_logger("rabbitflow.rpc")
 
 # The pseudo-queue of direct reply-to. RabbitMQ accepts a publish whose reply_to is this name
 # only on a channel that already consumes from it (in no-ack mode), and rewrites reply_to to

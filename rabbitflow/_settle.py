@@ -14,12 +14,12 @@ from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from rabbitflow import _clock as clock
 from rabbitflow import _headers as h
 from rabbitflow._duration import format_duration
+from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Metrics
 from rabbitflow._outcome import Action, OutcomePolicy, Plan
 from rabbitflow._publisher import Publisher, copy_properties
@@ -29,7 +29,7 @@ from rabbitflow.errors import PublishError
 if TYPE_CHECKING:
     from rabbitflow._repair import Repairer
 
-log = structlog.get_logger("rabbitflow.settle")
+log = get_logger("rabbitflow.settle")
 
 # Messages whose copy failed to publish that a settler remembers (see Settler._failed).
 FAILED_MEMORY = 10_000

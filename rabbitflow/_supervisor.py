@@ -15,9 +15,9 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-import structlog
+from rabbitflow._logging import get_logger
 
-log = structlog.get_logger("rabbitflow.supervisor")
+log = get_logger("rabbitflow.supervisor")
 
 QUICK_FAILURE = 5.0  # seconds: a child dying this soon after start did not really start
 MAX_QUICK_FAILURES = 3

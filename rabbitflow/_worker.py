@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiormq
-import structlog
 from aio_pika.abc import AbstractConnection
 
 from rabbitflow._backoff import full_jitter
 from rabbitflow._broker_version import BrokerVersion, describe
 from rabbitflow._consumers import ConsumerSet, RunningConsumer
 from rabbitflow._health import HealthServer
+from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Metrics
 from rabbitflow._publisher import Publisher
 from rabbitflow._repair import Repairer
@@ -42,7 +42,7 @@ from rabbitflow.topology._management import (
     with_credentials,
 )
 
-log = structlog.get_logger("rabbitflow.worker")
+log = get_logger("rabbitflow.worker")
 
 # Longest wait for the broker to answer connection.close; a blocked connection never does.
 CLOSE_TIMEOUT = 2.0

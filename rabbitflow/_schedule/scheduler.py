@@ -16,9 +16,9 @@ from datetime import datetime
 
 import aiormq
 import aiormq.abc
-import structlog
 
 from rabbitflow import _clock as clock
+from rabbitflow._logging import get_logger
 from rabbitflow._publisher import Publisher
 from rabbitflow._schedule.entry import Schedule
 from rabbitflow._schedule.lease import Lease
@@ -26,7 +26,7 @@ from rabbitflow._schedule.timing import period_s
 from rabbitflow.connection import connect, underlay
 from rabbitflow.errors import PublishError, RabbitflowError, UnroutableError
 
-log = structlog.get_logger("rabbitflow.schedule")
+log = get_logger("rabbitflow.schedule")
 
 MIN_POLL_S = 0.2
 MAX_POLL_S = 5.0

@@ -22,14 +22,14 @@ from typing import Any
 
 import aiormq
 import aiormq.abc
-import structlog
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
+from rabbitflow._logging import get_logger
 from rabbitflow._publisher import PERSISTENT, Publisher
 from rabbitflow.topology._model import QueueConfig
 
-log = structlog.get_logger("rabbitflow.streams")
+log = get_logger("rabbitflow.streams")
 
 OFFSET_HEADER = "x-stream-offset"
 # Classic, durable, one message: reading the record (get, then requeue) must not count as a

@@ -11,17 +11,16 @@ import time
 from pathlib import Path
 
 import click
-import structlog
 
 from rabbitflow import _tracing as tracing
 from rabbitflow._importer import UserImportError, load_app
-from rabbitflow._logging import configure_logging
+from rabbitflow._logging import configure_logging, get_logger
 from rabbitflow._supervisor import Supervisor
 from rabbitflow._worker import DRAIN_GRACE, Worker, WorkerOptions
 from rabbitflow.cli import reports_errors
 from rabbitflow.cli._urls import broker_urls, reconnect_option, url_options
 
-log = structlog.get_logger("rabbitflow.run")
+log = get_logger("rabbitflow.run")
 DUPLICATE_TERM_WINDOW = 0.5  # seconds
 
 

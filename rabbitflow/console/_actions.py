@@ -11,15 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import structlog
 from aio_pika.abc import AbstractConnection
 
 from rabbitflow import dlq as ops
+from rabbitflow._logging import get_logger
 from rabbitflow.cli._dlq import render_replay
 from rabbitflow.console._groups import NO_ERROR_TYPE, message_key
 from rabbitflow.errors import RabbitflowError
 
-audit = structlog.get_logger("rabbitflow.console.audit")
+audit = get_logger("rabbitflow.console.audit")
 
 
 @dataclass(frozen=True, slots=True)

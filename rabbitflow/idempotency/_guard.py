@@ -14,14 +14,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-import structlog
 from aiormq.abc import DeliveredMessage
 
+from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Value
 from rabbitflow.errors import Retry
 from rabbitflow.idempotency._store import ClaimState, IdempotencyStore
 
-log = structlog.get_logger("rabbitflow.idempotency")
+log = get_logger("rabbitflow.idempotency")
 
 # How the dispatcher calls the handler for one delivery on a given attempt.
 Invoke = Callable[[DeliveredMessage, int], Awaitable[Any]]
