@@ -29,7 +29,7 @@ from rabbitflow._backoff import full_jitter
 from rabbitflow._breaker import CircuitBreaker
 from rabbitflow._handler import Consumer, Signature
 from rabbitflow._logging import DELIVERY, get_logger
-from rabbitflow._outcome import ACK, Action, OutcomePolicy, Plan
+from rabbitflow._outcome import ACK, EXPIRED, Action, OutcomePolicy, Plan, past_deadline
 from rabbitflow._payload import check_envelope
 from rabbitflow._rpc import Replier
 from rabbitflow._settle import Settler, parse_not_before
@@ -164,6 +164,9 @@ class Dispatcher:
         breaker = self._breaker
         if breaker is not None and breaker.is_open:
             await breaker.wait_runnable()
+        if headers and h.DEADLINE in headers and past_deadline(headers[h.DEADLINE]):
+            # The last moment before the handler: its caller stopped waiting for the reply.
+            return EXPIRED
         try:
             check_envelope(
                 self._queue, delivery.body, delivery.header.properties.content_encoding, self._limit
@@ -197,9 +200,12 @@ class Dispatcher:
         """In-process retries after ``attempt`` failed (``plan``), each an attempt, the second
         and later after a short exponential backoff with full jitter. ``ACK`` when one
         succeeds, else the plan for the last failure."""
+        headers = delivery.header.properties.headers
         for trial in range(self._immediate):
             if trial:
                 await asyncio.sleep(full_jitter(trial, base=0.05, cap=1.0))
+            if headers and h.DEADLINE in headers and past_deadline(headers[h.DEADLINE]):
+                return plan  # a request: its retry copy is settled unrun when it comes back
             attempt += 1
             try:
                 result = await self._invoke(delivery, attempt)

@@ -21,6 +21,9 @@ REPLAY_COUNT = "rabbitflow-replay-count"
 NOT_BEFORE = "rabbitflow-not-before"
 DEAD_LETTER_REASON = "rabbitflow-dead-letter-reason"
 DUE_AT = "rabbitflow-due-at"
+# When the caller of a request stops waiting for its reply (ISO-8601 UTC): past it, a worker
+# settles the request without running it.
+DEADLINE = "rabbitflow-deadline"
 
 ERROR_MESSAGE_LIMIT = 1024
 ERROR_STACK_LIMIT = 8 * 1024

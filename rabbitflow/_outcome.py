@@ -16,6 +16,7 @@ published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish
 | ``Reject``, bad payload, ``dead_letter_on``, attempts spent, retries off | ``DEAD_LETTER`` |
 | any of those with ``dead_letter = false`` | ``DROP`` (logged at ERROR) |
 | its copy could not be published | ``REQUEUE`` after an exponential backoff |
+| a request past its ``rabbitflow-deadline`` (its caller gave up) | ``EXPIRED``, not run |
 
 The table is built once per consumer; a failure walks its exception's MRO so that a subclass
 follows its parent unless it has an entry of its own.
@@ -48,6 +49,7 @@ class Action(enum.Enum):
     DEAD_LETTER = "dead_letter"
     DROP = "dropped"
     REQUEUE = "requeued"
+    EXPIRED = "expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,9 @@ class Plan:
 
 
 ACK = Plan(Action.ACK, "ok")
+# Acked without running: nobody waits for the reply, and a request is not a message to keep
+# (no DLQ copy: it could only be replayed to a caller that is gone).
+EXPIRED = Plan(Action.EXPIRED, "its caller gave up waiting")
 
 NOT_BEFORE_OUT_OF_RANGE = "not_before_out_of_range"
 
@@ -196,6 +201,29 @@ class OutcomePolicy:
         if any(isinstance(exc, cls) for cls in self._dead_letter_on):
             return "matches dead_letter_on"
         return "not in retry_on"
+
+
+def past_deadline(value: object) -> bool:
+    """Whether a request's ``rabbitflow-deadline`` header has passed on this host's clock.
+
+    No tolerance for clock skew: a worker whose clock is ahead by ``d`` settles requests in
+    the last ``d`` of their caller's wait, which could rarely be answered in time anyway; one
+    behind runs them up to ``d`` late, no later than the broker's TTL. A value that is not
+    a timestamp is ignored (the request runs)."""
+    deadline = deadline_of(value)
+    return deadline is not None and clock.now() > deadline
+
+
+def deadline_of(value: object) -> float | None:
+    """Epoch seconds of a ``rabbitflow-deadline`` header; None when malformed."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
 
 
 def _iso_after(delay_ms: int) -> str:

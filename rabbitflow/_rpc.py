@@ -10,7 +10,10 @@ failure), and it publishes the reply.
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
+from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import Any, TypeVar, overload
 
 import aiormq
@@ -18,6 +21,7 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 from pydantic import BaseModel
 
+from rabbitflow import _clock as clock
 from rabbitflow import _headers as h
 from rabbitflow import _payload as payload
 from rabbitflow._logging import get_logger
@@ -32,7 +36,16 @@ log = get_logger("rabbitflow.rpc")
 REPLY_TO = "amq.rabbitmq.reply-to"
 TRANSIENT = 1
 DEFAULT_TIMEOUT = 30.0
+# The broker drops a request that no worker took this long after its caller's deadline: as
+# long as a worker consumes the queue, it settles expired requests itself (unrun, acked,
+# never dead-lettered); the broker's TTL is the backstop for a queue nobody consumes.
+# RabbitMQ dead-letters a message whose TTL runs out in a queue with a dead-letter
+# exchange, so a TTL equal to the timeout would send every request of a backlog to the DLQ.
+EXPIRY_GRACE_MIN_MS = 1000
 M = TypeVar("M", bound=BaseModel)
+
+# Whether the request being published in this task reached the connection's write queue.
+_SENT: ContextVar[bool] = ContextVar("rabbitflow_request_sent", default=False)
 
 
 class Requester:
@@ -51,6 +64,8 @@ class Requester:
     async def open(cls, connection: aiormq.abc.AbstractConnection) -> Requester:
         """A confirm-mode channel consuming from ``amq.rabbitmq.reply-to``."""
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        if hasattr(channel, "write_queue"):
+            channel.write_queue = _SendMarker(channel.write_queue)
         requester = cls(connection, channel)
         # Replies come without acks (RabbitMQ refuses a reply consumer that acknowledges), so
         # a reply that arrives after the caller gave up costs nothing: it is dropped here.
@@ -74,34 +89,79 @@ class Requester:
         body: object,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        deadline: float | None = None,
         headers: dict[str, Any] | None = None,
         message_id: str | None = None,
         persistent: bool = False,
     ) -> DeliveredMessage:
-        """Publish a request and wait for its reply (the raw delivery)."""
+        """Publish a request and wait for its reply (the raw delivery).
+
+        The publish and the wait share one deadline (``deadline`` in the loop's time, else
+        ``timeout`` from now), and the request carries it: see :func:`expiry`."""
         if not self.is_open:
             raise _lost(exchange, routing_key, self._lost or "the reply channel is closed")
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + timeout
+        message_id = message_id or uuid.uuid4().hex
         correlation_id = uuid.uuid4().hex
-        future: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[DeliveredMessage] = loop.create_future()
         self._pending[correlation_id] = future
+        marker = _SENT.set(False)
         try:
-            async with asyncio.timeout(timeout):
-                await self._publisher.publish(
+            async with asyncio.timeout_at(deadline) as scope:
+                if await self._send(
                     exchange,
                     routing_key,
                     body,
-                    headers=headers,
-                    message_id=message_id,
-                    correlation_id=correlation_id,
-                    persistent=persistent,
-                    reply_to=REPLY_TO,
-                    timeout=None,
-                )
-                return await future
+                    deadline,
+                    headers,
+                    message_id,
+                    correlation_id,
+                    persistent,
+                ):
+                    return await future
         except TimeoutError:
-            raise RequestTimeout(exchange, routing_key, timeout) from None
+            if not scope.expired():
+                raise
         finally:
             self._pending.pop(correlation_id, None)
+            sent = _SENT.get()
+            _SENT.reset(marker)
+        raise RequestTimeout(exchange, routing_key, timeout, sent=sent, message_id=message_id)
+
+    async def _send(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: object,
+        deadline: float,
+        headers: dict[str, Any] | None,
+        message_id: str,
+        correlation_id: str,
+        persistent: bool,
+    ) -> bool:
+        """Publish the request unless its deadline has passed; whether it was published."""
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            return False  # nothing is published past the deadline
+        ttl_ms, stamp = expiry(left)
+        if stamp is not None:
+            headers = {**(headers or {}), h.DEADLINE: stamp}
+        await self._publisher.publish(
+            exchange,
+            routing_key,
+            body,
+            headers=headers,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            persistent=persistent,
+            reply_to=REPLY_TO,
+            expiration=ttl_ms,
+            timeout=None,
+        )
+        _SENT.set(True)  # the in-memory broker's channel publishes without a write queue
+        return True
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
         correlation_id = message.header.properties.correlation_id
@@ -128,6 +188,43 @@ class Requester:
         """Stop consuming replies; requests in flight fail at once."""
         if not self.channel.is_closed:
             await self.channel.close()
+
+
+def expiry(left: float) -> tuple[int | None, str | None]:
+    """The per-message TTL (ms) and the ``rabbitflow-deadline`` header of a request whose
+    caller waits ``left`` more seconds; ``(None, None)`` for a caller that waits for ever.
+
+    The header is the deadline on this host's clock; a worker settles the request unrun once
+    its own clock is past it (no tolerance: see docs/handlers.md on clock skew). The TTL is
+    relative, so the broker's part does not depend on clocks: it drops the request (or
+    dead-letters it, as ``expired``) only a grace after the deadline."""
+    if not math.isfinite(left):
+        return None, None
+    left_ms = max(math.ceil(left * 1000), 1)
+    at = datetime.fromtimestamp(clock.now() + left_ms / 1000, UTC)
+    stamp = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return left_ms + max(left_ms, EXPIRY_GRACE_MIN_MS), stamp
+
+
+class _SendMarker:
+    """The write queue of a requester's channel, marking the publishing task once its frames
+    are queued (:data:`_SENT`).
+
+    aiormq publishes in the caller's task: a publish cancelled before its frames are queued
+    never reaches the broker; once queued, they are written whatever becomes of the caller.
+    That is the line between a request that was not sent and one that was."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: asyncio.Queue[Any]) -> None:
+        self._queue = queue
+
+    async def put(self, frame: Any) -> None:
+        await self._queue.put(frame)
+        _SENT.set(True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
 
 
 def _lost(exchange: str, routing_key: str, reason: str) -> BrokerError:

@@ -218,6 +218,9 @@ class Settler:
             case Action.DROP:
                 self._done(delivery, plan)
                 return Action.DROP
+            case Action.EXPIRED:
+                self._done(delivery, plan)
+                return Action.EXPIRED
             case Action.REQUEUE:
                 # The delivery stays in hand during the backoff: a missing target does not
                 # turn into a hot redelivery loop, and a crash now returns it all the same.
@@ -320,6 +323,13 @@ class Settler:
                     error=_error_type(plan.error),
                     reason=plan.reason,
                     detail=_bounded(str(plan.error), 200),
+                )
+            case Action.EXPIRED:
+                log.warning(
+                    "request expired before it ran: its caller gave up waiting",
+                    queue=self.queue,
+                    message_id=props.message_id,
+                    deadline=_text((props.headers or {}).get(h.DEADLINE)),
                 )
             case Action.DROP:
                 log.error(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-from collections.abc import AsyncIterator, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -23,7 +24,7 @@ from rabbitflow._schedule.timing import Cron, Every, Timing
 from rabbitflow._state import State
 from rabbitflow._urls import mask_url, resolve_urls, split_urls, validate_url
 from rabbitflow.connection import connect, connected_url, underlay
-from rabbitflow.errors import ConfigurationError
+from rabbitflow.errors import ConfigurationError, RequestTimeout
 from rabbitflow.idempotency._guard import Guard
 from rabbitflow.idempotency._store import IdempotencyStore
 from rabbitflow.middleware import Middleware, name_of
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=BaseModel)
 MW = TypeVar("MW", bound=Middleware)
+T = TypeVar("T")
 
 __all__ = ["App", "Batch"]
 
@@ -431,10 +433,31 @@ class App:
         Raises :class:`~rabbitflow.RequestTimeout` after ``timeout`` seconds without a
         reply, :class:`~rabbitflow.RemoteError` when the handler failed for good,
         :class:`~rabbitflow.UnroutableError` when no queue takes the request, and
-        :class:`~rabbitflow.BrokerError` when the connection is lost while waiting."""
-        requester = await self._requester_for_connection()
+        :class:`~rabbitflow.BrokerError` when the connection is lost while waiting.
+
+        ``timeout`` bounds the whole call (connecting, publishing, waiting), and the request
+        carries it: the broker drops it from the queue, and a worker settles it without
+        running it, once its caller stopped waiting. :class:`~rabbitflow.RequestTimeout`
+        says whether the request was ``sent`` (docs/handlers.md, "Requests that expire")."""
+        message_id = message_id or uuid.uuid4().hex
+        deadline = asyncio.get_running_loop().time() + timeout
+        requester = self._current_requester()
+        if requester is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    requester = await self._requester_for_connection()
+            except TimeoutError:
+                raise RequestTimeout(
+                    exchange, routing_key, timeout, sent=False, message_id=message_id
+                ) from None
         reply = await requester.request(
-            exchange, routing_key, payload, timeout=timeout, headers=headers, message_id=message_id
+            exchange,
+            routing_key,
+            payload,
+            timeout=timeout,
+            deadline=deadline,
+            headers=headers,
+            message_id=message_id,
         )
         return read_reply(reply, response_model)
 
@@ -443,17 +466,28 @@ class App:
         """Requests of :meth:`request` waiting for their reply."""
         return 0 if self._requester is None else self._requester.in_flight
 
-    async def _requester_for_connection(self) -> Requester:
-        publisher = self._publisher
-        if publisher is None or not publisher.is_open:
-            publisher = await self._own_publisher()
-        requester = self._requester
+    def _current_requester(self) -> Requester | None:
+        """The requester of the open connection, if one is ready (no await on the hot path)."""
+        publisher, requester = self._publisher, self._requester
         if (
-            requester is not None
+            publisher is not None
+            and publisher.is_open
+            and requester is not None
             and requester.is_open
             and requester.connection is publisher.connection
         ):
             return requester
+        return None
+
+    async def _requester_for_connection(self) -> Requester:
+        requester = self._current_requester()
+        if requester is not None:
+            return requester
+        publisher = self._publisher
+        if publisher is None or not publisher.is_open:
+            # Connecting is shared by every caller: one whose timeout passes stops waiting,
+            # but the connection is still opened, for the others and for its next call.
+            publisher = await _shielded(self._own_publisher())
         if self._requester_lock is None:
             self._requester_lock = asyncio.Lock()
         async with self._requester_lock:
@@ -506,6 +540,20 @@ class App:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _shielded(work: Awaitable[T]) -> T:
+    """``work`` in a task of its own, which a cancelled caller does not cancel."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_retrieve)
+    return await asyncio.shield(task)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    # Nobody may await work that outlived its caller: its error is read here, so that
+    # asyncio does not print "exception was never retrieved" (the next call raises it anew).
+    if not task.cancelled():
+        task.exception()
 
 
 async def _call_hook(hook: Hook) -> None:

@@ -310,8 +310,10 @@ def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     back to 1, so the message starts a fresh retry cycle (an attempt present tells a later
     failure that the origin headers are rabbitflow's own, not a publisher's); broker ``x-``
     headers are dropped, so ``x-death`` does not grow on every round trip;
-    ``rabbitflow-replay-count`` goes up by one."""
+    ``rabbitflow-replay-count`` goes up by one. A request's ``rabbitflow-deadline`` is
+    dropped: its caller is long gone, and an operator's replay means "run it"."""
     kept = h.carried_headers(headers)
+    kept.pop(h.DEADLINE, None)
     kept[h.ATTEMPT] = 1
     kept[h.REPLAY_COUNT] = _as_int(headers.get(h.REPLAY_COUNT), default=0) + 1
     return kept

@@ -375,15 +375,36 @@ class Reject(RabbitflowError):
 
 
 class RequestTimeout(RabbitflowError):
-    """``app.request()`` got no reply within its ``timeout``."""
+    """``app.request()`` got no reply within its ``timeout``.
 
-    def __init__(self, exchange: str, routing_key: str, seconds: float) -> None:
+    ``sent`` says what became of the request. ``False``: the timeout passed before it was
+    handed to the broker, so no handler will ever run it and it is safe to send again.
+    ``True``: it was published, so its handler may have run (the reply came too late or not
+    at all), but none will start it after the deadline: the request carries the deadline and
+    expires (see docs/handlers.md). ``message_id`` names the request in the worker's logs."""
+
+    def __init__(
+        self,
+        exchange: str,
+        routing_key: str,
+        seconds: float,
+        *,
+        sent: bool = True,
+        message_id: str | None = None,
+    ) -> None:
         self.exchange = exchange
         self.routing_key = routing_key
         self.seconds = seconds
+        self.sent = sent
+        self.message_id = message_id
+        fate = (
+            "sent; it will not run after that"
+            if sent
+            else "not sent: the timeout passed before the broker had it"
+        )
         super().__init__(
             f"no reply to the request on exchange {exchange!r} with routing key "
-            f"{routing_key!r} within {seconds:g}s"
+            f"{routing_key!r} within {seconds:g}s ({fate})"
         )
 
 
