@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import html
 import json
 import re
 import threading
@@ -552,3 +553,56 @@ async def _dlq_depth(http: httpx.AsyncClient) -> int:
     found = re.search(rf'href="/dlq/{re.escape(Q)}">(\d+)</a>', page)
     assert found
     return int(found.group(1))
+
+
+# Message ids are strings a publisher chose: a path separator, escapes, spaces, a query or a
+# fragment mark, non-ASCII letters, or all of them at once.
+ODD_IDS = ["orders/42", "50%off", "%2F", "two words", "why?", "#7", "über-☃", "a/b%2Fc?d=1&e#f g"]
+
+
+async def test_every_message_id_opens_its_page_and_can_be_replayed(
+    client: Client, vhost_url: str
+) -> None:
+    # Given: dead letters whose message_ids hold characters that mean something in a URL
+    letters = []
+    for number, message_id in enumerate(ODD_IDS, start=1):
+        letter = failed(number, DECLINED)
+        letter.message_id = message_id
+        letters.append(letter)
+    await dead_letter(vhost_url, *letters)
+    http = await client()
+    page = (await http.get(f"/dlq/{Q}")).text
+    links = dict(
+        (html.unescape(text), html.unescape(href))
+        for href, text in re.findall(r'class="name"><a href="([^"]+)">([^<]*)</a>', _messages(page))
+    )
+    assert sorted(links) == sorted(ODD_IDS)
+
+    # When: each message's link is followed, as a browser would
+    for message_id, href in links.items():
+        shown = await http.get(href)
+        # Then: it opens that message's page
+        assert shown.status_code == 200, (message_id, href)
+        assert f"<code>{html.escape(message_id, quote=False)}</code>" in shown.text
+
+    # When: they are selected and replayed (the checkbox values, as the browser sends them)
+    keys = [html.unescape(k) for k in re.findall(r'name="key" value="([^"]+)"', page)]
+    form: dict[str, Any] = {"csrf": csrf(page), "scope": "selected", "key": keys[:4]}
+    asked = await http.post(f"/actions/replay/{Q}", data=form)
+    assert "This moves <b>4</b> messages" in asked.text
+    done = await http.post(f"/actions/replay/{Q}", data={**form, "confirm": "yes"})
+
+    # Then: exactly those went back to the queue, ids intact
+    assert done.status_code == 303
+    assert await message_ids(vhost_url, Q) == ODD_IDS[:4]
+    assert await message_ids(vhost_url, DLQ) == ODD_IDS[4:]
+
+
+async def test_an_unknown_message_key_is_a_404_naming_it(client: Client, vhost_url: str) -> None:
+    await dead_letter(vhost_url, failed(1, DECLINED))
+    http = await client()
+    missing = await http.get(f"/dlq/{Q}/message", params={"key": "id:orders/43"})
+    assert missing.status_code == 404
+    assert "id:orders/43" in missing.text
+    older = await http.get(f"/dlq/{Q}/message/id:m-1")  # links of earlier releases still open
+    assert older.status_code == 200

@@ -38,7 +38,10 @@ def build(console: Console) -> list[BaseRoute]:
     pages: list[BaseRoute] = [
         Route("/", _bind(console, overview)),
         Route("/queues", _bind(console, queue_rows)),
-        Route("/dlq/{queue:path}/message/{key}", _bind(console, message_page)),
+        # The message is named in the query: a message_id may hold any character, and a
+        # "/" in a path segment is a separator even when escaped (ASGI decodes %2F).
+        Route("/dlq/{queue:path}/message", _bind(console, message_page)),
+        Route("/dlq/{queue:path}/message/{key}", _bind(console, message_page)),  # older links
         Route("/dlq/{queue:path}", _bind(console, dlq_page)),
     ]
     if console.settings.read_only:
@@ -168,7 +171,7 @@ async def dlq_page(console: Console, request: Request) -> Response:
 
 async def message_page(console: Console, request: Request) -> Response:
     queue = _queue(console, request)
-    key = str(request.path_params["key"])
+    key = request.query_params.get("key") or str(request.path_params.get("key", ""))
     seen = await _peek(console, queue, fresh=False)
     found = next((m for m in seen.messages if message_key(m) == key), None)
     if found is None:
