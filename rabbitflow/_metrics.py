@@ -148,7 +148,7 @@ class Metrics:
         self.consumed = Metric(
             "rabbitflow_messages_total",
             "Deliveries settled, by queue and outcome (ack, retry, deferred, dead_letter, dropped, "
-            "requeued).",
+            "requeued, expired).",
             "counter",
             ("queue", "outcome"),
         )

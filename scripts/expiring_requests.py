@@ -9,7 +9,7 @@ deletes at the end, and a rabbitflow worker in this process:
    prefetch 1; how many timed out, how many handlers ran, and how many of those started after
    their caller had given up; then one fresh request with a 3 s timeout.
 2. **no consumer**: one request (timeout 0.3 s) to a queue nobody consumes; its depth over time.
-3. **tiny timeouts**: ``--tiny`` requests with timeouts of 0.5-50 ms to a queue nobody
+3. **tiny timeouts**: ``--tiny`` requests with timeouts of 1-100 ms to a queue nobody
    consumes; how many reached the broker, and whether ``RequestTimeout.sent`` says which.
 
 Written against the public API only, so it also measures older releases (``sent`` is then
@@ -152,7 +152,7 @@ async def tiny(url: str, queue: str, count: int) -> dict[str, Any]:
     async def one(n: int) -> None:
         key = f"t{n}"
         try:
-            await caller.request("", queue, {"n": n}, timeout=rng.uniform(0.0005, 0.05),
+            await caller.request("", queue, {"n": n}, timeout=rng.uniform(0.001, 0.1),
                                  message_id=key)  # fmt: skip
             flags[key] = "answered?"
         except RequestTimeout as exc:
@@ -209,7 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--tiny", type=int, default=5000)
+    parser.add_argument("--tiny", type=int, default=1000)
     args = parser.parse_args()
     suffix = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory() as folder:
