@@ -438,7 +438,10 @@ class App:
         ``timeout`` bounds the whole call (connecting, publishing, waiting), and the request
         carries it: the broker drops it from the queue, and a worker settles it without
         running it, once its caller stopped waiting. :class:`~rabbitflow.RequestTimeout`
-        says whether the request was ``sent`` (docs/handlers.md, "Requests that expire")."""
+        says whether the request was ``sent`` (docs/handlers.md, "Requests that expire");
+        ``math.inf`` waits for ever and the request never expires."""
+        if not timeout > 0:  # NaN too
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         message_id = message_id or uuid.uuid4().hex
         deadline = asyncio.get_running_loop().time() + timeout
         requester = self._current_requester()

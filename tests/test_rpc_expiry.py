@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,8 +18,9 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from rabbitflow import App, RequestTimeout
+from rabbitflow import App, Message, RequestTimeout
 from rabbitflow import _headers as h
+from rabbitflow._rpc import expiry
 from rabbitflow.dlq import replay_headers
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import parse_topology
@@ -234,3 +236,34 @@ async def test_a_request_past_its_deadline_is_settled_without_running() -> None:
 async def test_a_replayed_request_loses_its_deadline() -> None:
     headers = {h.DEADLINE: "2000-01-01T00:00:00.000Z", "tenant": "acme", h.ATTEMPT: 3}
     assert replay_headers(headers) == {"tenant": "acme", h.ATTEMPT: 1, h.REPLAY_COUNT: 1}
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan")])
+async def test_a_timeout_that_is_no_positive_duration_is_refused(timeout: float) -> None:
+    app = App(url="amqp://guest:guest@127.0.0.1:1/", topology="missing.toml")
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        await app.request("", "rpc.quotes", {}, timeout=timeout)
+
+
+async def test_a_request_without_end_carries_no_deadline() -> None:
+    app = App()
+    seen: list[object] = []
+
+    @app.consumer("rpc.quotes")
+    async def quote(request: dict[str, str], message: Message) -> str:
+        seen.append(message.headers.get(h.DEADLINE))
+        return "ok"
+
+    async with TestApp(app, MEMORY):
+        assert await app.request("", "rpc.quotes", {}, timeout=math.inf) == "ok"
+        assert await app.request("", "rpc.quotes", {}, timeout=5) == "ok"
+    assert seen[0] is None
+    assert isinstance(seen[1], str)
+    assert seen[1].endswith("Z")
+
+
+def test_the_broker_keeps_a_request_as_long_again_as_its_caller_waits_at_least_a_second() -> None:
+    assert expiry(5.0)[0] == 10_000
+    assert expiry(0.3)[0] == 300 + 1000
+    assert expiry(0.0001)[0] == 1 + 1000  # never a TTL of 0: "deliver now or drop"
+    assert expiry(math.inf) == (None, None)
