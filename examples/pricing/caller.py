@@ -28,8 +28,9 @@ async def quote(sku: str, quantity: int) -> str:
         )
     except RemoteError as exc:  # the service failed for good (here: unknown sku)
         return f"{sku}: refused ({exc.message})"
-    except RequestTimeout:
-        return f"{sku}: no answer within 5s (is the service running?)"
+    except RequestTimeout as exc:  # sent: the service may have run it, but will not any more
+        sent = "sent" if exc.sent else "not sent"
+        return f"{sku}: no answer within 5s, request {sent} (is the service running?)"
     return f"{sku}: {answer.quantity} x {answer.unit_price} = {answer.total}"
 
 
