@@ -209,7 +209,9 @@ class _Builder:
                 "RabbitMQ's direct reply-to: the caller consumes this pseudo-queue and sends "
                 "each request with reply_to = amq.rabbitmq.reply-to; the handler's reply goes "
                 "to the default exchange with the address the broker wrote into reply_to, and "
-                "carries the request's correlation_id."
+                "carries the request's correlation_id. A request carries its caller's deadline "
+                "(header rabbitflow-deadline, ISO-8601 UTC) and an expiration: past the "
+                "deadline a worker settles it without running it."
             ),
             "messages": {REPLY_ERROR: {"$ref": f"#/components/messages/{REPLY_ERROR}"}},
             "bindings": {
