@@ -201,7 +201,8 @@ def expiry(left: float) -> tuple[int | None, str | None]:
     if not math.isfinite(left):
         return None, None
     left_ms = max(math.ceil(left * 1000), 1)
-    at = datetime.fromtimestamp(clock.now() + left_ms / 1000, UTC)
+    # Cut to the millisecond, never later than the caller's deadline.
+    at = datetime.fromtimestamp(clock.now() + left, UTC)
     stamp = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return left_ms + max(left_ms, EXPIRY_GRACE_MIN_MS), stamp
 

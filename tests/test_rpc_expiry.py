@@ -121,8 +121,9 @@ async def test_requests_whose_callers_gave_up_never_run_and_do_not_hold_up_a_fre
         assert outcomes["fresh"] == "answered"
         assert loop.time() - fresh_at < 2.0
         await asyncio.sleep(0.5)  # anything still to run would run now
-    # ...and every handler that ran started while its caller still waited
-    late = {key: started[key] - deadlines[key] for key in started if started[key] > deadlines[key]}
+    # ...and every handler that ran started while its caller still waited (the test takes
+    # its deadline a few microseconds before app.request does)
+    late = {k: started[k] - deadlines[k] for k in started if started[k] > deadlines[k] + 0.001}
     assert late == {}
     assert len(started) < len(deadlines) - 30  # most of the burst never ran
     # ...and no request is left anywhere: not in the queue, not in its DLQ
