@@ -81,6 +81,15 @@ async def wait_empty(url: str, queue: str, within: float) -> float:
     return loop.time() - begun
 
 
+async def wait_count(url: str, queue: str, count: int, within: float) -> None:
+    """Until ``queue`` holds ``count`` messages (dead-lettering is asynchronous)."""
+    loop = asyncio.get_running_loop()
+    begun = loop.time()
+    while (held := (await message_counts_async(url, [queue]))[queue]) < count:
+        assert loop.time() - begun < within, f"{queue} holds {held} of {count} after {within}s"
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.broker
 async def test_requests_whose_callers_gave_up_never_run_and_do_not_hold_up_a_fresh_one(
     vhost_url: str, topology: str, caller: App
@@ -147,6 +156,7 @@ async def test_a_request_nobody_consumes_leaves_its_queue_after_its_timeout(
         # Then: the broker drops it a grace (1 s) after the deadline, not never
         assert await wait_empty(vhost_url, queue, within=3.0) < 2.5
     # ...and where the queue has a DLQ, the broker dead-letters it there as expired
+    await wait_count(vhost_url, "rpc.idle.dlq", 1, within=2.0)
     [letter] = await taken(vhost_url, "rpc.idle.dlq")
     assert letter.message_id == "rpc.idle"
     assert letter.headers["x-first-death-reason"] == "expired"
@@ -174,10 +184,12 @@ async def test_a_timeout_says_whether_the_request_was_sent(
     # When: 300 requests time out within 1-100 ms, many of them while publishing
     await asyncio.gather(*(ask(f"t{n}") for n in range(300)))
     assert len(sent) == 300
+    said_sent = {key for key, was in sent.items() if was}
     await wait_empty(vhost_url, "rpc.tiny", within=5.0)
+    await wait_count(vhost_url, "rpc.tiny.dlq", len(said_sent) + 1, within=2.0)
+    await asyncio.sleep(0.2)  # a request not meant to be there would have arrived too
     # Then: the requests that reached the broker are exactly those that say sent=True
     reached = {m.message_id for m in await taken(vhost_url, "rpc.tiny.dlq")} - {"warm-up"}
-    said_sent = {key for key, was in sent.items() if was}
     assert reached == said_sent
     assert 0 < len(said_sent) < 300  # both kinds happened
 
