@@ -39,6 +39,10 @@ retry = false
 retry = false
 dead_letter = false
 
+[queues."rpc.idle.classic"]
+queue_type = "classic"
+retry = false
+
 [queues."rpc.tiny"]
 retry = false
 """
@@ -144,9 +148,9 @@ async def test_requests_whose_callers_gave_up_never_run_and_do_not_hold_up_a_fre
 async def test_a_request_nobody_consumes_leaves_its_queue_after_its_timeout(
     vhost_url: str, topology: str, caller: App
 ) -> None:
-    # Given: queues that nobody consumes, one without and one with a DLQ
+    # Given: queues that nobody consumes: quorum without and with a DLQ, classic with one
     await declare_topology(App(url=vhost_url, topology=topology), vhost_url)
-    for queue in ("rpc.idle.nodlq", "rpc.idle"):
+    for queue in ("rpc.idle.nodlq", "rpc.idle", "rpc.idle.classic"):
         # When: a request to it times out
         with pytest.raises(RequestTimeout) as timed_out:
             await caller.request("", queue, {"sku": "A1"}, timeout=0.3, message_id=queue)
@@ -156,11 +160,12 @@ async def test_a_request_nobody_consumes_leaves_its_queue_after_its_timeout(
         # Then: the broker drops it a grace (1 s) after the deadline, not never
         assert await wait_empty(vhost_url, queue, within=3.0) < 2.5
     # ...and where the queue has a DLQ, the broker dead-letters it there as expired
-    await wait_count(vhost_url, "rpc.idle.dlq", 1, within=2.0)
-    [letter] = await taken(vhost_url, "rpc.idle.dlq")
-    assert letter.message_id == "rpc.idle"
-    assert letter.headers["x-first-death-reason"] == "expired"
-    assert h.DEADLINE in letter.headers
+    for queue in ("rpc.idle", "rpc.idle.classic"):
+        await wait_count(vhost_url, f"{queue}.dlq", 1, within=2.0)
+        [letter] = await taken(vhost_url, f"{queue}.dlq")
+        assert letter.message_id == queue
+        assert letter.headers["x-first-death-reason"] == "expired"
+        assert h.DEADLINE in letter.headers
 
 
 @pytest.mark.broker
