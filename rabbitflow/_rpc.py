@@ -22,7 +22,13 @@ from pydantic import BaseModel
 from rabbitflow import _headers as h
 from rabbitflow import _payload as payload
 from rabbitflow._publisher import Publisher
-from rabbitflow.errors import BrokerError, PublishError, RemoteError, RequestTimeout
+from rabbitflow.errors import (
+    BrokerError,
+    PublishConnectionError,
+    PublishError,
+    RemoteError,
+    RequestTimeout,
+)
 
 log = structlog.get_logger("rabbitflow.rpc")
 
@@ -130,11 +136,11 @@ class Requester:
             await self.channel.close()
 
 
-def _lost(exchange: str, routing_key: str, reason: str) -> BrokerError:
-    return BrokerError(
-        f"cannot send the request to exchange {exchange!r} with routing key "
-        f"{routing_key!r}: {reason}"
-    )
+def _lost(exchange: str, routing_key: str, reason: str) -> PublishConnectionError:
+    # Before the request is published: the caller can send it again, nothing was sent.
+    doing = "sending a request"
+    lost = BrokerError(f"cannot send the request: {reason}", doing=doing, reason=reason)
+    return PublishConnectionError(exchange, routing_key, lost)
 
 
 # -- the caller reads a reply --------------------------------------------------------------

@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 from rabbitflow._batch import Batch
+from rabbitflow._border import broker_call
 from rabbitflow._broker_version import BrokerVersion, describe
 from rabbitflow._handler import Consumer
 from rabbitflow._logging import get_logger
@@ -23,7 +24,7 @@ from rabbitflow._schedule.timing import Cron, Every, Timing
 from rabbitflow._state import State
 from rabbitflow._urls import mask_url, resolve_urls, split_urls, validate_url
 from rabbitflow.connection import connect, connected_url, underlay
-from rabbitflow.errors import ConfigurationError
+from rabbitflow.errors import BrokerError, ConfigurationError, PublishConnectionError
 from rabbitflow.idempotency._guard import Guard
 from rabbitflow.idempotency._store import IdempotencyStore
 from rabbitflow.middleware import Middleware, name_of
@@ -315,9 +316,7 @@ class App:
         when no queue is bound for the routing key, :class:`~rabbitflow.PublishError` when
         the broker does not confirm.
         """
-        publisher = self._publisher
-        if publisher is None or not publisher.is_open:
-            publisher = await self._own_publisher()
+        publisher = await self._publisher_for(exchange, routing_key)
         return await publisher.publish(
             exchange,
             routing_key,
@@ -385,6 +384,14 @@ class App:
             publisher = await self._own_publisher()
         return publisher
 
+    async def _publisher_for(self, exchange: str, routing_key: str) -> Publisher:
+        """The publisher for a message to ``exchange`` / ``routing_key``: a failure to
+        connect is the message's :class:`~rabbitflow.errors.PublishConnectionError`."""
+        try:
+            return await self._ready_publisher()
+        except BrokerError as exc:
+            raise PublishConnectionError.of(exc, exchange, routing_key) from None
+
     # -- request / reply -----------------------------------------------------------------
 
     @overload
@@ -432,7 +439,10 @@ class App:
         reply, :class:`~rabbitflow.RemoteError` when the handler failed for good,
         :class:`~rabbitflow.UnroutableError` when no queue takes the request, and
         :class:`~rabbitflow.BrokerError` when the connection is lost while waiting."""
-        requester = await self._requester_for_connection()
+        try:
+            requester = await self._requester_for_connection()
+        except BrokerError as exc:
+            raise PublishConnectionError.of(exc, exchange, routing_key) from None
         reply = await requester.request(
             exchange, routing_key, payload, timeout=timeout, headers=headers, message_id=message_id
         )
@@ -464,7 +474,9 @@ class App:
                 or requester.connection is not publisher.connection
             ):
                 # One reply consumer per connection: a new connection gets a new one.
-                self._requester = requester = await Requester.open(publisher.connection)
+                with broker_call("opening the reply channel"):
+                    requester = await Requester.open(publisher.connection)
+                self._requester = requester
             return requester
 
     async def _own_publisher(self) -> Publisher:
@@ -484,7 +496,8 @@ class App:
                 url=mask_url(connected_url(self._connection)),
                 broker_version=describe(BrokerVersion.of(self._connection)),
             )
-            self._publisher = await Publisher.open(underlay(self._connection))
+            with broker_call("opening the publishing channel"):
+                self._publisher = await Publisher.open(underlay(self._connection))
             return self._publisher
 
     def _file_urls(self) -> list[str]:
