@@ -256,7 +256,8 @@ async def test_with_the_broker_down_the_api_answers_503_and_records_the_job_fail
     with sqlite3.connect(store.path) as db:
         ((job_id,),) = db.execute("select job_id from jobs").fetchall()
     job = store.get(job_id)
-    assert job is not None and job.status == "failed"
+    assert job is not None
+    assert job.status == "failed"
     assert job.error is not None
     assert job.error.startswith("not enqueued: publish to exchange 'jobs' with routing key")
     assert "cannot connect to amqp://guest:***@127.0.0.1:" in job.error
