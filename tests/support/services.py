@@ -2,7 +2,7 @@
 
 Each service is found through one environment variable, so a run can point the tests at
 another instance, or hide it behind a closed port as CI's bare-machine stage does
-(``.ci/run``, docs/development.md#services):
+(``.ci/bare-machine.sh``, docs/development.md#services):
 
 - Redis (idempotency store): ``RABBITFLOW_TEST_REDIS``, default ``redis://127.0.0.1:6379/0``;
 - PostgreSQL (idempotency store): ``RABBITFLOW_TEST_POSTGRES``, default
