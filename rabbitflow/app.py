@@ -17,6 +17,7 @@ from rabbitflow._border import broker_call
 from rabbitflow._broker_version import BrokerVersion, describe
 from rabbitflow._handler import Consumer
 from rabbitflow._logging import get_logger
+from rabbitflow._progress import DEFAULT_INTERVAL, interval_seconds
 from rabbitflow._publisher import Publisher
 from rabbitflow._rpc import DEFAULT_TIMEOUT, Requester, read_reply
 from rabbitflow._schedule.entry import Schedule, default_name
@@ -56,6 +57,9 @@ class App:
     ``metrics_registry`` is the prometheus_client ``CollectorRegistry`` whose metrics
     ``/metrics`` serves beside rabbitflow's (default: prometheus_client's ``REGISTRY``, when
     it is installed).
+    ``progress_interval`` is how often ``rabbitflow run`` logs each busy consumer's progress
+    line at INFO (``"60s"``; ``--progress-interval`` overrides it; None or 0: no lines); kept
+    as seconds in :attr:`progress_interval`.
     """
 
     def __init__(
@@ -68,8 +72,10 @@ class App:
         idempotency: IdempotencyStore | None = None,
         state: Any = None,
         metrics_registry: CollectorRegistry | None = None,
+        progress_interval: str | int | float | None = DEFAULT_INTERVAL,
     ) -> None:
         self.topology_path = Path(topology)
+        self.progress_interval: float | None = interval_seconds(progress_interval)
         self.urls: list[str] = split_urls(url)
         for each in self.urls:
             validate_url(each)
