@@ -320,7 +320,10 @@ class App:
         Pydantic models and JSON values go as ``application/json``, ``str`` as ``text/plain``,
         ``bytes`` as ``application/octet-stream``. Raises :class:`~rabbitflow.UnroutableError`
         when no queue is bound for the routing key, :class:`~rabbitflow.PublishError` when
-        the broker does not confirm.
+        the broker does not confirm, and :class:`~rabbitflow.PublishConnectionError` (a
+        ``PublishError`` too, and the ``BrokerError`` of the connection) when no connection
+        could be opened: every way the message can fail to reach the broker is a
+        ``PublishError``.
         """
         publisher = await self._publisher_for(exchange, routing_key)
         return await publisher.publish(
@@ -348,7 +351,8 @@ class App:
         routing stay per message: :class:`~rabbitflow.errors.BatchPublishError` (a
         :class:`~rabbitflow.PublishError`) lists each message that was returned, nacked,
         not confirmed within ``timeout`` seconds or never sent, by index and message id;
-        the others are confirmed all the same. A block that raises sends nothing.
+        the others are confirmed all the same. A block that raises sends nothing; without a
+        connection nothing is sent either: :class:`~rabbitflow.PublishConnectionError`.
         """
         return Batch(self._ready_publisher, timeout=timeout)
 
@@ -368,7 +372,9 @@ class App:
 
         ``message_ids``, when given, has one id per payload. Returns the message ids in
         order once every message is confirmed; raises
-        :class:`~rabbitflow.errors.BatchPublishError` as :meth:`batch` does."""
+        :class:`~rabbitflow.errors.BatchPublishError` as :meth:`batch` does, and
+        :class:`~rabbitflow.PublishConnectionError` when no connection could be opened
+        (nothing was sent)."""
         if message_ids is not None and len(message_ids) != len(payloads):
             raise ValueError(f"{len(message_ids)} message_ids for {len(payloads)} payloads")
         batch = Batch(self._ready_publisher, timeout=timeout)
@@ -443,8 +449,10 @@ class App:
         ``message_id`` (default: a new one) lets an idempotent handler recognise a repeat.
         Raises :class:`~rabbitflow.RequestTimeout` after ``timeout`` seconds without a
         reply, :class:`~rabbitflow.RemoteError` when the handler failed for good,
-        :class:`~rabbitflow.UnroutableError` when no queue takes the request, and
-        :class:`~rabbitflow.BrokerError` when the connection is lost while waiting."""
+        :class:`~rabbitflow.UnroutableError` when no queue takes the request,
+        :class:`~rabbitflow.PublishError` when it could not be sent (no connection:
+        :class:`~rabbitflow.PublishConnectionError`), and :class:`~rabbitflow.BrokerError`
+        when the connection is lost while waiting."""
         try:
             requester = await self._requester_for_connection()
         except BrokerError as exc:
