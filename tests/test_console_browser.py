@@ -101,6 +101,12 @@ class Billing:
         return None
 
 
+@pytest.fixture(autouse=True)
+def _browser() -> None:
+    # Before the vhost and the worker: without a browser there is nothing to set up for.
+    browser_or_skip()
+
+
 def browser_or_skip() -> tuple[Any, Any]:
     """Playwright's async API and its ``expect``; a skip (a failure in CI) without them."""
     try:
