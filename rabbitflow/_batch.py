@@ -23,7 +23,14 @@ from pamqp.header import ContentHeader
 
 from rabbitflow._payload import encode
 from rabbitflow._tracing import get_tracing
-from rabbitflow.errors import BatchFailure, BatchPublishError, PublishError, UnroutableError
+from rabbitflow.errors import (
+    BatchFailure,
+    BatchPublishError,
+    BrokerError,
+    PublishConnectionError,
+    PublishError,
+    UnroutableError,
+)
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel
@@ -122,7 +129,10 @@ class Batch:
                         **(message.properties.headers or {}),
                         **trace_headers,
                     }
-            publisher = await self._acquire()
+            try:
+                publisher = await self._acquire()
+            except BrokerError as exc:  # no connection: nothing of the batch was sent
+                raise PublishConnectionError.of(exc, first.exchange, first.routing_key) from None
             try:
                 channel = await publisher.ready_channel()
             except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from contextvars import ContextVar
@@ -85,11 +86,29 @@ def renders_json() -> bool:
     return _renders_json
 
 
-def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
+class AddWorker:
+    """``worker`` (its index) and ``pid`` on every line of a ``--workers`` child, so that the
+    lines of N workers mixed in one stream can be told apart."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, index: int) -> None:
+        self._fields = {"worker": index, "pid": os.getpid()}
+
+    def __call__(self, _: WrappedLogger, __: str, event: EventDict) -> EventDict:
+        for key, value in self._fields.items():
+            event.setdefault(key, value)
+        return event
+
+
+def configure_logging(
+    fmt: LogFormat = "auto", level: str = "info", *, worker: int | None = None
+) -> None:
     """Configure structlog (and the stdlib loggers of aio-pika/aiormq) for a worker process.
 
     ``auto`` means console output on a terminal and JSON otherwise. Levels below ``level``
-    cost one no-op call: the bound logger is built for the level once.
+    cost one no-op call: the bound logger is built for the level once. ``worker`` is the
+    index of a ``--workers`` child: its lines carry it, and the pid.
     """
     numeric = logging.getLevelNamesMapping()[level.upper()]
     global _renders_json
@@ -107,6 +126,8 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         mask_secrets,
     ]
+    if worker is not None:
+        processors.insert(2, AddWorker(worker))
     if use_json:
         processors.append(structlog.processors.format_exc_info)
     structlog.configure(

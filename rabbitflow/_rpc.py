@@ -26,7 +26,13 @@ from rabbitflow import _headers as h
 from rabbitflow import _payload as payload
 from rabbitflow._logging import get_logger
 from rabbitflow._publisher import Publisher
-from rabbitflow.errors import BrokerError, PublishError, RemoteError, RequestTimeout
+from rabbitflow.errors import (
+    BrokerError,
+    PublishConnectionError,
+    PublishError,
+    RemoteError,
+    RequestTimeout,
+)
 
 log = get_logger("rabbitflow.rpc")
 
@@ -228,11 +234,11 @@ class _SendMarker:
         return getattr(self._queue, name)
 
 
-def _lost(exchange: str, routing_key: str, reason: str) -> BrokerError:
-    return BrokerError(
-        f"cannot send the request to exchange {exchange!r} with routing key "
-        f"{routing_key!r}: {reason}"
-    )
+def _lost(exchange: str, routing_key: str, reason: str) -> PublishConnectionError:
+    # Before the request is published: the caller can send it again, nothing was sent.
+    doing = "sending a request"
+    lost = BrokerError(f"cannot send the request: {reason}", doing=doing, reason=reason)
+    return PublishConnectionError(exchange, routing_key, lost)
 
 
 # -- the caller reads a reply --------------------------------------------------------------

@@ -37,14 +37,23 @@ class Supervisor:
         self.signals = 0
 
     def _spawn(self, slot: int) -> None:
-        command = [sys.executable, "-m", "rabbitflow", *self.child_args]
+        # The index goes on every line the child logs (with its pid): --workers N output
+        # shows which worker did what.
+        command = [
+            sys.executable,
+            "-m",
+            "rabbitflow",
+            *self.child_args,
+            "--worker-index",
+            str(slot),
+        ]
         if self.metrics_port is not None:
             command += ["--metrics-port", str(self.metrics_port + slot)]
         # A session of its own: a terminal's Ctrl-C or a service manager signals the
         # supervisor only, which forwards one signal, so each worker drains gracefully.
         process = subprocess.Popen(command, start_new_session=True)
         self.children[slot] = (process, time.monotonic())
-        log.info("worker started", slot=slot, pid=process.pid)
+        log.info("worker started", worker=slot, pid=process.pid)
 
     def _forward(self, signum: int, _: FrameType | None) -> None:
         self.signals += 1
@@ -80,6 +89,6 @@ class Supervisor:
             self.stopping = True
             self._forward(signal.SIGTERM, None)
             return True
-        log.warning("worker exited; restarting it", slot=slot, pid=pid, exit_code=code)
+        log.warning("worker exited; restarting it", worker=slot, pid=pid, exit_code=code)
         self._spawn(slot)
         return False

@@ -18,6 +18,7 @@ from rabbitflow._consumers import ConsumerSet, RunningConsumer
 from rabbitflow._health import HealthServer
 from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Metrics
+from rabbitflow._progress import Progress
 from rabbitflow._publisher import Publisher
 from rabbitflow._repair import Repairer
 from rabbitflow._retries import TierMonitor
@@ -68,6 +69,8 @@ class WorkerOptions:
     metrics_host: str = "127.0.0.1"
     # The management API the stuck-tier monitor reads; None: port 15672 of the node in use.
     management_url: str | None = field(default_factory=configured_url)
+    # Seconds between the INFO progress lines of each consumer with traffic; None: no lines.
+    progress_interval: float | None = 60.0
 
     @property
     def urls(self) -> list[str]:
@@ -122,6 +125,8 @@ class Worker:
             self.metrics,
             depths=self._queue_depths,
         )
+        interval = self.options.progress_interval
+        self.progress = Progress(self.metrics, self.app.consumers, interval) if interval else None
 
     def _while_running(self) -> AbstractAsyncContextManager[object]:
         return run_schedules(self.app.schedules.values(), self.options.urls)
@@ -186,9 +191,13 @@ class Worker:
                 self.options.metrics_port,
             )
             await health.start()
+        # Across reconnections: the lines say what was handled, connected or not.
+        reporting = None if self.progress is None else asyncio.ensure_future(self.progress.run())
         try:
             await self._run()
         finally:
+            if reporting is not None:
+                reporting.cancel()
             if health is not None:
                 await health.close()
 
@@ -228,6 +237,8 @@ class Worker:
                 await connection.close()
             await self.app.close()
             self.consumers.close()
+            if self.progress is not None:
+                self.progress.finish()  # drained: the last line counts every message
             self.finished = True
             log.info("stopped")
 

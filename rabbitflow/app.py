@@ -14,9 +14,11 @@ from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 from rabbitflow._batch import Batch
+from rabbitflow._border import broker_call
 from rabbitflow._broker_version import BrokerVersion, describe
 from rabbitflow._handler import Consumer
 from rabbitflow._logging import get_logger
+from rabbitflow._progress import DEFAULT_INTERVAL, interval_seconds
 from rabbitflow._publisher import Publisher
 from rabbitflow._rpc import DEFAULT_TIMEOUT, Requester, read_reply
 from rabbitflow._schedule.entry import Schedule, default_name
@@ -24,7 +26,12 @@ from rabbitflow._schedule.timing import Cron, Every, Timing
 from rabbitflow._state import State
 from rabbitflow._urls import mask_url, resolve_urls, split_urls, validate_url
 from rabbitflow.connection import connect, connected_url, underlay
-from rabbitflow.errors import ConfigurationError, RequestTimeout
+from rabbitflow.errors import (
+    BrokerError,
+    ConfigurationError,
+    PublishConnectionError,
+    RequestTimeout,
+)
 from rabbitflow.idempotency._guard import Guard
 from rabbitflow.idempotency._store import IdempotencyStore
 from rabbitflow.middleware import Middleware, name_of
@@ -57,6 +64,9 @@ class App:
     ``metrics_registry`` is the prometheus_client ``CollectorRegistry`` whose metrics
     ``/metrics`` serves beside rabbitflow's (default: prometheus_client's ``REGISTRY``, when
     it is installed).
+    ``progress_interval`` is how often ``rabbitflow run`` logs each busy consumer's progress
+    line at INFO (``"60s"``; ``--progress-interval`` overrides it; None or 0: no lines); kept
+    as seconds in :attr:`progress_interval`.
     """
 
     def __init__(
@@ -69,8 +79,10 @@ class App:
         idempotency: IdempotencyStore | None = None,
         state: Any = None,
         metrics_registry: CollectorRegistry | None = None,
+        progress_interval: str | int | float | None = DEFAULT_INTERVAL,
     ) -> None:
         self.topology_path = Path(topology)
+        self.progress_interval: float | None = interval_seconds(progress_interval)
         self.urls: list[str] = split_urls(url)
         for each in self.urls:
             validate_url(each)
@@ -315,11 +327,12 @@ class App:
         Pydantic models and JSON values go as ``application/json``, ``str`` as ``text/plain``,
         ``bytes`` as ``application/octet-stream``. Raises :class:`~rabbitflow.UnroutableError`
         when no queue is bound for the routing key, :class:`~rabbitflow.PublishError` when
-        the broker does not confirm.
+        the broker does not confirm, and :class:`~rabbitflow.PublishConnectionError` (a
+        ``PublishError`` too, and the ``BrokerError`` of the connection) when no connection
+        could be opened: every way the message can fail to reach the broker is a
+        ``PublishError``.
         """
-        publisher = self._publisher
-        if publisher is None or not publisher.is_open:
-            publisher = await self._own_publisher()
+        publisher = await self._publisher_for(exchange, routing_key)
         return await publisher.publish(
             exchange,
             routing_key,
@@ -345,7 +358,8 @@ class App:
         routing stay per message: :class:`~rabbitflow.errors.BatchPublishError` (a
         :class:`~rabbitflow.PublishError`) lists each message that was returned, nacked,
         not confirmed within ``timeout`` seconds or never sent, by index and message id;
-        the others are confirmed all the same. A block that raises sends nothing.
+        the others are confirmed all the same. A block that raises sends nothing; without a
+        connection nothing is sent either: :class:`~rabbitflow.PublishConnectionError`.
         """
         return Batch(self._ready_publisher, timeout=timeout)
 
@@ -365,7 +379,9 @@ class App:
 
         ``message_ids``, when given, has one id per payload. Returns the message ids in
         order once every message is confirmed; raises
-        :class:`~rabbitflow.errors.BatchPublishError` as :meth:`batch` does."""
+        :class:`~rabbitflow.errors.BatchPublishError` as :meth:`batch` does, and
+        :class:`~rabbitflow.PublishConnectionError` when no connection could be opened
+        (nothing was sent)."""
         if message_ids is not None and len(message_ids) != len(payloads):
             raise ValueError(f"{len(message_ids)} message_ids for {len(payloads)} payloads")
         batch = Batch(self._ready_publisher, timeout=timeout)
@@ -386,6 +402,14 @@ class App:
         if publisher is None or not publisher.is_open:
             publisher = await self._own_publisher()
         return publisher
+
+    async def _publisher_for(self, exchange: str, routing_key: str) -> Publisher:
+        """The publisher for a message to ``exchange`` / ``routing_key``: a failure to
+        connect is the message's :class:`~rabbitflow.errors.PublishConnectionError`."""
+        try:
+            return await self._ready_publisher()
+        except BrokerError as exc:
+            raise PublishConnectionError.of(exc, exchange, routing_key) from None
 
     # -- request / reply -----------------------------------------------------------------
 
@@ -432,8 +456,10 @@ class App:
         ``message_id`` (default: a new one) lets an idempotent handler recognise a repeat.
         Raises :class:`~rabbitflow.RequestTimeout` after ``timeout`` seconds without a
         reply, :class:`~rabbitflow.RemoteError` when the handler failed for good,
-        :class:`~rabbitflow.UnroutableError` when no queue takes the request, and
-        :class:`~rabbitflow.BrokerError` when the connection is lost while waiting.
+        :class:`~rabbitflow.UnroutableError` when no queue takes the request,
+        :class:`~rabbitflow.PublishError` when it could not be sent (no connection:
+        :class:`~rabbitflow.PublishConnectionError`), and :class:`~rabbitflow.BrokerError`
+        when the connection is lost while waiting.
 
         ``timeout`` bounds the whole call (connecting, publishing, waiting), and the request
         carries it: the broker drops it from the queue, and a worker settles it without
@@ -453,6 +479,8 @@ class App:
                 raise RequestTimeout(
                     exchange, routing_key, timeout, sent=False, message_id=message_id
                 ) from None
+            except BrokerError as exc:
+                raise PublishConnectionError.of(exc, exchange, routing_key) from None
         reply = await requester.request(
             exchange,
             routing_key,
@@ -501,7 +529,9 @@ class App:
                 or requester.connection is not publisher.connection
             ):
                 # One reply consumer per connection: a new connection gets a new one.
-                self._requester = requester = await Requester.open(publisher.connection)
+                with broker_call("opening the reply channel"):
+                    requester = await Requester.open(publisher.connection)
+                self._requester = requester
             return requester
 
     async def _own_publisher(self) -> Publisher:
@@ -521,7 +551,8 @@ class App:
                 url=mask_url(connected_url(self._connection)),
                 broker_version=describe(BrokerVersion.of(self._connection)),
             )
-            self._publisher = await Publisher.open(underlay(self._connection))
+            with broker_call("opening the publishing channel"):
+                self._publisher = await Publisher.open(underlay(self._connection))
             return self._publisher
 
     def _file_urls(self) -> list[str]:

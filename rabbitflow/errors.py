@@ -199,10 +199,14 @@ class QueueNotFoundError(BrokerError):
 
 
 class PublishError(RabbitflowError):
-    """A publish was not confirmed by the broker.
+    """A message was not published: the broker did not confirm it, or it never reached the
+    broker (:class:`PublishConnectionError`).
 
-    ``missing`` is true when the target does not exist: the exchange is missing (404) or no
-    queue is bound for the routing key (the message was returned)."""
+    Every way :meth:`App.publish`, :meth:`App.publish_many` (``app.batch()``) and
+    :meth:`App.request` (until the request is sent) can fail to hand a message to the broker
+    raises a subclass of this one. ``missing`` is true when the target does not exist: the
+    exchange is missing (404) or no queue is bound for the routing key (the message was
+    returned)."""
 
     def __init__(
         self, exchange: str, routing_key: str, reason: str, *, missing: bool = False
@@ -223,6 +227,62 @@ class UnroutableError(PublishError):
         super().__init__(
             exchange, routing_key, "unroutable (no queue bound for this routing key)", missing=True
         )
+
+
+class PublishConnectionError(PublishError, BrokerError):
+    """A message not handed to the broker because no connection or channel could be had:
+    nothing was sent, so publishing it again cannot make a duplicate.
+
+    Both a :class:`PublishError` (``exchange``, ``routing_key``; ``except PublishError``
+    catches every way a message can fail to be published) and a :class:`BrokerError` (the
+    failure is the connection's: ``doing``, ``reason``, and the fields of the error it
+    stands for). :meth:`of` picks the subclass that is also that error's class, so code that
+    catches :class:`UnreachableBrokerError`, :class:`AccessRefusedError` or
+    :class:`TlsVerificationError` around a publish keeps catching it."""
+
+    def __init__(self, exchange: str, routing_key: str, error: BrokerError) -> None:
+        # The broker error's data (doing, reason, url...) on this error too.
+        self.__dict__.update(vars(error))
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.missing = False
+        # Past both parents' __init__, whose super() calls would meet each other's arguments.
+        RabbitflowError.__init__(
+            self,
+            f"publish to exchange {exchange!r} with routing key {routing_key!r} failed: {error}",
+        )
+
+    @classmethod
+    def of(cls, error: BrokerError, exchange: str, routing_key: str) -> PublishConnectionError:
+        """``error`` (raised while connecting for a publish to ``exchange`` with
+        ``routing_key``) as the publish error of its kind."""
+        if isinstance(error, PublishConnectionError):
+            return error
+        kind = next(k for k in type(error).__mro__ if k in _PUBLISH_KINDS)
+        return _PUBLISH_KINDS[kind](exchange, routing_key, error)
+
+
+class PublishUnreachableError(PublishConnectionError, UnreachableBrokerError):
+    """Not published: the broker could not be reached (an :class:`UnreachableBrokerError`
+    too; ``url`` has its password masked)."""
+
+
+class PublishAccessRefusedError(PublishConnectionError, AccessRefusedError):
+    """Not published: the broker refused the login, the vhost or the channel (an
+    :class:`AccessRefusedError` too)."""
+
+
+class PublishTlsError(PublishConnectionError, TlsVerificationError):
+    """Not published: the broker's TLS certificate could not be verified (a
+    :class:`TlsVerificationError` too; ``url`` has its password masked)."""
+
+
+_PUBLISH_KINDS: dict[type[BrokerError], type[PublishConnectionError]] = {
+    UnreachableBrokerError: PublishUnreachableError,
+    AccessRefusedError: PublishAccessRefusedError,
+    TlsVerificationError: PublishTlsError,
+    BrokerError: PublishConnectionError,
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ import pytest
 
 from rabbitflow.testing.pytest_plugin import RabbitMQ
 from tests.support.broker import Rabbit
+from tests.support.services import require_management
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +45,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if CHAOS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.chaos)
             item.add_marker(pytest.mark.nodes)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures make a vhost
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``management`` is skipped (failed in CI) when the management API it
+    would read does not answer: the marker is enough, no test has to remember a fixture."""
+    if item.get_closest_marker("management") is not None:
+        require_management()

@@ -1,5 +1,6 @@
 """The console in a real browser: headless Chromium (Debian's ``chromium``, installed by
-``.ci/services/chromium.sh``) driven by Playwright, against the real broker and a real worker.
+``.ci/services/chromium.sh``; ``RABBITFLOW_TEST_CHROMIUM`` names another) driven by
+Playwright, against the real broker and a real worker.
 
 Failing messages land in the DLQ, the page shows them without a reload, grouped by error type;
 an operator replays one group and then the selected rest; the handler, fixed meanwhile,
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -28,10 +28,11 @@ from rabbitflow import App
 from rabbitflow import _headers as h
 from rabbitflow._worker import Worker, WorkerOptions
 from rabbitflow.console import ConsoleSettings, create_app
+from rabbitflow.testing.pytest_plugin import unavailable
+from tests.support.services import CHROMIUM, require_chromium
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
 # As root Chromium needs --no-sandbox; the rest keeps a test browser off the network.
 FLAGS = [
     "--no-sandbox",
@@ -100,21 +101,20 @@ class Billing:
         return None
 
 
+@pytest.fixture(autouse=True)
+def _browser() -> None:
+    # Before the vhost and the worker: without a browser there is nothing to set up for.
+    browser_or_skip()
+
+
 def browser_or_skip() -> tuple[Any, Any]:
     """Playwright's async API and its ``expect``; a skip (a failure in CI) without them."""
     try:
         from playwright.async_api import async_playwright, expect
     except ImportError:
-        async_playwright = None
-    problem = None
-    if async_playwright is None:
-        problem = "playwright is not installed"
-    elif not shutil.which(CHROMIUM):
-        problem = f"{CHROMIUM} is missing (bash .ci/services/chromium.sh installs it)"
-    if problem is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{problem}; CI must run the browser tests", pytrace=False)
-        pytest.skip(problem)
+        unavailable("playwright is not installed", needed_by="the browser tests")
+        raise AssertionError("unreachable") from None  # pragma: no cover
+    require_chromium()
     return async_playwright, expect
 
 

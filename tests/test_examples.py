@@ -8,6 +8,7 @@ time makes the retry tiers instant); the jobs API runs in-process through httpx'
 from __future__ import annotations
 
 import email.utils
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from rabbitflow.connection import connect
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import derive, load_topology
 from rabbitflow.topology._declare import declare
+from tests.support.network import free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -236,6 +238,29 @@ async def test_unknown_jobs_and_bad_requests(store: JobStore, client: httpx.Asyn
         bad = await client.post("/jobs", json={"report": "sales", "month": "October"})
         assert bad.status_code == 422
         assert t.queue("jobs.reports").messages == []
+
+
+async def test_with_the_broker_down_the_api_answers_503_and_records_the_job_failed(
+    store: JobStore, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing listens on the broker's port: the publish fails to connect.
+    monkeypatch.setattr(jobs_worker.app, "url", f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    try:
+        response = await client.post("/jobs", json={"report": "sales", "month": "2026-10"})
+    finally:
+        await jobs_worker.app.close()
+
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.json() == {"detail": "the job queue is unavailable; try again"}
+    with sqlite3.connect(store.path) as db:
+        ((job_id,),) = db.execute("select job_id from jobs").fetchall()
+    job = store.get(job_id)
+    assert job is not None
+    assert job.status == "failed"
+    assert job.error is not None
+    assert job.error.startswith("not enqueued: publish to exchange 'jobs' with routing key")
+    assert "cannot connect to amqp://guest:***@127.0.0.1:" in job.error
 
 
 @pytest.mark.broker

@@ -19,8 +19,9 @@ from tests.support.amqp import publish
 from tests.support.broker import Rabbit, wait_queues_empty
 from tests.support.processes import ROOT, WorkerProcess, run_cli
 from tests.support.records import Records
+from tests.support.services import REDIS_URL, require_redis
 from tests.support.waiting import wait_until
-from tests.test_idempotency_stores import REDIS_URL, delete_prefix, require_service
+from tests.test_idempotency_stores import delete_prefix
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -56,7 +57,7 @@ prefetch = 5
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
-    require_service("Redis", 6379)
+    require_redis()
     name = f"rf-test:{uuid.uuid4().hex[:10]}:"
     yield name
     asyncio.run(delete_prefix(REDIS_URL, name))

@@ -1,4 +1,4 @@
-"""The billing example on ``TestApp`` with its real store: Redis on 127.0.0.1:6379."""
+"""The billing example on ``TestApp`` with its real store: Redis (``RABBITFLOW_TEST_REDIS``)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import pytest
 
 from examples.billing import app as billing
 from rabbitflow.testing import TestApp
-from tests.test_idempotency_stores import REDIS_URL, delete_prefix, require_service
+from tests.support.services import require_redis
+from tests.test_idempotency_stores import delete_prefix
 
 
 async def test_the_billing_example_charges_each_order_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    require_service("Redis", 6379)
+    redis_url = require_redis()
     prefix = f"rf-test:{uuid.uuid4().hex[:10]}:"
     monkeypatch.setattr(billing.store, "prefix", prefix)
     monkeypatch.setattr(billing, "payments", billing.PaymentProvider())
@@ -30,4 +31,4 @@ async def test_the_billing_example_charges_each_order_once(monkeypatch: pytest.M
             assert len(t.queue("billing.charges")) == 0
             assert t.dead_letters("billing.charges") == []
     finally:
-        await delete_prefix(REDIS_URL, prefix)
+        await delete_prefix(redis_url, prefix)

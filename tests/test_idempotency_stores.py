@@ -1,14 +1,13 @@
 """The idempotency stores keep one contract: claim with a lease → done for a ttl.
 
-Run against the real Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, database
-``test``), each test under its own key prefix / table; skipped without them, failed in CI.
+Run against the real Redis and PostgreSQL (``RABBITFLOW_TEST_REDIS``, default 127.0.0.1:6379;
+``RABBITFLOW_TEST_POSTGRES``, default 127.0.0.1:5432, database ``test``), each test under its own
+key prefix / table; skipped without them, failed in CI (``tests/support/services.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,22 +26,7 @@ from rabbitflow.idempotency import (
 from rabbitflow.idempotency._guard import InProgress
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import derive, parse_topology
-
-REDIS_URL = os.environ.get("RABBITFLOW_TEST_REDIS", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get(
-    "RABBITFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
-)
-
-
-def require_service(name: str, port: int) -> None:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-    except OSError:
-        message = f"no {name} on 127.0.0.1:{port}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must run the store tests (.ci/services)", pytrace=False)
-        pytest.skip(message)
+from tests.support.services import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
 
 
 async def drop_table(url: str, table: str) -> None:
@@ -69,10 +53,10 @@ async def make_store(kind: str, **options: str | int) -> tuple[IdempotencyStore,
     if kind == "memory":
         return MemoryStore(**options), None  # type: ignore[arg-type]
     if kind == "redis":
-        require_service("Redis", 6379)
+        require_redis()
         prefix = f"rf-test:{uuid.uuid4().hex[:10]}:"
         return RedisStore(REDIS_URL, prefix=prefix, **options), prefix  # type: ignore[arg-type]
-    require_service("PostgreSQL", 5432)
+    require_postgres()
     table = f"rf_test_{uuid.uuid4().hex[:10]}"
     return PostgresStore(POSTGRES_URL, table=table, **options), table  # type: ignore[arg-type]
 

@@ -4,10 +4,7 @@ differing argument, ``--exit-code``; and what it says when the management API is
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiormq
 import pytest
@@ -67,21 +64,6 @@ def row(result: Result, action: str, kind: str, name: str) -> str:
 
 
 @pytest.fixture
-def management() -> None:
-    # The test broker's API: RABBITFLOW_MANAGEMENT_URL (CI's RabbitMQ 4.0), else port 15672.
-    api = urlsplit(configured_url() or "http://127.0.0.1:15672/")
-    try:
-        socket.create_connection(
-            (api.hostname or "127.0.0.1", api.port or 15672), timeout=1
-        ).close()
-    except OSError:
-        message = f"RabbitMQ's management API does not answer on {api.netloc}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; .ci/services/rabbitmq-management.sh enables it")
-        pytest.skip(message)
-
-
-@pytest.fixture
 def topology_file(tmp_path: Path) -> Path:
     path = tmp_path / "topology.toml"
     path.write_text(TOPOLOGY)
@@ -130,7 +112,7 @@ async def _hand_made_audit(url: str) -> None:
 @pytest.mark.broker
 @pytest.mark.management
 def test_plan_sees_every_drift_and_exit_code_makes_it_2(
-    rabbit: Rabbit, vhost: str, vhost_url: str, topology_file: Path, management: None
+    rabbit: Rabbit, vhost: str, vhost_url: str, topology_file: Path
 ) -> None:
     # Given a declared topology, then changed by hand on the broker
     declared = run_declare(topology_file, vhost_url)
@@ -179,7 +161,7 @@ def test_plan_sees_every_drift_and_exit_code_makes_it_2(
 @pytest.mark.broker
 @pytest.mark.management
 def test_every_differing_argument_is_named_with_or_without_management(
-    rabbit: Rabbit, vhost: str, vhost_url: str, topology_file: Path, management: None
+    rabbit: Rabbit, vhost: str, vhost_url: str, topology_file: Path
 ) -> None:
     # Given "audit" declared by hand with three arguments other than the file's
     asyncio.run(_hand_made_audit(vhost_url))

@@ -42,7 +42,11 @@ async def test_a_vhost_made_through_the_management_api_is_usable_and_gone_afterw
 ) -> None:
     api = management_for(rabbit.url)
     if api is None:
-        unavailable("the management API does not answer next to the test broker")
+        unavailable(
+            "the management API does not answer next to the test broker "
+            "(RABBITFLOW_TEST_MANAGEMENT_URL, else its AMQP port plus 10000)",
+            needed_by="the tests marked management",
+        )
         return
     broker = RabbitMQ(rabbit.url, None, api)  # no rabbitmqctl: the API alone
     with broker.vhost("rf-admin") as name:

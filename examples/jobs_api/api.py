@@ -40,8 +40,12 @@ async def create_job(request: ReportRequest, response: Response) -> Job:
             "jobs", "report", ReportJob(job_id=job_id, **request.model_dump()), message_id=job_id
         )
     except PublishError as exc:
+        # Every way the message can fail to reach the broker: down or unreachable
+        # (PublishUnreachableError), refused, nacked, nothing bound (UnroutableError).
         await asyncio.to_thread(store.update, job_id, "failed", error=f"not enqueued: {exc}")
-        raise HTTPException(503, "the job queue is unavailable; try again") from None
+        raise HTTPException(
+            503, "the job queue is unavailable; try again", headers={"Retry-After": "5"}
+        ) from None
     response.headers["Location"] = f"/jobs/{job_id}"
     return job
 

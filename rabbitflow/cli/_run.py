@@ -15,10 +15,12 @@ import click
 from rabbitflow import _tracing as tracing
 from rabbitflow._importer import UserImportError, load_app
 from rabbitflow._logging import configure_logging, get_logger
+from rabbitflow._progress import interval_seconds
 from rabbitflow._supervisor import Supervisor
 from rabbitflow._worker import DRAIN_GRACE, Worker, WorkerOptions
 from rabbitflow.cli import reports_errors
 from rabbitflow.cli._urls import broker_urls, reconnect_option, url_options
+from rabbitflow.errors import ConfigurationError
 
 log = get_logger("rabbitflow.run")
 DUPLICATE_TERM_WINDOW = 0.5  # seconds
@@ -92,6 +94,20 @@ DUPLICATE_TERM_WINDOW = 0.5  # seconds
     "(default: http://HOST:15672/ of the node in use, with its credentials).",
 )
 @click.option(
+    "--progress-interval",
+    metavar="DURATION",
+    envvar="RABBITFLOW_PROGRESS_INTERVAL",
+    default=None,
+    help="How often each consumer with traffic logs a progress line at INFO: handled, "
+    "retried, dead-lettered, rate, p50/p99 handler time (default: the App's, 60s; 0: off).",
+)
+@click.option(
+    "--worker-index",
+    type=click.IntRange(min=0),
+    default=None,
+    hidden=True,  # set by --workers for each child: its lines carry worker and pid
+)
+@click.option(
     "--loop",
     type=click.Choice(["auto", "asyncio", "uvloop"]),
     default="auto",
@@ -114,6 +130,8 @@ def run(
     metrics_port: int | None,
     metrics_host: str,
     management_url: str | None,
+    progress_interval: str | None,
+    worker_index: int | None,
     loop: str,
 ) -> None:
     """Consume the queues of MODULE:APP.
@@ -121,7 +139,8 @@ def run(
     MODULE:APP is the import string of your App, for example examples.orders.app:app, or
     module:factory() for a function that returns one. Prints a start-up summary, then consumes
     until SIGTERM or Ctrl-C, letting in-flight handlers finish."""
-    configure_logging(log_format, log_level)  # type: ignore[arg-type]
+    configure_logging(log_format, log_level, worker=worker_index)  # type: ignore[arg-type]
+    interval = None if progress_interval is None else _interval(progress_interval)
     if workers > 1:
         sys.exit(Supervisor(_child_args(), workers, metrics_port).run())
     try:
@@ -142,6 +161,7 @@ def run(
         metrics_port=metrics_port,
         metrics_host=metrics_host,
         management_url=management_url,
+        progress_interval=app.progress_interval if progress_interval is None else interval,
     )
     worker = Worker(app, topology, options)
     _run_loop(worker, loop)
@@ -153,6 +173,14 @@ def run(
 
 
 TEARDOWN_GRACE = 1.0
+
+
+def _interval(value: str) -> float | None:
+    """``--progress-interval`` in seconds; None: off."""
+    try:
+        return interval_seconds(value)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--progress-interval") from None
 
 
 def _exit_after(seconds: float, worker: Worker) -> None:
@@ -180,7 +208,9 @@ def _exit_after(seconds: float, worker: Worker) -> None:
     timer.start()
 
 
-def _child_args(dropped: tuple[str, ...] = ("--workers", "--metrics-port")) -> list[str]:
+def _child_args(
+    dropped: tuple[str, ...] = ("--workers", "--metrics-port", "--worker-index"),
+) -> list[str]:
     """This command line without the options the supervisor sets per child."""
     args, skip = [], False
     for arg in sys.argv[1:]:

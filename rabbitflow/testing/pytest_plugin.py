@@ -94,7 +94,18 @@ class RabbitMQ:
             )
             raise AssertionError("unreachable")  # pragma: no cover
         name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-        self.admin.add_vhost(name)
+        try:
+            self.admin.add_vhost(name)
+        except RuntimeError as exc:
+            if self.admin.api is not None:
+                raise  # the API answered and refused: not a missing service
+            # Debian's rabbitmqctl runs only as root or rabbitmq (the Erlang cookie).
+            unavailable(
+                f"cannot create a vhost on {self.url.split('@')[-1]}: the management API "
+                f"does not answer and rabbitmqctl failed ({exc}); enable the management "
+                "plugin (rabbitmq-plugins enable rabbitmq_management) or run rabbitmqctl as "
+                "a user it accepts"
+            )
         try:
             self.admin.set_permissions(name, self.user)
             yield name
@@ -109,10 +120,11 @@ def in_ci(environ: Mapping[str, str] | None = None) -> bool:
     return value.strip().lower() not in ("", "0", "false", "no")
 
 
-def unavailable(reason: str) -> None:
-    """Skip the test, or fail it in CI, where broker tests must run."""
+def unavailable(reason: str, *, needed_by: str = "the broker tests") -> None:
+    """Skip the test, or fail it in CI, where ``needed_by`` (the tests that need what is
+    missing) must run. ``reason`` names what is missing and how to provide it."""
     if in_ci():
-        pytest.fail(f"{reason}; CI must run the broker tests", pytrace=False)
+        pytest.fail(f"{reason}; CI must run {needed_by}", pytrace=False)
     pytest.skip(reason)
 
 
