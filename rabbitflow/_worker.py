@@ -14,6 +14,7 @@ import structlog
 from aio_pika.abc import AbstractConnection
 
 from rabbitflow._backoff import full_jitter
+from rabbitflow._breaker import Dependency
 from rabbitflow._broker_version import BrokerVersion, describe
 from rabbitflow._consumers import ConsumerSet, RunningConsumer
 from rabbitflow._health import HealthServer
@@ -101,6 +102,8 @@ class Worker:
         self._publisher: Publisher | None = None
         self._node = 0
         self.broker_version: BrokerVersion | None = None
+        # Each store consumers need, and how long it took to answer at start (None: not).
+        self.store_checks: list[tuple[Dependency, float | None]] = []
         self._wire_extras()
 
     def _wire_extras(self) -> None:
@@ -219,6 +222,7 @@ class Worker:
             await self._prepare(connection)
             async with self.app.lifespan_context():
                 started = True
+                await self._check_stores()
                 async with self._while_running():
                     await self._serve(connection)
         finally:
@@ -230,6 +234,13 @@ class Worker:
             self.consumers.close()
             self.finished = True
             log.info("stopped")
+
+    async def _check_stores(self) -> None:
+        """Ask each store the consumers need to answer, all at once: one that does not is
+        logged (WARNING) and its consumers start paused until it answers."""
+        dependencies = list(self.consumers.dependencies)
+        answers = await asyncio.gather(*(dependency.check() for dependency in dependencies))
+        self.store_checks = list(zip(dependencies, answers, strict=True))
 
     async def _connect(self, *, reconnecting: bool = False) -> AbstractConnection:
         # At start-up a refused login or vhost is a configuration error: fail fast. Once the

@@ -5,6 +5,12 @@ it without running the handler); a key claimed by a live lease elsewhere raises
 :class:`InProgress`, a retry no earlier than the rest of that lease; otherwise the handler
 runs under a fresh claim, which becomes done when it returns and is released when it fails.
 A delivery without a ``message_id`` runs unguarded and is counted.
+
+The guard is the border between rabbitflow and a store a user implemented: such a store's
+calls are bounded by :data:`~rabbitflow.idempotency._store.DEFAULT_TIMEOUT` and whatever
+they raise becomes :class:`~rabbitflow.errors.StoreUnavailableError` (rabbitflow's own
+stores do both themselves). That error defers the message without spending an attempt and
+pauses the consumers that need the store (``rabbitflow._breaker.Dependency``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,17 @@ from aiormq.abc import DeliveredMessage
 
 from rabbitflow._metrics import Value
 from rabbitflow.errors import Retry
-from rabbitflow.idempotency._store import ClaimState, IdempotencyStore
+from rabbitflow.idempotency._memory import MemoryStore
+from rabbitflow.idempotency._postgres_store import PostgresStore
+from rabbitflow.idempotency._redis_store import RedisStore
+from rabbitflow.idempotency._store import (
+    DEFAULT_TIMEOUT,
+    ClaimResult,
+    ClaimState,
+    IdempotencyStore,
+    bounded,
+    timeout_seconds,
+)
 
 log = structlog.get_logger("rabbitflow.idempotency")
 
@@ -61,7 +77,7 @@ class Guard:
     ``skipped`` and ``unkeyed`` count the duplicates acked without running and the deliveries
     without a ``message_id`` (run unguarded); pass metric children to export them."""
 
-    __slots__ = ("lease_ms", "queue", "skipped", "store", "ttl_ms", "unkeyed")
+    __slots__ = ("_calls", "lease_ms", "queue", "skipped", "store", "ttl_ms", "unkeyed")
 
     def __init__(
         self,
@@ -73,6 +89,9 @@ class Guard:
     ) -> None:
         self.queue = queue
         self.store = store
+        # rabbitflow's own stores bound their calls and convert their errors; another is
+        # bounded and converted here, once chosen.
+        self._calls: IdempotencyStore = store if _owned(store) else _Bordered(store)
         self.lease_ms = store.lease_ms
         self.ttl_ms = store.ttl_ms
         self.skipped = skipped or Value()
@@ -88,7 +107,7 @@ class Guard:
                 return await invoke(delivery, attempt)
             key = f"{self.queue}:{message_id}"
             owner = uuid.uuid4().hex
-            found = await self.store.claim(key, owner, self.lease_ms)
+            found = await self._calls.claim(key, owner, self.lease_ms)
             if found.state is ClaimState.DONE:
                 self.skipped.value += 1
                 log.info(
@@ -107,6 +126,15 @@ class Guard:
 
         return guarded
 
+    async def probe(self) -> None:
+        """One call to the store; raises StoreUnavailableError unless it answers. A store
+        without ``ping()`` is asked to release a key nobody holds (a no-op by protocol)."""
+        ping = getattr(self.store, "ping", None)
+        if callable(ping) and _owned(self.store):
+            await ping()
+            return
+        await self._calls.release(f"{self.queue}:rabbitflow-probe", "rabbitflow-probe")
+
     def _unkeyed(self) -> None:
         self.unkeyed.value += 1
         count = int(self.unkeyed.value)
@@ -121,7 +149,7 @@ class Guard:
         # Failed or cancelled: free the key so that the retry (or the redelivery after a
         # shutdown) runs at once instead of waiting for the lease to run out.
         try:
-            await asyncio.shield(self.store.release(key, owner))
+            await asyncio.shield(self._calls.release(key, owner))
         except Exception as exc:
             log.warning(
                 "could not release an idempotency claim; it expires with its lease",
@@ -132,7 +160,7 @@ class Guard:
 
     async def _complete(self, key: str, owner: str) -> None:
         try:
-            await self.store.complete(key, owner, self.ttl_ms)
+            await self._calls.complete(key, owner, self.ttl_ms)
         except Exception as exc:
             # The handler's work is done: the message is acked all the same. Only a later
             # duplicate, arriving after the lease, would run again.
@@ -142,3 +170,35 @@ class Guard:
                 key=key,
                 error=repr(exc),
             )
+
+
+def _owned(store: IdempotencyStore) -> bool:
+    return isinstance(store, RedisStore | PostgresStore | MemoryStore)
+
+
+class _Bordered:
+    """A store a user implemented, as the guard calls it: each call within the default
+    deadline, any failure raised as StoreUnavailableError naming the store."""
+
+    __slots__ = ("_store", "_timeout", "lease_ms", "ttl_ms")
+
+    def __init__(self, store: IdempotencyStore) -> None:
+        self._store = store
+        self._timeout = timeout_seconds(DEFAULT_TIMEOUT)
+        self.lease_ms = store.lease_ms
+        self.ttl_ms = store.ttl_ms
+
+    async def claim(self, key: str, owner: str, lease_ms: int) -> ClaimResult:
+        call = self._store.claim(key, owner, lease_ms)
+        return await bounded(self._store, "claim", self._timeout, call, (Exception,))
+
+    async def complete(self, key: str, owner: str, ttl_ms: int) -> None:
+        call = self._store.complete(key, owner, ttl_ms)
+        await bounded(self._store, "complete", self._timeout, call, (Exception,))
+
+    async def release(self, key: str, owner: str) -> None:
+        call = self._store.release(key, owner)
+        await bounded(self._store, "release", self._timeout, call, (Exception,))
+
+    async def close(self) -> None:
+        await self._store.close()
