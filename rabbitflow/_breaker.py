@@ -12,6 +12,7 @@ keeps it safely) instead of burning through the retry tiers.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -140,7 +141,7 @@ class CircuitBreaker:
 # The probe of a dependency that stopped answering: first after about PROBE_BASE seconds,
 # then backing off (full jitter) up to PROBE_CAP between probes.
 PROBE_BASE = 0.25
-PROBE_CAP = 2.0
+PROBE_CAP = 1.0
 
 Probe = Callable[[], Awaitable[None]]
 Pause = Callable[[], Awaitable[None]]
@@ -217,7 +218,9 @@ class Dependency:
             queues=self.queues,
             error=str(error),
         )
-        self._task = asyncio.get_running_loop().create_task(self._recover())
+        # A context of its own: the delivery that met the failure is not the probe's.
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._recover(), context=contextvars.Context())
 
     async def _recover(self) -> None:
         await asyncio.gather(*(pause() for _, pause, _ in list(self._consumers.values())))

@@ -222,22 +222,31 @@ class ConsumerSet:
             queue: instrument(consumer, signatures[queue]) if instrument else consumer
             for queue, consumer in app.consumers.items()
         }
-        # The stores consumers need: an outage of one pauses them (off with ``breakers``).
+        # The idempotency guard of each queue (None: not idempotent), shared by every
+        # channel the consumer runs on, and the stores they need: an outage of one pauses
+        # the consumers that need it (off with ``breakers``).
+        self.guards = {queue: app.guard(queue, topology) for queue in self.consumers}
         self.dependencies = self._dependencies() if breakers else Dependencies()
 
     def _dependencies(self) -> Dependencies:
         found = Dependencies()
-        for queue in self.consumers:
-            guard = self.app.guard(queue, self.topology)
-            if guard is not None:
-                found.add(queue, guard.store, functools.partial(self._dependency, guard))
+        guards = [guard for guard in self.guards.values() if guard is not None]
+        for guard in guards:
+            sharing = [other for other in guards if other.store is guard.store]
+            found.add(guard.queue, guard.store, functools.partial(self._dependency, sharing))
         return found
 
-    def _dependency(self, guard: Guard) -> Dependency:
-        name = repr(guard.store)
+    def _dependency(self, guards: list[Guard]) -> Dependency:
+        name = repr(guards[0].store)
+
+        async def probe() -> None:
+            # Each guard of the store pings it and makes good the calls it was owed.
+            for guard in guards:
+                await guard.probe()
+
         return Dependency(
             name,
-            guard.probe,
+            probe,
             gauge=self.metrics.store_up.labels(name),
             outages=self.metrics.store_outages.labels(name),
         )
@@ -325,7 +334,7 @@ class ConsumerSet:
             prefetch=config.prefetch,
             immediate_retries=config.immediate_retries,
             middleware=self.app.middleware,
-            guard=self.app.guard(consumer.queue, self.topology),
+            guard=self.guards[consumer.queue],
         )
         dispatcher = Dispatcher(
             spec,
