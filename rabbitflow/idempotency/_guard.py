@@ -210,14 +210,16 @@ def _owned(store: IdempotencyStore) -> bool:
 
 
 class _Bordered:
-    """A store a user implemented, as the guard calls it: each call within the default
-    deadline, any failure raised as StoreUnavailableError naming the store."""
+    """A store a user implemented, as the guard calls it: each call within the store's
+    ``timeout`` attribute (a duration, or seconds as a float) if it has one, else the
+    default deadline; any failure raised as StoreUnavailableError naming the store."""
 
     __slots__ = ("_store", "_timeout", "lease_ms", "ttl_ms")
 
     def __init__(self, store: IdempotencyStore) -> None:
         self._store = store
-        self._timeout = timeout_seconds(DEFAULT_TIMEOUT)
+        timeout = getattr(store, "timeout", None)
+        self._timeout = timeout_seconds(timeout if timeout is not None else DEFAULT_TIMEOUT)
         self.lease_ms = store.lease_ms
         self.ttl_ms = store.ttl_ms
 

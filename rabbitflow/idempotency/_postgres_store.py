@@ -120,6 +120,7 @@ class PostgresStore:
             max_size=self.pool_size,
             open=False,
             timeout=self.timeout,
+            name=f"rabbitflow idempotency ({self.table})",
             kwargs={"autocommit": True, "connect_timeout": max(2, math.ceil(self.timeout))},
         )
         # Not waiting for the first connection: calls wait for one (up to the timeout).
@@ -191,7 +192,9 @@ class PostgresStore:
     async def close(self) -> None:
         pool, self._pool, self._ready, self._preparing = self._pool, None, None, None
         if pool is not None:
-            await pool.close()
+            # Bounded: a pool still trying to connect to a server that is down would wait
+            # for its connect timeout.
+            await pool.close(timeout=self.timeout)
         for task in list(self._background):
             task.cancel()
 
