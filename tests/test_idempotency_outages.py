@@ -381,3 +381,61 @@ async def test_an_outage_pauses_its_consumers_once_and_resumes_them_when_it_answ
     assert resumed["queues"] == ["work"]
     assert resumed["probes"] == 3
     assert resumed["outage_s"] >= 0
+
+
+# -- at start ----------------------------------------------------------------------------------
+
+
+async def test_the_worker_checks_its_store_at_start_and_the_summary_says_so() -> None:
+    from rabbitflow._summary import build
+    from rabbitflow._worker import Worker, WorkerOptions
+
+    # Given an idempotent consumer whose Redis is not there
+    store = RedisStore(f"redis://127.0.0.1:{closed_port()}/0")
+    app = App(idempotency=store)
+
+    @app.consumer("billing", idempotent=True)
+    async def bill(body: dict[str, int]) -> None:
+        """A handler."""
+
+    worker = Worker(app, parse_topology("[queues.billing]\n"), WorkerOptions(url="amqp://x/"))
+    try:
+        # When the worker checks its stores before consuming
+        with capture_logs() as logs:
+            await worker._check_stores()
+        # Then one warning names it, it is down, and the summary shows it not answering
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+            "store unavailable; consuming paused until it answers"
+        ]
+        ((dependency, answered),) = worker.store_checks
+        assert answered is None
+        assert not dependency.up
+        text = "\n".join(build(worker, "3.13.1").lines())
+        assert f"store     {store!r} for billing: NOT ANSWERING" in text
+        assert build(worker).fields()["stores"][0]["answer_ms"] is None
+    finally:
+        worker.consumers.close()
+        await store.close()
+
+
+async def test_a_store_that_answers_at_start_shows_its_time() -> None:
+    from rabbitflow._summary import build
+    from rabbitflow._worker import Worker, WorkerOptions
+
+    require_service("Redis", 6379)
+    store = RedisStore(REDIS_URL, prefix=f"rf-test:{uuid.uuid4().hex[:10]}:")
+    app = App(idempotency=store)
+
+    @app.consumer("billing", idempotent=True)
+    async def bill(body: dict[str, int]) -> None:
+        """A handler."""
+
+    worker = Worker(app, parse_topology("[queues.billing]\n"), WorkerOptions(url="amqp://x/"))
+    try:
+        await worker._check_stores()
+        text = "\n".join(build(worker).lines())
+        assert f"store     {store!r} for billing: answered in " in text
+        assert all(dependency.up for dependency, _ in worker.store_checks)
+    finally:
+        worker.consumers.close()
+        await store.close()

@@ -48,7 +48,14 @@ class IdempotencyStore(Protocol):
     """Where idempotency keys live. Implement these four coroutines for another store.
 
     ``owner`` is unique per claim, so that a holder whose lease expired cannot release the
-    claim of whoever took the key over."""
+    claim of whoever took the key over.
+
+    Any exception a call raises means the store did not answer: the message waits without
+    spending an attempt and the consumers that need the store pause until it answers. Each
+    call is bounded by the store's ``timeout`` attribute if it has one (a duration, or
+    seconds as a float), else by :data:`DEFAULT_TIMEOUT`. An optional ``async ping()`` is
+    the probe that finds it answering again (without one, a release of a key nobody
+    holds)."""
 
     ttl_ms: int
     lease_ms: int

@@ -153,11 +153,23 @@ def test_a_hung_redis_pauses_within_the_deadline_and_dead_letters_nothing(
     assert_handled_once_after_one_pause(checker, report)
 
 
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
 def test_a_store_unreachable_at_start_holds_the_consumer_until_it_answers(
-    checker: Checker, private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+    kind: str,
+    checker: Checker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
-    # Given a worker whose Redis is not running when it starts
-    use_store(monkeypatch, private_redis.url, f"rf-outage:{uuid.uuid4().hex[:10]}:")
+    # Given a worker whose store is not there when it starts
+    server: PrivateRedis | PostgresProxy
+    if kind == "redis":
+        server = PrivateRedis(tmp_path / "redis.log")
+        use_store(monkeypatch, server.url, f"rf-outage:{uuid.uuid4().hex[:10]}:")
+    else:
+        server = PostgresProxy(tmp_path / "proxy.log")
+        use_store(monkeypatch, server.url(POSTGRES_URL), request.getfixturevalue("postgres_table"))
+    request.addfinalizer(server.close)
     checker.write_topology(queue_type="quorum", prefetch=PREFETCH)
     worker: WorkerProcess = checker.start_worker(target=STORE_APP)
 
@@ -177,11 +189,11 @@ def test_a_store_unreachable_at_start_holds_the_consumer_until_it_answers(
     assert counts["work"] == 300, counts
     assert counts[DLQ] == 0, counts
 
-    # When Redis starts, the consumer resumes and handles each message once
-    private_redis.start()
+    # When the store comes, the consumer resumes and handles each message once
+    server.start()
     wait_until(lambda: checker.records.count("done") >= 300, 20, "300 messages handled")
     checker.drain(target=STORE_APP)
-    report = checker.report("store unreachable at start", faults=1, duplicate_bound=0)
+    report = checker.report(f"{kind} unreachable at start", faults=1, duplicate_bound=0)
     report.check()
     assert report.dead_lettered == 0, report.line()
     assert report.processed == 300, report.line()
