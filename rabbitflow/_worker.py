@@ -149,7 +149,7 @@ class Worker:
 
     @property
     def paused(self) -> set[str]:
-        """The queues whose circuit breaker has paused consuming."""
+        """The queues paused: by their circuit breaker, or for a store that does not answer."""
         return {consumer.queue for consumer in self._running if consumer.paused}
 
     # -- lifecycle ----------------------------------------------------------------------
