@@ -155,25 +155,37 @@ class Dependency:
     Unlike a breaker it counts nothing: one failure of the dependency opens it (every
     message of those consumers would meet the same failure), and the messages that met it
     wait without spending an attempt (see ``StoreUnavailableError`` in ``_outcome.py``).
-    ``name`` is the dependency as logs show it; ``queues`` the queues that need it."""
+    ``name`` is the dependency as logs show it; ``queues`` the queues whose consumers need
+    it."""
 
-    __slots__ = ("_consumers", "_gauge", "_outages", "_probe", "_task", "down_since", "name")
+    __slots__ = (
+        "_consumers",
+        "_gauge",
+        "_outages",
+        "_probe",
+        "_task",
+        "down_since",
+        "name",
+        "queues",
+    )
 
     def __init__(
         self,
         name: str,
         probe: Probe,
+        queues: tuple[str, ...] = (),
         *,
         gauge: Value | None = None,
         outages: Value | None = None,
     ) -> None:
         self.name = name
+        self.queues = sorted(queues)
         self._probe = probe
         self._gauge = gauge or Value()  # rabbitflow_store_up: 1 while it answers
         self._gauge.set(1)
         self._outages = outages or Value()
-        # The running consumers that need it: their queue, pause and resume.
-        self._consumers: dict[object, tuple[str, Pause, Pause]] = {}
+        # The running consumers that need it, with their pause and resume.
+        self._consumers: dict[object, tuple[Pause, Pause]] = {}
         self._task: asyncio.Task[None] | None = None
         self.down_since: float | None = None  # monotonic time of the failure; None: up
 
@@ -181,14 +193,10 @@ class Dependency:
     def up(self) -> bool:
         return self.down_since is None
 
-    @property
-    def queues(self) -> list[str]:
-        return sorted({queue for queue, _, _ in self._consumers.values()})
-
-    def attach(self, consumer: object, queue: str, pause: Pause, resume: Pause) -> None:
-        """A consumer of ``queue`` that needs this dependency started (paused already, when
-        the dependency is down: it starts paused)."""
-        self._consumers[consumer] = (queue, pause, resume)
+    def attach(self, consumer: object, pause: Pause, resume: Pause) -> None:
+        """A consumer that needs this dependency started (paused already, when the
+        dependency is down: it starts paused)."""
+        self._consumers[consumer] = (pause, resume)
 
     def detach(self, consumer: object) -> None:
         """The consumer is gone (its connection was lost, or the worker stops)."""
@@ -223,7 +231,7 @@ class Dependency:
         self._task = loop.create_task(self._recover(), context=contextvars.Context())
 
     async def _recover(self) -> None:
-        await asyncio.gather(*(pause() for _, pause, _ in list(self._consumers.values())))
+        await asyncio.gather(*(pause() for pause, _ in list(self._consumers.values())))
         probes = 0
         while True:
             probes += 1
@@ -244,7 +252,7 @@ class Dependency:
             outage_s=round(outage, 2),
             probes=probes,
         )
-        await asyncio.gather(*(resume() for _, _, resume in list(self._consumers.values())))
+        await asyncio.gather(*(resume() for _, resume in list(self._consumers.values())))
 
     def cancel(self) -> None:
         """Stop probing (the worker stops)."""

@@ -108,7 +108,7 @@ class RunningConsumer:
         reason = f"store {dependency.name}"
         if not dependency.up:
             self.holds.add(reason)
-        dependency.attach(self, self.queue, lambda: self.pause(reason), lambda: self.resume(reason))
+        dependency.attach(self, lambda: self.pause(reason), lambda: self.resume(reason))
         self.dependencies.append(dependency)
 
     def _new_tag(self) -> str:
@@ -247,6 +247,7 @@ class ConsumerSet:
         return Dependency(
             name,
             probe,
+            tuple(guard.queue for guard in guards),
             gauge=self.metrics.store_up.labels(name),
             outages=self.metrics.store_outages.labels(name),
         )

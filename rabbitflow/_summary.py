@@ -103,7 +103,6 @@ class StartupSummary:
 def build(worker: Worker, broker_version: str | None = None) -> StartupSummary:
     """The summary of a worker about to consume."""
     topology = worker.topology
-    deps = worker.consumers.dependencies
     consumers = []
     for queue, consumer in sorted(worker.app.consumers.items()):
         config = topology.queues[queue]
@@ -141,7 +140,7 @@ def build(worker: Worker, broker_version: str | None = None) -> StartupSummary:
         stores=tuple(
             StoreSummary(
                 dependency.name,
-                tuple(sorted(q for q in worker.app.consumers if dependency in deps.of(q))),
+                tuple(dependency.queues),
                 None if seconds is None else round(seconds * 1000, 2),
             )
             for dependency, seconds in worker.store_checks

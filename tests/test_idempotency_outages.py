@@ -349,7 +349,7 @@ async def test_an_outage_pauses_its_consumers_once_and_resumes_them_when_it_answ
             raise answer
 
     up, outages = Value(), Value()
-    dependency = Dependency("redis", probe, gauge=up, outages=outages)
+    dependency = Dependency("redis", probe, ("work",), gauge=up, outages=outages)
     events: list[str] = []
 
     async def pause() -> None:
@@ -358,7 +358,7 @@ async def test_an_outage_pauses_its_consumers_once_and_resumes_them_when_it_answ
     async def resume() -> None:
         events.append("resume")
 
-    dependency.attach(object(), "work", pause, resume)
+    dependency.attach(object(), pause, resume)
 
     with capture_logs() as logs:
         # When it fails (twice: two messages in hand met it)
