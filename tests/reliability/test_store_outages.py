@@ -77,7 +77,7 @@ def events(checker: Checker, name: str) -> list[dict[str, Any]]:
     return [e for w in checker.workers for e in w.events() if e.get("event") == name]
 
 
-def outage_under_load(checker: Checker, take_down: Any, bring_back: Any) -> Report:
+def outage_under_load(checker: Checker, fault: str, take_down: Any, bring_back: Any) -> Report:
     """1,500 messages at 100/s; 3 s in, the store goes for OUTAGE seconds."""
     checker.write_topology(queue_type="quorum", prefetch=PREFETCH)
     checker.start_worker(target=STORE_APP, sleep=0.002)
@@ -88,7 +88,7 @@ def outage_under_load(checker: Checker, take_down: Any, bring_back: Any) -> Repo
     bring_back()
     assert feeder.running, "the outage must end while messages are still arriving"
     checker.drain(target=STORE_APP, sleep=0.002)
-    return checker.report(f"store outage {OUTAGE:g} s", faults=1, duplicate_bound=0)
+    return checker.report(f"{fault} for {OUTAGE:g} s", faults=1, duplicate_bound=0)
 
 
 def assert_handled_once_after_one_pause(checker: Checker, report: Report) -> None:
@@ -115,7 +115,7 @@ def test_a_ten_second_redis_outage_dead_letters_nothing(
     use_store(monkeypatch, private_redis.url, f"rf-outage:{uuid.uuid4().hex[:10]}:")
 
     # When Redis is killed (by pid) for 10 s and started again
-    report = outage_under_load(checker, private_redis.kill, private_redis.start)
+    report = outage_under_load(checker, "Redis killed", private_redis.kill, private_redis.start)
 
     # Then nothing was dead-lettered or lost, and each message was handled once
     assert_handled_once_after_one_pause(checker, report)
@@ -133,7 +133,7 @@ def test_a_ten_second_postgres_outage_dead_letters_nothing(
 
     # When the proxy is killed (by pid) for 10 s, every connection dropped and new ones
     # refused, then started again
-    report = outage_under_load(checker, postgres_proxy.kill, postgres_proxy.start)
+    report = outage_under_load(checker, "PostgreSQL cut", postgres_proxy.kill, postgres_proxy.start)
 
     # Then nothing was dead-lettered or lost, and each message was handled once
     assert_handled_once_after_one_pause(checker, report)
@@ -147,7 +147,7 @@ def test_a_hung_redis_pauses_within_the_deadline_and_dead_letters_nothing(
     use_store(monkeypatch, private_redis.url, f"rf-outage:{uuid.uuid4().hex[:10]}:")
 
     # When Redis hangs (SIGSTOP: connections stay open, nothing answers) for 10 s
-    report = outage_under_load(checker, private_redis.stop, private_redis.cont)
+    report = outage_under_load(checker, "Redis hung", private_redis.stop, private_redis.cont)
 
     # Then the consumer paused on the store's deadline and nothing was dead-lettered
     assert_handled_once_after_one_pause(checker, report)
