@@ -30,6 +30,7 @@ from rabbitflow.errors import (
     RemoteError,
     RequestTimeout,
     Retry,
+    StoreUnavailableError,
     TlsVerificationError,
     TopologyConflictError,
     TopologyError,
@@ -104,6 +105,8 @@ __all__ = [  # noqa: RUF022 (grouped by topic, as dramatiq does)
     "DecodeError",
     "DeferralOutOfRange",
     "HandlerTimeout",
+    # rabbitflow's own stores (idempotency): an outage pauses consuming, spends no attempt.
+    "StoreUnavailableError",
     # Tests (rabbitflow.testing).
     "DrainError",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -17,7 +18,7 @@ from typing import Any
 
 import aiormq
 
-from rabbitflow._breaker import CircuitBreaker
+from rabbitflow._breaker import CircuitBreaker, Dependencies, Dependency
 from rabbitflow._dispatch import Dispatcher, DispatchSpec
 from rabbitflow._handler import Consumer, Signature, inspect_handler
 from rabbitflow._importer import exception_types
@@ -34,6 +35,7 @@ from rabbitflow._telemetry import Telemetry
 from rabbitflow._tracing import get_tracing
 from rabbitflow.app import App
 from rabbitflow.errors import BrokerError
+from rabbitflow.idempotency._guard import Guard
 from rabbitflow.topology import Declarations, Topology, derive
 
 log = get_logger("rabbitflow.worker")
@@ -51,14 +53,16 @@ class RunningConsumer:
     """One consumer on its own channel, for as long as that channel's connection lasts."""
 
     __slots__ = (
+        "_arguments",
         "_callback",
         "_prefix",
         "acker",
         "breaker",
         "cancelled",
         "channel",
+        "dependencies",
+        "holds",
         "offsets",
-        "paused",
         "queue",
         "tag",
     )
@@ -77,9 +81,12 @@ class RunningConsumer:
         self.breaker = breaker
         self.offsets: StreamOffsets | None = None
         self.tag: str | None = None  # None: not consuming (not started yet, or paused)
-        self.paused = False
+        # Why it is paused: its breaker, a store it needs. It consumes when none is left.
+        self.holds: set[str] = set()
+        self.dependencies: list[Dependency] = []
         self._prefix = prefix
         self._callback: Callback | None = None
+        self._arguments: dict[str, Any] | None = None
         # Set when the broker cancels the consumer (its queue was deleted): the worker treats
         # it like a lost connection and declares (or verifies) the topology again.
         self.cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -92,40 +99,59 @@ class RunningConsumer:
             )
             self.cancelled.exception()  # retrieved: nobody has to wait for it
 
+    @property
+    def paused(self) -> bool:
+        return bool(self.holds)
+
+    def depend_on(self, dependency: Dependency) -> None:
+        """Pause while ``dependency`` does not answer; start paused if it does not now."""
+        reason = f"store {dependency.name}"
+        if not dependency.up:
+            self.holds.add(reason)
+        dependency.attach(self, lambda: self.pause(reason), lambda: self.resume(reason))
+        self.dependencies.append(dependency)
+
     def _new_tag(self) -> str:
         return f"{self._prefix}.{uuid.uuid4().hex[:8]}"
 
     async def consume(self, callback: Callback) -> None:
-        """basic.consume; a stream consumer resumes after the last handled offset."""
-        self._callback = callback
+        """basic.consume; a stream consumer resumes after the last handled offset. A
+        consumer held already (a store it needs is down) starts when the hold is lifted."""
         arguments = None
         if self.offsets is not None:
             callback, arguments = self.offsets.wrap(callback), self.offsets.consume_arguments()
+        self._callback, self._arguments = callback, arguments
+        if self.holds:
+            return
         tag = self._new_tag()
         await self.channel.basic_consume(
             self.queue, callback, consumer_tag=tag, arguments=arguments
         )
         self.tag = tag
+        self._arguments = None  # a stream's start offset: for the first basic.consume only
 
-    async def pause(self) -> None:
+    async def pause(self, reason: str = "breaker") -> None:
         """basic.cancel: the broker stops delivering; the backlog stays in the queue."""
-        self.paused = True
+        self.holds.add(reason)
         tag, self.tag = self.tag, None
         if tag is not None:
             with contextlib.suppress(Exception):
                 await self.channel.basic_cancel(tag)
 
-    async def resume(self) -> None:
-        """Consume again after :meth:`pause`."""
-        self.paused = False
-        if self.tag is not None or self._callback is None:
+    async def resume(self, reason: str = "breaker") -> None:
+        """Consume again after :meth:`pause`, unless something else still holds it."""
+        self.holds.discard(reason)
+        if self.holds or self.tag is not None or self._callback is None:
             return
         # A fresh consumer tag: RabbitMQ before 3.10.9 / 3.11.1 crashes the channel
         # (INTERNAL_ERROR) when a quorum-queue consumer comes back under the tag it
         # just cancelled while deliveries of that tag are in flight (rabbitmq-server#5927).
         tag = self.tag = self._new_tag()
         with contextlib.suppress(Exception):
-            await self.channel.basic_consume(self.queue, self._callback, consumer_tag=tag)
+            await self.channel.basic_consume(
+                self.queue, self._callback, consumer_tag=tag, arguments=self._arguments
+            )
+            self._arguments = None
 
     async def cancel(self) -> None:
         """basic.cancel for a drain: no new deliveries; those in hand stay ours to settle."""
@@ -154,6 +180,8 @@ class RunningConsumer:
         """Stop what runs on a timer: the breaker's cool-down, the offset saver."""
         if self.breaker is not None:
             self.breaker.cancel()
+        for dependency in self.dependencies:
+            dependency.detach(self)
         if self.offsets is not None:
             self.offsets.stop()
 
@@ -194,6 +222,35 @@ class ConsumerSet:
             queue: instrument(consumer, signatures[queue]) if instrument else consumer
             for queue, consumer in app.consumers.items()
         }
+        # The idempotency guard of each queue (None: not idempotent), shared by every
+        # channel the consumer runs on, and the stores they need: an outage of one pauses
+        # the consumers that need it (off with ``breakers``).
+        self.guards = {queue: app.guard(queue, topology) for queue in self.consumers}
+        self.dependencies = self._dependencies() if breakers else Dependencies()
+
+    def _dependencies(self) -> Dependencies:
+        found = Dependencies()
+        guards = [guard for guard in self.guards.values() if guard is not None]
+        for guard in guards:
+            sharing = [other for other in guards if other.store is guard.store]
+            found.add(guard.queue, guard.store, functools.partial(self._dependency, sharing))
+        return found
+
+    def _dependency(self, guards: list[Guard]) -> Dependency:
+        name = repr(guards[0].store)
+
+        async def probe() -> None:
+            # Each guard of the store pings it and makes good the calls it was owed.
+            for guard in guards:
+                await guard.probe()
+
+        return Dependency(
+            name,
+            probe,
+            tuple(guard.queue for guard in guards),
+            gauge=self.metrics.store_up.labels(name),
+            outages=self.metrics.store_outages.labels(name),
+        )
 
     @classmethod
     def build(
@@ -211,8 +268,9 @@ class ConsumerSet:
     ) -> ConsumerSet:
         """Wire ``app``'s consumers against ``topology``; nothing here talks to a broker.
 
-        ``breakers`` and ``streams`` turn circuit breakers and stream offset tracking off
-        (the test kit, whose virtual time has neither)."""
+        ``breakers`` and ``streams`` turn circuit breakers (and the pauses for stores that
+        do not answer) and stream offset tracking off (the test kit, whose virtual time has
+        neither)."""
         signatures = {queue: inspect_handler(consumer) for queue, consumer in app.consumers.items()}
         declarations = derive(topology)
         policies = {
@@ -277,7 +335,7 @@ class ConsumerSet:
             prefetch=config.prefetch,
             immediate_retries=config.immediate_retries,
             middleware=self.app.middleware,
-            guard=self.app.guard(consumer.queue, self.topology),
+            guard=self.guards[consumer.queue],
         )
         dispatcher = Dispatcher(
             spec,
@@ -287,6 +345,7 @@ class ConsumerSet:
             in_flight=self.in_flight if in_flight is None else in_flight,
             breaker=breaker,
             replier=Replier(consumer.queue, publisher),
+            dependencies=self.dependencies or None,
         )
         return dispatcher, acker
 
@@ -316,6 +375,8 @@ class ConsumerSet:
         running = RunningConsumer(
             consumer.queue, channel, acker, breaker, f"{self.app.name}.{consumer.queue}"
         )
+        for dependency in self.dependencies.of(consumer.queue):
+            running.depend_on(dependency)
         callback: Callback = self._wrap(dispatcher) if self._wrap is not None else dispatcher
         try:
             if self._streams and config.queue_type == "stream":
@@ -345,8 +406,9 @@ class ConsumerSet:
             task.cancel()
 
     def close(self) -> None:
-        """Stop the threads of sync handlers."""
+        """Stop the threads of sync handlers and the probes of stores."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.dependencies.cancel()
 
 
 def _thread_count(topology: Topology, signatures: dict[str, Signature]) -> int:

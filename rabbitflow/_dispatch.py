@@ -26,7 +26,7 @@ from aiormq.abc import DeliveredMessage
 from rabbitflow import _clock as clock
 from rabbitflow import _headers as h
 from rabbitflow._backoff import full_jitter
-from rabbitflow._breaker import CircuitBreaker
+from rabbitflow._breaker import CircuitBreaker, Dependencies
 from rabbitflow._handler import Consumer, Signature
 from rabbitflow._logging import DELIVERY, get_logger
 from rabbitflow._outcome import ACK, EXPIRED, Action, OutcomePolicy, Plan, past_deadline
@@ -35,7 +35,7 @@ from rabbitflow._rpc import Replier
 from rabbitflow._settle import Settler, parse_not_before
 from rabbitflow._span import Scope
 from rabbitflow._telemetry import Telemetry
-from rabbitflow.errors import HandlerTimeout
+from rabbitflow.errors import HandlerTimeout, StoreUnavailableError
 from rabbitflow.idempotency._guard import SKIPPED, Guard, InProgress, Invoke
 from rabbitflow.message import Message, read_attempt
 from rabbitflow.middleware import Middleware, build_stack
@@ -69,6 +69,7 @@ class Dispatcher:
         "_breaker",
         "_debug",
         "_deliver",
+        "_dependencies",
         "_immediate",
         "_in_flight",
         "_invoke",
@@ -91,6 +92,7 @@ class Dispatcher:
         in_flight: set[asyncio.Task[Any]],
         breaker: CircuitBreaker | None = None,
         replier: Replier | None = None,
+        dependencies: Dependencies | None = None,
     ) -> None:
         self._queue = spec.consumer.queue
         self._policy = spec.policy
@@ -105,6 +107,7 @@ class Dispatcher:
         self._in_flight = in_flight
         self._immediate = spec.immediate_retries
         self._breaker = breaker
+        self._dependencies = dependencies
         self._replier = replier
         self._debug = _debug_enabled()
         self._invoke = _invoker(spec, _runner(spec, asyncio.get_running_loop(), executor))
@@ -184,6 +187,9 @@ class Dispatcher:
                     self._record(False)
                     return ACK
                 exc = plan.error or exc
+            if isinstance(exc, StoreUnavailableError) and self._dependencies is not None:
+                # rabbitflow's own store failed: every consumer that needs it pauses.
+                self._dependencies.fail(exc)
             span.fail(exc)
             # A failure of the kind that is retried counts against the downstream even when
             # this message is not retried (attempts spent, retry = false); a Reject, a bad

@@ -3,7 +3,8 @@
 ``/metrics`` is rabbitflow's own metrics followed by the user's prometheus_client registry
 (see :mod:`rabbitflow._metrics`). ``/healthz`` answers 200 while the process runs its event
 loop; ``/readyz`` answers 200 only while the broker connection is open and every consumer
-is consuming (a paused circuit breaker counts as consuming: it is a decision, not a fault).
+is consuming (a consumer paused by its circuit breaker or for a store that does not answer
+counts as consuming: it is a decision, not a fault).
 """
 
 from __future__ import annotations

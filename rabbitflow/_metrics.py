@@ -201,6 +201,19 @@ class Metrics:
             "gauge",
             ("queue",),
         )
+        self.store_up = Metric(
+            "rabbitflow_store_up",
+            "1 while a store of rabbitflow's own (idempotency) answers; 0 while it does not "
+            "and the consumers that need it are paused.",
+            "gauge",
+            ("store",),
+        )
+        self.store_outages = Metric(
+            "rabbitflow_store_outages_total",
+            "Times a store of rabbitflow's own stopped answering (each paused its consumers).",
+            "counter",
+            ("store",),
+        )
         self.ready = Metric("rabbitflow_ready", "1 when every consumer is consuming.", "gauge")
 
     def all(self) -> tuple[Metric, ...]:
@@ -215,6 +228,8 @@ class Metrics:
             self.dlq_messages,
             self.reconnections,
             self.breaker,
+            self.store_up,
+            self.store_outages,
             self.ready,
         )
 

@@ -12,6 +12,7 @@ published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish
 | ``Retry(delay)`` beyond ``max_defer`` | ``DEAD_LETTER`` (``not_before_out_of_range``) |
 | not-before still ahead (a hop) | ``DEFER`` to the largest tier that does not overshoot |
 | a wait that spends no attempt (``InProgress``) | ``DEFER`` with a not-before |
+| rabbitflow's own store failed (``StoreUnavailableError``) | ``DEFER``, attempt unspent |
 | not-before beyond ``max_defer`` | ``DEAD_LETTER`` (``not_before_out_of_range``) |
 | ``Reject``, bad payload, ``dead_letter_on``, attempts spent, retries off | ``DEAD_LETTER`` |
 | any of those with ``dead_letter = false`` | ``DROP`` (logged at ERROR) |
@@ -29,7 +30,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rabbitflow import _clock as clock
-from rabbitflow.errors import DecodeError, DeferralOutOfRange, HandlerTimeout, Reject, Retry
+from rabbitflow.errors import (
+    DecodeError,
+    DeferralOutOfRange,
+    HandlerTimeout,
+    Reject,
+    Retry,
+    StoreUnavailableError,
+)
 from rabbitflow.topology._derived import QueueRoutes
 from rabbitflow.topology._model import RetryPolicy
 from rabbitflow.types import ExceptionTypes
@@ -38,6 +46,9 @@ from rabbitflow.types import ExceptionTypes
 # for each consecutive failure of the same message, up to the cap.
 REQUEUE_BACKOFF = 1.0
 REQUEUE_BACKOFF_MAX = 60.0
+# A message whose store failed waits this long at most in a tier (the smallest tier when
+# none is shorter): the consumer is paused meanwhile, and the copy waits in the queue.
+STORE_WAIT_MS = 1000
 
 
 class Action(enum.Enum):
@@ -76,6 +87,7 @@ ACK = Plan(Action.ACK, "ok")
 EXPIRED = Plan(Action.EXPIRED, "its caller gave up waiting")
 
 NOT_BEFORE_OUT_OF_RANGE = "not_before_out_of_range"
+STORE_UNAVAILABLE = "store unavailable"
 
 
 class OutcomePolicy:
@@ -101,9 +113,15 @@ class OutcomePolicy:
         }
         table.update(dict.fromkeys(retry_on, Action.RETRY))
         table.update(dict.fromkeys(dead_letter_on, Action.DEAD_LETTER))
-        # Explicit requests from the handler and undecodable payloads are never overridden.
+        # Explicit requests from the handler and undecodable payloads are never overridden,
+        # nor is a failure of rabbitflow's own store, which is never the message's.
         table.update(
-            {Retry: Action.RETRY, Reject: Action.DEAD_LETTER, DecodeError: Action.DEAD_LETTER}
+            {
+                Retry: Action.RETRY,
+                Reject: Action.DEAD_LETTER,
+                DecodeError: Action.DEAD_LETTER,
+                StoreUnavailableError: Action.DEFER,
+            }
         )
         self._table = table
 
@@ -117,8 +135,11 @@ class OutcomePolicy:
 
     def decide(self, exc: BaseException, attempt: int) -> Plan:
         """The plan for a delivery whose handler failed on ``attempt``."""
-        if self.action_for(exc) is Action.DEAD_LETTER:
+        action = self.action_for(exc)
+        if action is Action.DEAD_LETTER:
             return self.dead_letter(exc, attempt, self._dead_letter_reason(exc))
+        if action is Action.DEFER:
+            return self.store_wait(exc, attempt)
         if isinstance(exc, Retry) and not exc.spends_attempt and exc.delay_ms is not None:
             # Not the handler's failure: the message waits, whatever attempts it has left.
             now = clock.now()
@@ -157,6 +178,17 @@ class OutcomePolicy:
         delay, tier = self.routes.tier_at_most(max(remaining_ms, 0))
         header = _iso_after(remaining_ms) if set_not_before else None
         return Plan(Action.DEFER, "not before", attempt, None, tier, delay, header)
+
+    def store_wait(self, exc: BaseException, attempt: int) -> Plan:
+        """The plan for a delivery whose store did not answer: it waits, attempt unspent.
+
+        Deferred through the smallest tier rather than requeued: a copy is a fresh message,
+        so it costs nothing against a quorum queue's delivery limit. A queue without tiers
+        (a stream) gets it back after a backoff instead."""
+        if not self.routes.tiers:
+            return Plan(Action.REQUEUE, STORE_UNAVAILABLE, attempt, exc, after=REQUEUE_BACKOFF)
+        delay, tier = self.routes.tier_at_most(STORE_WAIT_MS)
+        return Plan(Action.DEFER, STORE_UNAVAILABLE, attempt, exc, tier, delay)
 
     def retries_now(self, exc: BaseException, attempt: int) -> bool:
         """Whether a failure on ``attempt`` may be retried in process (``immediate_retries``).

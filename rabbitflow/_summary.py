@@ -37,6 +37,16 @@ class ConsumerSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSummary:
+    """A store of rabbitflow's own that consumers need, and whether it answered at start
+    (``answer_ms`` None: it did not, and those consumers start paused until it does)."""
+
+    store: str
+    queues: tuple[str, ...]
+    answer_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class StartupSummary:
     """What ``rabbitflow run`` prints once at start."""
 
@@ -48,6 +58,7 @@ class StartupSummary:
     not_consumed: tuple[str, ...]
     tracing: bool
     metrics: str | None
+    stores: tuple[StoreSummary, ...] = ()
 
     def lines(self) -> list[str]:
         """The console block."""
@@ -73,6 +84,13 @@ class StartupSummary:
             lines.append(f"          dead letters: {c.dead_letter_queue or 'dropped (no DLQ)'}")
         for queue in self.not_consumed:
             lines.append(f"not consumed  {queue} (no handler)")
+        for store in self.stores:
+            state = (
+                f"answered in {store.answer_ms:.1f} ms"
+                if store.answer_ms is not None
+                else "NOT ANSWERING: its consumers start paused until it answers"
+            )
+            lines.append(f"store     {store.store} for {', '.join(store.queues)}: {state}")
         lines.append(f"tracing   {'on' if self.tracing else 'off'}")
         lines.append(f"metrics   {self.metrics or 'off (--metrics-port)'}")
         return lines
@@ -119,6 +137,14 @@ def build(worker: Worker, broker_version: str | None = None) -> StartupSummary:
         not_consumed=tuple(sorted(q for q in topology.queues if q not in worker.app.consumers)),
         tracing=worker.tracing.enabled,
         metrics=metrics,
+        stores=tuple(
+            StoreSummary(
+                dependency.name,
+                tuple(dependency.queues),
+                None if seconds is None else round(seconds * 1000, 2),
+            )
+            for dependency, seconds in worker.store_checks
+        ),
     )
 
 

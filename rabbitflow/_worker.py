@@ -13,6 +13,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 
 from rabbitflow._backoff import full_jitter
+from rabbitflow._breaker import Dependency
 from rabbitflow._broker_version import BrokerVersion, describe
 from rabbitflow._consumers import ConsumerSet, RunningConsumer
 from rabbitflow._health import HealthServer
@@ -104,6 +105,8 @@ class Worker:
         self._publisher: Publisher | None = None
         self._node = 0
         self.broker_version: BrokerVersion | None = None
+        # Each store consumers need, and how long it took to answer at start (None: not).
+        self.store_checks: list[tuple[Dependency, float | None]] = []
         self._wire_extras()
 
     def _wire_extras(self) -> None:
@@ -151,7 +154,7 @@ class Worker:
 
     @property
     def paused(self) -> set[str]:
-        """The queues whose circuit breaker has paused consuming."""
+        """The queues paused: by their circuit breaker, or for a store that does not answer."""
         return {consumer.queue for consumer in self._running if consumer.paused}
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -228,6 +231,7 @@ class Worker:
             await self._prepare(connection)
             async with self.app.lifespan_context():
                 started = True
+                await self._check_stores()
                 async with self._while_running():
                     await self._serve(connection)
         finally:
@@ -241,6 +245,13 @@ class Worker:
                 self.progress.finish()  # drained: the last line counts every message
             self.finished = True
             log.info("stopped")
+
+    async def _check_stores(self) -> None:
+        """Ask each store the consumers need to answer, all at once: one that does not is
+        logged (WARNING) and its consumers start paused until it answers."""
+        dependencies = list(self.consumers.dependencies)
+        answers = await asyncio.gather(*(dependency.check() for dependency in dependencies))
+        self.store_checks = list(zip(dependencies, answers, strict=True))
 
     async def _connect(self, *, reconnecting: bool = False) -> AbstractConnection:
         # At start-up a refused login or vhost is a configuration error: fail fast. Once the

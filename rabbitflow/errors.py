@@ -361,6 +361,23 @@ class DeferralOutOfRange(RabbitflowError):
         )
 
 
+class StoreUnavailableError(RabbitflowError):
+    """A store rabbitflow itself uses (the idempotency store; job status later) did not
+    answer: unreachable, failing, or slower than its deadline.
+
+    Never the message's fault: the message waits (deferred, no attempt spent) and the
+    consumers that need the store pause until it answers. ``store`` is the store object,
+    ``operation`` the call that failed (``"claim"``), ``cause`` the client's own error
+    (also ``__cause__``)."""
+
+    def __init__(self, store: object, operation: str, cause: BaseException) -> None:
+        self.store = store
+        self.operation = operation
+        self.cause = cause
+        detail = str(cause) or type(cause).__name__
+        super().__init__(f"{store!r} did not answer {operation}: {detail}")
+
+
 class Retry(RabbitflowError):
     """Raise in a handler to retry the message no earlier than ``delay``.
 

@@ -6,14 +6,22 @@ absent again (its holder died mid-handler), and a done key is forgotten after it
 
 from __future__ import annotations
 
+import asyncio
 import enum
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from rabbitflow._duration import parse_duration
+from rabbitflow.errors import StoreUnavailableError
 
 DEFAULT_TTL = "7d"
 DEFAULT_LEASE = "5m"
+# How long one store call may take before the store counts as unavailable: far below a
+# connection pool's own wait (10-30 s), so that an outage pauses consuming at once.
+DEFAULT_TIMEOUT = "2s"
+
+T = TypeVar("T")
 
 
 class ClaimState(enum.Enum):
@@ -40,7 +48,14 @@ class IdempotencyStore(Protocol):
     """Where idempotency keys live. Implement these four coroutines for another store.
 
     ``owner`` is unique per claim, so that a holder whose lease expired cannot release the
-    claim of whoever took the key over."""
+    claim of whoever took the key over.
+
+    Any exception a call raises means the store did not answer: the message waits without
+    spending an attempt and the consumers that need the store pause until it answers. Each
+    call is bounded by the store's ``timeout`` attribute if it has one (a duration, or
+    seconds as a float), else by :data:`DEFAULT_TIMEOUT`. An optional ``async ping()`` is
+    the probe that finds it answering again (without one, a release of a key nobody
+    holds)."""
 
     ttl_ms: int
     lease_ms: int
@@ -60,6 +75,41 @@ class IdempotencyStore(Protocol):
     async def close(self) -> None:
         """Close connections (called when the app shuts down)."""
         ...
+
+
+# What rabbitflow treats as a store that does not answer, whatever the client library.
+NETWORK_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+
+
+async def bounded(
+    store: object,
+    operation: str,
+    seconds: float,
+    call: Awaitable[T],
+    errors: tuple[type[BaseException], ...],
+) -> T:
+    """``call`` within ``seconds``; a timeout or one of ``errors`` (the client's own, and
+    network errors) becomes :class:`~rabbitflow.errors.StoreUnavailableError`."""
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            return await call
+    except StoreUnavailableError:
+        raise
+    except (*errors, *NETWORK_ERRORS) as exc:
+        cause: BaseException = exc
+        if deadline.expired():
+            cause = TimeoutError(f"no answer within {seconds:g}s")
+        raise StoreUnavailableError(store, operation, cause) from exc
+
+
+def timeout_seconds(timeout: str | int | float) -> float:
+    """A store's call deadline in seconds: a duration (``"2s"``, ms as an int) or seconds
+    as a float; positive."""
+    seconds = timeout if isinstance(timeout, float) else parse_duration(timeout) / 1000
+    if seconds <= 0:
+        raise ValueError(f"timeout must be a positive duration, not {timeout!r}")
+    return seconds
 
 
 def durations(ttl: str | int, lease: str | int) -> tuple[int, int]:

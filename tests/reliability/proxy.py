@@ -14,7 +14,9 @@ while subprocesses and ``rabbitmqctl`` calls run. Two faults:
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import sys
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -48,9 +50,11 @@ class _Link:
 class ChaosProxy:
     """Forwards ``127.0.0.1:<port>`` to ``upstream``; start with :meth:`start`."""
 
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, upstream_port: int, upstream_host: str = "127.0.0.1", *, port: int | None = None
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
-        self.port = free_port()
+        self.port = port or free_port()
         self.accepted = 0
         self._links: set[_Link] = set()
         self._loop = asyncio.new_event_loop()
@@ -168,3 +172,20 @@ class ChaosProxy:
             else:
                 # One side closed (or was cut): close the other, as a real connection would.
                 link.close()
+
+
+def main(argv: list[str]) -> None:
+    """``python -m tests.reliability.proxy PORT UPSTREAM_PORT``: the proxy as a process of
+    its own, so that a test can kill it by its pid (every connection through it drops, and
+    new ones are refused until it is started again)."""
+    port, upstream = int(argv[0]), int(argv[1])
+    proxy = ChaosProxy(upstream, port=port).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"proxy 127.0.0.1:{port} -> 127.0.0.1:{upstream}", flush=True)
+    stop.wait()
+    proxy.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
