@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._urls import mask_url, mask_urls
 from rabbitflow.cli import quiet_client_logs, reports_errors, write_output
 from rabbitflow.cli._urls import broker_urls, url_options
+from rabbitflow.errors import TopologyError
+from rabbitflow.topology._checks import check_for_broker
 from rabbitflow.topology._derived import Declarations, derive
 from rabbitflow.topology._loader import load_topology
 
@@ -35,13 +38,40 @@ def topology() -> None:
     """Validate, plan, declare and export a topology.toml."""
 
 
+def _broker_version(
+    _context: click.Context, _parameter: click.Parameter, value: str | None
+) -> BrokerVersion | None:
+    if value is None:
+        return None
+    version = BrokerVersion.parse(value)
+    if version is None:
+        raise click.BadParameter(f"{value!r} is not a RabbitMQ version such as 4.3 or 3.13.7")
+    return version
+
+
 @topology.command()
 @file_argument
+@click.option(
+    "--broker-version",
+    metavar="VERSION",
+    callback=_broker_version,
+    help="Also check FILE against this RabbitMQ release (e.g. 4.3): what it refuses, and how "
+    "settings that differ per version (consumer_timeout) take effect there.",
+)
 @reports_errors
-def validate(file: str) -> None:
+def validate(file: str, broker_version: BrokerVersion | None) -> None:
     """Check FILE without touching a broker; exit 1 listing every error."""
     loaded = load_topology(file)
-    click.echo(f"{file}: valid; {summary(derive(loaded))}")
+    if broker_version is None:
+        click.echo(f"{file}: valid; {summary(derive(loaded))}")
+        return
+    problems, notes = check_for_broker(loaded, broker_version)
+    target = f"RabbitMQ {broker_version.major}.{broker_version.minor}"
+    if problems:
+        raise TopologyError(f"{file} on {target}", problems)
+    click.echo(f"{file}: valid for {target}; {summary(derive(loaded))}")
+    for note in notes:
+        click.echo(f"note: {note}")
 
 
 @topology.command("plan")
