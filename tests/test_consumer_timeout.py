@@ -223,3 +223,24 @@ async def _until(probe: Any, timeout: float) -> None:
     while not probe():
         assert loop.time() < deadline, "timed out"
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.broker
+def test_plan_says_how_consumer_timeout_takes_effect_on_the_broker(
+    tmp_path: Path, vhost_url: str
+) -> None:
+    # Given the two queues, and the broker's version
+    version = asyncio.run(_version(vhost_url))
+    path = tmp_path / "topology.toml"
+    path.write_text(BOTH)
+
+    # When plan runs against the broker (over AMQP only)
+    result = CliRunner().invoke(
+        cli, ["topology", "plan", str(path), "--url", vhost_url, "--no-management"]
+    )
+
+    # Then each queue's consumer_timeout is explained for this version, and nothing conflicts
+    assert result.exit_code == 0, result.output
+    classic = next(q for q in derive(parse_topology(BOTH)).queues if q.name == "ledger")
+    assert f"note: queue ledger: {consumer_timeout_use(classic, version)}" in result.output
+    assert "note: queue billing: consumer_timeout 1h:" in result.output

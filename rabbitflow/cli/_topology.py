@@ -125,6 +125,8 @@ def plan_command(
         click.echo(f"  {line}")
     counts = result.counts()
     click.echo(", ".join(f"{counts[action]} {action}" for action in counts))
+    for use in result.uses:
+        click.echo(f"note: {use}")
     if result.unseen is not None:
         why = (
             "--no-management" if api is None else f"the management API at {mask_url(api)} {reason}"

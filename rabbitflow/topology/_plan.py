@@ -87,6 +87,8 @@ class Plan:
     items: tuple[PlanItem, ...]
     unseen: str | None = None
     notes: tuple[str, ...] = ()
+    # How settings that differ per RabbitMQ version take effect on this broker, per queue.
+    uses: tuple[str, ...] = ()
 
     @property
     def conflicts(self) -> list[PlanItem]:
@@ -138,7 +140,7 @@ async def plan(
         await channels.close()
     if state is None:
         bindings = (*declarations.exchange_bindings, *declarations.queue_bindings)
-        return Plan((*items, *map(_plan_binding, bindings)), unseen=UNSEEN, notes=uses)
+        return Plan((*items, *map(_plan_binding, bindings)), unseen=UNSEEN, uses=uses)
     items += _policies(declarations, state)
     items += [
         PlanItem(row.action, "binding", row.name, row.detail)
@@ -148,7 +150,7 @@ async def plan(
         PlanItem("not in file", x.kind, x.name, x.detail) for x in leftovers(declarations, state)
     ]
     notes = () if state.operator_policies is not None else (OPERATOR_POLICIES_UNSEEN,)
-    return Plan(tuple(items), notes=(*uses, *notes))
+    return Plan(tuple(items), notes=notes, uses=uses)
 
 
 def _version_notes(declarations: Declarations, version: BrokerVersion | None) -> tuple[str, ...]:
