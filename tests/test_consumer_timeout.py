@@ -11,6 +11,7 @@ broker-sent cancel.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,21 @@ def test_plan_says_how_consumer_timeout_takes_effect_on_the_broker(
     classic = next(q for q in derive(parse_topology(BOTH)).queues if q.name == "ledger")
     assert f"note: queue ledger: {consumer_timeout_use(classic, version)}" in result.output
     assert "note: queue billing: consumer_timeout 1h:" in result.output
+
+
+def test_definitions_for_4_3_leave_out_what_it_refuses(tmp_path: Path) -> None:
+    # Given the two queues
+    path = tmp_path / "topology.toml"
+    path.write_text(BOTH)
+    export = ["topology", "export", str(path), "--format", "definitions"]
+
+    # When definitions are written for 4.3, and for no version in particular
+    for_4_3 = CliRunner().invoke(cli, [*export, "--broker-version", "4.3"])
+    neutral = CliRunner().invoke(cli, export)
+
+    # Then 4.3's keep the quorum queue's timeout only; the neutral ones warn about 4.3
+    queues = {q["name"]: q["arguments"] for q in json.loads(for_4_3.stdout)["queues"]}
+    assert "x-consumer-timeout" not in queues["ledger"]
+    assert queues["billing"]["x-consumer-timeout"] == 3_600_000
+    assert "refuse x-consumer-timeout on classic queues and streams: ledger" in neutral.stderr
+    assert "x-consumer-timeout" in json.loads(neutral.stdout)["queues"][0]["arguments"]

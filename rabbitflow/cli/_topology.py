@@ -16,7 +16,7 @@ from rabbitflow.cli import quiet_client_logs, reports_errors, write_output
 from rabbitflow.cli._urls import broker_urls, url_options
 from rabbitflow.errors import TopologyError
 from rabbitflow.topology._checks import check_for_broker
-from rabbitflow.topology._derived import Declarations, derive
+from rabbitflow.topology._derived import Declarations, QueueSpec, derive, for_broker
 from rabbitflow.topology._loader import load_topology
 
 if TYPE_CHECKING:
@@ -198,18 +198,47 @@ def declare_command(file: str, url: tuple[str, ...], url_order: str) -> None:
     type=click.Path(dir_okay=False, writable=True),
     help="Write to this file instead of stdout.",
 )
+@click.option(
+    "--broker-version",
+    metavar="VERSION",
+    callback=_broker_version,
+    help="Write what this RabbitMQ release accepts (e.g. 4.3: no x-consumer-timeout on "
+    "classic queues and streams).",
+)
 @reports_errors
-def export(file: str, fmt: str, vhost: str, output: str | None) -> None:
+def export(
+    file: str, fmt: str, vhost: str, output: str | None, broker_version: BrokerVersion | None
+) -> None:
     """Print FILE's objects as RabbitMQ definitions or a Mermaid flowchart."""
     from rabbitflow.topology._export import mermaid
 
-    declarations = derive(load_topology(file))
+    declarations = for_broker(derive(load_topology(file)), broker_version)
+    if broker_version is None and fmt == "definitions":
+        _warn_refused_on_newest(declarations)
     text = _definitions_text(declarations, vhost) if fmt == "definitions" else mermaid(declarations)
     if output is None:
         click.echo(text, nl=False)
     else:
         write_output(output, text)
         click.echo(f"wrote {fmt} to {output}", err=True)
+
+
+def _warn_refused_on_newest(declarations: Declarations) -> None:
+    newest = BrokerVersion(4, 3)
+    refused = [q.name for q in declarations.queues if for_broker_changes(q, newest)]
+    if refused:
+        click.echo(
+            "warning: RabbitMQ 4.3 and later refuse x-consumer-timeout on classic queues and "
+            f"streams: {', '.join(refused)}: pass --broker-version to write definitions for "
+            "your broker",
+            err=True,
+        )
+
+
+def for_broker_changes(spec: QueueSpec, version: BrokerVersion) -> bool:
+    """Whether ``version`` would not take ``spec`` as it is."""
+    adapted = for_broker(Declarations((), (), (spec,), (), {}), version)
+    return adapted.queues[0] != spec
 
 
 def plural(count: int, noun: str, nouns: str = "") -> str:
