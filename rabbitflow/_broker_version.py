@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aio_pika.abc import AbstractConnection
-
-from rabbitflow.connection import underlay
+if TYPE_CHECKING:
+    # The topology commands read versions without a connection (validate --broker-version):
+    # the client is imported only where a connection is at hand.
+    from aio_pika.abc import AbstractConnection
 
 OLDEST_SUPPORTED = (3, 10)
 _NUMBERS = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
@@ -38,6 +39,8 @@ class BrokerVersion:
     @classmethod
     def of(cls, connection: AbstractConnection) -> BrokerVersion | None:
         """The version the broker of an open connection announced (None if it did not)."""
+        from rabbitflow.connection import underlay
+
         return cls.from_properties(underlay(connection).server_properties)
 
     @classmethod
@@ -85,6 +88,38 @@ class BrokerVersion:
     def accepts_global_qos(self) -> bool:
         """``basic.qos`` with ``global=true``: deprecated in 4.0, refused from 4.3."""
         return not self.at_least(4, 3)
+
+    # Consumer timeouts. Before 4.3 the channel checks every unacked delivery once per tick
+    # (60 s by default) against the broker-wide consumer_timeout, or from 3.12 the queue's
+    # x-consumer-timeout / consumer-timeout policy, and closes the channel (406). From 4.3
+    # the queue checks its own deliveries: only quorum queues do, at the exact moment, and
+    # the channel sends basic.cancel to a client with consumer_cancel_notify instead of
+    # closing; classic queues and streams never time a consumer out and refuse the argument
+    # (on queue.declare and on basic.consume alike).
+
+    def consumer_timeout_applies(self, queue_type: str) -> bool:
+        """Whether a consumer of a ``queue_type`` queue can be timed out at all."""
+        return queue_type == "quorum" or not self.at_least(4, 3)
+
+    def accepts_consumer_timeout(self, queue_type: str) -> bool:
+        """Whether ``x-consumer-timeout`` may be declared on a ``queue_type`` queue (3.10 and
+        3.11 accept and keep it without enforcing it)."""
+        return self.consumer_timeout_applies(queue_type)
+
+    @property
+    def enforces_queue_consumer_timeout(self) -> bool:
+        """A queue's ``x-consumer-timeout`` (or policy) is enforced from 3.12."""
+        return self.at_least(3, 12)
+
+    def consumer_timeout_on_consume(self, queue_type: str) -> bool:
+        """``x-consumer-timeout`` as a ``basic.consume`` argument: quorum queues, from 4.3 (older
+        brokers accept and ignore it)."""
+        return queue_type == "quorum" and self.at_least(4, 3)
+
+    @property
+    def cancels_timed_out_consumers(self) -> bool:
+        """A timed-out consumer gets ``basic.cancel`` (4.3+), not a closed channel."""
+        return self.at_least(4, 3)
 
 
 def describe(version: BrokerVersion | None) -> str:

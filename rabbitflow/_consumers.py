@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -18,8 +19,11 @@ from typing import Any
 
 import aiormq
 
+from rabbitflow._backoff import full_jitter
 from rabbitflow._breaker import CircuitBreaker, Dependencies, Dependency
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._dispatch import Dispatcher, DispatchSpec
+from rabbitflow._duration import format_duration
 from rabbitflow._handler import Consumer, Signature, inspect_handler
 from rabbitflow._importer import exception_types
 from rabbitflow._logging import get_logger
@@ -36,7 +40,7 @@ from rabbitflow._tracing import get_tracing
 from rabbitflow.app import App
 from rabbitflow.errors import BrokerError
 from rabbitflow.idempotency._guard import Guard
-from rabbitflow.topology import Declarations, Topology, derive
+from rabbitflow.topology import Declarations, QueueConfig, Topology, derive
 
 log = get_logger("rabbitflow.worker")
 
@@ -47,6 +51,13 @@ Wrap = Callable[[Callback], Callback]
 
 # RabbitMQ's default consumer_timeout: a delivery unacked for longer closes its channel.
 BROKER_CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
+# Broker cancels within this window count towards the back-off before consuming again.
+CANCEL_WINDOW = 60.0
+CANCEL_REASON = "the queue was deleted or became unavailable (a leader or stream member moved)"
+TIMEOUT_REASON = (
+    "a delivery stayed unacknowledged past the consumer timeout ({limit}; RabbitMQ returns it "
+    "to the queue, where it is delivered again), or the queue was deleted or its leader moved"
+)
 
 
 class RunningConsumer:
@@ -55,7 +66,12 @@ class RunningConsumer:
     __slots__ = (
         "_arguments",
         "_callback",
+        "_cancels",
+        "_deliver",
         "_prefix",
+        "_reason",
+        "_resubscriber",
+        "_stopped",
         "acker",
         "breaker",
         "cancelled",
@@ -74,6 +90,9 @@ class RunningConsumer:
         acker: Acker,
         breaker: CircuitBreaker | None,
         prefix: str,
+        *,
+        arguments: dict[str, Any] | None = None,
+        cancel_reason: str = CANCEL_REASON,
     ) -> None:
         self.queue = queue
         self.channel = channel
@@ -86,17 +105,82 @@ class RunningConsumer:
         self.dependencies: list[Dependency] = []
         self._prefix = prefix
         self._callback: Callback | None = None
-        self._arguments: dict[str, Any] | None = None
-        # Set when the broker cancels the consumer (its queue was deleted): the worker treats
-        # it like a lost connection and declares (or verifies) the topology again.
+        self._deliver: Callback | None = None  # the callback as consumed (offsets tracked)
+        self._arguments = arguments  # basic.consume's own (a 4.3 consumer timeout)
+        self._reason = cancel_reason
+        self._stopped = False
+        self._cancels: list[float] = []  # when the broker cancelled this consumer lately
+        self._resubscriber: asyncio.Task[None] | None = None
+        # Set when consuming again after a broker-sent basic.cancel finds the queue gone: the
+        # worker treats it like a lost connection and declares (or verifies) the topology again.
         self.cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         channel.on_consumer_cancel_callbacks.add(self._on_cancel)
 
-    def _on_cancel(self, _frame: Any) -> None:
+    def _on_cancel(self, frame: Any) -> None:
+        # The broker cancelled our consumer: its queue was deleted, its stream member or
+        # leader went away, or (RabbitMQ 4.3+, quorum queues) a delivery stayed unacked past
+        # the consumer timeout, which returns that delivery to the queue. Deliveries in hand
+        # stay ours to settle on this channel; only new ones stop.
+        tag = getattr(frame, "consumer_tag", None)
+        if tag is None or tag != self.tag or self._stopped:
+            return
+        self.tag = None
+        now = time.monotonic()
+        self._cancels = [t for t in self._cancels if now - t < CANCEL_WINDOW] + [now]
+        self._resubscriber = asyncio.get_running_loop().create_task(self._resubscribe(tag))
+
+    async def _resubscribe(self, old: str) -> None:
+        # RabbitMQ 4.3 keeps a timed-out quorum consumer registered until the client settles
+        # what timed out (4.3.7+: until it answers basic.cancel-ok), then delivers to its old
+        # tag again, which the client no longer routes: those deliveries would sit unacked
+        # until the channel closes. Cancelling the old tag ourselves ends it on every
+        # version (a tag the broker already forgot is answered with cancel-ok).
+        with contextlib.suppress(Exception):
+            await self.channel.basic_cancel(old)
+        if await self._queue_gone():
+            log.warning("the broker cancelled the consumer: its queue is gone", queue=self.queue)
+            self._fail(f"the broker cancelled the consumer of queue {self.queue!r} (deleted)")
+            return
+        count = len(self._cancels)
+        wait = 0.0 if count == 1 else full_jitter(count - 1, base=1.0, cap=30.0)
+        log.warning(
+            "the broker cancelled the consumer; consuming again",
+            queue=self.queue,
+            consumer_tag=old,
+            reason=self._reason,
+            retry_in=round(wait, 2),
+        )
+        if wait:
+            await asyncio.sleep(wait)
+        if self.paused or self._stopped or self.tag is not None or self._deliver is None:
+            return  # the breaker's or the store's resume, or nobody, consumes again
+        try:
+            await self._subscribe()
+        except Exception as exc:  # the channel closed: the worker sees it and reconnects
+            self._fail(f"could not consume {self.queue!r} again after a broker cancel: {exc!r}")
+
+    async def _queue_gone(self) -> bool:
+        """Whether the queue is missing, by a passive declare on a channel of its own (a 404
+        closes the channel it is asked on)."""
+        try:
+            channel = await self.channel.connection.channel()
+        except Exception:
+            return False
+        try:
+            await channel.queue_declare(self.queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return True
+        except Exception:  # refused (no permission on 4.3+) or the connection went: not known
+            return False
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        return False
+
+    def _fail(self, reason: str) -> None:
         if not self.cancelled.done():
-            self.cancelled.set_exception(
-                BrokerError(f"the broker cancelled the consumer of queue {self.queue!r} (deleted?)")
-            )
+            self.cancelled.set_exception(BrokerError(reason))
             self.cancelled.exception()  # retrieved: nobody has to wait for it
 
     @property
@@ -117,18 +201,30 @@ class RunningConsumer:
     async def consume(self, callback: Callback) -> None:
         """basic.consume; a stream consumer resumes after the last handled offset. A
         consumer held already (a store it needs is down) starts when the hold is lifted."""
-        arguments = None
-        if self.offsets is not None:
-            callback, arguments = self.offsets.wrap(callback), self.offsets.consume_arguments()
-        self._callback, self._arguments = callback, arguments
+        self._callback = callback
+        self._deliver = callback if self.offsets is None else self.offsets.wrap(callback)
         if self.holds:
             return
-        tag = self._new_tag()
-        await self.channel.basic_consume(
-            self.queue, callback, consumer_tag=tag, arguments=arguments
-        )
-        self.tag = tag
-        self._arguments = None  # a stream's start offset: for the first basic.consume only
+        await self._subscribe()
+
+    async def _subscribe(self) -> None:
+        """basic.consume under a fresh tag, with the consumer's arguments and, for a stream,
+        the offset after the last one stored (nothing handled since a pause is skipped)."""
+        assert self._deliver is not None
+        arguments = self._arguments
+        if self.offsets is not None:
+            arguments = {**(arguments or {}), **self.offsets.consume_arguments()}
+        # A fresh consumer tag every time: RabbitMQ before 3.10.9 / 3.11.1 crashes the channel
+        # (INTERNAL_ERROR) when a quorum-queue consumer comes back under the tag it
+        # just cancelled while deliveries of that tag are in flight (rabbitmq-server#5927).
+        tag = self.tag = self._new_tag()
+        try:
+            await self.channel.basic_consume(
+                self.queue, self._deliver, consumer_tag=tag, arguments=arguments
+            )
+        except BaseException:
+            self.tag = None
+            raise
 
     async def pause(self, reason: str = "breaker") -> None:
         """basic.cancel: the broker stops delivering; the backlog stays in the queue."""
@@ -141,20 +237,14 @@ class RunningConsumer:
     async def resume(self, reason: str = "breaker") -> None:
         """Consume again after :meth:`pause`, unless something else still holds it."""
         self.holds.discard(reason)
-        if self.holds or self.tag is not None or self._callback is None:
+        if self.holds or self.tag is not None or self._deliver is None:
             return
-        # A fresh consumer tag: RabbitMQ before 3.10.9 / 3.11.1 crashes the channel
-        # (INTERNAL_ERROR) when a quorum-queue consumer comes back under the tag it
-        # just cancelled while deliveries of that tag are in flight (rabbitmq-server#5927).
-        tag = self.tag = self._new_tag()
         with contextlib.suppress(Exception):
-            await self.channel.basic_consume(
-                self.queue, self._callback, consumer_tag=tag, arguments=self._arguments
-            )
-            self._arguments = None
+            await self._subscribe()
 
     async def cancel(self) -> None:
         """basic.cancel for a drain: no new deliveries; those in hand stay ours to settle."""
+        self._stop_resubscribing()
         if self.tag is not None:
             await self.channel.basic_cancel(self.tag)
 
@@ -178,12 +268,18 @@ class RunningConsumer:
 
     def close(self) -> None:
         """Stop what runs on a timer: the breaker's cool-down, the offset saver."""
+        self._stop_resubscribing()
         if self.breaker is not None:
             self.breaker.cancel()
         for dependency in self.dependencies:
             dependency.detach(self)
         if self.offsets is not None:
             self.offsets.stop()
+
+    def _stop_resubscribing(self) -> None:
+        self._stopped = True
+        if self._resubscriber is not None:
+            self._resubscriber.cancel()
 
 
 class ConsumerSet:
@@ -372,8 +468,15 @@ class ConsumerSet:
         await channel.basic_qos(prefetch_count=config.prefetch)
         breaker = self._breaker(consumer.queue, lambda: running.pause(), lambda: running.resume())
         dispatcher, acker = self.dispatcher(consumer, channel, publisher, breaker=breaker)
+        version = BrokerVersion.from_properties(getattr(connection, "server_properties", None))
         running = RunningConsumer(
-            consumer.queue, channel, acker, breaker, f"{self.app.name}.{consumer.queue}"
+            consumer.queue,
+            channel,
+            acker,
+            breaker,
+            f"{self.app.name}.{consumer.queue}",
+            arguments=_consume_arguments(config, version),
+            cancel_reason=_cancel_reason(config, version),
         )
         for dependency in self.dependencies.of(consumer.queue):
             running.depend_on(dependency)
@@ -409,6 +512,31 @@ class ConsumerSet:
         """Stop the threads of sync handlers and the probes of stores."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.dependencies.cancel()
+
+
+def _consume_arguments(config: QueueConfig, version: BrokerVersion | None) -> dict[str, Any] | None:
+    # From RabbitMQ 4.3 a quorum queue takes its consumer timeout from basic.consume too: it
+    # then applies even to a queue declared before consumer_timeout was set (an argument
+    # cannot be added to an existing queue). Older brokers accept the argument and ignore it.
+    limit = config.consumer_timeout_ms
+    if (
+        limit is None
+        or version is None
+        or not version.consumer_timeout_on_consume(config.queue_type)
+    ):
+        return None
+    return {"x-consumer-timeout": limit}
+
+
+def _cancel_reason(config: QueueConfig, version: BrokerVersion | None) -> str:
+    """What a broker-sent basic.cancel most likely means for this queue on this version."""
+    if version is None or not version.cancels_timed_out_consumers:
+        return CANCEL_REASON
+    if not version.consumer_timeout_applies(config.queue_type):
+        return CANCEL_REASON
+    limit = config.consumer_timeout_ms
+    label = format_duration(limit) if limit is not None else "the broker's, 30m by default"
+    return TIMEOUT_REASON.format(limit=label)
 
 
 def _thread_count(topology: Topology, signatures: dict[str, Signature]) -> int:

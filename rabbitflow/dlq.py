@@ -30,7 +30,7 @@ from rabbitflow import _headers as h
 from rabbitflow._border import broker_call
 from rabbitflow._publisher import Publisher, copy_properties
 from rabbitflow.connection import underlay
-from rabbitflow.errors import PublishError, QueueNotFoundError
+from rabbitflow.errors import AccessRefusedError, PublishError, QueueNotFoundError
 from rabbitflow.topology import dlq_name
 
 DLQ_SUFFIX = ".dlq"
@@ -243,7 +243,7 @@ async def replay(
     stay in the DLQ."""
     work, dlq = queue_names(queue)
     count = await ready_count(connection, dlq, hint=_missing_dlq_hint(work))
-    await ready_count(connection, work, hint="replay moves messages back to it; declare it first")
+    await _check_target(connection, work)
     budget = count if limit is None else min(limit, count)
     picks = _picker(error_type, select)
     # With a filter every message may be examined and the matching ones acked: one consumer
@@ -557,6 +557,17 @@ async def _channel(
     finally:
         if not channel.is_closed:
             await channel.close()
+
+
+async def _check_target(connection: AbstractConnection, work: str) -> None:
+    # Fail early, naming the queue, when the replay's target is missing. RabbitMQ 4.3+ lets
+    # a passive declare through only to a user with a permission on the queue, which the
+    # on-call user lacks on work queues: then the mandatory publish is the check (a message
+    # no queue takes is returned and stays in the DLQ).
+    with contextlib.suppress(AccessRefusedError):
+        await ready_count(
+            connection, work, hint="replay moves messages back to it; declare it first"
+        )
 
 
 def _missing_dlq_hint(work: str) -> str:

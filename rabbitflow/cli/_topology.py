@@ -10,10 +10,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._urls import mask_url, mask_urls
 from rabbitflow.cli import quiet_client_logs, reports_errors, write_output
 from rabbitflow.cli._urls import broker_urls, url_options
-from rabbitflow.topology._derived import Declarations, derive
+from rabbitflow.errors import TopologyError
+from rabbitflow.topology._checks import check_for_broker
+from rabbitflow.topology._derived import Declarations, QueueSpec, derive, for_broker
 from rabbitflow.topology._loader import load_topology
 
 if TYPE_CHECKING:
@@ -35,13 +38,40 @@ def topology() -> None:
     """Validate, plan, declare and export a topology.toml."""
 
 
+def _broker_version(
+    _context: click.Context, _parameter: click.Parameter, value: str | None
+) -> BrokerVersion | None:
+    if value is None:
+        return None
+    version = BrokerVersion.parse(value)
+    if version is None:
+        raise click.BadParameter(f"{value!r} is not a RabbitMQ version such as 4.3 or 3.13.7")
+    return version
+
+
 @topology.command()
 @file_argument
+@click.option(
+    "--broker-version",
+    metavar="VERSION",
+    callback=_broker_version,
+    help="Also check FILE against this RabbitMQ release (e.g. 4.3): what it refuses, and how "
+    "settings that differ per version (consumer_timeout) take effect there.",
+)
 @reports_errors
-def validate(file: str) -> None:
+def validate(file: str, broker_version: BrokerVersion | None) -> None:
     """Check FILE without touching a broker; exit 1 listing every error."""
     loaded = load_topology(file)
-    click.echo(f"{file}: valid; {summary(derive(loaded))}")
+    if broker_version is None:
+        click.echo(f"{file}: valid; {summary(derive(loaded))}")
+        return
+    problems, notes = check_for_broker(loaded, broker_version)
+    target = f"RabbitMQ {broker_version.major}.{broker_version.minor}"
+    if problems:
+        raise TopologyError(f"{file} on {target}", problems)
+    click.echo(f"{file}: valid for {target}; {summary(derive(loaded))}")
+    for note in notes:
+        click.echo(f"note: {note}")
 
 
 @topology.command("plan")
@@ -95,6 +125,8 @@ def plan_command(
         click.echo(f"  {line}")
     counts = result.counts()
     click.echo(", ".join(f"{counts[action]} {action}" for action in counts))
+    for use in result.uses:
+        click.echo(f"note: {use}")
     if result.unseen is not None:
         why = (
             "--no-management" if api is None else f"the management API at {mask_url(api)} {reason}"
@@ -166,18 +198,47 @@ def declare_command(file: str, url: tuple[str, ...], url_order: str) -> None:
     type=click.Path(dir_okay=False, writable=True),
     help="Write to this file instead of stdout.",
 )
+@click.option(
+    "--broker-version",
+    metavar="VERSION",
+    callback=_broker_version,
+    help="Write what this RabbitMQ release accepts (e.g. 4.3: no x-consumer-timeout on "
+    "classic queues and streams).",
+)
 @reports_errors
-def export(file: str, fmt: str, vhost: str, output: str | None) -> None:
+def export(
+    file: str, fmt: str, vhost: str, output: str | None, broker_version: BrokerVersion | None
+) -> None:
     """Print FILE's objects as RabbitMQ definitions or a Mermaid flowchart."""
     from rabbitflow.topology._export import mermaid
 
-    declarations = derive(load_topology(file))
+    declarations = for_broker(derive(load_topology(file)), broker_version)
+    if broker_version is None and fmt == "definitions":
+        _warn_refused_on_newest(declarations)
     text = _definitions_text(declarations, vhost) if fmt == "definitions" else mermaid(declarations)
     if output is None:
         click.echo(text, nl=False)
     else:
         write_output(output, text)
         click.echo(f"wrote {fmt} to {output}", err=True)
+
+
+def _warn_refused_on_newest(declarations: Declarations) -> None:
+    newest = BrokerVersion(4, 3)
+    refused = [q.name for q in declarations.queues if for_broker_changes(q, newest)]
+    if refused:
+        click.echo(
+            "warning: RabbitMQ 4.3 and later refuse x-consumer-timeout on classic queues and "
+            f"streams: {', '.join(refused)}: pass --broker-version to write definitions for "
+            "your broker",
+            err=True,
+        )
+
+
+def for_broker_changes(spec: QueueSpec, version: BrokerVersion) -> bool:
+    """Whether ``version`` would not take ``spec`` as it is."""
+    adapted = for_broker(Declarations((), (), (spec,), (), {}), version)
+    return adapted.queues[0] != spec
 
 
 def plural(count: int, noun: str, nouns: str = "") -> str:

@@ -34,6 +34,9 @@ class Depth:
     ready: int = 0
     consumers: int = 0
     unacked: int | None = None
+    # Why the counts cannot be read: RabbitMQ 4.3+ answers a passive declare only to a user
+    # with a permission on the queue (the on-call user has none on work queues and tiers).
+    hidden: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +176,12 @@ class _Prober:
             except aiormq.exceptions.ChannelNotFoundEntity:
                 self._channel = None
                 return Depth(queue, exists=False)
+            except aiormq.exceptions.ChannelAccessRefused:
+                self._channel = None
+                why = (
+                    f"no read permission on {queue}: RabbitMQ 4.3+ does not count it for this user"
+                )
+                return Depth(queue, exists=True, hidden=why, unacked=unacked.get(queue))
         result = declared.declaration_result
         return Depth(
             queue,

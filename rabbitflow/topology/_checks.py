@@ -7,9 +7,10 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from rabbitflow._broker_version import OLDEST_SUPPORTED, BrokerVersion
 from rabbitflow._duration import format_duration
 from rabbitflow.errors import Problem
-from rabbitflow.topology._derived import derive
+from rabbitflow.topology._derived import consumer_timeout_use, derive
 from rabbitflow.topology._model import QueueConfig, Topology
 from rabbitflow.topology._schema import BindingTable, QueueTable, TopologyFile
 from rabbitflow.topology._wire import MAX_SHORTSTR_BYTES, name_problems, value_problems
@@ -418,3 +419,40 @@ def _check_argument_value(key: str, value: Any, queue_type: str, path: str) -> I
             )
     elif key == "x-single-active-consumer" and not isinstance(value, bool):
         yield Problem(path, f"{value!r} must be true or false")
+
+
+# Queue arguments a release refuses although earlier ones accept them: (argument, queue type)
+# -> (first refusing version, why, what to do).
+_REFUSED_FROM: dict[tuple[str, str], tuple[tuple[int, int], str, str]] = {
+    ("x-queue-master-locator", "classic"): (
+        (4, 3),
+        "refused by RabbitMQ 4.3 and later (the deprecated feature queue_master_locator is "
+        "not permitted by default; the broker closes the connection)",
+        "remove it: classic queues are not mirrored since 4.0, so there is no master to place",
+    ),
+}
+
+
+def check_for_broker(topology: Topology, version: BrokerVersion) -> tuple[list[Problem], list[str]]:
+    """What a topology that passed :func:`check` meets on one RabbitMQ ``version``.
+
+    Returns the problems (objects that version refuses) and notes (settings that take effect
+    differently there, such as ``consumer_timeout``)."""
+    problems: list[Problem] = []
+    if not version.supported:
+        oldest = ".".join(map(str, OLDEST_SUPPORTED))
+        problems.append(
+            Problem("", f"RabbitMQ {version} is not supported", f"use {oldest} or later")
+        )
+    for config in topology.queues.values():
+        base = f"queues.{_q(config.name)}"
+        for key in config.arguments:
+            refused = _REFUSED_FROM.get((key, config.queue_type))
+            if refused is not None and version.at_least(*refused[0]):
+                problems.append(Problem(f'{base}.arguments."{key}"', refused[1], refused[2]))
+    notes = [
+        f"queues.{_q(spec.name)}: {use}"
+        for spec in derive(topology).queues
+        if (use := consumer_timeout_use(spec, version)) is not None
+    ]
+    return problems, notes

@@ -16,6 +16,7 @@ import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from rabbitflow._border import reply_text
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._duration import format_duration
 from rabbitflow._logging import get_logger
 from rabbitflow.errors import (
@@ -25,7 +26,13 @@ from rabbitflow.errors import (
     TopologyConflictError,
     TopologyMismatchError,
 )
-from rabbitflow.topology._derived import BindingSpec, Declarations, ExchangeSpec, QueueSpec
+from rabbitflow.topology._derived import (
+    BindingSpec,
+    Declarations,
+    ExchangeSpec,
+    QueueSpec,
+    for_broker,
+)
 
 log = get_logger("rabbitflow.declare")
 
@@ -88,6 +95,11 @@ class ChannelSource:
             await self._channel.reopen()
         return await self._channel.get_underlay_channel()
 
+    async def version(self) -> BrokerVersion | None:
+        """The version of the broker the channels are on."""
+        channel = await self.get()
+        return BrokerVersion.from_properties(channel.connection.server_properties)
+
     async def close(self) -> None:
         """Close the channel if this source opened it."""
         if self._owned and self._channel is not None and not self._channel.is_closed:
@@ -121,6 +133,7 @@ async def declare(
     channels = ChannelSource(target)
     done: list[Declared] = []
     try:
+        declarations = for_broker(declarations, await channels.version())
         for spec in ordered(declarations):
             await apply(channels, spec)
             done.append(describe(spec))
@@ -131,19 +144,37 @@ async def declare(
     return done
 
 
-async def verify(target: Target, declarations: Declarations) -> None:
+async def verify(target: Target, declarations: Declarations) -> list[str]:
     """Check, without declaring anything, that every exchange and queue exists.
 
     Raises :class:`TopologyMismatchError` naming every missing object. Bindings cannot be
-    observed over AMQP and are not checked."""
+    observed over AMQP and are not checked. Returns the objects the user may not look at
+    (RabbitMQ 4.3+ refuses a passive declare to a user with no permission on the object):
+    they are left unchecked, and logged once, since a least-privilege worker has no right on
+    its retry tiers, DLQs or the exchanges it does not publish to. A copy published to a
+    missing one is returned unroutable and its message stays in its queue (see _repair)."""
     channels = ChannelSource(target)
+    unchecked: list[str] = []
     try:
         specs: list[ExchangeSpec | QueueSpec] = [*declarations.exchanges, *declarations.queues]
-        missing = [spec for spec in specs if not await exists(channels, spec)]
+        missing = []
+        for spec in specs:
+            found = await visible(channels, spec)
+            if found is None:
+                unchecked.append(f"{_kind(spec)} {spec.name!r}")
+            elif not found:
+                missing.append(spec)
     finally:
         await channels.close()
     if missing:
         raise TopologyMismatchError([f"{_kind(spec)} {spec.name!r}" for spec in missing])
+    if unchecked:
+        log.info(
+            "not checked, the user has no permission on them (RabbitMQ 4.3 and later let a "
+            "passive declare through only with one): " + ", ".join(unchecked),
+            hint="grant write on them to have them checked (docs/operations.md)",
+        )
+    return unchecked
 
 
 async def exists(channels: ChannelSource, spec: ExchangeSpec | QueueSpec) -> bool:
@@ -158,6 +189,16 @@ async def exists(channels: ChannelSource, spec: ExchangeSpec | QueueSpec) -> boo
     except aiormq.exceptions.AMQPError as exc:
         raise broker_error(exc, spec, "check") from None
     return True
+
+
+async def visible(channels: ChannelSource, spec: ExchangeSpec | QueueSpec) -> bool | None:
+    """:func:`exists`, or None when the broker refuses the user a look at the object.
+
+    RabbitMQ checks the permission before the object, so a refusal says nothing about it."""
+    try:
+        return await exists(channels, spec)
+    except AccessRefusedError:
+        return None
 
 
 async def apply(channels: ChannelSource, spec: Spec) -> None:

@@ -6,9 +6,10 @@ worker (which needs the retry tier and DLQ names) all read its result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._duration import format_duration
 from rabbitflow.topology._model import QueueConfig, Topology
 
@@ -245,4 +246,54 @@ def derived_for(declarations: Declarations, queue: str) -> Declarations:
         side,
         tuple(b for b in declarations.queue_bindings if b.destination in names),
         {queue: routes},
+    )
+
+
+def for_broker(declarations: Declarations, version: BrokerVersion | None) -> Declarations:
+    """``declarations`` as the broker of ``version`` accepts them; unchanged when unknown.
+
+    RabbitMQ 4.3 refuses ``x-consumer-timeout`` on classic queues and streams (it never
+    times their consumers out), so a work queue's ``consumer_timeout`` is left out there:
+    declaring it would fail the whole declare."""
+    if version is None:
+        return declarations
+    queues = tuple(_accepted(spec, version) for spec in declarations.queues)
+    return replace(declarations, queues=queues)
+
+
+def _accepted(spec: QueueSpec, version: BrokerVersion) -> QueueSpec:
+    queue_type = str(spec.arguments.get("x-queue-type", "classic"))
+    if "x-consumer-timeout" in spec.arguments and not version.accepts_consumer_timeout(queue_type):
+        arguments = {k: v for k, v in spec.arguments.items() if k != "x-consumer-timeout"}
+        return replace(spec, arguments=arguments)
+    return spec
+
+
+def consumer_timeout_use(spec: QueueSpec, version: BrokerVersion) -> str | None:
+    """How a work queue's ``consumer_timeout`` takes effect on ``version``, for people (plan,
+    validate --broker-version); None when the queue has none."""
+    limit = spec.arguments.get("x-consumer-timeout")
+    if limit is None:
+        return None
+    queue_type = str(spec.arguments.get("x-queue-type", "classic"))
+    label = format_duration(int(limit))
+    if not version.consumer_timeout_applies(queue_type):
+        return (
+            f"consumer_timeout {label}: not declared, RabbitMQ {version.major}.{version.minor} "
+            f"never times out consumers of {queue_type} queues (and refuses x-consumer-timeout)"
+        )
+    if not version.enforces_queue_consumer_timeout:
+        return (
+            f"consumer_timeout {label}: declared as x-consumer-timeout but not enforced before "
+            "RabbitMQ 3.12: only the broker-wide consumer_timeout applies (rabbitmq.conf)"
+        )
+    if version.consumer_timeout_on_consume(queue_type):
+        return (
+            f"consumer_timeout {label}: queue argument x-consumer-timeout and basic.consume "
+            "argument (applies to a queue declared without it too); a timed-out consumer "
+            "gets basic.cancel and rabbitflow consumes again"
+        )
+    return (
+        f"consumer_timeout {label}: queue argument x-consumer-timeout, checked once per "
+        "channel tick (60 s by default); a timed-out delivery closes the channel"
     )

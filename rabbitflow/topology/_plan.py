@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow.errors import AccessRefusedError, BrokerError, TopologyConflictError
 from rabbitflow.topology._declare import (
     ChannelSource,
@@ -30,7 +31,14 @@ from rabbitflow.topology._declare import (
     describe,
     exists,
 )
-from rabbitflow.topology._derived import BindingSpec, Declarations, ExchangeSpec, QueueSpec
+from rabbitflow.topology._derived import (
+    BindingSpec,
+    Declarations,
+    ExchangeSpec,
+    QueueSpec,
+    consumer_timeout_use,
+    for_broker,
+)
 from rabbitflow.topology._drift import (
     Difference,
     binding_rows,
@@ -79,6 +87,8 @@ class Plan:
     items: tuple[PlanItem, ...]
     unseen: str | None = None
     notes: tuple[str, ...] = ()
+    # How settings that differ per RabbitMQ version take effect on this broker, per queue.
+    uses: tuple[str, ...] = ()
 
     @property
     def conflicts(self) -> list[PlanItem]:
@@ -120,6 +130,9 @@ async def plan(
     channels = ChannelSource(target)
     items: list[PlanItem] = []
     try:
+        version = await channels.version()
+        uses = _version_notes(declarations, version)
+        declarations = for_broker(declarations, version)
         objects: list[ExchangeSpec | QueueSpec] = [*declarations.exchanges, *declarations.queues]
         for spec in objects:
             items.append(await _plan_object(channels, spec, _entry(state, spec)))
@@ -127,7 +140,7 @@ async def plan(
         await channels.close()
     if state is None:
         bindings = (*declarations.exchange_bindings, *declarations.queue_bindings)
-        return Plan((*items, *map(_plan_binding, bindings)), unseen=UNSEEN)
+        return Plan((*items, *map(_plan_binding, bindings)), unseen=UNSEEN, uses=uses)
     items += _policies(declarations, state)
     items += [
         PlanItem(row.action, "binding", row.name, row.detail)
@@ -137,7 +150,16 @@ async def plan(
         PlanItem("not in file", x.kind, x.name, x.detail) for x in leftovers(declarations, state)
     ]
     notes = () if state.operator_policies is not None else (OPERATOR_POLICIES_UNSEEN,)
-    return Plan(tuple(items), notes=notes)
+    return Plan(tuple(items), notes=notes, uses=uses)
+
+
+def _version_notes(declarations: Declarations, version: BrokerVersion | None) -> tuple[str, ...]:
+    # What takes effect differs per version for some settings (consumer_timeout): said once
+    # per queue, so that nobody reads a missing argument as drift.
+    if version is None:
+        return ()
+    uses = ((spec.name, consumer_timeout_use(spec, version)) for spec in declarations.queues)
+    return tuple(f"queue {name}: {use} (RabbitMQ {version})" for name, use in uses if use)
 
 
 OPERATOR_POLICIES_UNSEEN = (
