@@ -328,7 +328,7 @@ def test_several_errors_are_reported_at_once() -> None:
         parse_topology(toml, "topology.toml")
     assert str(raised.value).splitlines()[0] == "topology.toml: 3 errors"
     paths = [problem.path for problem in raised.value.problems]
-    assert paths == ["defaults.prefetc", "exchanges.x.type", "queues.a.prefetch"]
+    assert paths == ["defaults.prefetc", "queues.a.prefetch", "exchanges.x.type"]  # file order
 
 
 def test_several_semantic_errors_are_reported_at_once() -> None:
@@ -348,8 +348,8 @@ def test_schema_and_reference_errors_are_reported_together() -> None:
     paths = [problem.path for problem in raised.value.problems]
     assert paths == [
         "exchanges.orders.type",
-        'queues."café".prefetch',
         'queues."café"',
+        'queues."café".prefetch',
         'queues."café".bindings[0].exchange',
     ]
     assert 'did you mean "orders"?' in str(raised.value)

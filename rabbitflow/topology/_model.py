@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rabbitflow.errors import Problem
 from rabbitflow.topology._schema import (
     BindingTable,
     CircuitBreakerTable,
@@ -79,9 +80,14 @@ class Topology:
     exchanges: dict[str, ExchangeTable]
     queues: dict[str, QueueConfig]
     broker_urls: tuple[str, ...] = ()
+    # Not errors, but most likely mistakes (``timeout = 30`` is 30 ms): the commands print
+    # them and ``App.load_topology`` logs them.
+    warnings: tuple[Problem, ...] = ()
 
     @classmethod
-    def from_file(cls, source: str, parsed: TopologyFile) -> Topology:
+    def from_file(
+        cls, source: str, parsed: TopologyFile, warnings: tuple[Problem, ...] = ()
+    ) -> Topology:
         queues = {name: _resolve(name, table, parsed) for name, table in parsed.queues.items()}
         urls = parsed.broker.all_urls or []
         return cls(
@@ -91,6 +97,7 @@ class Topology:
             dead_letter_exchange=parsed.dead_letter.exchange,
             exchanges=dict(parsed.exchanges),
             queues=queues,
+            warnings=warnings,
         )
 
 
