@@ -15,6 +15,7 @@ from rabbitflow.cli import quiet_client_logs, reports_errors, write_output
 from rabbitflow.cli._urls import broker_urls, url_options
 from rabbitflow.topology._derived import Declarations, derive
 from rabbitflow.topology._loader import load_topology
+from rabbitflow.topology._model import Topology
 
 if TYPE_CHECKING:
     # The commands that talk to a broker import the client when they run, so that validate
@@ -40,7 +41,7 @@ def topology() -> None:
 @reports_errors
 def validate(file: str) -> None:
     """Check FILE without touching a broker; exit 1 listing every error."""
-    loaded = load_topology(file)
+    loaded = load(file)
     click.echo(f"{file}: valid; {summary(derive(loaded))}")
 
 
@@ -79,7 +80,7 @@ def plan_command(
     --exit-code, exit 2 when anything differs."""
     from rabbitflow.topology._management import vhost_of, with_credentials
 
-    loaded = load_topology(file)
+    loaded = load(file)
     broker = broker_urls(url, loaded.broker_urls, url_order)
     declarations = derive(loaded)
     # The management API of the first node: every node of a cluster answers for all.
@@ -138,7 +139,7 @@ def declare_command(file: str, url: tuple[str, ...], url_order: str) -> None:
     """Declare every exchange, queue and binding of FILE (idempotent, never deletes)."""
     from rabbitflow.topology._declare import declare
 
-    loaded = load_topology(file)
+    loaded = load(file)
     broker = broker_urls(url, loaded.broker_urls, url_order)
     click.echo(f"declaring {file} on {mask_urls(broker)}")
     declarations = derive(loaded)
@@ -171,13 +172,21 @@ def export(file: str, fmt: str, vhost: str, output: str | None) -> None:
     """Print FILE's objects as RabbitMQ definitions or a Mermaid flowchart."""
     from rabbitflow.topology._export import mermaid
 
-    declarations = derive(load_topology(file))
+    declarations = derive(load(file))
     text = _definitions_text(declarations, vhost) if fmt == "definitions" else mermaid(declarations)
     if output is None:
         click.echo(text, nl=False)
     else:
         write_output(output, text)
         click.echo(f"wrote {fmt} to {output}", err=True)
+
+
+def load(file: str) -> Topology:
+    """Load FILE, printing its warnings (likely mistakes that are not errors) to stderr."""
+    loaded = load_topology(file)
+    for warning in loaded.warnings:
+        click.echo(f"warning: {loaded.source}: {warning}", err=True)
+    return loaded
 
 
 def plural(count: int, noun: str, nouns: str = "") -> str:

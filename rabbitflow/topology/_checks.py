@@ -104,21 +104,25 @@ class Accepted:
 
     def __init__(self, parsed: TopologyFile, refused: frozenset[Loc]) -> None:
         self._parsed = parsed
-        # A refused value anywhere under a key (retry.delays[1]) taints the key (retry).
-        self._tainted = {loc[:n] for loc in refused for n in range(1, len(loc) + 1)}
+        self._refused = refused
+        # A refused value under a key (retry.delays[1]) taints the key (retry) too.
+        self._under = {loc[:n] for loc in refused for n in range(1, len(loc) + 1)}
 
     def key(self, *loc: str | int) -> bool:
-        return loc not in self._tainted
+        """Whether the value at ``loc``, and everything in it, was accepted."""
+        inside = any(loc[:n] in self._refused for n in range(1, len(loc)))
+        return not inside and loc not in self._under
 
     def queue(self, name: str, keys: tuple[str, ...]) -> bool:
-        """Whether every key of ``keys`` in queue ``name``, or in ``[defaults]`` when the
-        queue inherits it, was accepted."""
+        """Whether every key of ``keys`` (``"retry.delays"`` for a key of a subtable) in queue
+        ``name``, or in ``[defaults]`` when the queue inherits it, was accepted."""
         table = self._parsed.queues[name]
         for key in keys:
-            if ("queues", name, key) in self._tainted:
+            path = tuple(key.split("."))
+            if not self.key("queues", name, *path):
                 return False
-            inherits = key in INHERITED and getattr(table, key) is None
-            if inherits and ("defaults", key) in self._tainted:
+            inherits = path[0] in INHERITED and getattr(table, path[0]) is None
+            if inherits and not self.key("defaults", *path):
                 return False
         return True
 
@@ -509,12 +513,13 @@ def _check_argument_value(key: str, value: Any, queue_type: str, path: str) -> I
     elif key in INTEGER_ARGUMENTS:
         yield from _check_integer_argument(key, value, path)
     elif key in STRING_ARGUMENTS and not isinstance(value, str):
-        yield Problem(path, f"{shown(value)} is {a_kind(value)}; RabbitMQ wants a string")
+        yield Problem(path, f"{shown(value)} is {a_kind(value)}; not a string")
 
 
 def _check_integer_argument(key: str, value: Any, path: str) -> Iterator[Problem]:
     if isinstance(value, bool) or not isinstance(value, int):
-        yield Problem(path, f"{shown(value)} must be a non-negative integer", _int_fix(key, value))
+        fix = _int_fix(key, value)
+        yield Problem(path, f"{shown(value)} is {a_kind(value)}, not an integer", fix)
     elif value < 0:
         yield Problem(path, f"{value} must be a non-negative integer")
     elif key == "x-max-priority" and value > MAX_PRIORITY:
@@ -539,7 +544,7 @@ def _int_fix(key: str, value: Any) -> str:
 # keys, its own or inherited from [defaults], were accepted.
 QUEUE_CHECKS: list[tuple[tuple[str, ...], QueueCheck]] = [
     (("timeout",), _check_own_timeout),
-    (("retry",), _check_own_delays),
+    (("retry.delays",), _check_own_delays),
     (("queue_type", "exclusive", "auto_delete", "durable"), _check_replicated),
     (("dead_letter",), _check_wildcards),
     (("concurrency", "prefetch"), _check_concurrency),

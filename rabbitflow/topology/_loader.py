@@ -47,7 +47,7 @@ def parse_topology(raw: bytes | str, source: str = "<string>") -> Topology:
     text = _decode(raw, source) if isinstance(raw, bytes) else raw
     document = _parse_toml(text, source)
     parsed, reading = read_file(document)
-    topology = Topology.from_file(source, parsed)
+    topology = Topology.from_file(source, parsed)  # the checks read the resolved queues
     # Names and references are checked on the raw document and the semantic checks on every
     # table that validated, so that one bad value does not hide the other mistakes.
     problems = [
@@ -56,10 +56,11 @@ def parse_topology(raw: bytes | str, source: str = "<string>") -> Topology:
         *check(parsed, topology, frozenset(reading.refused)),
     ]
     position = _positions(document, text)
+    found = (Problem(format_path(loc), message, hint) for loc, message, hint in reading.warnings)
+    warnings = tuple(_in_file_order(found, position))
     if problems:
-        raise TopologyError(source, _in_file_order(problems, position))
-    warnings = (Problem(format_path(loc), message, hint) for loc, message, hint in reading.warnings)
-    return Topology.from_file(source, parsed, tuple(_in_file_order(warnings, position)))
+        raise TopologyError(source, _in_file_order(problems, position), warnings)
+    return Topology.from_file(source, parsed, warnings)
 
 
 def _in_file_order(
