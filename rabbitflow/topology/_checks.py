@@ -217,7 +217,8 @@ def _check_dead_letter(parsed: TopologyFile, accepted: Accepted) -> Iterator[Pro
         )
 
 
-_GENERATING = ("queue_type", "retry", "dead_letter")  # the keys that name generated queues
+# The keys of a queue that decide the names of the queues generated for it, by role.
+_GENERATING = {"retry": ("queue_type", "retry"), "dlq": ("dead_letter",)}
 
 
 def _check_generated(
@@ -227,7 +228,7 @@ def _check_generated(
     generated = {
         q.name: q.owner
         for q in declarations.queues
-        if q.role != "work" and accepted.queue(q.owner, _GENERATING)
+        if q.role != "work" and accepted.queue(q.owner, _GENERATING[q.role])
     }
     for name in parsed.queues:
         if name in generated:
@@ -513,7 +514,7 @@ def _check_argument_value(key: str, value: Any, queue_type: str, path: str) -> I
     elif key in INTEGER_ARGUMENTS:
         yield from _check_integer_argument(key, value, path)
     elif key in STRING_ARGUMENTS and not isinstance(value, str):
-        yield Problem(path, f"{shown(value)} is {a_kind(value)}; not a string")
+        yield Problem(path, f"{shown(value)} is {a_kind(value)}, not a string")
 
 
 def _check_integer_argument(key: str, value: Any, path: str) -> Iterator[Problem]:

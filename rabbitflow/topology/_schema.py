@@ -532,9 +532,8 @@ class QueueTable:
     single_active_consumer: bool = field(default=False, metadata=reads(boolean))
     consumer_timeout: int | None = field(default=None, metadata=reads(duration))
     stream_offset: StreamOffset | None = field(default=None, metadata=reads(stream_offset))
-    idempotent: bool = field(
-        default=False
-    )  # handle each message_id once (App(idempotency=...), metadata=reads(boolean))
+    # Handle each message_id once (needs App(idempotency=...)).
+    idempotent: bool = field(default=False, metadata=reads(boolean))
     arguments: dict[str, Any] = field(default_factory=dict, metadata=reads(arguments))
 
 
