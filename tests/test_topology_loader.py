@@ -415,12 +415,12 @@ STRICT: list[tuple[str, str, str]] = [
     (
         "a float duration",
         "[queues.a]\ntimeout = 1.5\n",
-        "queues.a.timeout: 1.5 is a float, not a duration; write a number with a unit",
+        "queues.a.timeout: 1.5 is not a duration; write a number with a unit",
     ),
     (
         "a boolean duration",
         "[defaults]\nconsumer_timeout = true\n",
-        "defaults.consumer_timeout: true is a boolean, not a duration",
+        "defaults.consumer_timeout: true is not a duration",
     ),
     (
         "a float size",

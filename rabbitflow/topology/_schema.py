@@ -215,7 +215,7 @@ def choice(literal: Any) -> Kind:
 def duration(value: object, loc: Loc, reading: Reading) -> int:
     """A string with a unit or an integer of milliseconds (contract, section 1)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise Invalid(f"{shown(value)} is {a_kind(value)}, not a duration; {DURATION_HINT}")
+        raise Invalid(f"{shown(value)} is not a duration; {DURATION_HINT}")
     try:
         millis = parse_duration(value)
     except ValueError as exc:
