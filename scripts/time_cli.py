@@ -4,14 +4,18 @@ Each command is a new ``python -m rabbitflow`` process (what a user waits for), 
 start to exit after one warm-up run, so that the figures are those of a warm file-system
 cache. Prints the median and minimum wall-clock time, and the median CPU time, per command.
 ``PYTHONPATH=/other/checkout`` times another version of the code with the same interpreter
-(docs/performance.md, "CLI start-up")."""
+(docs/performance.md, "CLI start-up"). The commands run in an empty directory: ``python -m``
+puts the current directory first on ``sys.path``, which would time this checkout whatever
+``PYTHONPATH`` says."""
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,14 +30,20 @@ COMMANDS = [
 
 def main() -> None:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    with tempfile.TemporaryDirectory() as empty:
+        _time_commands(runs, empty)
+    print("load average: " + " ".join(f"{load:.2f}" for load in os.getloadavg()))
+
+
+def _time_commands(runs: int, cwd: str) -> None:
     exe = [sys.executable, "-m", "rabbitflow"]
     for args in COMMANDS:
-        subprocess.run([*exe, *args], capture_output=True, check=True)
+        subprocess.run([*exe, *args], capture_output=True, check=True, cwd=cwd)
         times, cpu = [], []
         for _ in range(runs):
             before = _children_cpu()
             start = time.perf_counter()
-            subprocess.run([*exe, *args], capture_output=True, check=True)
+            subprocess.run([*exe, *args], capture_output=True, check=True, cwd=cwd)
             times.append(time.perf_counter() - start)
             cpu.append(_children_cpu() - before)
         print(

@@ -5,9 +5,10 @@ problems come out once each, in the order of the file."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +52,22 @@ def parse_topology(raw: bytes | str, source: str = "<string>") -> Topology:
     # Names and references are checked on the raw document and the semantic checks on every
     # table that validated, so that one bad value does not hide the other mistakes.
     problems = [
-        *(Problem(format_path(loc), message, hint) for loc, message, hint in reading.errors),
+        *_problems(reading.errors),
         *check_document(document),
         *check(parsed, topology, frozenset(reading.refused)),
     ]
+    if not problems and not reading.warnings:
+        return topology
     position = _positions(document, text)
-    found = (Problem(format_path(loc), message, hint) for loc, message, hint in reading.warnings)
-    warnings = tuple(_in_file_order(found, position))
+    warnings = tuple(_in_file_order(_problems(reading.warnings), position))
     if problems:
         raise TopologyError(source, _in_file_order(problems, position), warnings)
-    return Topology.from_file(source, parsed, warnings)
+    return dataclasses.replace(topology, warnings=warnings)
+
+
+def _problems(found: Iterable[tuple[Loc, str, str]]) -> Iterator[Problem]:
+    for loc, message, hint in found:
+        yield Problem(format_path(loc), message, hint)
 
 
 def _in_file_order(

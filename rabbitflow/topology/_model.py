@@ -85,9 +85,7 @@ class Topology:
     warnings: tuple[Problem, ...] = ()
 
     @classmethod
-    def from_file(
-        cls, source: str, parsed: TopologyFile, warnings: tuple[Problem, ...] = ()
-    ) -> Topology:
+    def from_file(cls, source: str, parsed: TopologyFile) -> Topology:
         queues = {name: _resolve(name, table, parsed) for name, table in parsed.queues.items()}
         urls = parsed.broker.all_urls or []
         return cls(
@@ -97,7 +95,6 @@ class Topology:
             dead_letter_exchange=parsed.dead_letter.exchange,
             exchanges=dict(parsed.exchanges),
             queues=queues,
-            warnings=warnings,
         )
 
 
