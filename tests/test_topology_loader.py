@@ -988,3 +988,28 @@ def test_plausible_documents_raise_only_topology_errors(document: dict[str, Any]
 def test_random_bytes_raise_only_topology_errors(raw: bytes) -> None:
     with contextlib.suppress(TopologyError):
         parse_topology(raw, "junk.toml")
+
+
+def test_the_worker_logs_the_warnings_of_its_topology(tmp_path: Path) -> None:
+    # rabbitflow run loads the topology through App.load_topology.
+    from structlog.testing import capture_logs
+
+    from rabbitflow import App
+
+    path = tmp_path / "topology.toml"
+    path.write_text("[queues.a]\ntimeout = 30\n", encoding="utf-8")
+    app = App(topology=path)
+
+    @app.consumer("a")
+    async def handle(body: bytes) -> None: ...
+
+    with capture_logs() as logs:
+        app.load_topology()
+    assert [(entry["log_level"], entry["event"], entry["file"]) for entry in logs] == [
+        (
+            "warning",
+            'queues.a.timeout: 30 ms; did you mean "30s"? '
+            '(an integer is milliseconds; write "30s", or "30ms" to keep 30 ms)',
+            str(path),
+        )
+    ]
