@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rabbitflow._duration import format_duration
@@ -437,7 +437,7 @@ def _check_timeout(timeout: int | None, path: str) -> Iterator[Problem]:
         yield Problem(path, "a handler timeout must be positive", "remove it for no time limit")
 
 
-def _check_delays(delays: tuple[int, ...], path: str) -> Iterator[Problem]:
+def _check_delays(delays: Sequence[int], path: str) -> Iterator[Problem]:
     for index, delay in enumerate(delays):
         if delay <= 0:
             yield Problem(f"{path}.delays[{index}]", "delays must be positive")

@@ -15,7 +15,8 @@ from typing import Any
 from rabbitflow.errors import Problem, TopologyError, TopologySyntaxError
 from rabbitflow.topology._checks import check, check_document
 from rabbitflow.topology._model import Topology
-from rabbitflow.topology._schema import Loc, format_path, read_file
+from rabbitflow.topology._reading import read_file
+from rabbitflow.topology._schema import Loc, format_path
 
 _TOML_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)")
 # One step of a path as format_path writes it: ."quoted", .bare or [index].
