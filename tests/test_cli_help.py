@@ -76,7 +76,7 @@ def test_help_and_validate_do_not_load_the_amqp_client_or_opentelemetry(args: li
         f"    main({args!r})\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = [m for m in ('aio_pika', 'aiormq', 'opentelemetry', 'asyncio', 'pydantic') "
+        "heavy = [m for m in ('aio_pika', 'aiormq', 'opentelemetry', 'asyncio') "
         "if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
