@@ -237,6 +237,8 @@ class App:
     def load_topology(self, path: str | Path | None = None) -> Topology:
         """Load the topology and check the handlers against it."""
         topology = load_topology(path or self.topology_path)
+        for warning in topology.warnings:  # likely mistakes, such as timeout = 30 (30 ms)
+            log.warning(str(warning), file=topology.source)
         self.check_handlers(topology)
         return topology
 

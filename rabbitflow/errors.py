@@ -46,15 +46,19 @@ class Problem:
 class TopologyError(RabbitflowError):
     """A topology file that cannot be used; lists every problem found in it."""
 
-    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+    def __init__(
+        self, source: str, problems: Sequence[Problem], warnings: Sequence[Problem] = ()
+    ) -> None:
         self.source = source
         self.problems = tuple(problems)
+        self.warnings = tuple(warnings)  # likely mistakes that are not errors
         super().__init__(self.render())
 
     def render(self) -> str:
         count = len(self.problems)
         head = f"{self.source}: {count} error{'s' if count != 1 else ''}"
-        return "\n".join([head, *(f"  {problem}" for problem in self.problems)])
+        lines = [f"  {problem}" for problem in self.problems]
+        return "\n".join([head, *lines, *(f"  warning: {w}" for w in self.warnings)])
 
 
 class TopologySyntaxError(TopologyError):
@@ -67,6 +71,7 @@ class TopologySyntaxError(TopologyError):
         RabbitflowError.__init__(self, f"{source}:{line}:{column}: {message}")
         self.source = source
         self.problems = (Problem(f"line {line}, column {column}", message),)
+        self.warnings = ()
 
     def render(self) -> str:
         return f"{self.source}:{self.line}:{self.column}: {self.detail}"

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 import pytest
@@ -14,6 +15,8 @@ from click.testing import CliRunner
 
 from rabbitflow import cli as cli_module
 from rabbitflow.cli import COMMANDS, cli
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "topology.toml"
 
 RST = re.compile(r"``|:[a-z]+:`|`")
 
@@ -54,13 +57,17 @@ def test_the_top_level_list_matches_each_commands_first_sentence() -> None:
         assert " ".join(first.split()).startswith(short), (name, first, short)
 
 
-def test_version() -> None:
-    result = CliRunner().invoke(cli, ["--version"], prog_name="rabbitflow")
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag: str) -> None:
+    result = CliRunner().invoke(cli, [flag], prog_name="rabbitflow")
     assert result.exit_code == 0
     assert re.fullmatch(r"rabbitflow \d+\.\d+\.\d+\S*\n", result.output), result.output
 
 
-@pytest.mark.parametrize("args", [["--help"], ["topology", "validate", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["topology", "validate", "--help"], ["topology", "validate", str(EXAMPLE)]],
+)
 def test_help_and_validate_do_not_load_the_amqp_client_or_opentelemetry(args: list[str]) -> None:
     code = (
         "import sys\n"

@@ -41,6 +41,36 @@ def test_validate_lists_every_error_and_exits_1(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+def test_validate_warns_of_a_duration_that_is_likely_seconds(tmp_path: Path) -> None:
+    path = tmp_path / "topology.toml"
+    path.write_text("[queues.jobs]\ntimeout = 30\n", encoding="utf-8")
+
+    result = run_cli("topology", "validate", str(path))
+
+    assert result.exit_code == 0
+    assert result.stderr == (
+        f'warning: {path}: queues.jobs.timeout: 30 ms; did you mean "30s"? '
+        '(an integer is milliseconds; write "30s", or "30ms" to keep 30 ms)\n'
+    )
+    assert result.stdout.startswith(f"{path}: valid; ")
+
+
+def test_validate_lists_warnings_after_the_errors(tmp_path: Path) -> None:
+    path = tmp_path / "topology.toml"
+    path.write_text('[queues.jobs]\ntimeout = 30\ndead_letter = "false"\n', encoding="utf-8")
+
+    result = run_cli("topology", "validate", str(path))
+
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"error: {path}: 1 error",
+        "  queues.jobs.dead_letter: 'false' is a string, not true or false "
+        "(write dead_letter = false, without quotes)",
+        '  warning: queues.jobs.timeout: 30 ms; did you mean "30s"? '
+        '(an integer is milliseconds; write "30s", or "30ms" to keep 30 ms)',
+    ]
+
+
 def test_validate_reads_topology_toml_in_the_current_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

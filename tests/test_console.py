@@ -538,6 +538,26 @@ def test_console_refuses_to_listen_beyond_loopback_without_a_token(tmp_path: Any
     assert "Traceback" not in missing.output
 
 
+def test_a_token_on_the_command_line_is_warned_about_and_the_variable_is_not(
+    tmp_path: Any,
+) -> None:
+    # Any user of the machine can read a command line (ps, /proc/PID/cmdline).
+    missing = str(tmp_path / "none.toml")
+    _register()
+    given = CliRunner().invoke(cli, ["console", missing, "--token", "s3cret"])
+    from_env = CliRunner().invoke(
+        cli, ["console", missing], env={"RABBITFLOW_CONSOLE_TOKEN": "s3cret"}
+    )
+    assert given.stderr.splitlines()[0] == (
+        "warning: --token is visible to every user of this machine (ps, /proc); "
+        "set RABBITFLOW_CONSOLE_TOKEN instead"
+    )
+    assert "warning" not in from_env.stderr
+    assert "s3cret" not in given.stderr + from_env.stderr
+    help_text = CliRunner().invoke(cli, ["console", "--help"]).output
+    assert "Prefer RABBITFLOW_CONSOLE_TOKEN" in " ".join(help_text.split())
+
+
 def _row(page: str, queue: str) -> str:
     found = re.search(rf'<tr data-queue="{re.escape(queue)}">(.*?)</tr>', page, re.S)
     assert found, f"no row for {queue}"

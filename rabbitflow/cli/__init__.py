@@ -154,7 +154,9 @@ def quiet_client_logs() -> None:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for expected errors.")
-@click.version_option(package_name="rabbitflow", message="%(prog)s %(version)s")
+@click.version_option(
+    None, "-V", "--version", package_name="rabbitflow", message="%(prog)s %(version)s"
+)
 def cli(debug: bool) -> None:
     """rabbitflow: declarative RabbitMQ consumers.
 

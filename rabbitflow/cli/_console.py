@@ -6,6 +6,7 @@ import ipaddress
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from rabbitflow._logging import configure_logging
 from rabbitflow._urls import resolve_url
@@ -34,7 +35,8 @@ TOKEN_ENV = "RABBITFLOW_CONSOLE_TOKEN"
     "--token",
     envvar=TOKEN_ENV,
     metavar="TOKEN",
-    help=f"Every request must carry it (else {TOKEN_ENV}); required off loopback.",
+    help=f"Every request must carry it; required off loopback. Prefer {TOKEN_ENV}: a value "
+    "given on the command line shows in ps to every user of the machine.",
 )
 @click.option("--read-only", is_flag=True, help="Show queues and dead letters; offer no action.")
 @click.option(
@@ -73,6 +75,15 @@ def console(
 
     Queue depths, retry tiers and DLQs; dead letters grouped by error type; replay and purge
     with a confirmation step, through the same code as "rabbitflow dlq"."""
+    if (
+        token
+        and click.get_current_context().get_parameter_source("token") is ParameterSource.COMMANDLINE
+    ):
+        click.echo(
+            f"warning: --token is visible to every user of this machine (ps, /proc); "
+            f"set {TOKEN_ENV} instead",
+            err=True,
+        )
     if not _loopback(host) and not token:
         raise click.UsageError(
             f"--host {host} listens beyond this machine: set --token or {TOKEN_ENV}"

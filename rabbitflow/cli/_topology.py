@@ -18,6 +18,7 @@ from rabbitflow.errors import TopologyError
 from rabbitflow.topology._checks import check_for_broker
 from rabbitflow.topology._derived import Declarations, QueueSpec, derive, for_broker
 from rabbitflow.topology._loader import load_topology
+from rabbitflow.topology._model import Topology
 
 if TYPE_CHECKING:
     # The commands that talk to a broker import the client when they run, so that validate
@@ -61,7 +62,7 @@ def _broker_version(
 @reports_errors
 def validate(file: str, broker_version: BrokerVersion | None) -> None:
     """Check FILE without touching a broker; exit 1 listing every error."""
-    loaded = load_topology(file)
+    loaded = load(file)
     if broker_version is None:
         click.echo(f"{file}: valid; {summary(derive(loaded))}")
         return
@@ -109,7 +110,7 @@ def plan_command(
     --exit-code, exit 2 when anything differs."""
     from rabbitflow.topology._management import vhost_of, with_credentials
 
-    loaded = load_topology(file)
+    loaded = load(file)
     broker = broker_urls(url, loaded.broker_urls, url_order)
     declarations = derive(loaded)
     # The management API of the first node: every node of a cluster answers for all.
@@ -170,7 +171,7 @@ def declare_command(file: str, url: tuple[str, ...], url_order: str) -> None:
     """Declare every exchange, queue and binding of FILE (idempotent, never deletes)."""
     from rabbitflow.topology._declare import declare
 
-    loaded = load_topology(file)
+    loaded = load(file)
     broker = broker_urls(url, loaded.broker_urls, url_order)
     click.echo(f"declaring {file} on {mask_urls(broker)}")
     declarations = derive(loaded)
@@ -212,7 +213,7 @@ def export(
     """Print FILE's objects as RabbitMQ definitions or a Mermaid flowchart."""
     from rabbitflow.topology._export import mermaid
 
-    declarations = for_broker(derive(load_topology(file)), broker_version)
+    declarations = for_broker(derive(load(file)), broker_version)
     if broker_version is None and fmt == "definitions":
         _warn_refused_on_newest(declarations)
     text = _definitions_text(declarations, vhost) if fmt == "definitions" else mermaid(declarations)
@@ -239,6 +240,14 @@ def for_broker_changes(spec: QueueSpec, version: BrokerVersion) -> bool:
     """Whether ``version`` would not take ``spec`` as it is."""
     adapted = for_broker(Declarations((), (), (spec,), (), {}), version)
     return adapted.queues[0] != spec
+
+
+def load(file: str) -> Topology:
+    """Load FILE, printing its warnings (likely mistakes that are not errors) to stderr."""
+    loaded = load_topology(file)
+    for warning in loaded.warnings:
+        click.echo(f"warning: {loaded.source}: {warning}", err=True)
+    return loaded
 
 
 def plural(count: int, noun: str, nouns: str = "") -> str:

@@ -1,10 +1,15 @@
-"""Semantic checks of a topology, run before anything touches a broker."""
+"""Semantic checks of a topology, run before anything touches a broker.
+
+They run on every table that validated, in the same pass as the schema, so that a file's
+errors all come out at once. A check names the keys it reads; it is skipped for a queue whose
+value of one of them was refused (that value is a default standing in, not the user's).
+"""
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rabbitflow._broker_version import OLDEST_SUPPORTED, BrokerVersion
@@ -12,7 +17,15 @@ from rabbitflow._duration import format_duration
 from rabbitflow.errors import Problem
 from rabbitflow.topology._derived import consumer_timeout_use, derive
 from rabbitflow.topology._model import QueueConfig, Topology
-from rabbitflow.topology._schema import BindingTable, QueueTable, TopologyFile
+from rabbitflow.topology._schema import (
+    INHERITED,
+    BindingTable,
+    Loc,
+    QueueTable,
+    TopologyFile,
+    a_kind,
+    shown,
+)
 from rabbitflow.topology._wire import MAX_SHORTSTR_BYTES, name_problems, value_problems
 
 MAX_NAME_BYTES = 255
@@ -72,15 +85,47 @@ _OVERFLOW = {
 _X_MATCH = {"all", "any", "all-with-x", "any-with-x"}
 
 
-def check(parsed: TopologyFile, topology: Topology) -> list[Problem]:
-    """Every semantic problem of a schema-valid file, except those :func:`check_document`
-    reports (the loader runs both)."""
+def check(
+    parsed: TopologyFile, topology: Topology, refused: frozenset[Loc] = frozenset()
+) -> list[Problem]:
+    """Every semantic problem of the tables that validated, except those
+    :func:`check_document` reports (the loader runs both). ``refused``: where the schema
+    refused a value."""
+    accepted = Accepted(parsed, refused)
     return [
-        *_check_dead_letter(parsed),
-        *_check_generated(parsed, topology),
+        *_check_dead_letter(parsed, accepted),
+        *_check_generated(parsed, topology, accepted),
         *_check_exchanges(parsed),
-        *_check_queues(parsed, topology),
+        *_check_queues(parsed, topology, accepted),
     ]
+
+
+class Accepted:
+    """Which values of the file are the user's own, accepted by the schema."""
+
+    def __init__(self, parsed: TopologyFile, refused: frozenset[Loc]) -> None:
+        self._parsed = parsed
+        self._refused = refused
+        # A refused value under a key (retry.delays[1]) taints the key (retry) too.
+        self._under = {loc[:n] for loc in refused for n in range(1, len(loc) + 1)}
+
+    def key(self, *loc: str | int) -> bool:
+        """Whether the value at ``loc``, and everything in it, was accepted."""
+        inside = any(loc[:n] in self._refused for n in range(1, len(loc)))
+        return not inside and loc not in self._under
+
+    def queue(self, name: str, keys: tuple[str, ...]) -> bool:
+        """Whether every key of ``keys`` (``"retry.delays"`` for a key of a subtable) in queue
+        ``name``, or in ``[defaults]`` when the queue inherits it, was accepted."""
+        table = self._parsed.queues[name]
+        for key in keys:
+            path = tuple(key.split("."))
+            if not self.key("queues", name, *path):
+                return False
+            inherits = path[0] in INHERITED and getattr(table, path[0]) is None
+            if inherits and not self.key("defaults", *path):
+                return False
+        return True
 
 
 def check_document(document: dict[str, Any]) -> list[Problem]:
@@ -163,9 +208,9 @@ def _check_reference(
         yield Problem(f"{path}.exchange", f"exchange {exchange!r} is not declared", hint)
 
 
-def _check_dead_letter(parsed: TopologyFile) -> Iterator[Problem]:
+def _check_dead_letter(parsed: TopologyFile, accepted: Accepted) -> Iterator[Problem]:
     dlx = parsed.dead_letter.exchange
-    if dlx in parsed.exchanges:
+    if dlx in parsed.exchanges and accepted.key("dead_letter", "exchange"):
         yield Problem(
             f"exchanges.{_q(dlx)}",
             "collides with the dead-letter exchange rabbitflow declares",
@@ -173,9 +218,19 @@ def _check_dead_letter(parsed: TopologyFile) -> Iterator[Problem]:
         )
 
 
-def _check_generated(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]:
+# The keys of a queue that decide the names of the queues generated for it, by role.
+_GENERATING = {"retry": ("queue_type", "retry"), "dlq": ("dead_letter",)}
+
+
+def _check_generated(
+    parsed: TopologyFile, topology: Topology, accepted: Accepted
+) -> Iterator[Problem]:
     declarations = derive(topology)
-    generated = {q.name: q.owner for q in declarations.queues if q.role != "work"}
+    generated = {
+        q.name: q.owner
+        for q in declarations.queues
+        if q.role != "work" and accepted.queue(q.owner, _GENERATING[q.role])
+    }
     for name in parsed.queues:
         if name in generated:
             yield Problem(
@@ -236,62 +291,87 @@ def _check_binding(parsed: TopologyFile, binding: BindingTable, path: str) -> It
         )
 
 
-def _check_queues(parsed: TopologyFile, topology: Topology) -> Iterator[Problem]:
+QueueCheck = Callable[[QueueTable, QueueConfig, str], Iterator[Problem]]
+
+
+def _check_queues(
+    parsed: TopologyFile, topology: Topology, accepted: Accepted
+) -> Iterator[Problem]:
     if parsed.defaults.retry is not None:
         yield from _check_delays(parsed.defaults.retry.delays, "defaults.retry")
     yield from _check_timeout(parsed.defaults.timeout, "defaults.timeout")
     for name, table in parsed.queues.items():
         config = topology.queues[name]
         base = f"queues.{_q(name)}"
-        yield from _check_timeout(table.timeout, f"{base}.timeout")
         for index, binding in enumerate(table.bindings):
             yield from _check_binding(parsed, binding, f"{base}.bindings[{index}]")
-        if table.retry is not None and table.retry.enabled:
-            yield from _check_delays(table.retry.delays, f"{base}.retry")
-        if config.queue_type != "classic":
-            for flag in ("exclusive", "auto_delete"):
-                if getattr(table, flag):
-                    yield Problem(
-                        f"{base}.{flag}",
-                        f"{config.queue_type} queues cannot be {flag.replace('_', '-')}",
-                        'use queue_type = "classic"',
-                    )
-            if not table.durable:
-                yield Problem(
-                    f"{base}.durable",
-                    f"{config.queue_type} queues are always durable",
-                    'remove durable = false or use queue_type = "classic"',
-                )
-        if config.queue_type == "classic":
-            yield from _check_classic(table, base)
-        if config.dead_letter and any(c in name for c in "*#"):
+        for keys, queue_check in QUEUE_CHECKS:
+            if accepted.queue(name, keys):
+                yield from queue_check(table, config, base)
+
+
+def _check_own_timeout(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
+    yield from _check_timeout(table.timeout, f"{base}.timeout")
+
+
+def _check_own_delays(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
+    if table.retry is not None and table.retry.enabled:
+        yield from _check_delays(table.retry.delays, f"{base}.retry")
+
+
+def _check_replicated(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
+    if config.queue_type == "classic":
+        return
+    for flag in ("exclusive", "auto_delete"):
+        if getattr(table, flag):
             yield Problem(
-                base,
-                "'*' and '#' in a queue name would act as wildcards in its dead-letter binding",
-                "rename the queue",
+                f"{base}.{flag}",
+                f"{config.queue_type} queues cannot be {flag.replace('_', '-')}",
+                'use queue_type = "classic"',
             )
-        if config.concurrency and config.concurrency > config.prefetch:
-            yield Problem(
-                f"{base}.concurrency",
-                f"concurrency {config.concurrency} exceeds "
-                f"prefetch {config.prefetch}; at most prefetch messages are ever in hand",
-                "lower concurrency or raise prefetch",
-            )
-        yield from _check_single_active(table, config, base)
-        if config.queue_type == "stream" and config.circuit_breaker is not None:
-            yield Problem(
-                f"{base}.circuit_breaker",
-                "the circuit breaker is not supported on streams",
-                "remove it (a paused stream consumer would resume without its offset)",
-            )
-        if table.stream_offset is not None and config.queue_type != "stream":
-            yield Problem(
-                f"{base}.stream_offset",
-                f"only stream queues have offsets; this is a {config.queue_type} queue",
-                'remove it, or use queue_type = "stream"',
-            )
-        yield from _check_consumer_timeout(table, config, base)
-        yield from _check_arguments(table, config.queue_type, base)
+    if not table.durable:
+        yield Problem(
+            f"{base}.durable",
+            f"{config.queue_type} queues are always durable",
+            'remove durable = false or use queue_type = "classic"',
+        )
+
+
+def _check_wildcards(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
+    if config.dead_letter and any(c in config.name for c in "*#"):
+        yield Problem(
+            base,
+            "'*' and '#' in a queue name would act as wildcards in its dead-letter binding",
+            "rename the queue",
+        )
+
+
+def _check_concurrency(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
+    if config.concurrency and config.concurrency > config.prefetch:
+        yield Problem(
+            f"{base}.concurrency",
+            f"concurrency {config.concurrency} exceeds "
+            f"prefetch {config.prefetch}; at most prefetch messages are ever in hand",
+            "lower concurrency or raise prefetch",
+        )
+
+
+def _check_stream_breaker(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
+    if config.queue_type == "stream" and config.circuit_breaker is not None:
+        yield Problem(
+            f"{base}.circuit_breaker",
+            "the circuit breaker is not supported on streams",
+            "remove it (a paused stream consumer would resume without its offset)",
+        )
+
+
+def _check_stream_offset(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
+    if table.stream_offset is not None and config.queue_type != "stream":
+        yield Problem(
+            f"{base}.stream_offset",
+            f"only stream queues have offsets; this is a {config.queue_type} queue",
+            'remove it, or use queue_type = "stream"',
+        )
 
 
 def _check_single_active(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
@@ -333,7 +413,9 @@ def _check_consumer_timeout(table: QueueTable, config: QueueConfig, base: str) -
         )
 
 
-def _check_classic(table: QueueTable, base: str) -> Iterator[Problem]:
+def _check_classic(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
+    if config.queue_type != "classic":
+        return
     if not table.durable and not table.exclusive:
         # Deprecated in RabbitMQ 4.0 (transient_nonexcl_queues, logged), refused from 4.3.
         yield Problem(
@@ -356,7 +438,7 @@ def _check_timeout(timeout: int | None, path: str) -> Iterator[Problem]:
         yield Problem(path, "a handler timeout must be positive", "remove it for no time limit")
 
 
-def _check_delays(delays: list[int], path: str) -> Iterator[Problem]:
+def _check_delays(delays: Sequence[int], path: str) -> Iterator[Problem]:
     for index, delay in enumerate(delays):
         if delay <= 0:
             yield Problem(f"{path}.delays[{index}]", "delays must be positive")
@@ -373,7 +455,8 @@ def _check_delays(delays: list[int], path: str) -> Iterator[Problem]:
             )
 
 
-def _check_arguments(table: QueueTable, queue_type: str, base: str) -> Iterator[Problem]:
+def _check_arguments(table: QueueTable, config: QueueConfig, base: str) -> Iterator[Problem]:
+    queue_type = config.queue_type
     valid = QUEUE_ARGUMENTS[queue_type]
     for key, value in table.arguments.items():
         path = f'{base}.arguments."{key}"'
@@ -389,16 +472,10 @@ def _check_arguments(table: QueueTable, queue_type: str, base: str) -> Iterator[
             yield from _check_argument_value(key, value, queue_type, path)
 
 
-def _check_argument_value(key: str, value: Any, queue_type: str, path: str) -> Iterator[Problem]:
-    if key == "x-overflow":
-        allowed = _OVERFLOW.get(queue_type, set())
-        if not isinstance(value, str) or value not in allowed:
-            yield Problem(
-                path,
-                f"{value!r} is not an overflow mode of {queue_type} queues",
-                "use one of: " + ", ".join(sorted(allowed)),
-            )
-    elif key in {
+# RabbitMQ checks the AMQP type of the arguments it knows and refuses the declaration
+# (PRECONDITION_FAILED, "invalid arg ... of type longstr") when a number comes as a string.
+INTEGER_ARGUMENTS = frozenset(
+    {
         "x-max-length",
         "x-max-length-bytes",
         "x-message-ttl",
@@ -406,19 +483,83 @@ def _check_argument_value(key: str, value: Any, queue_type: str, path: str) -> I
         "x-max-priority",
         "x-max-in-memory-length",
         "x-max-in-memory-bytes",
-    }:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            yield Problem(path, f"{value!r} must be a non-negative integer")
-        elif key == "x-max-priority" and value > MAX_PRIORITY:
-            yield Problem(path, f"{value} is over RabbitMQ's highest priority, {MAX_PRIORITY}")
-        elif key in ("x-message-ttl", "x-expires") and value > MAX_TTL_MS:
-            yield Problem(path, f"{value} ms is over RabbitMQ's limit of {MAX_TTL_MS} ms")
-        elif key == "x-expires" and value == 0:
+        "x-queue-version",
+        "x-quorum-initial-group-size",
+        "x-stream-max-segment-size-bytes",
+        "x-initial-cluster-size",
+    }
+)
+STRING_ARGUMENTS = frozenset(
+    {
+        "x-overflow",
+        "x-queue-mode",
+        "x-max-age",
+        "x-dead-letter-strategy",
+        "x-queue-leader-locator",
+        "x-queue-master-locator",
+    }
+)
+
+
+def _check_argument_value(key: str, value: Any, queue_type: str, path: str) -> Iterator[Problem]:
+    if any(value_problems(value)):
+        return  # cannot be sent at all: check_document says why
+    if key == "x-overflow":
+        allowed = _OVERFLOW.get(queue_type, set())
+        if not isinstance(value, str) or value not in allowed:
             yield Problem(
-                path, "x-expires must be positive", "remove it for a queue that never expires"
+                path,
+                f"{shown(value)} is not an overflow mode of {queue_type} queues",
+                "use one of: " + ", ".join(sorted(allowed)),
             )
-    elif key == "x-single-active-consumer" and not isinstance(value, bool):
-        yield Problem(path, f"{value!r} must be true or false")
+    elif key in INTEGER_ARGUMENTS:
+        yield from _check_integer_argument(key, value, path)
+    elif key in STRING_ARGUMENTS and not isinstance(value, str):
+        yield Problem(path, f"{shown(value)} is {a_kind(value)}, not a string")
+
+
+def _check_integer_argument(key: str, value: Any, path: str) -> Iterator[Problem]:
+    if isinstance(value, bool) or not isinstance(value, int):
+        fix = _int_fix(key, value)
+        yield Problem(path, f"{shown(value)} is {a_kind(value)}, not an integer", fix)
+    elif value < 0:
+        yield Problem(path, f"{value} must be a non-negative integer")
+    elif key == "x-max-priority" and value > MAX_PRIORITY:
+        yield Problem(path, f"{value} is over RabbitMQ's highest priority, {MAX_PRIORITY}")
+    elif key in ("x-message-ttl", "x-expires") and value > MAX_TTL_MS:
+        yield Problem(path, f"{value} ms is over RabbitMQ's limit of {MAX_TTL_MS} ms")
+    elif key == "x-expires" and value == 0:
+        yield Problem(
+            path, "x-expires must be positive", "remove it for a queue that never expires"
+        )
+
+
+def _int_fix(key: str, value: Any) -> str:
+    if isinstance(value, str) and value.strip().isdigit():
+        return f'write "{key}" = {int(value)}, without quotes'
+    if isinstance(value, float) and value.is_integer():
+        return f'write "{key}" = {int(value)}'
+    return ""
+
+
+# (the keys of a queue a check reads, the check): run on every queue whose values of these
+# keys, its own or inherited from [defaults], were accepted.
+QUEUE_CHECKS: list[tuple[tuple[str, ...], QueueCheck]] = [
+    (("timeout",), _check_own_timeout),
+    (("retry.delays",), _check_own_delays),
+    (("queue_type", "exclusive", "auto_delete", "durable"), _check_replicated),
+    (("dead_letter",), _check_wildcards),
+    (("concurrency", "prefetch"), _check_concurrency),
+    (("queue_type", "single_active_consumer"), _check_single_active),
+    (("queue_type", "circuit_breaker"), _check_stream_breaker),
+    (("queue_type", "stream_offset"), _check_stream_offset),
+    (("timeout", "consumer_timeout"), _check_consumer_timeout),
+    (
+        ("queue_type", "durable", "exclusive", "leader_locator", "initial_group_size"),
+        _check_classic,
+    ),
+    (("queue_type", "arguments"), _check_arguments),
+]
 
 
 # Queue arguments a release refuses although earlier ones accept them: (argument, queue type)

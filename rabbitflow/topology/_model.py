@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rabbitflow.errors import Problem
 from rabbitflow.topology._schema import (
     BindingTable,
     CircuitBreakerTable,
@@ -79,6 +80,9 @@ class Topology:
     exchanges: dict[str, ExchangeTable]
     queues: dict[str, QueueConfig]
     broker_urls: tuple[str, ...] = ()
+    # Not errors, but most likely mistakes (``timeout = 30`` is 30 ms): the commands print
+    # them and ``App.load_topology`` logs them.
+    warnings: tuple[Problem, ...] = ()
 
     @classmethod
     def from_file(cls, source: str, parsed: TopologyFile) -> Topology:

@@ -1,8 +1,13 @@
-"""The pydantic schema of ``topology.toml``, exactly as users write it (before defaults apply)."""
+"""The pydantic schema of ``topology.toml``, exactly as users write it (before defaults apply).
+
+The models are strict: a TOML value must have the key's type, nothing is converted. A string
+is never a boolean or a number and a float never an integer, so ``dead_letter = "false"`` is
+an error instead of a true value (``_reading`` words each error with the line to write)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import datetime
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -10,22 +15,71 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     field_validator,
     model_validator,
 )
 
-from rabbitflow._duration import parse_duration, parse_size
+from rabbitflow._duration import DURATION_HINT, parse_duration, parse_size
 from rabbitflow.types import ExchangeType, QueueType
 
+Loc = tuple[str | int, ...]
 LeaderLocator = Literal["client-local", "balanced"]
-Duration = Annotated[int, BeforeValidator(parse_duration)]
-Size = Annotated[int, BeforeValidator(parse_size)]
 # Where a stream consumer starts the first time: a position, an offset, or a point in time.
-StreamOffset = Literal["first", "last", "next"] | Annotated[int, Field(ge=0)] | datetime
+StreamOffset = Literal["first", "last", "next"] | int | datetime.datetime
+_BARE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+class Invalid(ValueError):
+    """Raised by a validator of the schema: what is wrong, and the fix."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class _DurationMarker:
+    """Marks a duration field, for the warning about bare integers under a second."""
+
+
+DURATION_MARKER = _DurationMarker()
+
+
+def _duration(value: object) -> int:
+    # parse_duration takes integers and strings; a float would be truncated by int().
+    if isinstance(value, bool | float):
+        raise ValueError(f"{shown(value)} is not a duration; {DURATION_HINT}")
+    return parse_duration(value)
+
+
+def _size(value: object) -> int:
+    if isinstance(value, float):
+        raise ValueError(f'{shown(value)} is a float; write bytes as an integer or e.g. "16MiB"')
+    return parse_size(value)
+
+
+def _stream_offset(value: object) -> StreamOffset:
+    # One validator rather than a union, so that a wrong value is one error, not one per member.
+    if isinstance(value, str) and value in ("first", "last", "next"):
+        return value  # type: ignore[return-value]
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, datetime.datetime):
+        return value
+    raise Invalid(
+        f"{shown(value)} is not a stream offset",
+        'write "first", "last", "next", an offset (an integer >= 0) or a date-time',
+    )
+
+
+Duration = Annotated[int, BeforeValidator(_duration), DURATION_MARKER]
+Size = Annotated[int, BeforeValidator(_size)]
+Offset = Annotated[StreamOffset, PlainValidator(_stream_offset)]
 
 
 class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class BrokerTable(_Table):
@@ -84,6 +138,8 @@ def _retry_switch(value: object) -> object:
         return RetryTable.model_construct(delays=[], max_attempts=None, max_defer=None)
     if value is True:
         raise ValueError('retry = true is not a policy; write retry = { delays = ["1s", "10s"] }')
+    if isinstance(value, str) and value.strip().lower() == "false":
+        raise Invalid(f"{shown(value)} is a string", "write retry = false, without quotes")
     return value
 
 
@@ -138,7 +194,7 @@ class DefaultsTable(_Table):
 
 
 def _refuse_zero_prefetch(value: object) -> object:
-    if value == 0:
+    if type(value) is int and value == 0:
         raise ValueError(
             "prefetch 0 means unlimited, which lets the broker push the whole queue into memory; "
             "set a positive prefetch (e.g. 32)"
@@ -170,7 +226,7 @@ class QueueTable(_Table):
     dead_letter_on: list[str] = Field(default_factory=list)
     single_active_consumer: bool = False
     consumer_timeout: Duration | None = None
-    stream_offset: StreamOffset | None = None
+    stream_offset: Offset | None = None
     idempotent: bool = False  # handle each message_id once (needs App(idempotency=...))
     arguments: dict[str, Any] = Field(default_factory=dict)
 
@@ -188,3 +244,48 @@ class TopologyFile(_Table):
     dead_letter: DeadLetterTable = DeadLetterTable()
     exchanges: dict[str, ExchangeTable] = Field(default_factory=dict)
     queues: dict[str, QueueTable] = Field(default_factory=dict)
+
+
+# The keys a queue inherits from [defaults] when it does not set them.
+INHERITED = frozenset(DefaultsTable.model_fields)
+
+
+def format_path(loc: Sequence[int | str]) -> str:
+    """``("queues", "billing.order-created", "retry", "delays", 1)`` → TOML-style path."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            bare = part and _BARE_KEY_CHARS.issuperset(part)
+            key = part if bare else '"' + part.replace('"', '\\"') + '"'
+            text += f".{key}" if text else key
+    return text
+
+
+def shown(value: object) -> str:
+    """``value`` as the file has it: ``'yes'``, ``true``, ``50.0``, ``[1, 2]``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(shown(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {shown(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    return repr(value)
+
+
+_KINDS: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"),  # before int: a bool is an int in Python
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+)
+
+
+def a_kind(value: object) -> str:
+    """The TOML type of ``value`` with its article: ``a string``, ``an integer``..."""
+    return next((name for kind, name in _KINDS if isinstance(value, kind)), "a date or time")

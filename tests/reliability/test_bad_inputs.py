@@ -479,6 +479,35 @@ TOML: list[tuple[str, str, str]] = [
         "name is 256 bytes; RabbitMQ allows at most 255",
     ),
     ("empty name", '[queues.""]\n', 'queues."": empty name'),
+    # Strict types (issue 29): a string is never a boolean or a number, a float never an integer.
+    (
+        'dead_letter = "false" (was read as true)',
+        '[defaults]\ndead_letter = "false"\n[queues.a]\n',
+        "defaults.dead_letter: 'false' is a string, not true or false "
+        "(write dead_letter = false, without quotes)",
+    ),
+    (
+        'durable = "yes"',
+        '[queues.a]\ndurable = "yes"\n',
+        "queues.a.durable: 'yes' is a string, not true or false",
+    ),
+    ("durable = 1", "[queues.a]\ndurable = 1\n", "queues.a.durable: 1 is an integer"),
+    (
+        'prefetch = "50"',
+        '[queues.a]\nprefetch = "50"\n',
+        "queues.a.prefetch: '50' is a string, not an integer (write prefetch = 50, without quotes)",
+    ),
+    ("prefetch = 50.0", "[queues.a]\nprefetch = 50.0\n", "(write prefetch = 50)"),
+    (
+        'max_attempts = "4"',
+        '[queues.a]\nretry = { delays = ["1s"], max_attempts = "4" }\n',
+        "queues.a.retry.max_attempts: '4' is a string, not an integer",
+    ),
+    (
+        'a quoted "x-max-length"',
+        '[queues.a]\narguments = { "x-max-length" = "1000" }\n',
+        '(write "x-max-length" = 1000, without quotes)',
+    ),
 ]
 
 
