@@ -27,7 +27,7 @@ from rabbitflow._outcome import OutcomePolicy
 from rabbitflow._publisher import Publisher
 from rabbitflow._repair import Repairer
 from rabbitflow._rpc import Replier
-from rabbitflow._settle import Acker, Settler
+from rabbitflow._settle import Acker, Losses, Settler
 from rabbitflow._streams import StreamOffsets
 from rabbitflow._streams.offsets import Callback
 from rabbitflow._telemetry import Telemetry
@@ -185,7 +185,10 @@ class ConsumerSet:
         self.metrics = metrics
         self.tracing = get_tracing()
         self.repairer = repairer
-        self.in_flight: set[asyncio.Task[Any]] = set()
+        # The handlers running (or waiting to run) now, with their deliveries.
+        self.in_flight: dict[asyncio.Task[Any], aiormq.abc.DeliveredMessage] = {}
+        # Per queue, across connections: the messages in hand when connections were lost.
+        self.losses = {queue: Losses() for queue in app.consumers}
         self._executor = executor
         self._breakers = breakers
         self._streams = streams
@@ -225,6 +228,7 @@ class ConsumerSet:
                 + exception_types(
                     topology.queues[queue].dead_letter_on, f"queues.{queue}.dead_letter_on"
                 ),
+                crash_limit=topology.queues[queue].crash_limit,
             )
             for queue, consumer in app.consumers.items()
         }
@@ -257,7 +261,7 @@ class ConsumerSet:
         *,
         breaker: CircuitBreaker | None = None,
         executor: Executor | None = None,
-        in_flight: set[asyncio.Task[Any]] | None = None,
+        in_flight: dict[asyncio.Task[Any], aiormq.abc.DeliveredMessage] | None = None,
     ) -> tuple[Dispatcher, Acker]:
         """The dispatcher (and its acker) of ``consumer`` on ``channel``.
 
@@ -265,7 +269,12 @@ class ConsumerSet:
         config = self.topology.queues[consumer.queue]
         acker = Acker(channel, config.prefetch)
         settler = Settler(
-            self.policies[consumer.queue], acker, publisher, self.metrics, self.repairer
+            self.policies[consumer.queue],
+            acker,
+            publisher,
+            self.metrics,
+            self.repairer,
+            self.losses[consumer.queue],
         )
         spec = DispatchSpec(
             consumer,
@@ -338,6 +347,18 @@ class ConsumerSet:
         if config is None or not self._breakers:
             return None
         return CircuitBreaker(queue, config, pause, resume, self.metrics.breaker.labels(queue))
+
+    def connection_lost(self, running: list[RunningConsumer]) -> int:
+        """The connection of ``running`` is lost: each message in hand on it counts one loss
+        (see :class:`Losses`). Returns how many were in hand."""
+        queues = {consumer.channel: consumer.queue for consumer in running}
+        count = 0
+        for delivery in self.in_flight.values():
+            queue = queues.get(delivery.channel)
+            if queue is not None:
+                self.losses[queue].lost(delivery)
+                count += 1
+        return count
 
     def cancel_handlers(self) -> None:
         """Cancel the handlers still running (their deliveries are requeued by the broker)."""

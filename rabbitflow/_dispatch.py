@@ -74,6 +74,7 @@ class Dispatcher:
         "_invoke",
         "_limit",
         "_limiter",
+        "_losses",
         "_policy",
         "_queue",
         "_replier",
@@ -88,13 +89,14 @@ class Dispatcher:
         telemetry: Telemetry,
         *,
         executor: Executor,
-        in_flight: set[asyncio.Task[Any]],
+        in_flight: dict[asyncio.Task[Any], DeliveredMessage],
         breaker: CircuitBreaker | None = None,
         replier: Replier | None = None,
     ) -> None:
         self._queue = spec.consumer.queue
         self._policy = spec.policy
         self._settler = settler
+        self._losses = settler.losses
         self._telemetry = telemetry
         self._limit = spec.max_body_size
         # The broker never has more than ``prefetch`` deliveries in hand on this channel, so
@@ -112,11 +114,11 @@ class Dispatcher:
     async def __call__(self, delivery: DeliveredMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._in_flight.add(task)
+        self._in_flight[task] = delivery
         try:
             await self._deliver(delivery)
         finally:
-            self._in_flight.discard(task)
+            self._in_flight.pop(task, None)
 
     async def _limited(self, delivery: DeliveredMessage) -> None:
         assert self._limiter is not None
@@ -149,6 +151,10 @@ class Dispatcher:
 
     async def _plan(self, delivery: DeliveredMessage, attempt: int, span: Scope) -> Plan:
         """Run the handler unless the message must wait or is due for the DLQ; the plan."""
+        if self._losses.counts:
+            parked = self._policy.after_connection_losses(self._losses.of(delivery), attempt)
+            if parked is not None:
+                return parked
         headers = delivery.header.properties.headers
         if headers and h.NOT_BEFORE in headers:
             not_before = parse_not_before(headers[h.NOT_BEFORE])

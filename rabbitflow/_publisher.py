@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiormq
@@ -13,23 +14,76 @@ from pamqp import commands as spec
 from rabbitflow._border import LOST, NACKED, publish_error
 from rabbitflow._payload import encode
 from rabbitflow._tracing import get_tracing
-from rabbitflow.errors import PublishError
+from rabbitflow.errors import FrameTooLarge, PublishError
 
 if TYPE_CHECKING:
     from aiormq.abc import ChannelFrame
 
 PERSISTENT = 2
+# The content-header frame around a message's properties: type, channel and size (7 bytes),
+# class id, weight and body size (12), frame end (1). The body travels in frames of its own,
+# split by the client, so this is the one frame a message's size can push over frame_max.
+# RabbitMQ answers a larger frame with a connection error (FRAME_ERROR -
+# {frame_too_large,Size,Limit}, both counted without the 8 bytes of header and end): every
+# channel of the connection closes, with every delivery in hand on it.
+HEADER_FRAME_OVERHEAD = 20
+
+Trim = tuple[str, Callable[[str, int], str]]
+
+
+def header_frame_size(properties: spec.Basic.Properties) -> int:
+    """Bytes of the content-header frame that carries ``properties``, headers included."""
+    return HEADER_FRAME_OVERHEAD + len(properties.marshal())
+
+
+def fit(
+    properties: spec.Basic.Properties,
+    frame_max: int,
+    trims: Sequence[Trim] = (),
+    *,
+    exchange: str = "",
+    routing_key: str = "",
+) -> int:
+    """Make ``properties`` fit in one frame of ``frame_max`` bytes; return the bytes trimmed.
+
+    The one size check of every message rabbitflow builds from another (retry, dead-letter and
+    deferral copies, DLQ replays, error replies). When the frame would be too large, the
+    headers named in ``trims`` are cut in that order, each by its cutter (which keeps as many
+    bytes as it is given), or removed when nothing of them fits; :class:`FrameTooLarge` when
+    the frame is still too large without them. ``frame_max`` 0 means no limit (AMQP)."""
+    size = header_frame_size(properties)
+    if not frame_max or size <= frame_max:
+        return 0
+    headers = properties.headers or {}
+    first = size
+    for name, cut in trims:
+        value = headers.get(name)
+        if not isinstance(value, str):
+            continue
+        # A long string's length prefix is fixed: cutting n bytes of it saves n bytes.
+        keep = len(value.encode("utf-8", "replace")) - (size - frame_max)
+        if keep > 3:
+            headers[name] = cut(value, keep)
+        else:
+            del headers[name]
+        size = header_frame_size(properties)
+        if size <= frame_max:
+            return first - size
+    raise FrameTooLarge(exchange, routing_key, size, frame_max)
 
 
 class Publisher:
     """Publishes on one confirm-mode channel; many publishes may await their confirms at once."""
 
-    __slots__ = ("_lock", "channel", "connection")
+    __slots__ = ("_lock", "channel", "connection", "frame_max")
 
     def __init__(self, connection: aiormq.abc.AbstractConnection, channel: AbstractChannel) -> None:
         self.connection = connection
         self.channel = channel
         self._lock = asyncio.Lock()
+        # Negotiated once per connection (connection.tune): the largest frame either side
+        # accepts. Every channel of the connection shares it.
+        self.frame_max: int = connection.connection_tune.frame_max
 
     @classmethod
     async def open(cls, connection: aiormq.abc.AbstractConnection) -> Publisher:
@@ -89,6 +143,25 @@ class Publisher:
             raise publish_error(exc, exchange, routing_key) from None
         if isinstance(result, spec.Basic.Nack):
             raise PublishError(exchange, routing_key, NACKED)
+
+    async def send_fitted(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        trims: Sequence[Trim] = (),
+        *,
+        mandatory: bool = True,
+        timeout: float | None = 30.0,
+    ) -> int:
+        """:meth:`send` once ``properties`` fit in a frame (see :func:`fit`); the bytes
+        trimmed, or :class:`FrameTooLarge` before anything is sent."""
+        trimmed = fit(properties, self.frame_max, trims, exchange=exchange, routing_key=routing_key)
+        await self.send(
+            exchange, routing_key, body, properties, mandatory=mandatory, timeout=timeout
+        )
+        return trimmed
 
     async def publish(
         self,
