@@ -185,8 +185,7 @@ class ConsumerSet:
         self.metrics = metrics
         self.tracing = get_tracing()
         self.repairer = repairer
-        # The handlers running (or waiting to run) now, with their deliveries.
-        self.in_flight: dict[asyncio.Task[Any], aiormq.abc.DeliveredMessage] = {}
+        self.in_flight: set[asyncio.Task[Any]] = set()
         # Per queue, across connections: the messages in hand when connections were lost.
         self.losses = {queue: Losses() for queue in app.consumers}
         self._executor = executor
@@ -261,7 +260,7 @@ class ConsumerSet:
         *,
         breaker: CircuitBreaker | None = None,
         executor: Executor | None = None,
-        in_flight: dict[asyncio.Task[Any], aiormq.abc.DeliveredMessage] | None = None,
+        in_flight: set[asyncio.Task[Any]] | None = None,
     ) -> tuple[Dispatcher, Acker]:
         """The dispatcher (and its acker) of ``consumer`` on ``channel``.
 
@@ -347,18 +346,6 @@ class ConsumerSet:
         if config is None or not self._breakers:
             return None
         return CircuitBreaker(queue, config, pause, resume, self.metrics.breaker.labels(queue))
-
-    def connection_lost(self, running: list[RunningConsumer]) -> int:
-        """The connection of ``running`` is lost: each message in hand on it counts one loss
-        (see :class:`Losses`). Returns how many were in hand."""
-        queues = {consumer.channel: consumer.queue for consumer in running}
-        count = 0
-        for delivery in self.in_flight.values():
-            queue = queues.get(delivery.channel)
-            if queue is not None:
-                self.losses[queue].lost(delivery)
-                count += 1
-        return count
 
     def cancel_handlers(self) -> None:
         """Cancel the handlers still running (their deliveries are requeued by the broker)."""

@@ -89,7 +89,7 @@ class Dispatcher:
         telemetry: Telemetry,
         *,
         executor: Executor,
-        in_flight: dict[asyncio.Task[Any], DeliveredMessage],
+        in_flight: set[asyncio.Task[Any]],
         breaker: CircuitBreaker | None = None,
         replier: Replier | None = None,
     ) -> None:
@@ -114,11 +114,17 @@ class Dispatcher:
     async def __call__(self, delivery: DeliveredMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._in_flight[task] = delivery
+        self._in_flight.add(task)
         try:
             await self._deliver(delivery)
+        except asyncio.CancelledError:
+            # The channel or its connection is lost (aiormq cancels the deliveries of a
+            # closed channel, the worker those of a lost connection), or a shutdown ran out
+            # of time: the broker returns the message to its queue, and it counts one loss.
+            self._losses.lost(delivery)
+            raise
         finally:
-            self._in_flight.pop(task, None)
+            self._in_flight.discard(task)
 
     async def _limited(self, delivery: DeliveredMessage) -> None:
         assert self._limiter is not None

@@ -74,10 +74,22 @@ def keep_tail(text: str, limit: int) -> str:
     return "..." + data[len(data) - max(limit - 3, 0) :].decode("utf-8", "ignore")
 
 
+def drop(text: str, limit: int) -> None:
+    """A header that is whole or not at all (a time, a name): dropped when it must be cut."""
+    return None
+
+
+Trims = tuple[tuple[str, Callable[[str, int], str | None]], ...]
+
 # What a copy gives up, in this order, when its properties would not fit in one frame: the
 # start of the traceback (its end is where the failure is), then the end of the error
 # message. The error type and the rest always stay.
-TRIMMABLE: tuple[tuple[str, Callable[[str, int], str]], ...] = (
-    (ERROR_STACK, keep_tail),
-    (ERROR_MESSAGE, keep_head),
+TRIMMABLE: Trims = ((ERROR_STACK, keep_tail), (ERROR_MESSAGE, keep_head))
+# What a DLQ replay gives up: where and when the message first failed (a later failure
+# writes them again from its own delivery). The attempt and replay count always stay.
+REPLAY_TRIMMABLE: Trims = (
+    (FIRST_FAILED_AT, drop),
+    (ORIGIN_ROUTING_KEY, drop),
+    (ORIGIN_EXCHANGE, drop),
+    (ORIGIN_QUEUE, drop),
 )

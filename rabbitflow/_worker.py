@@ -419,11 +419,8 @@ class Worker:
 
     async def _drop(self, connection: AbstractConnection) -> None:
         # Deliveries of a lost channel are requeued by the broker; their tags mean nothing on
-        # a new channel, so handlers still running for them are cancelled, not settled. Each
-        # counts one loss against its message (parked at crash_limit losses in a row).
-        in_hand = self.consumers.connection_lost(self._running)
-        if in_hand:
-            log.info("messages in hand returned to their queues", count=in_hand)
+        # a new channel, so handlers still running for them are cancelled, not settled (each
+        # counts one loss against its message: see rabbitflow._settle.Losses).
         self.consumers.cancel_handlers()
         for consumer in self._running:
             consumer.drop()

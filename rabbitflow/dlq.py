@@ -575,7 +575,9 @@ async def _move(
     back as it was (it stays in the DLQ)."""
     try:
         body, properties = replay_copy(message)
-        await publisher.send_fitted("", work, body, properties, timeout=PUBLISH_TIMEOUT)
+        await publisher.send_fitted(
+            "", work, body, properties, h.REPLAY_TRIMMABLE, timeout=PUBLISH_TIMEOUT
+        )
     except ValueError as exc:
         return str(exc)
     except FrameTooLarge as exc:
