@@ -21,7 +21,7 @@ from pamqp.header import ContentHeader
 from rabbitflow import _envelope as envelope
 from rabbitflow import _headers as h
 from rabbitflow._outcome import HEADERS_MOVED, Action, OutcomePolicy, Plan
-from rabbitflow._publisher import copy_properties, fit, header_frame_size
+from rabbitflow._publisher import copy_properties, fit, frame_bound, header_frame_size
 from rabbitflow.errors import CrashLimitReached, FrameTooLarge
 from rabbitflow.topology._derived import QueueRoutes
 from rabbitflow.topology._model import RetryPolicy
@@ -72,6 +72,23 @@ def test_header_frame_size_is_the_frame_pamqp_writes(
     for channel in (1, 2047):
         written = frame.marshal(ContentHeader(0, body_size, properties), channel)
         assert header_frame_size(properties) == len(written)
+
+
+@pytest.mark.parametrize("properties", PROPERTIES, ids=["empty", "no-headers", "all", "large"])
+def test_the_cheap_bound_is_never_below_the_frame(properties: spec.Basic.Properties) -> None:
+    # fit() skips the exact size when the bound fits: the bound must never be below it
+    assert frame_bound(properties) >= header_frame_size(properties)
+
+
+def test_the_cheap_bound_is_close_for_text_headers() -> None:
+    properties = spec.Basic.Properties(
+        content_type="application/json",
+        delivery_mode=2,
+        message_id="m-1",
+        headers={"tenant": "acmé", "traceparent": "00-" + "a" * 52, "blob": "x" * 100_000},
+    )
+    # within the octets and timestamp it always counts
+    assert 0 <= frame_bound(properties) - header_frame_size(properties) <= 10
 
 
 def _copy(
