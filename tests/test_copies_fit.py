@@ -20,8 +20,9 @@ from pamqp.header import ContentHeader
 
 from rabbitflow import _envelope as envelope
 from rabbitflow import _headers as h
-from rabbitflow._outcome import HEADERS_MOVED, Action, OutcomePolicy, Plan
+from rabbitflow._outcome import ACK, HEADERS_MOVED, Action, OutcomePolicy, Plan
 from rabbitflow._publisher import copy_properties, fit, frame_bound, header_frame_size
+from rabbitflow._settle import LOSS_MEMORY, Losses, Settler
 from rabbitflow.errors import CrashLimitReached, FrameTooLarge
 from rabbitflow.topology._derived import QueueRoutes
 from rabbitflow.topology._model import RetryPolicy
@@ -254,3 +255,50 @@ def test_a_message_in_hand_at_crash_limit_connection_losses_is_parked() -> None:
     assert parked.attempt == 2
     assert isinstance(parked.error, CrashLimitReached)
     assert "crash_limit 3 of queue 'work'" in str(parked.error)
+
+
+class _Delivery:
+    """What the settler reads of a delivery: its tag, properties, routing key and body."""
+
+    def __init__(self, message_id: str | None, body: bytes = b"{}") -> None:
+        self.delivery_tag = 1
+        self.header = ContentHeader(0, len(body), spec.Basic.Properties(message_id=message_id))
+        self.routing_key = "work"
+        self.body = body
+
+
+class _Acker:
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+
+    def ack(self, tag: int) -> None:
+        self.acked.append(tag)
+
+
+async def test_losses_count_in_a_row_until_the_message_is_settled() -> None:
+    # Given the losses of a queue, and a settler that shares them
+    losses = Losses()
+    settler = Settler(_policy(), _Acker(), None, losses=losses)  # type: ignore[arg-type]
+    stuck, other = _Delivery("stuck"), _Delivery(None, b"no id: keyed by its body")
+
+    # When the connection is lost twice with both in hand
+    for _ in range(2):
+        losses.lost(stuck)
+        losses.lost(other)
+
+    # Then each counts 2, redeliveries included (the same message id or body)
+    assert losses.of(_Delivery("stuck")) == 2
+    assert losses.of(_Delivery(None, b"no id: keyed by its body")) == 2
+    # and once a message is settled, its count starts again
+    await settler.settle(_Delivery(None, b"no id: keyed by its body"), ACK)  # type: ignore[arg-type]
+    assert losses.of(other) == 0
+    assert losses.of(stuck) == 2
+
+
+def test_losses_are_bounded() -> None:
+    losses = Losses()
+    for n in range(LOSS_MEMORY + 10):
+        losses.lost(_Delivery(str(n)))  # type: ignore[arg-type]
+    assert len(losses.counts) == LOSS_MEMORY
+    assert losses.of(_Delivery("0")) == 0  # type: ignore[arg-type]
+    assert losses.of(_Delivery(str(LOSS_MEMORY + 9))) == 1  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -342,11 +343,11 @@ retry = {{ delays = ["100ms"], max_attempts = 3 }}
 
         # When the worker's connection is closed three times while it holds that message
         for loss in range(1, 4):
-            await wait_for(lambda n=loss: runs.count("stuck") == n, f"run {loss}", 15)  # type: ignore[misc]
+            await wait_for(lambda n=loss: runs.count("stuck") == n, f"run {loss}", 15)
             await asyncio.to_thread(_close_worker_connection, rabbit, vhost)
             await wait_for(
                 lambda n=loss: worker.reconnections == n and worker.ready, "reconnect", 15
-            )  # type: ignore[misc]
+            )
         dead = await _wait_dead(vhost_url, 1)
 
         # Then it ran three times and was parked in the DLQ instead of a fourth run
@@ -368,3 +369,42 @@ retry = {{ delays = ["100ms"], max_attempts = 3 }}
         await asyncio.sleep(0.3)
         assert runs.count("next") == 1
         assert runs.count("stuck") == 3
+
+
+async def test_a_deferral_that_does_not_fit_is_dead_lettered_saying_why(
+    tmp_path: Path, vhost_url: str
+) -> None:
+    # Given a message that must not run for another minute, whose headers leave 20 bytes of
+    # its frame: too few for the due time a deferral copy adds
+    app = app_for(
+        tmp_path,
+        """
+[queues.work]
+queue_type = "classic"
+retry = { delays = ["1s", "10s"], max_attempts = 3 }
+""",
+    )
+    runs = Runs()
+
+    @app.consumer("work")
+    async def handle(message: Message) -> None:
+        runs.add(message)
+
+    frame_max = await _frame_max(vhost_url)
+    ahead = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    not_before = 1 + len("rabbitflow-not-before") + 1 + 4 + len(ahead)  # its table entry
+    headers = _headers_leaving(20, frame_max - not_before, "later")
+    headers["rabbitflow-not-before"] = ahead
+
+    # When it is delivered
+    async with running(app, vhost_url) as worker:
+        await publish_one(vhost_url, "", "work", b"{}", message_id="later", headers=headers)
+        [dead_copy] = await _wait_dead(vhost_url, 1)
+
+        # Then it never ran, the connection stayed, and its DLQ copy says why
+        assert worker.reconnections == 0
+        assert runs.runs == []
+    assert dead_copy.content_type == envelope.CONTENT_TYPE
+    assert text(dead_copy.headers["rabbitflow-error-type"]) == "rabbitflow.errors.FrameTooLarge"
+    assert text(dead_copy.headers["rabbitflow-dead-letter-reason"]) == HEADERS_MOVED
+    assert "blob" in json.loads(dead_copy.body)["header_sizes"]
