@@ -104,8 +104,8 @@ def fit(
     deferral copies, DLQ replays, error replies). When the frame would be too large, the
     headers named in ``trims`` are cut in that order, each by its cutter (which keeps as many
     bytes as it is given, or drops the header), or removed when nothing of them fits;
-    :class:`FrameTooLarge` when
-    the frame is still too large without them. ``frame_max`` 0 means no limit (AMQP)."""
+    :class:`FrameTooLarge` when the frame is still too large without them. ``frame_max`` 0
+    means no limit (AMQP)."""
     if not frame_max or frame_bound(properties) <= frame_max:
         return 0
     size = header_frame_size(properties)

@@ -279,7 +279,7 @@ class Settler:
         if isinstance(error, FrameTooLarge):
             instead = self.policy.after_frame_too_large(plan, error)
             if instead is not None:
-                self._log_too_large(delivery, plan, error)
+                self._log_too_large(delivery, plan, instead, error)
                 return await self.settle(delivery, instead)
         repairer = self.repairer
         if (
@@ -443,13 +443,15 @@ class Settler:
             )
         return None
 
-    def _log_too_large(self, delivery: DeliveredMessage, plan: Plan, error: FrameTooLarge) -> None:
+    def _log_too_large(
+        self, delivery: DeliveredMessage, plan: Plan, instead: Plan, error: FrameTooLarge
+    ) -> None:
         log.error(
-            "the message's own headers leave no room for rabbitflow's in a frame; "
-            "dead-lettering it with its headers moved into the body",
+            "the message's own headers leave no room for rabbitflow's in a frame",
             queue=self.queue,
             message_id=delivery.header.properties.message_id,
             planned=plan.action.value,
+            instead=instead.action.value,
             frame=error.size,
             frame_max=error.frame_max,
         )

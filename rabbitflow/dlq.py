@@ -575,11 +575,12 @@ async def _move(
     back as it was (it stays in the DLQ)."""
     try:
         body, properties = replay_copy(message)
+    except ValueError as exc:
+        return str(exc)
+    try:
         await publisher.send_fitted(
             "", work, body, properties, h.REPLAY_TRIMMABLE, timeout=PUBLISH_TIMEOUT
         )
-    except ValueError as exc:
-        return str(exc)
     except FrameTooLarge as exc:
         why = (
             f"its headers take a {exc.size}-byte frame, over this connection's frame_max of "
