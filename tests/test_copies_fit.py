@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from pamqp import frame
 from pamqp.header import ContentHeader
@@ -21,9 +22,17 @@ from pamqp.header import ContentHeader
 from rabbitflow import _envelope as envelope
 from rabbitflow import _headers as h
 from rabbitflow._outcome import ACK, HEADERS_MOVED, Action, OutcomePolicy, Plan
-from rabbitflow._publisher import copy_properties, fit, frame_bound, header_frame_size
+from rabbitflow._publisher import (
+    Publisher,
+    copy_properties,
+    fit,
+    frame_bound,
+    header_frame_size,
+)
+from rabbitflow._rpc import Replier, Requester, read_reply
 from rabbitflow._settle import LOSS_MEMORY, Losses, Settler
-from rabbitflow.errors import CrashLimitReached, FrameTooLarge
+from rabbitflow.errors import CrashLimitReached, FrameTooLarge, RemoteError
+from rabbitflow.testing import MemoryBroker
 from rabbitflow.topology._derived import QueueRoutes
 from rabbitflow.topology._model import RetryPolicy
 
@@ -302,3 +311,30 @@ def test_losses_are_bounded() -> None:
     assert len(losses.counts) == LOSS_MEMORY
     assert losses.of(_Delivery("0")) == 0  # type: ignore[arg-type]
     assert losses.of(_Delivery(str(LOSS_MEMORY + 9))) == 1  # type: ignore[arg-type]
+
+
+async def test_an_error_reply_is_fitted_like_a_copy() -> None:
+    # Given a responder whose connection takes frames of 1,100 bytes, and a final failure
+    # whose message is 1 KiB
+    broker = MemoryBroker()
+    broker.declare_queue("pricing")
+    connection = broker.connect()
+    channel = await connection.channel()
+    publisher = Publisher(connection, channel)  # type: ignore[arg-type]
+    publisher.frame_max = 1100
+    replier = Replier("pricing", publisher)
+
+    async def on_request(delivery: DeliveredMessage) -> None:
+        await replier.reply_error(delivery, ValueError("bad sku " + "x" * 2000))
+
+    await channel.basic_consume("pricing", on_request, no_ack=True)
+    requester = await Requester.open(broker.connect())  # type: ignore[arg-type]
+
+    # When the caller asks
+    reply = await requester.request("", "pricing", "A1", timeout=1)
+
+    # Then it gets the error, its message cut to what fits in the frame
+    assert header_frame_size(reply.header.properties) <= 1100
+    with pytest.raises(RemoteError, match=r"ValueError: bad sku x+\.\.\.") as raised:
+        read_reply(reply)
+    assert len(str(raised.value)) < 1000
