@@ -251,6 +251,57 @@ async def test_a_copy_too_large_for_a_frame_is_refused_before_it_is_sent(vhost_u
         await connection.close()
 
 
+async def test_a_handler_publishing_headers_too_large_for_a_frame_fails_alone(
+    tmp_path: Path, vhost_url: str
+) -> None:
+    # Given a handler that publishes a message with headers larger than a frame, and a
+    # healthy slow message in hand beside it
+    app = app_for(
+        tmp_path,
+        """
+[queues.work]
+queue_type = "classic"
+prefetch = 4
+retry = { delays = ["100ms"], max_attempts = 2 }
+
+[queues.out]
+queue_type = "classic"
+""",
+    )
+    runs = Runs()
+    refused: list[FrameTooLarge] = []
+    frame_max = await _frame_max(vhost_url)
+
+    @app.consumer("work")
+    async def handle(message: Message) -> None:
+        runs.add(message)
+        if message.message_id != "relay":
+            await asyncio.sleep(1.0)
+            return
+        try:
+            await app.publish("", "out", {"n": 1}, headers={"blob": "x" * frame_max})
+        except FrameTooLarge as exc:
+            refused.append(exc)
+            raise
+
+    # When both are delivered
+    async with running(app, vhost_url) as worker:
+        await publish_one(vhost_url, "", "work", b"{}", message_id="healthy")
+        await wait_for(lambda: runs.count("healthy"), "the healthy message to start")
+        await publish_one(vhost_url, "", "work", b"{}", message_id="relay")
+        [dead_copy] = await _wait_dead(vhost_url, 1)
+        await asyncio.sleep(1.0)
+
+        # Then the publish failed in the handler, as a retryable failure of that message only:
+        # the connection stayed and the healthy message ran once
+        assert len(refused) == 2
+        assert refused[0].size > refused[0].frame_max == frame_max
+        assert worker.reconnections == 0
+        assert runs.count("healthy") == 1
+    assert text(dead_copy.headers["rabbitflow-error-type"]) == "rabbitflow.errors.FrameTooLarge"
+    assert f"frame_max of {frame_max} bytes" in text(dead_copy.headers["rabbitflow-error-message"])
+
+
 async def _wait_dead(url: str, count: int, *, keep: bool = False) -> list[AbstractIncomingMessage]:
     """The messages of ``work.dlq`` once it holds ``count`` (taken off, unless ``keep``)."""
     connection = await aio_pika.connect(url)
