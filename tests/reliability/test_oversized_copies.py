@@ -23,7 +23,7 @@ import aiormq
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from rabbitflow import Message, dlq
+from rabbitflow import App, BatchPublishError, Message, dlq
 from rabbitflow import _envelope as envelope
 from rabbitflow._outcome import HEADERS_MOVED
 from rabbitflow._publisher import header_frame_size
@@ -459,3 +459,34 @@ retry = { delays = ["1s", "10s"], max_attempts = 3 }
     assert text(dead_copy.headers["rabbitflow-error-type"]) == "rabbitflow.errors.FrameTooLarge"
     assert text(dead_copy.headers["rabbitflow-dead-letter-reason"]) == HEADERS_MOVED
     assert "blob" in json.loads(dead_copy.body)["header_sizes"]
+
+
+async def test_a_batch_message_with_headers_too_large_for_a_frame_fails_alone(
+    vhost_url: str,
+) -> None:
+    # Given a batch of five messages, the third with headers larger than a frame
+    app = App(url=vhost_url)
+    frame_max = await _frame_max(vhost_url)
+    connection = await aio_pika.connect(vhost_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue("batch.fit", durable=True)
+        async with app.batch() as batch:
+            for i in range(5):
+                headers = {"blob": "x" * frame_max} if i == 2 else {"i": i}
+                batch.publish("", "batch.fit", {"i": i}, message_id=f"m{i}", headers=headers)
+
+            # When it is sent
+            with pytest.raises(BatchPublishError) as caught:
+                await batch.send()
+
+        # Then that message alone failed, unsent, and the others are in the queue
+        [failure] = caught.value.failures
+        assert (failure.index, failure.message_id, failure.sent) == (2, "m2", False)
+        assert isinstance(failure.error, FrameTooLarge)
+        assert caught.value.confirmed == ("m0", "m1", "m3", "m4")
+        declared = await channel.declare_queue("batch.fit", passive=True)
+        assert declared.declaration_result.message_count == 4
+    finally:
+        await connection.close()
+        await app.close()
