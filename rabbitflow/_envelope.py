@@ -12,7 +12,7 @@ body, a JSON document of content type :data:`CONTENT_TYPE`::
       "content_type": "application/json",
       "content_encoding": null,
       "headers": "<base64 of the message's headers as an AMQP field table>",
-      "header_sizes": {"tenant": 12, "blob": 130560},
+      "header_sizes": {"tenant": 16, "blob": 130530},
       "body_encoding": "utf-8",
       "body": "{\\"order_id\\": 1}"
     }

@@ -27,9 +27,9 @@ PERSISTENT = 2
 # split by the client, so this is the one frame a message's size can push over frame_max.
 # RabbitMQ answers a larger frame with a connection error (FRAME_ERROR -
 # {frame_too_large,Size,Limit}, both counted without the 8 bytes of header and end): every
-# channel of the connection closes, with every delivery in hand on it. (It lets 8 bytes more
-# through, for clients that leave the header and end out of their count; measured on 3.10.8.
-# rabbitflow keeps to the AMQP limit.)
+# channel of the connection closes, with every delivery in hand on it. RabbitMQ lets 8 bytes
+# more through, for clients that leave the header and end out of their count (measured on
+# 3.10.8, 4.0.5 and 4.3.6); rabbitflow keeps to the AMQP limit.
 HEADER_FRAME_OVERHEAD = 20
 
 # A header that may be cut, and its cutter: the value cut to at most n bytes, or None to drop it.
