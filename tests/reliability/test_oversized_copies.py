@@ -129,8 +129,11 @@ retry = {{ delays = ["100ms"], max_attempts = 3 }}
     message = text(dead_copy.headers["rabbitflow-error-message"])
     assert message.startswith("card declined: ddd")
     assert message.endswith("...")
+    assert "rabbitflow-error-stack" not in dead_copy.headers  # no room left for it
     assert text(dead_copy.headers["rabbitflow-origin-queue"]) == "work"
     assert json.loads(dead_copy.body) == {"n": 2}
+    # rabbitflow dead-lettered it, not the broker (delivery limit) as before
+    assert "x-first-death-reason" not in dead_copy.headers
 
 
 async def test_headers_that_leave_no_room_go_to_the_dlq_in_an_envelope_and_replay_restores_them(
