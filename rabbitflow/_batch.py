@@ -22,11 +22,13 @@ from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 from rabbitflow._payload import encode
+from rabbitflow._publisher import fit
 from rabbitflow._tracing import get_tracing
 from rabbitflow.errors import (
     BatchFailure,
     BatchPublishError,
     BrokerError,
+    FrameTooLarge,
     PublishConnectionError,
     PublishError,
     UnroutableError,
@@ -139,7 +141,9 @@ class Batch:
                 unsent: Outcome = (_unavailable(first, exc), False)
                 outcomes = [unsent] * len(outgoing)
             else:
-                outcomes = await send_batch(channel, outgoing, timeout=self.timeout)
+                outcomes = await _send_fitting(
+                    channel, outgoing, publisher.frame_max, timeout=self.timeout
+                )
         failures = [
             BatchFailure(index, self.message_ids[index], error, sent)
             for index, (error, sent) in enumerate(outcomes)
@@ -199,6 +203,31 @@ async def send_batch(
     if unsent is not None:
         outcomes += [(unsent, False)] * (len(outgoing) - len(confirms))
     return outcomes
+
+
+async def _send_fitting(
+    channel: AbstractChannel, outgoing: Sequence[Outgoing], frame_max: int, *, timeout: float | None
+) -> list[Outcome]:
+    """:func:`send_batch` for the messages whose headers fit in a frame of the connection; a
+    message whose headers do not fails alone, unsent, with :class:`FrameTooLarge` (sent, it
+    would close the connection and fail the whole batch, and every delivery in hand)."""
+    refused: dict[int, Outcome] = {}
+    for index, message in enumerate(outgoing):
+        if message.properties.headers:
+            try:
+                fit(
+                    message.properties,
+                    frame_max,
+                    exchange=message.exchange,
+                    routing_key=message.routing_key,
+                )
+            except FrameTooLarge as exc:
+                refused[index] = (exc, False)
+    if not refused:
+        return await send_batch(channel, outgoing, timeout=timeout)
+    fitting = [message for index, message in enumerate(outgoing) if index not in refused]
+    sent = iter(await send_batch(channel, fitting, timeout=timeout))
+    return [refused[index] if index in refused else next(sent) for index in range(len(outgoing))]
 
 
 def _chunks(outgoing: Sequence[Outgoing]) -> Iterator[Sequence[Outgoing]]:

@@ -32,7 +32,7 @@ from rabbitflow._outcome import OutcomePolicy
 from rabbitflow._publisher import Publisher
 from rabbitflow._repair import Repairer
 from rabbitflow._rpc import Replier
-from rabbitflow._settle import Acker, Settler
+from rabbitflow._settle import Acker, Losses, Settler
 from rabbitflow._streams import StreamOffsets
 from rabbitflow._streams.offsets import Callback
 from rabbitflow._telemetry import Telemetry
@@ -310,6 +310,8 @@ class ConsumerSet:
         self.tracing = get_tracing()
         self.repairer = repairer
         self.in_flight: set[asyncio.Task[Any]] = set()
+        # Per queue, across connections: the messages in hand when connections were lost.
+        self.losses = {queue: Losses() for queue in app.consumers}
         self._executor = executor
         self._breakers = breakers
         self._streams = streams
@@ -379,6 +381,7 @@ class ConsumerSet:
                 + exception_types(
                     topology.queues[queue].dead_letter_on, f"queues.{queue}.dead_letter_on"
                 ),
+                crash_limit=topology.queues[queue].crash_limit,
             )
             for queue, consumer in app.consumers.items()
         }
@@ -419,7 +422,12 @@ class ConsumerSet:
         config = self.topology.queues[consumer.queue]
         acker = Acker(channel, config.prefetch)
         settler = Settler(
-            self.policies[consumer.queue], acker, publisher, self.metrics, self.repairer
+            self.policies[consumer.queue],
+            acker,
+            publisher,
+            self.metrics,
+            self.repairer,
+            self.losses[consumer.queue],
         )
         spec = DispatchSpec(
             consumer,

@@ -75,6 +75,7 @@ class Dispatcher:
         "_invoke",
         "_limit",
         "_limiter",
+        "_losses",
         "_policy",
         "_queue",
         "_replier",
@@ -97,6 +98,7 @@ class Dispatcher:
         self._queue = spec.consumer.queue
         self._policy = spec.policy
         self._settler = settler
+        self._losses = settler.losses
         self._telemetry = telemetry
         self._limit = spec.max_body_size
         # The broker never has more than ``prefetch`` deliveries in hand on this channel, so
@@ -118,6 +120,12 @@ class Dispatcher:
         self._in_flight.add(task)
         try:
             await self._deliver(delivery)
+        except asyncio.CancelledError:
+            # The channel or its connection is lost (aiormq cancels the deliveries of a
+            # closed channel, the worker those of a lost connection), or a shutdown ran out
+            # of time: the broker returns the message to its queue, and it counts one loss.
+            self._losses.lost(delivery)
+            raise
         finally:
             self._in_flight.discard(task)
 
@@ -152,6 +160,10 @@ class Dispatcher:
 
     async def _plan(self, delivery: DeliveredMessage, attempt: int, span: Scope) -> Plan:
         """Run the handler unless the message must wait or is due for the DLQ; the plan."""
+        if self._losses.counts:
+            parked = self._policy.after_connection_losses(self._losses.of(delivery), attempt)
+            if parked is not None:
+                return parked
         headers = delivery.header.properties.headers
         if headers and h.NOT_BEFORE in headers:
             not_before = parse_not_before(headers[h.NOT_BEFORE])

@@ -6,7 +6,7 @@ They carry no ``x-`` prefix: RabbitMQ reserves that for its own headers (``x-dea
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 ATTEMPT = "rabbitflow-attempt"
@@ -32,6 +32,19 @@ ERROR_STACK_LIMIT = 8 * 1024
 FAILURE_HEADERS = frozenset(
     {ERROR_TYPE, ERROR_MESSAGE, ERROR_STACK, NOT_BEFORE, DEAD_LETTER_REASON, DUE_AT}
 )
+# Every header rabbitflow writes. A copy whose headers do not fit in a frame keeps these and
+# moves every other header into its body (see rabbitflow._envelope).
+OWN = frozenset(
+    {
+        ATTEMPT,
+        ORIGIN_QUEUE,
+        ORIGIN_EXCHANGE,
+        ORIGIN_ROUTING_KEY,
+        FIRST_FAILED_AT,
+        REPLAY_COUNT,
+    }
+    | FAILURE_HEADERS
+)
 # Set by the broker on dead-lettering and redelivery; never copied onto a republished message,
 # so that x-death cannot grow without bound across retries.
 BROKER_HEADERS_PREFIX = "x-"
@@ -46,3 +59,40 @@ def carried_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
         for key, value in headers.items()
         if not key.startswith(BROKER_HEADERS_PREFIX) and key not in FAILURE_HEADERS
     }
+
+
+def keep_head(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, its start kept; ``...`` marks a cut."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return data[: max(limit - 3, 0)].decode("utf-8", "ignore") + "..."
+
+
+def keep_tail(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, its end kept; ``...`` marks a cut."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return "..." + data[len(data) - max(limit - 3, 0) :].decode("utf-8", "ignore")
+
+
+def drop(text: str, limit: int) -> None:
+    """A header that is whole or not at all (a time, a name): dropped when it must be cut."""
+    return None
+
+
+Trims = tuple[tuple[str, Callable[[str, int], str | None]], ...]
+
+# What a copy gives up, in this order, when its properties would not fit in one frame: the
+# start of the traceback (its end is where the failure is), then the end of the error
+# message. The error type and the rest always stay.
+TRIMMABLE: Trims = ((ERROR_STACK, keep_tail), (ERROR_MESSAGE, keep_head))
+# What a DLQ replay gives up: where and when the message first failed (a later failure
+# writes them again from its own delivery). The attempt and replay count always stay.
+REPLAY_TRIMMABLE: Trims = (
+    (FIRST_FAILED_AT, drop),
+    (ORIGIN_ROUTING_KEY, drop),
+    (ORIGIN_EXCHANGE, drop),
+    (ORIGIN_QUEUE, drop),
+)

@@ -18,6 +18,8 @@ published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish
 | any of those with ``dead_letter = false`` | ``DROP`` (logged at ERROR) |
 | its copy could not be published | ``REQUEUE`` after an exponential backoff |
 | a request past its ``rabbitflow-deadline`` (its caller gave up) | ``EXPIRED``, not run |
+| its copy does not fit in a frame without its error details | ``DEAD_LETTER``, ``envelope`` |
+| in hand at ``crash_limit`` connection losses in a row | ``DEAD_LETTER`` (parked, not run) |
 
 The table is built once per consumer; a failure walks its exception's MRO so that a subclass
 follows its parent unless it has an entry of its own.
@@ -31,8 +33,10 @@ from datetime import UTC, datetime
 
 from rabbitflow import _clock as clock
 from rabbitflow.errors import (
+    CrashLimitReached,
     DecodeError,
     DeferralOutOfRange,
+    FrameTooLarge,
     HandlerTimeout,
     Reject,
     Retry,
@@ -69,7 +73,9 @@ class Plan:
 
     ``attempt`` is the attempt written on the copy (the next one for a retry); ``tier`` and
     ``delay_ms`` name the retry tier of a ``RETRY`` or ``DEFER``; ``not_before`` is the ISO
-    time the copy must not run before; ``after`` is the backoff of a ``REQUEUE``."""
+    time the copy must not run before; ``after`` is the backoff of a ``REQUEUE``;
+    ``envelope`` moves the message's own headers into the body of its ``DEAD_LETTER`` copy
+    (see :mod:`rabbitflow._envelope`)."""
 
     action: Action
     reason: str = ""
@@ -79,6 +85,7 @@ class Plan:
     delay_ms: int = 0
     not_before: str | None = None
     after: float = 0.0
+    envelope: bool = False
 
 
 ACK = Plan(Action.ACK, "ok")
@@ -88,12 +95,24 @@ EXPIRED = Plan(Action.EXPIRED, "its caller gave up waiting")
 
 NOT_BEFORE_OUT_OF_RANGE = "not_before_out_of_range"
 STORE_UNAVAILABLE = "store unavailable"
+HEADERS_MOVED = (
+    "headers too large for a frame: the message's own headers are in the body "
+    "(a rabbitflow envelope)"
+)
 
 
 class OutcomePolicy:
     """Maps exceptions to plans for one consumer and applies its retry policy and routes."""
 
-    __slots__ = ("_dead_letter_on", "_max_defer_ms", "_table", "queue", "retry", "routes")
+    __slots__ = (
+        "_dead_letter_on",
+        "_max_defer_ms",
+        "_table",
+        "crash_limit",
+        "queue",
+        "retry",
+        "routes",
+    )
 
     def __init__(
         self,
@@ -101,10 +120,13 @@ class OutcomePolicy:
         routes: QueueRoutes,
         retry_on: ExceptionTypes = (),
         dead_letter_on: ExceptionTypes = (),
+        *,
+        crash_limit: int = 10,
     ) -> None:
         self.queue = routes.queue
         self.retry = retry
         self.routes = routes
+        self.crash_limit = crash_limit
         self._dead_letter_on = dead_letter_on
         self._max_defer_ms = retry.max_defer_ms
         table: dict[type[BaseException], Action] = {
@@ -214,6 +236,39 @@ class OutcomePolicy:
         after = min(REQUEUE_BACKOFF * 2 ** max(failures - 1, 0), REQUEUE_BACKOFF_MAX)
         reason = f"{plan.action.value} copy not published"
         return Plan(Action.REQUEUE, reason, plan.attempt, plan.error, plan.tier, after=after)
+
+    def after_frame_too_large(self, plan: Plan, error: FrameTooLarge) -> Plan | None:
+        """The plan once ``plan``'s copy did not fit in a frame without its error details.
+
+        The message's own headers leave no room for rabbitflow's: it cannot be retried (a
+        retry copy without its attempt would loop), so it is dead-lettered at once with its
+        headers moved into the body, where ``rabbitflow dlq replay`` finds them. None when
+        even that copy does not fit (rabbitflow's own headers too large, which a frame_max
+        of at least 4 KiB rules out): the copy failed like any unpublished copy."""
+        if plan.envelope:
+            return None
+        if plan.action is Action.DEAD_LETTER or plan.action is Action.DROP:
+            reason, attempt = f"{plan.reason}; {HEADERS_MOVED}", plan.attempt
+        else:
+            # A retry copy carries the next attempt; the dead letter the one that ran.
+            reason = HEADERS_MOVED
+            attempt = plan.attempt - 1 if plan.action is Action.RETRY else plan.attempt
+        dead = self.dead_letter(plan.error or error, attempt, reason)
+        return Plan(dead.action, dead.reason, dead.attempt, dead.error, envelope=True)
+
+    def after_connection_losses(self, losses: int, attempt: int) -> Plan | None:
+        """The plan of a delivery whose message was in hand when the connection was lost,
+        ``losses`` times in a row; None when it may run again.
+
+        A message that keeps taking the connection down with it (or keeps being in hand when
+        something else does) is parked in the DLQ after ``crash_limit`` losses instead of
+        running again; every queue type alike, since a classic queue counts no redeliveries
+        and a quorum queue's ``delivery-limit`` only counts returns, whatever caused them."""
+        if losses < self.crash_limit:
+            return None
+        error = CrashLimitReached(self.queue, losses, self.crash_limit)
+        reason = f"connection lost {losses} times while this message was in hand"
+        return self.dead_letter(error, attempt, reason)
 
     def resume(self, failed: Plan, attempt: int) -> tuple[Plan | None, int]:
         """What to do with the redelivery of a message whose ``failed`` copy was not published.

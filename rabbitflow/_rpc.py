@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
+from collections.abc import Sequence
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TypeVar, overload
@@ -25,7 +26,7 @@ from rabbitflow import _clock as clock
 from rabbitflow import _headers as h
 from rabbitflow import _payload as payload
 from rabbitflow._logging import get_logger
-from rabbitflow._publisher import Publisher
+from rabbitflow._publisher import Publisher, Trim
 from rabbitflow.errors import (
     BrokerError,
     PublishConnectionError,
@@ -315,11 +316,7 @@ def error_type(exc: BaseException) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _bounded(text: str, limit: int) -> str:
-    data = text.encode("utf-8", "replace")
-    if len(data) <= limit:
-        return text
-    return data[: limit - 3].decode("utf-8", "ignore") + "..."
+_bounded = h.keep_head
 
 
 class Replier:
@@ -344,17 +341,23 @@ class Replier:
     async def reply_error(self, request: DeliveredMessage, exc: BaseException) -> None:
         """Tell the caller the handler failed for good (the message went to the DLQ)."""
         body, properties = encode_error(request, exc)
-        await self._send(request, body, properties)
+        # Fitted like every copy: an error reply too large for a frame would close the
+        # connection, and every delivery in hand with it.
+        await self._send(request, body, properties, h.TRIMMABLE)
 
     async def _send(
-        self, request: DeliveredMessage, body: bytes, properties: spec.Basic.Properties
+        self,
+        request: DeliveredMessage,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        trims: Sequence[Trim] = (),
     ) -> None:
         reply_to = request.header.properties.reply_to or ""
         try:
             # Not mandatory: RabbitMQ treats a direct reply-to address as unroutable for the
             # mandatory flag, and a caller that gave up (timed out, disconnected) is not an
             # error of the handler. The reply goes to the default exchange, named by reply_to.
-            await self.publisher.send("", reply_to, body, properties, mandatory=False)
+            await self.publisher.send_fitted("", reply_to, body, properties, trims, mandatory=False)
         except PublishError as exc:
             log.warning(
                 "reply not sent; the caller will time out",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from rabbitflow import _clock as clock
+from rabbitflow import _envelope as envelope
 from rabbitflow import _headers as h
 from rabbitflow._duration import format_duration
 from rabbitflow._logging import get_logger
@@ -24,7 +25,7 @@ from rabbitflow._metrics import Metrics
 from rabbitflow._outcome import Action, OutcomePolicy, Plan
 from rabbitflow._publisher import Publisher, copy_properties
 from rabbitflow._tracing import get_tracing
-from rabbitflow.errors import PublishError
+from rabbitflow.errors import FrameTooLarge, PublishError
 
 if TYPE_CHECKING:
     from rabbitflow._repair import Repairer
@@ -33,6 +34,8 @@ log = get_logger("rabbitflow.settle")
 
 # Messages whose copy failed to publish that a settler remembers (see Settler._failed).
 FAILED_MEMORY = 10_000
+# Messages in hand at a connection loss that a queue remembers (see Losses).
+LOSS_MEMORY = 10_000
 # Longest time a completed delivery waits for its ack to be sent (batched with others).
 ACK_DELAY = 0.002
 
@@ -127,6 +130,39 @@ class Acker:
         self._task.cancel()
 
 
+class Losses:
+    """The messages of one queue that were in hand when connections were lost.
+
+    A delivery in hand when its connection goes is returned to the queue by the broker and
+    runs again: at-least-once. A message that takes the connection down with it, again and
+    again, would run for ever on a classic queue (no delivery count) and, until its quorum
+    delivery limit, take every other delivery in hand with it each time. So each message
+    (keyed by :func:`_identity`) counts the losses it was in hand for, in a row: settling it
+    forgets the count, and the policy parks it once the count reaches ``crash_limit``
+    (:meth:`OutcomePolicy.after_connection_losses`). In memory, bounded, for the life of the
+    process (across its reconnections); empty, and free, while no connection was lost."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: OrderedDict[object, int] = OrderedDict()
+
+    def lost(self, delivery: DeliveredMessage) -> None:
+        """``delivery`` was in hand when its connection was lost."""
+        key = _identity(delivery)
+        self.counts[key] = self.counts.pop(key, 0) + 1
+        while len(self.counts) > LOSS_MEMORY:
+            self.counts.popitem(last=False)
+
+    def of(self, delivery: DeliveredMessage) -> int:
+        """Connection losses in a row while the message of ``delivery`` was in hand."""
+        return self.counts.get(_identity(delivery), 0)
+
+    def forget(self, delivery: DeliveredMessage) -> None:
+        """The message of ``delivery`` is settled: its losses no longer count."""
+        self.counts.pop(_identity(delivery), None)
+
+
 def _now() -> str:
     return clock.utcnow().isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -137,11 +173,7 @@ def _iso_in(delay_ms: int) -> str:
     return due.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _bounded(text: str, limit: int) -> str:
-    data = text.encode("utf-8", "replace")
-    if len(data) <= limit:
-        return text
-    return data[: limit - 3].decode("utf-8", "ignore") + "..."
+_bounded = h.keep_head
 
 
 class Settler:
@@ -155,6 +187,7 @@ class Settler:
         "_failed",
         "_publish_failures",
         "acker",
+        "losses",
         "metrics",
         "policy",
         "publisher",
@@ -170,6 +203,7 @@ class Settler:
         publisher: Publisher,
         metrics: Metrics | None = None,
         repairer: Repairer | None = None,
+        losses: Losses | None = None,
     ) -> None:
         self.policy = policy
         self.queue = policy.queue
@@ -182,6 +216,7 @@ class Settler:
         # many times in a row it failed. Bounded; empty in normal operation.
         self._failed: OrderedDict[object, tuple[Plan, int]] = OrderedDict()
         self._publish_failures = metrics.publish_failures if metrics is not None else None
+        self.losses = losses if losses is not None else Losses()
 
     @property
     def failing(self) -> bool:
@@ -200,6 +235,8 @@ class Settler:
                 self.acker.ack(delivery.delivery_tag or 0)
                 if self._failed:
                     self._failed.pop(_identity(delivery), None)
+                if self.losses.counts:
+                    self.losses.forget(delivery)
                 return Action.ACK
             case Action.RETRY:
                 headers = self._failure_headers(delivery, plan, stack=False)
@@ -241,7 +278,12 @@ class Settler:
         headers: dict[str, Any],
     ) -> Action:
         """Publish ``plan``'s copy, then ack the original; on failure, ask the policy."""
-        error = await self._republish(delivery, exchange, routing_key, headers)
+        error = await self._republish(delivery, plan, exchange, routing_key, headers)
+        if isinstance(error, FrameTooLarge):
+            instead = self.policy.after_frame_too_large(plan, error)
+            if instead is not None:
+                self._log_too_large(delivery, plan, instead, error)
+                return await self.settle(delivery, instead)
         repairer = self.repairer
         if (
             error is not None
@@ -249,7 +291,7 @@ class Settler:
             and repairer is not None
             and await repairer.repair(self.queue, exchange, routing_key, error)
         ):
-            error = await self._republish(delivery, exchange, routing_key, headers)
+            error = await self._republish(delivery, plan, exchange, routing_key, headers)
         if error is None:
             self._done(delivery, plan)
             return plan.action
@@ -278,6 +320,8 @@ class Settler:
         self.acker.ack(delivery.delivery_tag or 0)
         if self._failed:
             self._failed.pop(_identity(delivery), None)
+        if self.losses.counts:
+            self.losses.forget(delivery)
         self._log(delivery, plan)
         metrics = self.metrics
         if metrics is None:
@@ -371,18 +415,56 @@ class Settler:
         return headers
 
     async def _republish(
-        self, delivery: DeliveredMessage, exchange: str, routing_key: str, headers: dict[str, Any]
+        self,
+        delivery: DeliveredMessage,
+        plan: Plan,
+        exchange: str,
+        routing_key: str,
+        headers: dict[str, Any],
     ) -> PublishError | None:
-        """Publish the copy and wait for its confirm; the error when it was not confirmed."""
+        """Publish the copy and wait for its confirm; the error when it was not confirmed.
+
+        The copy is fitted to the connection's frame_max first (its error stack, then its
+        error message cut as needed): a frame too large would take the whole connection down
+        (FrameTooLarge is returned instead, before anything is sent)."""
         props = delivery.header.properties
+        body = delivery.body
+        if plan.envelope:
+            headers = dict(headers)  # the caller's stay whole for a second publish
+            properties = copy_properties(props, headers)
+            body = envelope.wrap(properties, body)
+        else:
+            properties = copy_properties(props, headers)
         try:
             with get_tracing().publish_span(exchange, routing_key, headers, props.message_id):
-                await self.publisher.send(
-                    exchange, routing_key, delivery.body, copy_properties(props, headers)
+                trimmed = await self.publisher.send_fitted(
+                    exchange, routing_key, body, properties, h.TRIMMABLE
                 )
         except PublishError as exc:
             return exc
+        if trimmed:
+            log.warning(
+                "error details of the copy cut to fit the connection's frame_max",
+                queue=self.queue,
+                message_id=props.message_id,
+                planned=plan.action.value,
+                frame_max=self.publisher.frame_max,
+                bytes_cut=trimmed,
+            )
         return None
+
+    def _log_too_large(
+        self, delivery: DeliveredMessage, plan: Plan, instead: Plan, error: FrameTooLarge
+    ) -> None:
+        log.error(
+            "the message's own headers leave no room for rabbitflow's in a frame",
+            queue=self.queue,
+            message_id=delivery.header.properties.message_id,
+            planned=plan.action.value,
+            instead=instead.action.value,
+            frame=error.size,
+            frame_max=error.frame_max,
+        )
 
 
 def _identity(delivery: DeliveredMessage) -> object:
@@ -408,10 +490,7 @@ def _stack(exc: BaseException) -> str:
     the stack limit, keeping the end, where the failure is."""
     chunks = traceback.TracebackException.from_exception(exc).format()
     text = "".join(_bounded_chunk(chunk) for chunk in chunks)
-    data = text.encode("utf-8", "replace")
-    if len(data) > h.ERROR_STACK_LIMIT:
-        text = "..." + data[-(h.ERROR_STACK_LIMIT - 3) :].decode("utf-8", "ignore")
-    return text
+    return h.keep_tail(text, h.ERROR_STACK_LIMIT)
 
 
 def _bounded_chunk(chunk: str) -> str:

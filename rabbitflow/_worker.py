@@ -441,7 +441,8 @@ class Worker:
 
     async def _drop(self, connection: AbstractConnection) -> None:
         # Deliveries of a lost channel are requeued by the broker; their tags mean nothing on
-        # a new channel, so handlers still running for them are cancelled, not settled.
+        # a new channel, so handlers still running for them are cancelled, not settled (each
+        # counts one loss against its message: see rabbitflow._settle.Losses).
         self.consumers.cancel_handlers()
         for consumer in self._running:
             consumer.drop()

@@ -26,11 +26,12 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pamqp import commands as spec
 
+from rabbitflow import _envelope as envelope
 from rabbitflow import _headers as h
 from rabbitflow._border import broker_call
 from rabbitflow._publisher import Publisher, copy_properties
 from rabbitflow.connection import underlay
-from rabbitflow.errors import AccessRefusedError, PublishError, QueueNotFoundError
+from rabbitflow.errors import AccessRefusedError, FrameTooLarge, PublishError, QueueNotFoundError
 from rabbitflow.topology import dlq_name
 
 DLQ_SUFFIX = ".dlq"
@@ -193,11 +194,20 @@ class Peek:
 
 
 @dataclass(frozen=True, slots=True)
+class Kept:
+    """A message ``replay`` selected but left in the DLQ, and why."""
+
+    message_id: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReplayReport:
     """What ``replay`` moved (or, with ``dry_run``, would move) and what it left in place.
 
     ``count`` is the DLQ's ready-message count when the replay started; ``messages``
-    describes the first ``REPORTED_MESSAGES`` moved messages only."""
+    describes the first ``REPORTED_MESSAGES`` moved messages only; ``kept`` the selected
+    messages that could not be sent back as they are (they stay in the DLQ, in order)."""
 
     queue: str
     dlq: str
@@ -206,6 +216,7 @@ class ReplayReport:
     skipped: int
     dry_run: bool
     messages: tuple[DeadLetter, ...]
+    kept: tuple[Kept, ...] = ()
 
 
 async def peek(connection: AbstractConnection, queue: str, *, limit: int = 10) -> Peek:
@@ -240,7 +251,12 @@ async def replay(
     ``select`` returns true are moved (e.g. ``select=lambda m: m.message_id in wanted``); the
     others stay in the DLQ, in order. ``limit`` bounds how many are moved. Raises
     ``PublishError`` if a publish is returned or refused; that message and all later ones
-    stay in the DLQ."""
+    stay in the DLQ.
+
+    A dead letter whose headers were moved into its body (a rabbitflow envelope, see
+    :mod:`rabbitflow._envelope`) goes back as it was published: headers, content type and
+    encoding restored. One that cannot (its restored headers do not fit in a frame of this
+    connection, or the envelope is damaged) stays in the DLQ and is listed in ``kept``."""
     work, dlq = queue_names(queue)
     count = await ready_count(connection, dlq, hint=_missing_dlq_hint(work))
     await _check_target(connection, work)
@@ -251,6 +267,7 @@ async def replay(
     window = count if picks is not None else min(budget, WINDOW)
     moved, skipped = 0, 0
     reported: list[DeadLetter] = []
+    kept: list[Kept] = []
     async with (
         _reading(connection, dlq, expected=count, window=window) as reader,
         _publisher(connection, dry_run) as publisher,
@@ -261,11 +278,16 @@ async def replay(
                 skipped += 1
                 continue
             if publisher is not None:
-                await _move(publisher, reader, message, work, moved)
+                refused = await _move(publisher, reader, message, work, moved)
+                if refused is not None:
+                    kept.append(Kept(message.message_id, refused))
+                    continue
             moved += 1
             if len(reported) < REPORTED_MESSAGES:
                 reported.append(letter)
-    return ReplayReport(work, dlq, count, moved, skipped, dry_run, tuple(reported))
+    return ReplayReport(
+        work, dlq, count, moved, skipped, dry_run, tuple(reported), kept=tuple(kept)
+    )
 
 
 def _picker(
@@ -324,6 +346,22 @@ def replay_properties(message: AbstractIncomingMessage) -> spec.Basic.Properties
     :func:`rabbitflow._publisher.copy_properties` for what is kept) with
     :func:`replay_headers`."""
     return copy_properties(message.properties, replay_headers(message.headers))
+
+
+def replay_copy(message: AbstractIncomingMessage) -> tuple[bytes, spec.Basic.Properties]:
+    """Body and wire properties of the copy ``replay`` publishes for ``message``.
+
+    A rabbitflow envelope is opened: the body, headers, content type and content encoding
+    of the message as it was published come back (``ValueError`` when it is damaged)."""
+    if not envelope.is_envelope(message.content_type):
+        return message.body, replay_properties(message)
+    inner = envelope.unwrap(message.body)
+    properties = copy_properties(
+        message.properties, replay_headers({**message.headers, **inner.headers})
+    )
+    properties.content_type = inner.content_type
+    properties.content_encoding = inner.content_encoding
+    return inner.body, properties
 
 
 def preview(body: bytes, size: int = PREVIEW_BYTES) -> str:
@@ -534,10 +572,25 @@ async def _move(
     message: AbstractIncomingMessage,
     work: str,
     moved: int,
-) -> None:
-    properties = replay_properties(message)
+) -> str | None:
+    """Publish ``message``'s copy to ``work`` and ack it; why not, when it cannot be sent
+    back as it was (it stays in the DLQ)."""
     try:
-        await publisher.send("", work, message.body, properties, timeout=PUBLISH_TIMEOUT)
+        body, properties = replay_copy(message)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        await publisher.send_fitted(
+            "", work, body, properties, h.REPLAY_TRIMMABLE, timeout=PUBLISH_TIMEOUT
+        )
+    except FrameTooLarge as exc:
+        why = (
+            f"its headers take a {exc.size}-byte frame, over this connection's frame_max of "
+            f"{exc.frame_max} bytes"
+        )
+        if envelope.is_envelope(message.content_type):
+            why += f"; they stay in its body ({envelope.CONTENT_TYPE}): consume it from the DLQ"
+        return why
     except PublishError as exc:
         ident = f"message {message.message_id!r}" if message.message_id else "the next message"
         stopped = f"stopped after moving {moved}, {ident} and the rest stay in the DLQ"
@@ -545,6 +598,7 @@ async def _move(
             exc.exchange, exc.routing_key, f"{exc.reason}; {stopped}", missing=exc.missing
         ) from None
     await reader.ack(message)
+    return None
 
 
 @contextlib.asynccontextmanager

@@ -290,6 +290,26 @@ _PUBLISH_KINDS: dict[type[BrokerError], type[PublishConnectionError]] = {
 }
 
 
+class FrameTooLarge(PublishError):
+    """A message's properties and headers do not fit in one AMQP frame of the connection.
+
+    RabbitMQ sends the properties (headers included) in one content-header frame; a frame
+    larger than the connection's negotiated ``frame_max`` is a connection error
+    (``FRAME_ERROR ... frame_too_large``) that would close every channel of the connection.
+    rabbitflow refuses such a publish before it is sent: ``size`` is the frame it would have
+    been, ``frame_max`` the limit."""
+
+    def __init__(self, exchange: str, routing_key: str, size: int, frame_max: int) -> None:
+        self.size = size
+        self.frame_max = frame_max
+        super().__init__(
+            exchange,
+            routing_key,
+            f"its properties and headers take a {size}-byte frame, over the connection's "
+            f"frame_max of {frame_max} bytes",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class BatchFailure:
     """One message of a batch that the broker did not confirm.
@@ -381,6 +401,20 @@ class StoreUnavailableError(RabbitflowError):
         self.cause = cause
         detail = str(cause) or type(cause).__name__
         super().__init__(f"{store!r} did not answer {operation}: {detail}")
+
+
+class CrashLimitReached(RabbitflowError):
+    """The connection was lost ``losses`` times in a row while a message was in hand: it is
+    parked in the DLQ instead of being run again (``crash_limit`` of its queue)."""
+
+    def __init__(self, queue: str, losses: int, crash_limit: int) -> None:
+        self.queue = queue
+        self.losses = losses
+        self.crash_limit = crash_limit
+        super().__init__(
+            f"connection lost {losses} times while this message was in hand "
+            f"(crash_limit {crash_limit} of queue {queue!r})"
+        )
 
 
 class Retry(RabbitflowError):

@@ -220,11 +220,15 @@ def render_replay(report: ops.ReplayReport, error_type: str | None) -> Iterator[
     why = f" {report.skipped} (error type is not {error_type})"
     if not report.dry_run:
         left = report.count - report.moved
+        kept = f"; {len(report.kept)} could not be sent back" if report.kept else ""
         yield (
             f"moved {moved}"
             + (f", skipped{why}" if error_type else "")
+            + kept
             + (f"; {left} left in {report.dlq}" if left > 0 else "")
         )
+        for held in report.kept:
+            yield f"  kept {held.message_id or '(no message_id)'}: {held.reason}"
         return
     yield f"dry run, nothing changed: would move {moved}" + (f", skip{why}" if error_type else "")
     for message in report.messages:

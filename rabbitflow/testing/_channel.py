@@ -24,6 +24,8 @@ from rabbitflow.testing._queue import Consumer, MemoryQueue
 if TYPE_CHECKING:
     from rabbitflow.testing._broker import MemoryBroker
 
+FRAME_MAX = 131072
+
 ConsumerCallback = Callable[[DeliveredMessage], Awaitable[Any]]
 NO_ROUTE = 312
 # Direct reply-to: the pseudo-queue a requester consumes from, and the prefix of the address
@@ -45,6 +47,9 @@ class MemoryConnection:
     def __init__(self, broker: MemoryBroker) -> None:
         self.broker = broker
         self.channels: list[MemoryChannel] = []
+        # RabbitMQ's default frame_max, as a real connection negotiates it: rabbitflow fits
+        # the copies it builds into it (rabbitflow._publisher.fit).
+        self.connection_tune = spec.Connection.Tune(frame_max=FRAME_MAX)
         self.closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
