@@ -14,6 +14,8 @@ limit; the broker holds them (``messages_dlx``). Then the operator clears the po
 from __future__ import annotations
 
 import asyncio
+import shlex
+import subprocess
 import sys
 import time
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -53,7 +55,9 @@ async def _dlq_depth(url: str) -> int:
         await connection.close()
 
 
-async def measure(amqp: str, management: str, count: int, *, hold_s: float) -> None:
+async def measure(
+    amqp: str, management: str, count: int, *, hold_s: float, release: str | None
+) -> None:
     parts = urlsplit(amqp)
     api = ManagementAPI(management, parts.username or "guest", parts.password or "guest")
     version = api.request("GET", "overview")["rabbitmq_version"]
@@ -105,6 +109,12 @@ async def measure(amqp: str, management: str, count: int, *, hold_s: float) -> N
     finally:
         await connection.close()
     cleared = time.monotonic()
+    if release:
+        command = release.format(vhost=vhost)
+        done = await asyncio.to_thread(
+            subprocess.run, shlex.split(command), capture_output=True, text=True, check=False
+        )
+        print(f"{version}: ran {command!r}: exit {done.returncode} {done.stdout.strip()[-200:]}")
     arrivals: list[float] = []
     seen = 0
     while seen < count and time.monotonic() - cleared < 480:
@@ -126,8 +136,12 @@ async def main(pairs: list[str]) -> None:
     count = 5
     jobs = []
     for pair in pairs:
-        amqp, _, management = pair.partition("=")
-        jobs.append(measure(amqp, management, count, hold_s=20))
+        # AMQP=MANAGEMENT[=release command run after the policy is cleared; {vhost} is the
+        # vhost's name]
+        amqp, management, *release = pair.split("=", 2)
+        jobs.append(
+            measure(amqp, management, count, hold_s=20, release=release[0] if release else None)
+        )
     for result in await asyncio.gather(*jobs, return_exceptions=True):
         if isinstance(result, BaseException):
             print(f"failed: {result!r}")
