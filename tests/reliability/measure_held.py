@@ -4,8 +4,9 @@ Not a test (it waits minutes): the figures of docs/recoverability.md, "Dead lett
 holds". For each broker given, in a vhost of its own: a quorum work queue declared by
 rabbitflow (``crash_limit`` 3, at-least-once dead-lettering), its DLQ refusing
 (``max-length 0`` + ``reject-publish`` by policy) while N messages go past the delivery
-limit; the broker holds them (``messages_dlx``). Then the operator clears the policy and runs
-``topology declare``, and the script records when each message arrives in the DLQ.
+limit, for HOLD_S seconds (env, default 20); the broker holds them (``messages_dlx``).
+Then the operator clears the policy and runs ``topology declare``, and the script records
+when each message arrives in the DLQ.
 
     python -m tests.reliability.measure_held \\
         amqp://guest:guest@127.0.0.1:5672/=http://127.0.0.1:15672/ [AMQP=MANAGEMENT ...]
@@ -14,6 +15,7 @@ limit; the broker holds them (``messages_dlx``). Then the operator clears the po
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import subprocess
 import sys
@@ -140,7 +142,13 @@ async def main(pairs: list[str]) -> None:
         # vhost's name]
         amqp, management, *release = pair.split("=", 2)
         jobs.append(
-            measure(amqp, management, count, hold_s=20, release=release[0] if release else None)
+            measure(
+                amqp,
+                management,
+                count,
+                hold_s=float(os.environ.get("HOLD_S", "20")),
+                release=release[0] if release else None,
+            )
         )
     for result in await asyncio.gather(*jobs, return_exceptions=True):
         if isinstance(result, BaseException):
