@@ -85,14 +85,14 @@ async def held(rabbit: Rabbit, vhost: str, vhost_url: str, tmp_path: Path) -> Sc
             )
         # Each message taken and given back by closing the channel, as a crashing worker
         # would, until the broker dead-letters them (past x-delivery-limit).
-        for _ in range(10):
+        for _ in range(40):
             taker = await connection.channel()
             queue = await taker.get_queue("work", ensure=False)
             got = 0
             while await queue.get(no_ack=False, fail=False) is not None:
                 got += 1
             await taker.close()
-            if not got:
+            if not got and await _settled(channel, "work"):
                 break
     depths = functools.partial(queue_depths, api_url, vhost_of(vhost_url))
     for _ in range(60):  # the management statistics lag by up to 5 s
@@ -185,3 +185,14 @@ async def test_read_held_names_an_unreachable_api(vhost_url: str) -> None:
     assert held.of("work") is None
     assert held.problem is not None
     assert "127.0.0.1:9" in held.problem
+
+
+async def _settled(channel: aio_pika.abc.AbstractChannel, queue: str) -> bool:
+    """Nothing ready in ``queue`` for half a second: what a closed channel gave back is back
+    (RabbitMQ returns it asynchronously), and what passed the delivery limit is gone."""
+    for _ in range(2):
+        await asyncio.sleep(0.25)
+        declared = await channel.declare_queue(queue, passive=True)
+        if declared.declaration_result.message_count:
+            return False
+    return True

@@ -88,14 +88,14 @@ async def measure(
             )
         # Each delivery taken and given back by closing the channel (as a crash would) counts
         # toward x-delivery-limit on every version.
-        for _ in range(10):
+        for _ in range(40):
             taker = await connection.channel()
             queue = await taker.get_queue("work", ensure=False)
             got = 0
             while await queue.get(no_ack=False, fail=False) is not None:
                 got += 1
             await taker.close()
-            if got == 0:
+            if not got and await _settled(channel, "work"):
                 break
     finally:
         await connection.close()
@@ -157,3 +157,14 @@ async def main(pairs: list[str]) -> None:
 
 if __name__ == "__main__":
     asyncio.run(main(sys.argv[1:]))
+
+
+async def _settled(channel: aio_pika.abc.AbstractChannel, queue: str) -> bool:
+    """Nothing ready in ``queue`` for half a second: what a closed channel gave back is back
+    (RabbitMQ returns it asynchronously), and what passed the delivery limit is gone."""
+    for _ in range(2):
+        await asyncio.sleep(0.25)
+        declared = await channel.declare_queue(queue, passive=True)
+        if declared.declaration_result.message_count:
+            return False
+    return True
