@@ -130,6 +130,17 @@ async def measure(
     api.request("DELETE", f"vhosts/{where}")
 
 
+async def _settled(channel: aio_pika.abc.AbstractChannel, queue: str) -> bool:
+    """Nothing ready in ``queue`` for half a second: what a closed channel gave back is back
+    (RabbitMQ returns it asynchronously), and what passed the delivery limit is gone."""
+    for _ in range(2):
+        await asyncio.sleep(0.25)
+        declared = await channel.declare_queue(queue, passive=True)
+        if declared.declaration_result.message_count:
+            return False
+    return True
+
+
 def _exists(api: ManagementAPI, vhost: str) -> bool:
     return any(row["name"] == vhost for row in api.request("GET", "vhosts"))
 
@@ -157,14 +168,3 @@ async def main(pairs: list[str]) -> None:
 
 if __name__ == "__main__":
     asyncio.run(main(sys.argv[1:]))
-
-
-async def _settled(channel: aio_pika.abc.AbstractChannel, queue: str) -> bool:
-    """Nothing ready in ``queue`` for half a second: what a closed channel gave back is back
-    (RabbitMQ returns it asynchronously), and what passed the delivery limit is gone."""
-    for _ in range(2):
-        await asyncio.sleep(0.25)
-        declared = await channel.declare_queue(queue, passive=True)
-        if declared.declaration_result.message_count:
-            return False
-    return True
