@@ -192,6 +192,14 @@ class Metrics:
             "gauge",
             ("queue",),
         )
+        self.held_messages = Metric(
+            "rabbitflow_broker_held_messages",
+            "Messages a quorum queue has dead-lettered but its dead-letter target has not "
+            "taken yet (the management API's messages_dlx): in no queue. Work queues, tiers "
+            "and DLQs; needs the management API.",
+            "gauge",
+            ("queue",),
+        )
         self.reconnections = Metric(
             "rabbitflow_reconnections_total", "Broker reconnections.", "counter"
         )
@@ -226,6 +234,7 @@ class Metrics:
             self.publish_failures,
             self.tier_messages,
             self.dlq_messages,
+            self.held_messages,
             self.reconnections,
             self.breaker,
             self.store_up,

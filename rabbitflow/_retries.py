@@ -140,16 +140,20 @@ def _iso(when: datetime | None) -> str | None:
 
 class TierMonitor:
     """Publishes the depth of every consumed queue's tiers and DLQ as gauges, and warns about
-    a tier whose messages cannot go back to their queue.
+    messages the broker holds in its dead-lettering.
 
-    A tier's messages expire after its delay and RabbitMQ dead-letters them back to the work
-    queue. When that cannot happen (the queue was deleted, a policy routes them nowhere), a
-    quorum tier keeps them as "waiting for dead-lettering" (at-least-once): no longer ready, so no
-    consumer and no AMQP method sees them. The management API counts them
-    (``messages_dlx``); a tier that keeps such messages for longer than twice its delay gets
-    a WARNING. Without the management API, depths come from passive declares (ready
-    messages only) and that case goes unseen (``rabbitflow retries list`` still shows what
-    is ready)."""
+    A quorum queue that dead-letters at-least-once (rabbitflow declares its quorum work
+    queues and tiers so) keeps a message it dead-letters until the target confirms it: a
+    tier's expired messages until their work queue takes them, a work queue's messages past
+    ``crash_limit`` (or a TTL, a length limit) until its DLQ takes them. When the target
+    refuses (deleted; a length limit with ``reject-publish``; a policy) the messages are
+    *held by the broker's dead-lettering*: in no queue, invisible to every AMQP method, to
+    ``dlq list`` and ``retries list`` except through the management API, which counts them
+    (``messages_dlx``). Every work queue, tier and DLQ is watched: a queue that holds such
+    messages across two samples (a tier: for longer than twice its delay) gets a WARNING
+    with the count and for how long, every sample until they are gone, and an INFO when they
+    are. Without the management API depths come from passive declares (ready messages only)
+    and held messages go unseen (the worker says so once)."""
 
     __slots__ = ("_depths", "_interval", "_metrics", "_routes", "_since", "_unavailable")
 
@@ -166,7 +170,7 @@ class TierMonitor:
         self._interval = interval
         self._depths = depths
         self._unavailable = False
-        # tier -> monotonic time since when it holds messages waiting for dead-lettering
+        # queue -> monotonic time since when it holds messages in its dead-lettering
         self._since: dict[str, float] = {}
 
     async def run(self, connection: aiormq.abc.AbstractConnection) -> None:
@@ -185,9 +189,11 @@ class TierMonitor:
             log.debug("tier monitor stopped", error=repr(exc))
 
     async def sample(self, channel: aiormq.abc.AbstractChannel) -> None:
-        """One round: every tier and DLQ of the consumed queues."""
+        """One round: every consumed queue, its tiers and its DLQ."""
         stats = await self._management()
         for routes in self._routes:
+            if stats is not None:
+                self._watch(routes.queue, routes.queue, stats.get(routes.queue), _WORK_HELD)
             for delay, tier in routes.tiers.items():
                 row = stats.get(tier) if stats is not None else None
                 count = _total(row) if row is not None else await _depth(channel, tier)
@@ -195,8 +201,7 @@ class TierMonitor:
                     return  # the channel was closed by a 404: next round, on a new one
                 label = format_duration(delay)
                 self._metrics.tier_messages.labels(routes.queue, label).set(count)
-                if row is not None:
-                    self._check(routes.queue, tier, delay, row["messages_dlx"])
+                self._watch(routes.queue, tier, row, _TIER_HELD, 2 * delay / 1000)
             if routes.dead_letter_exchange is not None:
                 name = dlq_name(routes.queue)
                 row = stats.get(name) if stats is not None else None
@@ -204,6 +209,7 @@ class TierMonitor:
                 if count is None:
                     return
                 self._metrics.dlq_messages.labels(routes.queue).set(count)
+                self._watch(routes.queue, name, row, _DLQ_HELD)
 
     async def _management(self) -> dict[str, dict[str, int]] | None:
         if self._depths is None:
@@ -213,8 +219,8 @@ class TierMonitor:
         except Exception as exc:
             if not self._unavailable:
                 log.info(
-                    "management API not available: tier depths from passive declares, "
-                    "stuck tiers not detected",
+                    "management API not available: tier depths from passive declares; "
+                    "messages held by the broker's dead-lettering not detected",
                     error=str(exc),
                 )
             self._unavailable = True
@@ -222,22 +228,52 @@ class TierMonitor:
         self._unavailable = False
         return stats
 
-    def _check(self, queue: str, tier: str, delay_ms: int, waiting: int) -> None:
-        now = time.monotonic()
-        if waiting == 0:
-            self._since.pop(tier, None)
+    def _watch(
+        self,
+        queue: str,
+        name: str,
+        row: dict[str, int] | None,
+        event: str,
+        settle_s: float = 0.0,
+    ) -> None:
+        """Warn about ``name`` when it has held messages for longer than ``settle_s`` and one
+        sample interval (at-least-once dead-lettering normally takes milliseconds)."""
+        if row is None:
             return
-        since = self._since.setdefault(tier, now)
-        if now - since >= 2 * delay_ms / 1000 and now - since >= self._interval:
-            log.warning(
-                "messages in a retry tier expired but cannot go back to their queue (deleted? a "
-                "policy?): the broker keeps them in the tier and retries; declare the topology "
-                "again (`rabbitflow topology declare`) or check `rabbitflow topology plan`",
-                queue=queue,
-                tier=tier,
-                messages=waiting,
-                for_s=round(now - since),
-            )
+        held = row["messages_dlx"]
+        self._metrics.held_messages.labels(name).set(held)
+        now = time.monotonic()
+        if held == 0:
+            since = self._since.pop(name, None)
+            if since is not None:
+                log.info(
+                    "messages held by the broker's dead-lettering are gone",
+                    queue=queue,
+                    held_in=name,
+                    for_s=round(now - since),
+                )
+            return
+        since = self._since.setdefault(name, now)
+        if now - since >= max(settle_s, self._interval):
+            log.warning(event, queue=queue, held_in=name, messages=held, for_s=round(now - since))
+
+
+# What the worker says about each kind of queue holding messages in its dead-lettering.
+_TIER_HELD = (
+    "messages in a retry tier expired but cannot go back to their queue (deleted? a "
+    "policy?): held by the broker's dead-lettering, which retries; declare the topology "
+    "again (`rabbitflow topology declare`) or check `rabbitflow topology plan`"
+)
+_WORK_HELD = (
+    "messages dead-lettered by the broker (crash_limit, a TTL, a length limit) are held by "
+    "its dead-lettering: the DLQ refuses them (a length limit with reject-publish? a policy? "
+    "deleted?) and they are in no queue; make the DLQ accept again and see "
+    "docs/recoverability.md#dead-letters-the-broker-holds for how they are released"
+)
+_DLQ_HELD = (
+    "messages of a DLQ are held by the broker's dead-lettering (a policy gave the DLQ a "
+    "dead-letter target that refuses them); they are in no queue"
+)
 
 
 def _total(row: dict[str, int]) -> int:

@@ -66,7 +66,7 @@ async def test_a_tier_whose_messages_cannot_go_back_is_reported(
     # at-least-once, so it keeps them and retries), and the gauge counts
     # them (they are no longer ready: a passive declare would say 0)
     [warning] = [line for line in logs if line["log_level"] == "warning"]
-    assert warning["tier"] == "full.retry.100ms"
+    assert warning["held_in"] == "full.retry.100ms"
     assert warning["messages"] == 2
     assert 'rabbitflow_retry_tier_messages{queue="full",tier="100ms"} 2' in metrics.render()
 
@@ -101,7 +101,8 @@ async def test_without_the_management_api_depths_come_from_passive_declares(
 
     # Then it says once that it falls back, and the gauges still count the ready messages
     assert [line["event"] for line in logs if line["log_level"] == "info"] == [
-        "management API not available: tier depths from passive declares, stuck tiers not detected"
+        "management API not available: tier depths from passive declares; messages held by "
+        "the broker's dead-lettering not detected"
     ]
     rendered = metrics.render()
     assert 'rabbitflow_retry_tier_messages{queue="slow",tier="1h"} 1' in rendered

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 from aio_pika.abc import AbstractConnection
@@ -16,11 +16,13 @@ from click.core import ParameterSource
 
 from rabbitflow import _headers as h
 from rabbitflow import dlq as ops
+from rabbitflow._held import Held, note, read_held
 from rabbitflow.cli import amqp_name, reports_errors
 from rabbitflow.cli._urls import broker_urls, url_options
 from rabbitflow.connection import connect
 from rabbitflow.errors import ConfigurationError, QueueNotFoundError
 from rabbitflow.topology import Topology, derive, load_topology
+from rabbitflow.topology._management import MANAGEMENT_URL_ENV
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., object])
@@ -57,6 +59,14 @@ def list_options(limit_help: str) -> Callable[[F], F]:
             func
         )
         func = click.option(
+            "--management-url",
+            envvar=MANAGEMENT_URL_ENV,
+            metavar="URL",
+            help="RabbitMQ's management API, to count messages held by the broker's "
+            "dead-lettering (default: port 15672 of the broker's host, with the broker "
+            f"URL's user; env {MANAGEMENT_URL_ENV}).",
+        )(func)
+        func = click.option(
             "--limit", type=click.IntRange(min=0), default=10, show_default=True, help=limit_help
         )(func)
         return click.argument("queue", callback=amqp_name("queue"))(func)
@@ -70,18 +80,27 @@ def list_command(
     queue: str,
     limit: int,
     as_json: bool,
+    management_url: str | None,
     url: tuple[str, ...],
     url_order: str,
     topology_file: str,
 ) -> None:
-    """Show how many messages QUEUE.dlq holds and the first ones, leaving it unchanged."""
+    """Show how many messages QUEUE.dlq holds and the first ones, leaving it unchanged.
+
+    Also counts the messages the broker's dead-lettering holds on their way to QUEUE.dlq
+    (from the management API): dead-lettered by a quorum QUEUE but refused by the DLQ."""
     broker = Broker.resolve(url, topology_file, url_order)
     seen = broker.run(queue, "rabbitflow dlq list", lambda c: ops.peek(c, queue, limit=limit))
+    held = broker.held(management_url)
     now = datetime.now(UTC)
     if as_json:
-        click.echo(json.dumps(seen.to_json(now), indent=2, ensure_ascii=False))
+        document = seen.to_json(now)
+        document["held_by_broker"] = held_json(held, [seen.queue, seen.dlq])
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
-        click.echo("\n".join(render_peek(seen, now)))
+        lines = list(render_peek(seen, now))
+        lines[1:1] = [f"  {line}" for line in note(held, [seen.queue, seen.dlq])]
+        click.echo("\n".join(lines))
 
 
 @dlq.command("replay")
@@ -165,6 +184,10 @@ class Broker:
         except QueueNotFoundError as exc:
             raise self._explained(exc, queue) from None
 
+    def held(self, management_url: str | None) -> Held:
+        """What the broker's dead-lettering holds in each queue of the vhost."""
+        return asyncio.run(read_held(self.url[0], management_url))
+
     def _explained(self, exc: QueueNotFoundError, queue: str) -> QueueNotFoundError:
         work, dead = ops.queue_names(queue)
         if self.topology is None or exc.queue != dead:
@@ -187,6 +210,12 @@ async def _connected(
         return await operation(connection)
     finally:
         await connection.close()
+
+
+def held_json(held: Held, queues: list[str]) -> dict[str, Any]:
+    """``{"counts": {queue: n}, "problem": null}`` (counts null when not counted)."""
+    counts = None if held.problem else {queue: held.of(queue) for queue in queues}
+    return {"counts": counts, "problem": held.problem}
 
 
 def render_peek(seen: ops.Peek, now: datetime) -> Iterator[str]:

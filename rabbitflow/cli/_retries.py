@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import click
 
 from rabbitflow import _retries as ops
-from rabbitflow.cli._dlq import Broker, list_options
+from rabbitflow._held import note
+from rabbitflow.cli._dlq import Broker, held_json, list_options
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.topology import derive
 
@@ -24,6 +25,7 @@ def list_command(
     queue: str,
     limit: int,
     as_json: bool,
+    management_url: str | None,
     url: tuple[str, ...],
     url_order: str,
     topology_file: str,
@@ -31,7 +33,8 @@ def list_command(
     """Show what waits in each retry tier of QUEUE.
 
     For each tier: how many messages wait, when each is due, and whether the oldest is
-    overdue (a stuck tier). Leaves the tiers as they were."""
+    overdue (a stuck tier), and the messages the broker's dead-lettering holds in each tier
+    and in QUEUE (from the management API). Leaves the tiers as they were."""
     broker = Broker.resolve(url, topology_file, url_order)
     if broker.topology is None:
         raise ConfigurationError(
@@ -43,9 +46,15 @@ def list_command(
     tiers = broker.run(
         queue, "rabbitflow retries list", lambda c: ops.waiting(c, routes, limit=limit)
     )
+    held = broker.held(management_url)
     now = datetime.now(UTC)
+    names = [queue, *(tier.name for tier in tiers)]
     if as_json:
-        document = {"queue": queue, "tiers": [tier.to_json(now) for tier in tiers]}
+        document = {
+            "queue": queue,
+            "tiers": [tier.to_json(now) for tier in tiers],
+            "held_by_broker": held_json(held, names),
+        }
         click.echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
-        click.echo("\n".join(ops.render(queue, tiers, now)))
+        click.echo("\n".join([*ops.render(queue, tiers, now), *note(held, names)]))

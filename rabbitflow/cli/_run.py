@@ -90,8 +90,9 @@ DUPLICATE_TERM_WINDOW = 0.5  # seconds
     "--management-url",
     metavar="URL",
     envvar="RABBITFLOW_MANAGEMENT_URL",
-    help="RabbitMQ's management API, for the retry-tier gauges and the stuck-tier warning "
-    "(default: http://HOST:15672/ of the node in use, with its credentials).",
+    help="RabbitMQ's management API, for the retry-tier gauges and the warning about messages "
+    "held by the broker's dead-lettering (default: http://HOST:15672/ of the node in use, "
+    "with its credentials).",
 )
 @click.option(
     "--progress-interval",

@@ -2,7 +2,9 @@
 
 Counts come from passive declares (AMQP ``queue.declare-ok`` carries the ready-message and
 consumer counts); AMQP has no unacked count, so that column comes from the management API
-when the console is given one (see :mod:`rabbitflow.console.management`).
+when the console is given one (see :mod:`rabbitflow.console.management`), as do the messages
+held by the broker's dead-lettering (dead-lettered by a quorum queue, refused by the target
+so far, and so in no queue).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class Depth:
     # Why the counts cannot be read: RabbitMQ 4.3+ answers a passive declare only to a user
     # with a permission on the queue (the on-call user has none on work queues and tiers).
     hidden: str | None = None
+    # Held by the broker's dead-lettering (messages_dlx); None without the management API.
+    held: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +80,14 @@ async def read_overview(
     topology: Topology,
     unacked: dict[str, int] | None = None,
     now: datetime | None = None,
+    held: dict[str, int] | None = None,
 ) -> tuple[QueueRow, ...]:
     """Counts of every queue the topology declares, in file order.
 
-    ``unacked`` maps queue names to their unacked counts, when the management API gave them."""
+    ``unacked`` and ``held`` map queue names to their unacked counts and to the messages held
+    by the broker's dead-lettering, when the management API gave them."""
     now = now or datetime.now(UTC)
-    counts = unacked or {}
+    counts = _Counts(unacked, held)
     declarations = derive(topology)
     routes = declarations.routes
     major = broker_major(connection)
@@ -114,7 +120,7 @@ async def _tier(
     config: QueueConfig,
     delay_ms: int,
     name: str,
-    counts: dict[str, int],
+    counts: _Counts,
     now: datetime,
     readable: bool,
 ) -> Tier:
@@ -152,6 +158,20 @@ def oldest_due(head: DeadLetter, config: QueueConfig, delay_ms: int, now: dateti
     return Due(min(max(estimate, now), latest), estimated=True)
 
 
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    """What the management API gave per queue (None: nothing to show)."""
+
+    unacked: dict[str, int] | None
+    held: dict[str, int] | None
+
+    def of(self, queue: str) -> tuple[int | None, int | None]:
+        """``queue``'s unacked and held counts (None for what could not be asked)."""
+        unacked = self.unacked.get(queue) if self.unacked is not None else None
+        held = self.held.get(queue, 0) if self.held is not None else None
+        return unacked, held
+
+
 class _Prober:
     """Passive declares on one channel; a missing queue closes the channel (404), so a new
     one is opened for the next question."""
@@ -169,7 +189,7 @@ class _Prober:
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
 
-    async def depth(self, queue: str, unacked: dict[str, int]) -> Depth:
+    async def depth(self, queue: str, counts: _Counts) -> Depth:
         async with self._using() as channel:
             try:
                 declared = await channel.declare_queue(queue, passive=True)
@@ -181,14 +201,17 @@ class _Prober:
                 why = (
                     f"no read permission on {queue}: RabbitMQ 4.3+ does not count it for this user"
                 )
-                return Depth(queue, exists=True, hidden=why, unacked=unacked.get(queue))
+                unacked, held = counts.of(queue)
+                return Depth(queue, exists=True, hidden=why, unacked=unacked, held=held)
         result = declared.declaration_result
+        unacked, held = counts.of(queue)
         return Depth(
             queue,
             exists=True,
             ready=int(result.message_count or 0),
             consumers=int(result.consumer_count or 0),
-            unacked=unacked.get(queue),
+            unacked=unacked,
+            held=held,
         )
 
     async def head(self, queue: str) -> DeadLetter | None:

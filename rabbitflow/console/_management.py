@@ -1,12 +1,13 @@
-"""Unacked counts from the RabbitMQ management API, the one figure AMQP does not give.
+"""Unacked and held counts from the RabbitMQ management API, figures AMQP does not give.
 
 Optional: without ``--management-url`` (or when the API does not answer) the overview shows
-ready and consumer counts only, and says why the unacked column is empty.
+ready and consumer counts only, and says why the unacked column is empty. Held counts are the
+messages a quorum queue has dead-lettered but its target has not taken (``messages_dlx``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
@@ -22,6 +23,8 @@ class Unacked:
 
     counts: dict[str, int]
     problem: str | None = None
+    # Messages held by the broker's dead-lettering, per queue (the same request).
+    held: dict[str, int] = field(default_factory=dict)
 
 
 class Management:
@@ -47,7 +50,7 @@ class Management:
     async def unacked(self) -> Unacked:
         """Unacked counts of every queue in the vhost of the AMQP URL."""
         url = f"{self._base}/api/queues/{quote(self._vhost, safe='')}"
-        params = {"columns": "name,messages_unacknowledged"}
+        params = {"columns": "name,messages_unacknowledged,messages_dlx"}
         try:
             async with httpx.AsyncClient(auth=self._auth, timeout=TIMEOUT) as client:
                 response = await client.get(url, params=params)
@@ -55,9 +58,8 @@ class Management:
             return Unacked({}, f"management API at {self._shown}: {type(exc).__name__}")
         if response.status_code != 200:
             return Unacked({}, f"management API at {self._shown}: HTTP {response.status_code}")
+        rows = response.json()
         return Unacked(
-            {
-                str(row["name"]): int(row.get("messages_unacknowledged") or 0)
-                for row in response.json()
-            }
+            {str(row["name"]): int(row.get("messages_unacknowledged") or 0) for row in rows},
+            held={str(row["name"]): int(row.get("messages_dlx") or 0) for row in rows},
         )

@@ -83,13 +83,14 @@ async def queue_rows(console: Console, request: Request) -> Response:
 async def _overview_context(console: Console) -> dict[str, Any]:
     now = datetime.now(UTC)
     unacked: dict[str, int] | None = None
+    held: dict[str, int] | None = None
     problem: str | None = "no count without --management-url (the RabbitMQ management plugin)"
     if console.management is not None:
         answer = await console.management.unacked()
         problem = answer.problem
-        unacked = None if problem else answer.counts
+        unacked, held = (None, None) if problem else (answer.counts, answer.held)
     connection = await console.link.get()
-    rows = await read_overview(connection, console.settings.topology, unacked, now)
+    rows = await read_overview(connection, console.settings.topology, unacked, now, held)
     return {"rows": rows, "now": now, "unacked_problem": problem}
 
 
