@@ -181,11 +181,10 @@ def is_feature(module: str) -> bool:
 
 
 def is_core(module: str, modules: Mapping[str, tuple[str, bool]]) -> bool:
-    """``rabbitflow/*.py`` and ``rabbitflow/topology/``."""
+    """``rabbitflow/*.py``, ``rabbitflow/topology/`` and the private packages
+    (``rabbitflow/_schedule/``, ``rabbitflow/_streams/``)."""
     parts = module.split(".")
-    if len(parts) == 1:
-        return True
-    if parts[1] == "topology":
+    if len(parts) == 1 or parts[1] == "topology" or parts[1].startswith("_"):
         return True
     return len(parts) == 2 and not modules[module][1]
 
