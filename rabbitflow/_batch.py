@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 # once, and that a single publish on the same channel waits at most one chunk for the lock.
 CHUNK = 500
 CHUNK_BYTES = 1 << 20
+# The reason of a batch's message that the broker refused (basic.nack), as docs/handlers.md
+# shows it.
+BATCH_NACKED = "the broker nacked the message"
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,11 +333,6 @@ def _outcome(message: Outgoing, future: asyncio.Future[Any]) -> Outcome:
             return PublishError(exchange, routing_key, BATCH_NACKED), True
         return None, True
     return publish_error(exc, exchange, routing_key, nacked=BATCH_NACKED), True
-
-
-# The reason of a batch's message that the broker refused (basic.nack), as docs/handlers.md
-# shows it.
-BATCH_NACKED = "the broker nacked the message"
 
 
 def _unavailable(message: Outgoing, exc: BaseException) -> PublishError:
