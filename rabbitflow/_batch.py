@@ -21,8 +21,9 @@ from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
+from rabbitflow._border import LOST, no_confirm, publish_error, unavailable
 from rabbitflow._payload import encode
-from rabbitflow._publisher import fit
+from rabbitflow._publisher import fit, message_properties
 from rabbitflow._tracing import get_tracing
 from rabbitflow.errors import (
     BatchFailure,
@@ -31,7 +32,6 @@ from rabbitflow.errors import (
     FrameTooLarge,
     PublishConnectionError,
     PublishError,
-    UnroutableError,
 )
 
 if TYPE_CHECKING:
@@ -39,12 +39,14 @@ if TYPE_CHECKING:
 
     from rabbitflow._publisher import Publisher
 
-PERSISTENT = 2
 # Messages and body bytes per write. A chunk is one frame buffer: large enough that the
 # per-write cost vanishes, small enough that a big batch is not copied into memory all at
 # once, and that a single publish on the same channel waits at most one chunk for the lock.
 CHUNK = 500
 CHUNK_BYTES = 1 << 20
+# The reason of a batch's message that the broker refused (basic.nack), as docs/handlers.md
+# shows it.
+BATCH_NACKED = "the broker nacked the message"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,14 +101,14 @@ class Batch:
         The arguments are those of :meth:`App.publish`."""
         body, detected = encode(payload)
         message_id = message_id or uuid.uuid4().hex
-        properties = spec.Basic.Properties(
-            content_type=content_type or detected,
-            delivery_mode=PERSISTENT if persistent else 1,
+        properties = message_properties(
+            content_type or detected,
+            persistent=persistent,
             message_id=message_id,
             correlation_id=correlation_id,
-            headers=headers or None,
+            headers=headers,
             priority=priority,
-            expiration=str(expiration) if expiration is not None else None,
+            expiration=expiration,
             reply_to=reply_to,
         )
         self._outgoing.append(Outgoing(exchange, routing_key, mandatory, body, properties))
@@ -137,7 +139,7 @@ class Batch:
                 raise PublishConnectionError.of(exc, first.exchange, first.routing_key) from None
             try:
                 channel = await publisher.ready_channel()
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            except LOST as exc:
                 unsent: Outcome = (_unavailable(first, exc), False)
                 outcomes = [unsent] * len(outgoing)
             else:
@@ -183,7 +185,7 @@ async def send_batch(
     for chunk in _chunks(outgoing):
         try:
             futures, drained = await write(channel, chunk)
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except LOST as exc:
             unsent = _unavailable(chunk[0], exc)
             break
         confirms += futures
@@ -324,22 +326,14 @@ def _forget(index: dict[str, int], message_id: str, tag: int) -> Any:
 def _outcome(message: Outgoing, future: asyncio.Future[Any]) -> Outcome:
     exchange, routing_key = message.exchange, message.routing_key
     if future.cancelled():
-        return PublishError(exchange, routing_key, "no confirm from the broker in time"), True
+        return no_confirm(exchange, routing_key), True
     exc = future.exception()
     if exc is None:
         if isinstance(future.result(), spec.Basic.Nack):
-            return PublishError(exchange, routing_key, "the broker nacked the message"), True
+            return PublishError(exchange, routing_key, BATCH_NACKED), True
         return None, True
-    if isinstance(exc, aiormq.exceptions.PublishError):
-        return UnroutableError(exchange, routing_key), True
-    if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
-        reason = f"not found: {exc.args[-1] if exc.args else exc!r}"
-        return PublishError(exchange, routing_key, reason, missing=True), True
-    if isinstance(exc, aiormq.exceptions.DeliveryError):
-        return PublishError(exchange, routing_key, "the broker nacked the message"), True
-    return _unavailable(message, exc), True
+    return publish_error(exc, exchange, routing_key, nacked=BATCH_NACKED), True
 
 
 def _unavailable(message: Outgoing, exc: BaseException) -> PublishError:
-    reason = f"channel unavailable: {str(exc) or type(exc).__name__}"
-    return PublishError(message.exchange, message.routing_key, reason)
+    return unavailable(exc, message.exchange, message.routing_key)

@@ -98,8 +98,29 @@ class BrokerCall:
             raise BrokerError(f"{doing}: {why}", doing=doing, reason=why) from None
 
 
-def publish_error(exc: BaseException, exchange: str, routing_key: str) -> PublishError:
-    """The rabbitflow error for a publish that the broker did not confirm."""
+def refusal(exc: aiormq.exceptions.AMQPError, doing: str, *, permission: str) -> BrokerError:
+    """The rabbitflow error for the broker's refusal to ``doing`` (``declare queue 'q'``);
+    ``permission`` names the permission a 403 asks for."""
+    text = reply_text(exc)
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        return AccessRefusedError(f"cannot {doing}: {permission} ({text})")
+    if isinstance(exc, aiormq.exceptions.ChannelLockedResource):
+        # 405 RESOURCE_LOCKED is RabbitMQ's answer about an exclusive queue: another
+        # connection owns it, or it exists with the other exclusive flag.
+        return BrokerError(
+            f"cannot {doing}: it is exclusive to another connection, "
+            f"or exists with another exclusive flag ({text})"
+        )
+    if isinstance(exc, aiormq.exceptions.AMQPConnectionError):
+        return BrokerError(f"the connection closed while trying to {doing}: {text}")
+    return BrokerError(f"cannot {doing}: {text}")
+
+
+def publish_error(
+    exc: BaseException, exchange: str, routing_key: str, *, nacked: str = ""
+) -> PublishError:
+    """The rabbitflow error for a publish that the broker did not confirm (``nacked``: the
+    reason given for a refusal, :data:`NACKED` by default)."""
     if isinstance(exc, aiormq.exceptions.PublishError):
         # basic.return of a mandatory publish: no queue is bound for the routing key (or the
         # queue is gone). RabbitMQ confirms returned messages too, so this comes first.
@@ -109,9 +130,19 @@ def publish_error(exc: BaseException, exchange: str, routing_key: str) -> Publis
         detail = exc.args[-1] if exc.args else repr(exc)
         return PublishError(exchange, routing_key, f"not found: {detail}", missing=True)
     if isinstance(exc, aiormq.exceptions.DeliveryError):
-        return PublishError(exchange, routing_key, NACKED)
+        return PublishError(exchange, routing_key, nacked or NACKED)
     if isinstance(exc, asyncio.TimeoutError):
-        return PublishError(exchange, routing_key, "no confirm from the broker in time")
+        return no_confirm(exchange, routing_key)
+    return unavailable(exc, exchange, routing_key)
+
+
+def no_confirm(exchange: str, routing_key: str) -> PublishError:
+    """The error for a publish whose confirm did not come in time."""
+    return PublishError(exchange, routing_key, "no confirm from the broker in time")
+
+
+def unavailable(exc: BaseException, exchange: str, routing_key: str) -> PublishError:
+    """The error for a publish that found no open channel (``exc``: why)."""
     return PublishError(exchange, routing_key, f"channel unavailable: {reason(exc)}")
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from aiormq.abc import ChannelFrame
 
 PERSISTENT = 2
+TRANSIENT = 1
 # The content-header frame around a message's properties: type, channel and size (7 bytes),
 # class id, weight and body size (12), frame end (1). The body travels in frames of its own,
 # split by the client, so this is the one frame a message's size can push over frame_max.
@@ -237,14 +238,14 @@ class Publisher:
         """Encode ``payload`` and publish it; return its ``message_id``."""
         body, detected = encode(payload)
         message_id = message_id or uuid.uuid4().hex
-        properties = spec.Basic.Properties(
-            content_type=content_type or detected,
-            delivery_mode=PERSISTENT if persistent else 1,
+        properties = message_properties(
+            content_type or detected,
+            persistent=persistent,
             message_id=message_id,
             correlation_id=correlation_id,
-            headers=headers or None,
+            headers=headers,
             priority=priority,
-            expiration=str(expiration) if expiration is not None else None,
+            expiration=expiration,
             reply_to=reply_to,
         )
         tracing = get_tracing()
@@ -275,6 +276,35 @@ class Publisher:
         if self.channel.is_closed or self._lock.locked():
             await self._reopen()
         return self.channel
+
+
+def message_properties(
+    content_type: str | None,
+    *,
+    persistent: bool = True,
+    message_id: str | None = None,
+    correlation_id: str | None = None,
+    headers: dict[str, Any] | None = None,
+    priority: int | None = None,
+    expiration: int | None = None,
+    reply_to: str | None = None,
+) -> spec.Basic.Properties:
+    """The wire properties of a new message: every field rabbitflow publishes, mapped to AMQP
+    in one place (publishes, batches, RPC replies, stored offsets and schedule ticks).
+
+    A copy of a received message gets its properties from :func:`copy_properties` instead.
+    ``expiration`` is in milliseconds: AMQP carries it as a short string, and RabbitMQ refuses
+    any other text (406 PRECONDITION_FAILED). Empty ``headers`` are sent as none."""
+    return spec.Basic.Properties(
+        content_type=content_type,
+        delivery_mode=PERSISTENT if persistent else TRANSIENT,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        headers=headers or None,
+        priority=priority,
+        expiration=str(expiration) if expiration is not None else None,
+        reply_to=reply_to,
+    )
 
 
 def copy_properties(props: spec.Basic.Properties, headers: dict[str, Any]) -> spec.Basic.Properties:

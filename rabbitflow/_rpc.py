@@ -26,7 +26,7 @@ from rabbitflow import _clock as clock
 from rabbitflow import _headers as h
 from rabbitflow import _payload as payload
 from rabbitflow._logging import get_logger
-from rabbitflow._publisher import Publisher, Trim
+from rabbitflow._publisher import Publisher, Trim, message_properties
 from rabbitflow.errors import (
     BrokerError,
     PublishConnectionError,
@@ -41,7 +41,6 @@ log = get_logger("rabbitflow.rpc")
 # only on a channel that already consumes from it (in no-ack mode), and rewrites reply_to to
 # ``amq.rabbitmq.reply-to.<opaque token>`` naming that channel.
 REPLY_TO = "amq.rabbitmq.reply-to"
-TRANSIENT = 1
 DEFAULT_TIMEOUT = 30.0
 # The broker drops a request that no worker took this long after its caller's deadline: as
 # long as a worker consumes the queue, it settles expired requests itself (unrun, acked,
@@ -278,9 +277,9 @@ def _text(value: object) -> str:
 def reply_properties(request: DeliveredMessage, content_type: str) -> spec.Basic.Properties:
     """Properties of the reply to ``request``: its correlation id, transient, the content type."""
     props = request.header.properties
-    return spec.Basic.Properties(
-        content_type=content_type,
-        delivery_mode=TRANSIENT,
+    return message_properties(
+        content_type,
+        persistent=False,
         correlation_id=props.correlation_id,
         message_id=uuid.uuid4().hex,
     )

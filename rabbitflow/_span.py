@@ -149,16 +149,3 @@ class ApiSpans:
             attributes=delivery_attributes(self._static, delivery, attempt),
         )
         return _ApiScope(span)
-
-
-def consumer_spans(
-    tracer: trace_api.Tracer, queue: str, getter: Any, shortcut: bool
-) -> ConsumerSpans:
-    """The CONSUMER spans of ``queue``, made the cheapest way ``tracer`` allows."""
-    if shortcut:
-        from rabbitflow._span_sdk import sdk_spans
-
-        spans = sdk_spans(tracer, queue, getter)
-        if spans is not None:
-            return spans
-    return ApiSpans(tracer, queue, getter)

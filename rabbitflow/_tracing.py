@@ -21,7 +21,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
-from rabbitflow._span import NO_SPANS, SYSTEM, ConsumerSpans, consumer_spans
+from rabbitflow._span import NO_SPANS, SYSTEM, ApiSpans, ConsumerSpans
 from rabbitflow.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class Tracing:
         """What opens the CONSUMER span of each delivery of ``queue`` (chosen once)."""
         if self.tracer is None:
             return NO_SPANS
-        return consumer_spans(self.tracer, queue, _GETTER, self.shortcut)
+        return _consumer_spans(self.tracer, queue, _GETTER, self.shortcut)
 
     @contextmanager
     def publish_span(
@@ -191,3 +191,14 @@ def set_tracing(tracing: Tracing | None) -> None:
     """Replace the process-wide set-up (tests; a user configuring OpenTelemetry late)."""
     global _TRACING
     _TRACING = tracing
+
+
+def _consumer_spans(tracer: Tracer, queue: str, getter: Any, shortcut: bool) -> ConsumerSpans:
+    """The CONSUMER spans of ``queue``, made the cheapest way ``tracer`` allows."""
+    if shortcut:
+        from rabbitflow._span_sdk import sdk_spans
+
+        spans = sdk_spans(tracer, queue, getter)
+        if spans is not None:
+            return spans
+    return ApiSpans(tracer, queue, getter)

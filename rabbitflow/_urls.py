@@ -58,23 +58,27 @@ def resolve_url(option: str | None, file_url: str | None = None) -> str:
 def validate_url(url: str) -> None:
     """Scheme ``amqp``/``amqps``, a host, a numeric port, at most one vhost path segment."""
     if any(char.isspace() for char in url):
-        raise InvalidUrlError(url, "contains whitespace; separate several nodes with commas")
+        raise _invalid(url, "contains whitespace; separate several nodes with commas")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise InvalidUrlError(url, f"cannot be parsed ({exc})") from None
+        raise _invalid(url, f"cannot be parsed ({exc})") from None
     if parts.scheme not in SCHEMES:
-        raise InvalidUrlError(url, f"scheme must be amqp or amqps, not {parts.scheme or 'none'!r}")
+        raise _invalid(url, f"scheme must be amqp or amqps, not {parts.scheme or 'none'!r}")
     if not parts.hostname:
-        raise InvalidUrlError(url, "names no host")
+        raise _invalid(url, "names no host")
     if port == 0:
-        raise InvalidUrlError(url, "port 0 is not a broker port")
+        raise _invalid(url, "port 0 is not a broker port")
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     if "/" in path:
-        raise InvalidUrlError(
+        raise _invalid(
             url, f"vhost {unquote(path)!r} contains '/'; write it as %2F (e.g. /%2F for '/')"
         )
+
+
+def _invalid(url: str, reason: str) -> InvalidUrlError:
+    return InvalidUrlError(mask_url(url), reason)
 
 
 def mask_url(url: str) -> str:

@@ -74,7 +74,7 @@ class App:
         topology: str | Path = "topology.toml",
         *,
         url: str | Sequence[str] | None = None,
-        lifespan: Lifespan | None = None,
+        lifespan: Lifespan[App] | None = None,
         name: str = "rabbitflow",
         idempotency: IdempotencyStore | None = None,
         state: Any = None,

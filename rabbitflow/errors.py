@@ -101,12 +101,11 @@ class UserImportError(ImportStringError):
 
 
 class InvalidUrlError(ConfigurationError):
-    """A broker URL that cannot be used; names it with its password masked."""
+    """A broker URL that cannot be used; names it with its password masked (``url`` is
+    given masked: ``rabbitflow._urls`` masks it before raising)."""
 
     def __init__(self, url: str, reason: str) -> None:
-        from rabbitflow._urls import mask_url
-
-        self.url = mask_url(url)
+        self.url = url
         self.reason = reason
         super().__init__(f"broker URL {self.url}: {reason}")
 

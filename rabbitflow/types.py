@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
-    from rabbitflow.app import App
     from rabbitflow.message import Message
+
+#: The application type a lifespan receives (``rabbitflow.App``). A type variable, as in
+#: ``starlette.types``: this module names no module of rabbitflow's that imports it.
+_AppT = TypeVar("_AppT")
 
 # -- handlers and middleware ----------------------------------------------------------------
 
@@ -35,8 +38,9 @@ Decoder = Callable[[str, bytes, str | None], Any]
 
 #: An ``@app.on_startup`` / ``@app.on_shutdown`` hook, sync or async.
 Hook = Callable[[], Awaitable[None] | None]
-#: ``App(lifespan=...)``: an async context manager factory around the worker's life.
-Lifespan = Callable[["App"], AbstractAsyncContextManager[Any]]
+#: ``App(lifespan=...)``: an async context manager factory around the worker's life;
+#: ``Lifespan[App]``.
+Lifespan = Callable[[_AppT], AbstractAsyncContextManager[Any]]
 #: One broker URL, several (a list, or one string with commas), or None for the default.
 UrlSource = str | Sequence[str] | None
 #: ``--url-order``: ``shuffle`` spreads processes over the nodes, ``given`` keeps the order.

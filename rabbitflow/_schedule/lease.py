@@ -21,7 +21,7 @@ import aiormq
 import aiormq.abc
 from pamqp import commands as spec
 
-from rabbitflow._publisher import PERSISTENT, Publisher
+from rabbitflow._publisher import Publisher, message_properties
 
 PREFIX = "rabbitflow.schedule."
 
@@ -85,7 +85,5 @@ class Lease:
     async def record(self, publisher: Publisher, tick: datetime) -> None:
         """Store ``tick`` as the last one published (confirmed before this returns)."""
         body = json.dumps({"schedule": self.name, "tick": tick.isoformat()}).encode()
-        properties = spec.Basic.Properties(
-            content_type="application/json", delivery_mode=PERSISTENT
-        )
+        properties = message_properties("application/json")
         await publisher.send("", last_tick_queue(self.name), body, properties)

@@ -26,7 +26,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from rabbitflow._logging import get_logger
-from rabbitflow._publisher import PERSISTENT, Publisher
+from rabbitflow._publisher import Publisher, message_properties
 from rabbitflow.topology._model import QueueConfig
 
 log = get_logger("rabbitflow.streams")
@@ -124,9 +124,7 @@ class StreamOffsets:
         if through is None or (self.stored is not None and through <= self.stored):
             return
         body = json.dumps({"stream": self.config.name, "offset": through}).encode()
-        properties = spec.Basic.Properties(
-            content_type="application/json", delivery_mode=PERSISTENT
-        )
+        properties = message_properties("application/json")
         try:
             await self.publisher.send("", self.queue, body, properties)
         except Exception as exc:

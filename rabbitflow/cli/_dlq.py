@@ -16,6 +16,9 @@ from click.core import ParameterSource
 
 from rabbitflow import _headers as h
 from rabbitflow import dlq as ops
+from rabbitflow._format import count_messages as _messages
+from rabbitflow._format import error_text as _error
+from rabbitflow._format import format_age, render_replay
 from rabbitflow._held import Held, note, read_held
 from rabbitflow.cli import amqp_name, reports_errors
 from rabbitflow.cli._urls import broker_urls, url_options
@@ -243,41 +246,6 @@ def render_message(message: ops.DeadLetter, now: datetime) -> Iterator[str]:
     yield f"    body:        {_body(message)}"
 
 
-def render_replay(report: ops.ReplayReport, error_type: str | None) -> Iterator[str]:
-    """The text ``rabbitflow dlq replay`` prints."""
-    moved = f"{_messages(report.moved)} from {report.dlq} to {report.queue}"
-    why = f" {report.skipped} (error type is not {error_type})"
-    if not report.dry_run:
-        left = report.count - report.moved
-        kept = f"; {len(report.kept)} could not be sent back" if report.kept else ""
-        yield (
-            f"moved {moved}"
-            + (f", skipped{why}" if error_type else "")
-            + kept
-            + (f"; {left} left in {report.dlq}" if left > 0 else "")
-        )
-        for held in report.kept:
-            yield f"  kept {held.message_id or '(no message_id)'}: {held.reason}"
-        return
-    yield f"dry run, nothing changed: would move {moved}" + (f", skip{why}" if error_type else "")
-    for message in report.messages:
-        yield f"  #{message.position}  {message.message_id or '(no message_id)'}  {_error(message)}"
-    if report.moved > len(report.messages):
-        yield f"  ... and {report.moved - len(report.messages)} more"
-
-
-def _error(message: ops.DeadLetter) -> str:
-    if message.error_type is None:
-        reason = message.dead_letter_reason
-        if reason is not None:
-            return f"(no {h.ERROR_TYPE}) dead-lettered by the broker: {reason}"
-        return f"(no {h.ERROR_TYPE} header)"
-    text = ops.escape(message.error_message or "")
-    if len(text) > ops.ERROR_PREVIEW_CHARS:
-        text = text[: ops.ERROR_PREVIEW_CHARS] + "..."
-    return f"{message.error_type}: {text}" if text else message.error_type
-
-
 _AGE_SOURCES = {
     h.FIRST_FAILED_AT: f"from {h.FIRST_FAILED_AT}",
     "timestamp": f"from the AMQP timestamp; no {h.FIRST_FAILED_AT}",
@@ -292,25 +260,9 @@ def _age(message: ops.DeadLetter, now: datetime) -> str:
     return f"{format_age(seconds)} ({_AGE_SOURCES[source]})"
 
 
-def format_age(seconds: float) -> str:
-    """``42s``, ``5m12s``, ``3h05m``, ``2d04h``: two units at most."""
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
-
-
 def _body(message: ops.DeadLetter) -> str:
     kind = f", {message.content_type}" if message.content_type else ""
     if message.content_encoding:
         kind += f" ({message.content_encoding})"
     size = f"{message.body_size} byte{'s' if message.body_size != 1 else ''}{kind}"
     return f"{size}: {message.body_preview}" if message.body_size else size
-
-
-def _messages(count: int) -> str:
-    return f"{count} message{'s' if count != 1 else ''}"

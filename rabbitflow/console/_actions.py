@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from aio_pika.abc import AbstractConnection
 
 from rabbitflow import dlq as ops
+from rabbitflow._format import render_replay
 from rabbitflow._logging import get_logger
-from rabbitflow.cli._dlq import render_replay
 from rabbitflow.console._groups import NO_ERROR_TYPE, message_key
 from rabbitflow.errors import RabbitflowError
 

@@ -16,7 +16,6 @@ from starlette.routing import BaseRoute, Route
 from rabbitflow import dlq as ops
 from rabbitflow._duration import parse_duration
 from rabbitflow.console._actions import in_group, run_purge, run_replay
-from rabbitflow.console._app import Console
 from rabbitflow.console._groups import (
     NO_ERROR_TYPE,
     NO_ERROR_TYPE_FILTER,
@@ -26,6 +25,7 @@ from rabbitflow.console._groups import (
 )
 from rabbitflow.console._inventory import read_overview
 from rabbitflow.console._reads import DEFAULT_LIMIT, broker_major, reads_are_counted, reads_left
+from rabbitflow.console._state import Console
 from rabbitflow.errors import RabbitflowError
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -15,13 +15,12 @@ import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from rabbitflow._border import reply_text
+from rabbitflow._border import refusal, reply_text
 from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._duration import format_duration
 from rabbitflow._logging import get_logger
 from rabbitflow.errors import (
     AccessRefusedError,
-    BrokerError,
     RabbitflowError,
     TopologyConflictError,
     TopologyMismatchError,
@@ -296,16 +295,7 @@ def broker_error(exc: aiormq.exceptions.AMQPError, spec: Spec, verb: str) -> Rab
         conflict = parse_conflict(text, spec)
         if conflict is not None:
             return conflict
-    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
-        return AccessRefusedError(f"cannot {verb} {_label(spec)}: {_permission(spec)} ({text})")
-    if isinstance(exc, aiormq.exceptions.ChannelLockedResource):
-        return BrokerError(
-            f"cannot {verb} {_label(spec)}: it is exclusive to another connection, "
-            f"or exists with another exclusive flag ({text})"
-        )
-    if isinstance(exc, aiormq.exceptions.AMQPConnectionError):
-        return BrokerError(f"the connection closed while trying to {verb} {_label(spec)}: {text}")
-    return BrokerError(f"cannot {verb} {_label(spec)}: {text}")
+    return refusal(exc, f"{verb} {_label(spec)}", permission=_permission(spec))
 
 
 def parse_conflict(text: str, spec: ExchangeSpec | QueueSpec) -> TopologyConflictError | None:
