@@ -20,7 +20,8 @@ reconnects, consumes and drains. Everything else is wired here, once, and the wo
   the health server.
 
 ``rabbitflow run`` gets them through its :class:`~rabbitflow._worker.Worker`; something else
-that runs a worker (an ASGI lifespan) chooses the parts with :class:`WorkerOptions`.
+that runs a worker (an ASGI lifespan) chooses the parts with
+:class:`~rabbitflow._options.WorkerOptions`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._consumers import ConsumerSet
 from rabbitflow._health import HealthServer
 from rabbitflow._logging import get_logger
-from rabbitflow._options import WorkerOptions
 from rabbitflow._progress import Progress
 from rabbitflow._repair import Repairer
 from rabbitflow._retries import TierMonitor
@@ -50,7 +50,7 @@ from rabbitflow.topology._management import queue_depths, vhost_of, with_credent
 
 log = get_logger("rabbitflow.worker")
 
-__all__ = ["Host", "Services", "WorkerOptions"]
+__all__ = ["Host", "Services"]
 
 
 class Host(Summarised, Protocol):

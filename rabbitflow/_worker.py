@@ -1,4 +1,9 @@
-"""The consuming process: connection, one channel per consumer, graceful drain, reconnection."""
+"""The consuming process: connection, one channel per consumer, graceful drain, reconnection.
+
+What runs beside the consumers (health server, start-up lines and summary, topology
+declaration, store checks, schedules, tier monitor, repairer, progress lines) is
+:class:`rabbitflow._services.Services`, which the worker calls at fixed points of its run.
+"""
 
 from __future__ import annotations
 
