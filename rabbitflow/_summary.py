@@ -7,17 +7,36 @@ consumed. The worker logs it once, when it first consumes (the broker's version 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from rabbitflow._breaker import Dependency
 from rabbitflow._duration import format_duration
 from rabbitflow._logging import get_logger, renders_json
+from rabbitflow._options import WorkerOptions
+from rabbitflow._tracing import Tracing
 from rabbitflow._urls import mask_url
+from rabbitflow.app import App
+from rabbitflow.topology import Topology
 from rabbitflow.topology._derived import dlq_name, tier_name
 
-if TYPE_CHECKING:
-    from rabbitflow._worker import Worker
-
 log = get_logger("rabbitflow.worker")
+
+
+class Summarised(Protocol):
+    """What the summary reads of a worker."""
+
+    app: App
+    topology: Topology
+    options: WorkerOptions
+    tracing: Tracing
+
+    @property
+    def node(self) -> str:
+        """The URL of the node the worker is connected to."""
+
+    @property
+    def store_checks(self) -> list[tuple[Dependency, float | None]]:
+        """Each store consumers need, and how long it took to answer at start."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +119,7 @@ class StartupSummary:
         return asdict(self)
 
 
-def build(worker: Worker, broker_version: str | None = None) -> StartupSummary:
+def build(worker: Summarised, broker_version: str | None = None) -> StartupSummary:
     """The summary of a worker about to consume."""
     topology = worker.topology
     consumers = []
@@ -148,7 +167,7 @@ def build(worker: Worker, broker_version: str | None = None) -> StartupSummary:
     )
 
 
-def idle_reason(worker: Worker) -> str | None:
+def idle_reason(worker: Summarised) -> str | None:
     """Why this worker will consume nothing, or None when it will consume something."""
     if not worker.topology.queues:
         return f"{worker.topology.source} has no queues: nothing will be consumed"
@@ -160,14 +179,14 @@ def idle_reason(worker: Worker) -> str | None:
     return None
 
 
-def warn_if_idle(worker: Worker) -> None:
+def warn_if_idle(worker: Summarised) -> None:
     """Log a WARNING when nothing will be consumed (at start, before connecting)."""
     reason = idle_reason(worker)
     if reason:
         log.warning(reason)
 
 
-def log_summary(worker: Worker, broker_version: str | None = None) -> None:
+def log_summary(worker: Summarised, broker_version: str | None = None) -> None:
     """Log the start-up summary: one block on the console, one event in JSON."""
     summary = build(worker, broker_version)
     if renders_json():

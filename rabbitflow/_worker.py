@@ -1,12 +1,15 @@
-"""The consuming process: connection, one channel per consumer, graceful drain, reconnection."""
+"""The consuming process: connection, one channel per consumer, graceful drain, reconnection.
+
+What runs beside the consumers (health server, start-up lines and summary, topology
+declaration, store checks, schedules, tier monitor, repairer, progress lines) is
+:class:`rabbitflow._services.Services`, which the worker calls at fixed points of its run.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from typing import Any
 
 import aiormq
@@ -16,16 +19,13 @@ from rabbitflow._backoff import full_jitter
 from rabbitflow._breaker import Dependency
 from rabbitflow._broker_version import BrokerVersion, describe
 from rabbitflow._consumers import ConsumerSet, RunningConsumer
-from rabbitflow._health import HealthServer
 from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Metrics
-from rabbitflow._progress import Progress
+from rabbitflow._options import WorkerOptions
 from rabbitflow._publisher import Publisher
-from rabbitflow._repair import Repairer
 from rabbitflow._retries import TierMonitor
-from rabbitflow._schedule import run_schedules
-from rabbitflow._summary import log_summary, warn_if_idle
-from rabbitflow._urls import mask_url, mask_urls, split_urls
+from rabbitflow._services import Services
+from rabbitflow._urls import mask_url
 from rabbitflow.app import App
 from rabbitflow.connection import connect, connected_url, underlay
 from rabbitflow.errors import (
@@ -36,13 +36,6 @@ from rabbitflow.errors import (
     UnreachableBrokerError,
 )
 from rabbitflow.topology import Topology
-from rabbitflow.topology._declare import declare, verify
-from rabbitflow.topology._management import (
-    configured_url,
-    queue_depths,
-    vhost_of,
-    with_credentials,
-)
 
 log = get_logger("rabbitflow.worker")
 
@@ -55,28 +48,6 @@ DRAIN_GRACE = 5.0
 # What one consumer may take, once its handlers are done, to store its stream offset, and
 # then again to send its acks.
 SETTLE_TIMEOUT = 1.0
-
-
-@dataclass
-class WorkerOptions:
-    """How a worker runs. ``url`` is one node or the nodes of one cluster, tried in order."""
-
-    url: str | Sequence[str]
-    declare: bool = True
-    shutdown_timeout: float = 30.0
-    heartbeat: int | None = None
-    max_reconnect_wait: float = 30.0
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    # The management API the stuck-tier monitor reads; None: port 15672 of the node in use.
-    management_url: str | None = field(default_factory=configured_url)
-    # Seconds between the INFO progress lines of each consumer with traffic; None: no lines.
-    progress_interval: float | None = 60.0
-
-    @property
-    def urls(self) -> list[str]:
-        """Every node, in the order they are tried."""
-        return split_urls(self.url)
 
 
 class _Stop(Exception):
@@ -100,57 +71,32 @@ class Worker:
         self.finished = False  # the run is over: drained, closed, shutdown hooks run
         self.reconnections = 0
         self._stopping = asyncio.Event()
-        self._connection: AbstractConnection | None = None  # the latest, open or not
-        self._running: list[RunningConsumer] = []  # the consumers on that connection
+        self._running: list[RunningConsumer] = []  # the consumers on the latest connection
         self._publisher: Publisher | None = None
         self._node = 0
         self.broker_version: BrokerVersion | None = None
-        # Each store consumers need, and how long it took to answer at start (None: not).
-        self.store_checks: list[tuple[Dependency, float | None]] = []
-        self._wire_extras()
-
-    def _wire_extras(self) -> None:
-        """What runs beside the consumers, and on which connection.
-
-        - the repairer declares a queue's tiers and DLQ again on the worker's connection
-          (the settlers call it when a copy finds them missing);
-        - the tier monitor samples the retry tiers while consuming (:meth:`_while_consuming`);
-        - schedules publish on a connection of their own, across reconnections
-          (:meth:`_while_running`);
-        - stream offsets and RPC replies belong to each consumer (:class:`ConsumerSet`).
-        """
-        self.repairer = Repairer(
-            lambda: self._connection, self.declarations, may_declare=self.options.declare
-        )
-        self.consumers.repairer = self.repairer
-        self.tier_monitor = TierMonitor(
-            [self.declarations.routes[queue] for queue in self.app.consumers],
-            self.metrics,
-            depths=self._queue_depths,
-        )
-        interval = self.options.progress_interval
-        self.progress = Progress(self.metrics, self.app.consumers, interval) if interval else None
-
-    def _while_running(self) -> AbstractAsyncContextManager[object]:
-        return run_schedules(self.app.schedules.values(), self.options.urls)
-
-    @contextlib.asynccontextmanager
-    async def _while_consuming(self, amqp: aiormq.abc.AbstractConnection) -> AsyncIterator[None]:
-        monitor = asyncio.ensure_future(self.tier_monitor.run(amqp))
-        try:
-            yield
-        finally:
-            monitor.cancel()
+        # What runs beside the consumers (rabbitflow._services), called at fixed points.
+        self.services = Services(self)
 
     @property
     def node(self) -> str:
         """The URL of the node this worker is (or was last) connected to."""
         return self.options.urls[self._node]
 
+    # The services' parts, as the worker showed them before they moved to Services.
+    @property
+    def tier_monitor(self) -> TierMonitor:
+        return self.services.tier_monitor
+
+    @property
+    def store_checks(self) -> list[tuple[Dependency, float | None]]:
+        return self.services.store_checks
+
+    def _check_stores(self) -> Awaitable[None]:
+        return self.services.check_stores()
+
     def _queue_depths(self) -> Awaitable[dict[str, dict[str, int]]]:
-        # The management API of the node this worker is connected to, unless one is given.
-        api = with_credentials(self.options.management_url, self.node)
-        return queue_depths(api, vhost_of(self.node))
+        return self.services.queue_depths()
 
     @property
     def paused(self) -> set[str]:
@@ -185,34 +131,13 @@ class Worker:
 
     async def run(self) -> None:
         """Connect, declare, run the lifespan hooks and consume until stopped."""
-        health = None
-        if self.options.metrics_port is not None:
-            health = HealthServer(
-                self.metrics,
-                lambda: self.ready,
-                self.options.metrics_host,
-                self.options.metrics_port,
-            )
-            await health.start()
-        # Across reconnections: the lines say what was handled, connected or not.
-        reporting = None if self.progress is None else asyncio.ensure_future(self.progress.run())
         try:
+            await self.services.start()
             await self._run()
         finally:
-            if reporting is not None:
-                reporting.cancel()
-            if health is not None:
-                await health.close()
+            await self.services.close()
 
     async def _run(self) -> None:
-        log.info(
-            "starting",
-            url=mask_urls(self.options.urls),
-            queues=sorted(self.app.consumers),
-            declare=self.options.declare,
-            tracing=self.tracing.enabled,
-        )
-        warn_if_idle(self)
         # While the worker's connection is down (reconnecting, or closed before the shutdown
         # hooks run), app.publish() opens the app's own: it must go to the same broker.
         self.app.urls = self.options.urls
@@ -231,8 +156,7 @@ class Worker:
             await self._prepare(connection)
             async with self.app.lifespan_context():
                 started = True
-                await self._check_stores()
-                async with self._while_running():
+                async with self.services.running():
                     await self._serve(connection)
         finally:
             self.ready = False
@@ -241,17 +165,9 @@ class Worker:
                 await connection.close()
             await self.app.close()
             self.consumers.close()
-            if self.progress is not None:
-                self.progress.finish()  # drained: the last line counts every message
+            self.services.stopped()
             self.finished = True
             log.info("stopped")
-
-    async def _check_stores(self) -> None:
-        """Ask each store the consumers need to answer, all at once: one that does not is
-        logged (WARNING) and its consumers start paused until it answers."""
-        dependencies = list(self.consumers.dependencies)
-        answers = await asyncio.gather(*(dependency.check() for dependency in dependencies))
-        self.store_checks = list(zip(dependencies, answers, strict=True))
 
     async def _connect(self, *, reconnecting: bool = False) -> AbstractConnection:
         # At start-up a refused login or vhost is a configuration error: fail fast. Once the
@@ -281,7 +197,8 @@ class Worker:
                     failures.append(str(exc))
                     continue
                 self._node = index
-                self._note_version(connection)
+                self.broker_version = BrokerVersion.of(connection)
+                self.services.connected(self.broker_version)
                 return connection
             rounds += 1
             wait = full_jitter(rounds + 1, base=0.5, cap=self.options.max_reconnect_wait)
@@ -293,16 +210,6 @@ class Worker:
             )
             await self._sleep(wait)
 
-    def _note_version(self, connection: AbstractConnection) -> None:
-        version = BrokerVersion.of(connection)
-        self.broker_version = version
-        if version is not None and not version.supported:
-            log.warning(
-                "RabbitMQ older than 3.10 is not supported: retry tiers of quorum queues "
-                "need at-least-once dead-lettering",
-                broker_version=str(version),
-            )
-
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
@@ -310,16 +217,7 @@ class Worker:
             raise _Stop
 
     async def _prepare(self, connection: AbstractConnection) -> None:
-        if self.options.declare:
-            await declare(connection, self.declarations)
-            log.info(
-                "topology declared",
-                source=self.topology.source,
-                queues=len(self.declarations.queues),
-            )
-        else:
-            await verify(connection, self.declarations)
-            log.info("topology verified (--no-declare)", source=self.topology.source)
+        await self.services.prepare(connection)
         self._publisher = await Publisher.open(underlay(connection))
         self.app.attach(self._publisher)
 
@@ -359,7 +257,6 @@ class Worker:
 
     async def _consume(self, connection: AbstractConnection) -> bool:
         """Consume on ``connection`` until it is lost (return True) or shutdown (False)."""
-        self._connection = connection
         self._running = []
         amqp = underlay(connection)
         assert self._publisher is not None
@@ -371,9 +268,7 @@ class Worker:
             return not self._stopping.is_set()
         self.ready = True
         log.info("consuming", queues=sorted(self.app.consumers))
-        if not self.reconnections:
-            log_summary(self, str(amqp.server_properties.get("version") or "") or None)
-        async with self._while_consuming(amqp):
+        async with self.services.consuming(connection):
             lost = await self._wait_until_lost_or_stopped(amqp)
         self.ready = False
         if lost:

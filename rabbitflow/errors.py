@@ -131,6 +131,16 @@ class BrokerError(RabbitflowError):
         super().__init__(message)
 
 
+class ManagementUnavailable(RabbitflowError):
+    """RabbitMQ's management HTTP API did not answer or refused. ``url`` is the API's, its
+    password masked by the caller; ``reason`` says why, for the user."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"{url}: {reason}")
+
+
 class UnreachableBrokerError(BrokerError):
     """No connection could be opened to the broker; ``url`` has its password masked."""
 

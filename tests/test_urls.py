@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-import rabbitflow._worker
+import rabbitflow._services
 from rabbitflow import App
 from rabbitflow._urls import InvalidUrlError, mask_url, resolve_urls
 from rabbitflow._worker import Worker, WorkerOptions
@@ -215,7 +215,7 @@ def test_the_worker_reads_the_management_api_it_is_given(monkeypatch: pytest.Mon
         seen.append((api, vhost))
         return {}
 
-    monkeypatch.setattr(rabbitflow._worker, "queue_depths", depths)
+    monkeypatch.setattr(rabbitflow._services, "queue_depths", depths)
     options = WorkerOptions(
         url="amqp://app:s3cret@rabbit-1:5672/orders", management_url="https://mgmt.example/"
     )

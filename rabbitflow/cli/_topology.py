@@ -150,7 +150,8 @@ def plan_command(
 async def _plan(
     connection: AbstractConnection, declarations: Declarations, api: str | None, vhost: str
 ) -> tuple[Plan, str | None]:
-    from rabbitflow.topology._management import ManagementUnavailable, read_state
+    from rabbitflow.errors import ManagementUnavailable
+    from rabbitflow.topology._management import read_state
     from rabbitflow.topology._plan import plan
 
     state = None

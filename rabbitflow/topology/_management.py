@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from rabbitflow._urls import mask_url
+from rabbitflow.errors import ManagementUnavailable
 
 DEFAULT_PORT = 15672
 # Where the management API is when it is not port 15672 of the broker's host (a proxy, an
@@ -37,15 +38,6 @@ class BrokerState:
     policies: list[dict[str, Any]] = field(default_factory=list)
     # None when the user may not list operator policies (that needs the administrator tag).
     operator_policies: list[dict[str, Any]] | None = field(default_factory=list)
-
-
-class ManagementUnavailable(Exception):
-    """The management API did not answer or refused; ``reason`` says why, for the user."""
-
-    def __init__(self, url: str, reason: str) -> None:
-        super().__init__(f"{mask_url(url)}: {reason}")
-        self.url = url
-        self.reason = reason
 
 
 def management_url(amqp_url: str) -> str:
@@ -154,13 +146,13 @@ class _Client:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
                 document = json.load(response)
         except urllib.error.HTTPError as exc:
-            raise ManagementUnavailable(self.url, _refusal(exc.code)) from None
+            raise ManagementUnavailable(mask_url(self.url), _refusal(exc.code)) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
             text = getattr(reason, "strerror", None) or str(reason)
-            raise ManagementUnavailable(self.url, f"is not reachable ({text})") from None
+            raise ManagementUnavailable(mask_url(self.url), f"is not reachable ({text})") from None
         if not isinstance(document, list):
-            raise ManagementUnavailable(self.url, f"unexpected answer to /api/{path}")
+            raise ManagementUnavailable(mask_url(self.url), f"unexpected answer to /api/{path}")
         return document
 
 
