@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rabbitflow.errors import ManagementUnavailable
 from rabbitflow.topology._management import (
-    ManagementUnavailable,
     queue_depths,
     vhost_of,
     with_credentials,
