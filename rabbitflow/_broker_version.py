@@ -7,6 +7,7 @@ a question ("do requeued messages return to the head?") instead of comparing num
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,22 @@ class BrokerVersion:
         return 20 if self.at_least(4, 0) else None
 
     @property
+    def nack_counts(self) -> bool:
+        """Whether ``basic.nack(requeue=True)`` counts toward a quorum queue's delivery limit.
+
+        Before 4.3 every return counts (nack, reject, a channel or connection closed with the
+        delivery unacked). From 4.3 (rabbitmq-server#15387) a nack returns a message without
+        counting it: only ``basic.reject`` and deliveries lost with their channel count, in
+        ``x-delivery-count``, and ``x-acquired-count`` counts every delivery. Measured on
+        3.10.8, 4.0.5 and 4.3.6 (docs/recoverability.md)."""
+        return not self.at_least(4, 3)
+
+    @property
+    def counts_acquisitions(self) -> bool:
+        """Quorum deliveries carry ``x-acquired-count`` (every earlier delivery) from 4.3."""
+        return self.at_least(4, 3)
+
+    @property
     def accepts_transient_queues(self) -> bool:
         """Non-durable, non-exclusive queues: deprecated in 4.0 (logged), refused from 4.3."""
         return not self.at_least(4, 3)
@@ -85,6 +102,25 @@ class BrokerVersion:
     def accepts_global_qos(self) -> bool:
         """``basic.qos`` with ``global=true``: deprecated in 4.0, refused from 4.3."""
         return not self.at_least(4, 3)
+
+
+class Returns(enum.Enum):
+    """What giving a delivery back to its queue costs it, by queue type and version."""
+
+    #: Nothing counts returns (classic queues and streams have no delivery limit).
+    FREE = "free"
+    #: A quorum queue on RabbitMQ 4.3+: ``basic.nack`` is free; ``basic.reject`` and a
+    #: channel or connection closed with the delivery unacked count.
+    NACK_FREE = "nack-free"
+    #: A quorum queue before RabbitMQ 4.3: every return counts toward the delivery limit.
+    COUNTED = "counted"
+
+    @classmethod
+    def of(cls, queue_type: str, version: BrokerVersion | None) -> Returns:
+        """For a queue of ``queue_type`` on ``version`` (unknown: assume every return counts)."""
+        if queue_type != "quorum":
+            return cls.FREE
+        return cls.COUNTED if version is None or version.nack_counts else cls.NACK_FREE
 
 
 def describe(version: BrokerVersion | None) -> str:

@@ -16,6 +16,7 @@ published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish
 | ``Reject``, bad payload, ``dead_letter_on``, attempts spent, retries off | ``DEAD_LETTER`` |
 | any of those with ``dead_letter = false`` | ``DROP`` (logged at ERROR) |
 | its copy could not be published | ``REQUEUE`` after an exponential backoff |
+| the same, quorum queue before 4.3 | the plan again after the backoff, held; then ``REQUEUE`` |
 
 The table is built once per consumer; a failure walks its exception's MRO so that a subclass
 follows its parent unless it has an entry of its own.
@@ -24,7 +25,7 @@ follows its parent unless it has an entry of its own.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from rabbitflow import _clock as clock
@@ -37,6 +38,13 @@ from rabbitflow.types import ExceptionTypes
 # for each consecutive failure of the same message, up to the cap.
 REQUEUE_BACKOFF = 1.0
 REQUEUE_BACKOFF_MAX = 60.0
+# Before RabbitMQ 4.3 every return of a delivery (nack, reject, a closed channel) counts toward
+# a quorum queue's delivery limit, which exists to count crashes: so the original of a copy
+# that could not be published is kept in hand and its copy tried again, for at most this
+# long. Past the queue's consumer_timeout (RabbitMQ's default: 30 minutes) the broker would
+# close the channel and count every delivery on it, hence a quarter of a queue's own
+# consumer_timeout when that is shorter.
+HOLD_LIMIT = 300.0
 
 
 class Action(enum.Enum):
@@ -56,7 +64,8 @@ class Plan:
 
     ``attempt`` is the attempt written on the copy (the next one for a retry); ``tier`` and
     ``delay_ms`` name the retry tier of a ``RETRY`` or ``DEFER``; ``not_before`` is the ISO
-    time the copy must not run before; ``after`` is the backoff of a ``REQUEUE``."""
+    time the copy must not run before; ``after`` is the backoff of a ``REQUEUE``, or the wait
+    before a copy is published again with its delivery held (0 on a first try)."""
 
     action: Action
     reason: str = ""
@@ -76,7 +85,15 @@ NOT_BEFORE_OUT_OF_RANGE = "not_before_out_of_range"
 class OutcomePolicy:
     """Maps exceptions to plans for one consumer and applies its retry policy and routes."""
 
-    __slots__ = ("_dead_letter_on", "_max_defer_ms", "_table", "queue", "retry", "routes")
+    __slots__ = (
+        "_dead_letter_on",
+        "_hold_limit",
+        "_max_defer_ms",
+        "_table",
+        "queue",
+        "retry",
+        "routes",
+    )
 
     def __init__(
         self,
@@ -84,8 +101,11 @@ class OutcomePolicy:
         routes: QueueRoutes,
         retry_on: ExceptionTypes = (),
         dead_letter_on: ExceptionTypes = (),
+        *,
+        consumer_timeout_ms: int | None = None,
     ) -> None:
         self.queue = routes.queue
+        self._hold_limit = hold_limit(consumer_timeout_ms)
         self.retry = retry
         self.routes = routes
         self._dead_letter_on = dead_letter_on
@@ -169,12 +189,18 @@ class OutcomePolicy:
         action = Action.DEAD_LETTER if self.routes.dead_letter_exchange else Action.DROP
         return Plan(action, reason, attempt, exc)
 
-    def after_publish_failure(self, plan: Plan, failures: int) -> Plan:
+    def after_publish_failure(self, plan: Plan, failures: int, held: float | None = None) -> Plan:
         """The plan once ``plan``'s copy failed to publish for the ``failures``-th time.
 
-        The original goes back to its queue after an exponential backoff, so a missing or
-        refused target never turns into a hot loop."""
+        ``held`` is how long the delivery has been in hand since its copy first failed, when
+        returning it would count toward the queue's delivery limit (RabbitMQ before 4.3), and
+        None when a ``basic.nack`` returns it for free (4.3+). Where a return counts, the copy
+        is published again after the backoff with the delivery still in hand, up to the hold
+        limit; otherwise, and past that limit, the original goes back to its queue after the
+        backoff. Either way a missing or refused target never turns into a hot loop."""
         after = min(REQUEUE_BACKOFF * 2 ** max(failures - 1, 0), REQUEUE_BACKOFF_MAX)
+        if held is not None and held + after <= self._hold_limit:
+            return replace(plan, after=after)
         reason = f"{plan.action.value} copy not published"
         return Plan(Action.REQUEUE, reason, plan.attempt, plan.error, plan.tier, after=after)
 
@@ -196,6 +222,13 @@ class OutcomePolicy:
         if any(isinstance(exc, cls) for cls in self._dead_letter_on):
             return "matches dead_letter_on"
         return "not in retry_on"
+
+
+def hold_limit(consumer_timeout_ms: int | None) -> float:
+    """How long a delivery whose copy keeps failing is held before it is returned (seconds)."""
+    if consumer_timeout_ms is None:
+        return HOLD_LIMIT
+    return min(HOLD_LIMIT, consumer_timeout_ms / 4000)
 
 
 def _iso_after(delay_ms: int) -> str:

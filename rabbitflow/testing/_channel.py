@@ -51,6 +51,11 @@ class MemoryConnection:
     def is_closed(self) -> bool:
         return self.closing.done()
 
+    @property
+    def server_properties(self) -> dict[str, Any]:
+        """What ``connection.start`` announces: the RabbitMQ version the broker behaves like."""
+        return {"product": "RabbitMQ", "version": str(self.broker.version)}
+
     async def channel(
         self,
         channel_number: int | None = None,
