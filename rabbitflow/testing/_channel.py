@@ -18,6 +18,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow.testing._envelope import Envelope, roundtrip
 from rabbitflow.testing._queue import Consumer, MemoryQueue
 
@@ -387,15 +388,8 @@ class MemoryChannel:
         envelope: Envelope,
     ) -> DeliveredMessage:
         properties = roundtrip(envelope.properties)
-        if queue.kind == "quorum" and (
-            envelope.delivery_count or queue.version.counts_first_delivery
-        ):
-            # Quorum queues put the count of earlier returns on a delivery: on every one before
-            # 3.12, from 3.12 only once the message was returned.
-            properties.headers = {
-                **(properties.headers or {}),
-                "x-delivery-count": envelope.delivery_count,
-            }
+        if queue.kind == "quorum":
+            _count_headers(properties, envelope, queue.version)
         header = ContentHeader(body_size=len(envelope.body), properties=properties)
         return DeliveredMessage(delivery=frame, header=header, body=envelope.body, channel=self)  # type: ignore[arg-type]
 
@@ -411,15 +405,20 @@ class MemoryChannel:
         requeue: bool = True,
         wait: bool = True,
     ) -> None:
-        self._settle(delivery_tag, multiple, requeue=requeue)
+        # RabbitMQ 4.3+ does not count a nack toward the delivery limit (rabbitmq-server#15387).
+        counted = self.broker.version.nack_counts
+        self._settle(delivery_tag, multiple, requeue=requeue, counted=counted)
 
     async def basic_reject(
         self, delivery_tag: int, *, requeue: bool = True, wait: bool = True
     ) -> None:
         self._settle(delivery_tag, False, requeue=requeue)
 
-    def _settle(self, delivery_tag: int, multiple: bool, *, requeue: bool | None) -> None:
-        """``requeue``: None acks, True returns to the queue, False dead-letters (rejected)."""
+    def _settle(
+        self, delivery_tag: int, multiple: bool, *, requeue: bool | None, counted: bool = True
+    ) -> None:
+        """``requeue``: None acks, True returns to the queue, False dead-letters (rejected);
+        ``counted``: whether a return counts toward a quorum delivery limit."""
         self._check_open()
         everything = multiple and delivery_tag == 0
         if delivery_tag not in self._unacked and not everything:
@@ -442,4 +441,19 @@ class MemoryChannel:
             if entry.consumer is not None:
                 entry.consumer.unacked -= 1
             settled.append((entry.queue, entry.envelope, requeue))
-        self.broker.settle(settled)
+        self.broker.settle(settled, counted=counted)
+
+
+def _count_headers(
+    properties: spec.Basic.Properties, envelope: Envelope, version: BrokerVersion
+) -> None:
+    """The counts a quorum queue puts on a delivery: ``x-delivery-count`` (returns that count
+    toward the limit) on every delivery before 3.12, from 3.12 once there is one; from 4.3
+    ``x-acquired-count`` (every earlier delivery) once there is one."""
+    headers = dict(properties.headers or {})
+    if envelope.delivery_count or version.counts_first_delivery:
+        headers["x-delivery-count"] = envelope.delivery_count
+    if envelope.acquired_count and version.counts_acquisitions:
+        headers["x-acquired-count"] = envelope.acquired_count
+    if headers:
+        properties.headers = headers
