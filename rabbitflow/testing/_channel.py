@@ -389,7 +389,7 @@ class MemoryChannel:
     ) -> DeliveredMessage:
         properties = roundtrip(envelope.properties)
         if queue.kind == "quorum":
-            _count_headers(properties, envelope, queue.version)
+            _count_headers(properties, envelope, queue.version, isinstance(frame, spec.Basic.GetOk))
         header = ContentHeader(body_size=len(envelope.body), properties=properties)
         return DeliveredMessage(delivery=frame, header=header, body=envelope.body, channel=self)  # type: ignore[arg-type]
 
@@ -445,13 +445,14 @@ class MemoryChannel:
 
 
 def _count_headers(
-    properties: spec.Basic.Properties, envelope: Envelope, version: BrokerVersion
+    properties: spec.Basic.Properties, envelope: Envelope, version: BrokerVersion, got: bool
 ) -> None:
     """The counts a quorum queue puts on a delivery: ``x-delivery-count`` (returns that count
-    toward the limit) on every delivery before 3.12, from 3.12 once there is one; from 4.3
-    ``x-acquired-count`` (every earlier delivery) once there is one."""
+    toward the limit) once there is one, and 0 on a first ``basic.get`` before 3.12 (not on a
+    consumer's: measured on 3.10.8); from 4.3 ``x-acquired-count`` (every earlier delivery)
+    once there is one."""
     headers = dict(properties.headers or {})
-    if envelope.delivery_count or version.counts_first_delivery:
+    if envelope.delivery_count or (got and version.counts_first_delivery):
         headers["x-delivery-count"] = envelope.delivery_count
     if envelope.acquired_count and version.counts_acquisitions:
         headers["x-acquired-count"] = envelope.acquired_count
