@@ -95,6 +95,13 @@ class BrokerVersion:
         return self.at_least(4, 3)
 
     @property
+    def cancels_timed_out_consumers(self) -> bool:
+        """A quorum consumer past its ``consumer_timeout`` gets ``basic.cancel`` from 4.3 (its
+        unacked deliveries go back uncounted, the channel stays open); before, the broker
+        closes the whole channel."""
+        return self.at_least(4, 3)
+
+    @property
     def accepts_transient_queues(self) -> bool:
         """Non-durable, non-exclusive queues: deprecated in 4.0 (logged), refused from 4.3."""
         return not self.at_least(4, 3)

@@ -85,7 +85,37 @@ class Backend(Protocol):
 
     async def wait(self, ms: int) -> None: ...
 
+    async def hold(self, queue: str) -> Held:
+        """Consume ``queue`` on a channel of its own and never ack."""
+        ...
+
     def running(self, app: App, topology: Topology) -> Any: ...
+
+
+@dataclass
+class Held:
+    """A consumer that never acks: what it got, and whether the broker cancelled it."""
+
+    channel: Any
+    bodies: list[bytes]
+    cancelled: asyncio.Event
+
+    @classmethod
+    async def on(cls, channel: Any, queue: str) -> Held:
+        """Consume ``queue`` on the aiormq-shaped ``channel``."""
+        held = cls(channel, [], asyncio.Event())
+        channel.on_consumer_cancel_callbacks.add(lambda _frame: held.cancelled.set())
+
+        async def deliver(message: DeliveredMessage) -> None:
+            held.bodies.append(message.body)
+
+        await channel.basic_qos(prefetch_count=10)
+        await channel.basic_consume(queue, deliver, no_ack=False)
+        for _ in range(50):
+            if held.bodies:
+                break
+            await asyncio.sleep(0.02)
+        return held
 
 
 async def drain(backend: Backend, queue: str) -> list[Got]:
@@ -170,6 +200,9 @@ class MemoryBackend:
 
     async def wait(self, ms: int) -> None:
         self.broker.advance(ms)
+
+    async def hold(self, queue: str) -> Held:
+        return await Held.on(await self.broker.connect().channel(), queue)
 
     @asynccontextmanager
     async def running(self, app: App, topology: Topology) -> AsyncIterator[Runner]:
@@ -256,6 +289,10 @@ class RabbitBackend:
     async def wait(self, ms: int) -> None:
         await asyncio.sleep(ms / 1000 + SLACK)
 
+    async def hold(self, queue: str) -> Held:
+        channel = await self.connection.channel()
+        return await Held.on(await channel.get_underlay_channel(), queue)
+
     @asynccontextmanager
     async def running(self, app: App, topology: Topology) -> AsyncIterator[Runner]:
         worker = Worker(app, topology, WorkerOptions(url=self.url, shutdown_timeout=2))
@@ -309,6 +346,28 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     real = RabbitBackend(url, connection)
     await real.open()
     try:
+        yield real
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(params=["memory-4.3", pytest.param("rabbitmq", marks=pytest.mark.broker)])
+async def backend_4_3(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """A backend that behaves like RabbitMQ 4.3 or later (the real broker must be one)."""
+    if request.param == "memory-4.3":
+        broker = MemoryBroker(version="4.3")
+        yield MemoryBackend(broker, await broker.connect().channel())
+        await broker.close()
+        return
+    url = request.getfixturevalue("vhost_url")
+    connection = await aio_pika.connect(url)
+    real = RabbitBackend(url, connection)
+    try:
+        if not real.version.at_least(4, 3):
+            pytest.skip(
+                f"consumer timeouts cancel from RabbitMQ 4.3; this broker is {real.version}"
+            )
+        await real.open()
         yield real
     finally:
         await connection.close()
@@ -783,6 +842,34 @@ async def test_a_closed_channel_counts_its_deliveries_on_every_version(backend: 
     acquired = 1 if backend.version.counts_acquisitions else None
     assert seen == [(first, None), (1, acquired)]
     assert (await eventually(backend, "lost.dlq")).body == b"m"
+
+
+async def test_a_quorum_consumer_past_its_timeout_is_cancelled_and_its_messages_go_back(
+    backend_4_3: Backend,
+) -> None:
+    backend = backend_4_3
+    # Given a quorum queue with a consumer timeout of 1 s and a consumer that never acks
+    await backend.declare(queues(queue("stuck", "quorum", {"x-consumer-timeout": 1000})))
+    await backend.publish("", "stuck", b"m")
+    held = await backend.hold("stuck")
+    assert held.bodies == [b"m"]
+
+    # When the timeout passes
+    await backend.wait(1500)
+    for _ in range(50):
+        if held.cancelled.is_set():
+            break
+        await asyncio.sleep(0.02)
+
+    # Then 4.3 cancels the consumer (basic.cancel) and keeps its channel open, and the
+    # message is back in the queue, uncounted: x-acquired-count 1, no x-delivery-count
+    assert held.cancelled.is_set()
+    assert not held.channel.is_closed
+    got = await backend.get("stuck")
+    assert got is not None
+    assert (got.body, got.redelivered) == (b"m", True)
+    assert (got.headers.get("x-delivery-count"), got.headers.get("x-acquired-count")) == (None, 1)
+    await backend.settle(got, None)
 
 
 async def eventually(backend: Backend, queue: str) -> Got:

@@ -480,9 +480,17 @@ class MemoryBroker:
         return min(deadlines, default=None)
 
     def advance_to(self, ms: float) -> None:
-        """Set the clock to ``ms`` and expire what is due (one step; see :meth:`advance`)."""
+        """Set the clock to ``ms``, expire what is due and cancel consumers past their
+        ``consumer_timeout`` (4.3+; one step, see :meth:`advance`)."""
         self.clock.advance_to(ms)
+        self._time_out_consumers(ms)
         self.pump_all()
+
+    def _time_out_consumers(self, now: float) -> None:
+        for queue in list(self.queues.values()):
+            for consumer in list(queue.consumers):
+                if consumer.timeout_ms is not None:
+                    consumer.channel.time_out(consumer, now)
 
     def advance(self, delay: str | int) -> None:
         """Let ``delay`` pass, expiring messages in deadline order (``"5s"`` or ms).

@@ -38,6 +38,7 @@ class _Unacked:
     queue: MemoryQueue
     envelope: Envelope
     consumer: Consumer | None
+    at: float = 0.0  # virtual ms of the delivery
 
 
 class MemoryConnection:
@@ -100,6 +101,8 @@ class MemoryChannel:
         self.consumers: dict[str, Consumer] = {}
         self.closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._unacked: dict[int, _Unacked] = {}
+        # Deliveries given back by a consumer timeout (4.3+), whose tags may still be acked.
+        self._timed_out: dict[int, _Unacked] = {}
         self._delivery_tag = 0
         self._publish_tag = 0
         self._prefetch = 0
@@ -314,6 +317,7 @@ class MemoryChannel:
             self.consumers[tag] = consumer
             return spec.Basic.ConsumeOk(consumer_tag=tag)
         target = self._queue(queue)
+        consumer.timeout_ms = _consumer_timeout(target, arguments)
         self.consumers[tag] = consumer
         self.broker.add_consumer(target, consumer)
         return spec.Basic.ConsumeOk(consumer_tag=tag)
@@ -375,7 +379,8 @@ class MemoryChannel:
     ) -> int:
         self._delivery_tag += 1
         if not no_ack:
-            self._unacked[self._delivery_tag] = _Unacked(queue, envelope, consumer)
+            at = self.broker.clock.now_ms()
+            self._unacked[self._delivery_tag] = _Unacked(queue, envelope, consumer, at)
             queue.unacked += 1
             if consumer is not None:
                 consumer.unacked += 1
@@ -421,6 +426,9 @@ class MemoryChannel:
         ``counted``: whether a return counts toward a quorum delivery limit."""
         self._check_open()
         everything = multiple and delivery_tag == 0
+        if not multiple and delivery_tag in self._timed_out:
+            self._settle_late(delivery_tag, requeue)
+            return
         if delivery_tag not in self._unacked and not everything:
             # RabbitMQ closes the channel on an unknown (or already settled) delivery tag,
             # also when it is the tag of a multiple ack.
@@ -442,6 +450,48 @@ class MemoryChannel:
                 entry.consumer.unacked -= 1
             settled.append((entry.queue, entry.envelope, requeue))
         self.broker.settle(settled, counted=counted)
+
+    def time_out(self, consumer: Consumer, now: float) -> bool:
+        """Cancel ``consumer`` if a delivery it holds is older than its timeout (4.3+).
+
+        As RabbitMQ 4.3 does: ``basic.cancel`` to the client, its unacked deliveries back to
+        the head of the queue, uncounted (``x-acquired-count`` only), the channel open. A late
+        ack of such a delivery still removes the message while it waits in the queue."""
+        timeout = consumer.timeout_ms
+        held = [tag for tag, entry in self._unacked.items() if entry.consumer is consumer]
+        if timeout is None or not any(now - self._unacked[t].at > timeout for t in held):
+            return False
+        self.consumers.pop(consumer.tag, None)
+        self.broker.remove_consumer(consumer)
+        entries = [self._unacked.pop(tag) for tag in held]
+        self._timed_out.update(zip(held, entries, strict=True))
+        consumer.unacked = 0
+        self.broker.settle(
+            [(entry.queue, entry.envelope, True) for entry in entries], counted=False
+        )
+        frame = spec.Basic.Cancel(consumer_tag=consumer.tag)
+        for callback in list(self.on_consumer_cancel_callbacks):
+            callback(frame)
+        return True
+
+    def _settle_late(self, delivery_tag: int, requeue: bool | None) -> None:
+        entry = self._timed_out.pop(delivery_tag)
+        if requeue is None and entry.envelope in entry.queue.ready:
+            entry.queue.ready.remove(entry.envelope)
+
+
+def _consumer_timeout(queue: MemoryQueue, arguments: dict[str, Any] | None) -> int | None:
+    """The consumer_timeout (ms) the broker enforces on a consumer by ``basic.cancel``: the
+    consumer's ``x-consumer-timeout`` argument, else the queue's (quorum queues, 4.3+)."""
+    if queue.kind != "quorum" or not queue.version.cancels_timed_out_consumers:
+        return None
+    for value in (
+        (arguments or {}).get("x-consumer-timeout"),
+        queue.arguments.get("x-consumer-timeout"),
+    ):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _count_headers(

@@ -33,6 +33,8 @@ class Consumer:
     no_ack: bool
     prefetch: int
     unacked: int = 0
+    # consumer_timeout (ms) of a quorum consumer on 4.3+: past it the broker cancels it.
+    timeout_ms: int | None = None
 
     def has_capacity(self) -> bool:
         if self.prefetch and self.unacked >= self.prefetch:
