@@ -91,6 +91,11 @@ class Acker:
         elif self._timer is None:
             self._timer = self._loop.call_later(ACK_DELAY, self._event.set)
 
+    @property
+    def lost(self) -> bool:
+        """Whether the channel is closed: its deliveries are back in their queue."""
+        return bool(self._channel.is_closed)
+
     async def nack(self, tag: int, *, requeue: bool = True) -> None:
         """Return a delivery to its queue now (sent at once, not batched): ``basic.nack``,
         which RabbitMQ 4.3 does not count toward the delivery limit (``basic.reject`` and a
@@ -267,8 +272,11 @@ class Settler:
     ) -> Action:
         """Publish ``plan``'s copy, then ack the original; on failure, ask the policy."""
         if plan.after:
-            # A copy that failed before, published again with the delivery still in hand.
+            # A copy that failed before, published again with the delivery still in hand,
+            # unless its channel closed meanwhile: the broker has taken it back then.
             await asyncio.sleep(plan.after)
+            if self.acker.lost:
+                return Action.REQUEUE
         error = await self._republish(delivery, exchange, routing_key, headers)
         repairer = self.repairer
         if (
