@@ -20,6 +20,7 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from rabbitflow import _clock as clock
 from rabbitflow import _headers as h
+from rabbitflow._border import NACKED
 from rabbitflow._broker_version import Returns
 from rabbitflow._duration import format_duration
 from rabbitflow._metrics import Metrics
@@ -300,6 +301,9 @@ class Settler:
             self._failed.popitem(last=False)
         held = now - since if self.acker.returns is Returns.COUNTED else None
         fallback = self.policy.after_publish_failure(plan, failures + 1, held)
+        if fallback.action is not Action.REQUEUE and error.reason == NACKED:
+            # Held for another try: RabbitMQ 3.10 refuses the next one on this channel too.
+            await self.publisher.renew()
         log.error(
             "could not publish the copy; the message goes back to its queue"
             if fallback.action is Action.REQUEUE
