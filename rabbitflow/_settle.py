@@ -184,6 +184,7 @@ class Settler:
     __slots__ = (
         "_failed",
         "_publish_failures",
+        "_refused",
         "acker",
         "metrics",
         "policy",
@@ -213,6 +214,7 @@ class Settler:
         # Bounded; empty in normal operation.
         self._failed: OrderedDict[object, tuple[Plan, int, int, float]] = OrderedDict()
         self._publish_failures = metrics.publish_failures if metrics is not None else None
+        self._refused = False  # the last copy that failed was refused (basic.nack)
 
     @property
     def failing(self) -> bool:
@@ -278,6 +280,10 @@ class Settler:
             await asyncio.sleep(plan.after)
             if self.acker.lost:
                 return Action.REQUEUE
+            if self._refused:
+                # RabbitMQ 3.10 refuses every later publish to that queue on the channel
+                # that was refused, even once the queue takes messages again.
+                await self.publisher.renew()
         error = await self._republish(delivery, exchange, routing_key, headers)
         repairer = self.repairer
         if (
@@ -301,9 +307,7 @@ class Settler:
             self._failed.popitem(last=False)
         held = now - since if self.acker.returns is Returns.COUNTED else None
         fallback = self.policy.after_publish_failure(plan, failures + 1, held)
-        if fallback.action is not Action.REQUEUE and error.reason == NACKED:
-            # Held for another try: RabbitMQ 3.10 refuses the next one on this channel too.
-            await self.publisher.renew()
+        self._refused = error.reason == NACKED
         log.error(
             "could not publish the copy; the message goes back to its queue"
             if fallback.action is Action.REQUEUE

@@ -199,10 +199,11 @@ retry = false
     ids = [f"m-{i}" for i in range(5)]
 
     async with running(app, vhost_url):
-        # When five messages fail while the DLQ refuses their copies for 12 s (rabbitflow
-        # used to nack each: the fourth return handed it to the broker's own dead-lettering)
+        # When five messages fail while the DLQ refuses their copies for 20 s (rabbitflow
+        # used to nack each after 1, 2, 4, 8 s: the fourth return, at 15 s, passed the limit
+        # and handed it to the broker's own dead-lettering)
         await publish_many(vhost_url, "fragile", ids)
-        await asyncio.sleep(12)
+        await asyncio.sleep(20)
         # and the operator then lifts the limit (the fillers stay), as in issue 22
         rabbit.ctl("clear_policy", "-p", vhost, "full")
         await wait_for(
