@@ -24,6 +24,7 @@ import pytest
 from rabbitflow import Message
 from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._retries import waiting
+from rabbitflow.console._inventory import read_overview
 from rabbitflow.topology import derive
 from tests.support.amqp import declare_topology, publish_many
 from tests.support.amqp import drain_async as drain
@@ -294,3 +295,40 @@ def _messages(rabbit: Rabbit, vhost: str, queue: str) -> int:
         if name == queue:
             return int(messages)
     return -1
+
+
+async def test_the_console_reads_a_tier_without_counting_where_the_broker_allows(
+    tmp_path: Path, vhost_url: str
+) -> None:
+    # Given a quorum queue's 1 m tier holding one copy
+    app = app_for(
+        tmp_path,
+        """
+[queues.later]
+queue_type = "quorum"
+retry = { delays = ["1m"] }
+""",
+    )
+    await declare_topology(app, vhost_url)
+    version = await broker_version(vhost_url)
+    await publish_many(vhost_url, "later.retry.1m", ["m-1"])
+
+    # When the console's overview reads the tier's head three times
+    connection = await aio_pika.connect(vhost_url)
+    try:
+        for _ in range(3):
+            [row] = await read_overview(connection, app.load_topology())
+            assert row.tiers[0].depth.ready == 1
+            await asyncio.sleep(0.3)  # a closed channel's return is asynchronous (4.0)
+    finally:
+        await connection.close()
+
+    # Then on 4.3 the reads were nacked back: nothing counted (x-acquired-count 3 only);
+    # before 4.3 each read counted, as every return does there
+    [message] = await drain(vhost_url, "later.retry.1m")
+    counted = 3 if version.nack_counts else None
+    acquired = 3 if version.counts_acquisitions else None
+    assert (message.headers.get("x-delivery-count"), message.headers.get("x-acquired-count")) == (
+        counted,
+        acquired,
+    )
