@@ -283,6 +283,7 @@ retry = { delays = ["3s"], max_attempts = 5 }
         # to the work queue: the two reads show as x-delivery-count 2 on the retry
         # (documented; the work queue's own limit does not count them on 4.0)
         assert second.headers.get("x-delivery-count") == 2
+        assert second.attempt == 4  # rabbitflow-attempt 2 plus the carried count
     else:
         # Then on 3.10 the count stays in the tier, and on 4.3 the reads gave the copy back
         # with a nack, which counts nothing: the retry is attempt 2, its crash limit whole
