@@ -271,6 +271,7 @@ retry = { delays = ["3s"], max_attempts = 5 }
         connection = await aio_pika.connect(vhost_url)
         try:
             for _ in range(2):
+                await _until_ready(vhost_url, "later.retry.3s", 1)
                 [tier] = await waiting(connection, routes)
                 assert [m.message_id for m in tier.messages] == ["m-1"]
         finally:
@@ -289,6 +290,16 @@ retry = { delays = ["3s"], max_attempts = 5 }
         # with a nack, which counts nothing: the retry is attempt 2, its crash limit whole
         assert second.headers.get("x-delivery-count") in (None, 0)
         assert second.attempt == 2
+
+
+async def _until_ready(url: str, queue: str, count: int) -> None:
+    """Wait for ``count`` ready messages in ``queue`` (a copy's confirm, or a closed channel's
+    return, reaches the queue a little later)."""
+    for _ in range(100):
+        if (await ready_counts(url, [queue]))[queue] == count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{queue} never had {count} ready messages")
 
 
 def _messages(rabbit: Rabbit, vhost: str, queue: str) -> int:
@@ -318,9 +329,9 @@ retry = { delays = ["1m"] }
     connection = await aio_pika.connect(vhost_url)
     try:
         for _ in range(3):
+            await _until_ready(vhost_url, "later.retry.1m", 1)
             [row] = await read_overview(connection, app.load_topology())
             assert row.tiers[0].depth.ready == 1
-            await asyncio.sleep(0.3)  # a closed channel's return is asynchronous (4.0)
     finally:
         await connection.close()
 
