@@ -149,7 +149,7 @@ crash_limit = 1
     # When the worker is stopped mid-handler three times (a deploy, a scale-down, ...)
     for stop in range(3):
         async with running(app, vhost_url, shutdown_timeout=0.5):
-            await wait_for(lambda n=stop: len(runs.runs) > n, "the handler to start", 10)
+            await wait_for(lambda n=stop: len(runs.runs) > n, "the handler to start", 30)
         if (await ready_counts(vhost_url, ["slow.dlq"]))["slow.dlq"]:
             break
 
