@@ -149,8 +149,10 @@ crash_limit = 1
     # When the worker is stopped mid-handler three times (a deploy, a scale-down, ...)
     for stop in range(3):
         async with running(app, vhost_url, shutdown_timeout=0.5):
-            await wait_for(lambda n=stop: len(runs.runs) > n, "the handler to start", 30)
-        if (await ready_counts(vhost_url, ["slow.dlq"]))["slow.dlq"]:
+            await wait_for(lambda n=stop: len(runs.runs) > n, "the handler to start", 10)
+        # the broker takes the message back, or dead-letters it, a moment after the close
+        where = await _returned(vhost_url, "slow")
+        if where == "slow.dlq":
             break
 
     counts = [run.headers.get("x-delivery-count") for run in runs.runs]
@@ -290,6 +292,17 @@ retry = { delays = ["3s"], max_attempts = 5 }
         # with a nack, which counts nothing: the retry is attempt 2, its crash limit whole
         assert second.headers.get("x-delivery-count") in (None, 0)
         assert second.attempt == 2
+
+
+async def _returned(url: str, queue: str) -> str:
+    """Where the one message of ``queue`` is once given back: ``queue`` or its DLQ."""
+    dlq = f"{queue}.dlq"
+    for _ in range(100):
+        counts = await ready_counts(url, [queue, dlq])
+        if counts[queue] or counts[dlq]:
+            return queue if counts[queue] else dlq
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the message is neither in {queue} nor in {dlq}")
 
 
 async def _until_ready(url: str, queue: str, count: int) -> None:
