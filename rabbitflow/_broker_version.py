@@ -7,6 +7,7 @@ a question ("do requeued messages return to the head?") instead of comparing num
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -69,8 +70,9 @@ class BrokerVersion:
 
     @property
     def counts_first_delivery(self) -> bool:
-        """Quorum queues send ``x-delivery-count: 0`` on a first delivery before 3.12; from 3.12
-        the header is absent until the message was returned once."""
+        """Quorum queues send ``x-delivery-count: 0`` on a first ``basic.get`` before 3.12 (a
+        consumer's first delivery has none, measured on 3.10.8); from 3.12 the header is
+        absent until the message was returned once."""
         return not self.at_least(3, 12)
 
     @property
@@ -78,6 +80,29 @@ class BrokerVersion:
         """The delivery limit a quorum queue gets without ``x-delivery-limit``: 20 from 4.0 (a
         message returned more often is dropped or dead-lettered), none before."""
         return 20 if self.at_least(4, 0) else None
+
+    @property
+    def nack_counts(self) -> bool:
+        """Whether ``basic.nack(requeue=True)`` counts toward a quorum queue's delivery limit.
+
+        Before 4.3 every return counts (nack, reject, a channel or connection closed with the
+        delivery unacked). From 4.3 (rabbitmq-server#15387) a nack returns a message without
+        counting it: only ``basic.reject`` and deliveries lost with their channel count, in
+        ``x-delivery-count``, and ``x-acquired-count`` counts every delivery. Measured on
+        3.10.8, 4.0.5 and 4.3.6 (docs/recoverability.md)."""
+        return not self.at_least(4, 3)
+
+    @property
+    def counts_acquisitions(self) -> bool:
+        """Quorum deliveries carry ``x-acquired-count`` (every earlier delivery) from 4.3."""
+        return self.at_least(4, 3)
+
+    @property
+    def cancels_timed_out_consumers(self) -> bool:
+        """A quorum consumer past its ``consumer_timeout`` gets ``basic.cancel`` from 4.3 (its
+        unacked deliveries go back uncounted, the channel stays open); before, the broker
+        closes the whole channel."""
+        return self.at_least(4, 3)
 
     @property
     def accepts_transient_queues(self) -> bool:
@@ -116,10 +141,24 @@ class BrokerVersion:
         brokers accept and ignore it)."""
         return queue_type == "quorum" and self.at_least(4, 3)
 
-    @property
-    def cancels_timed_out_consumers(self) -> bool:
-        """A timed-out consumer gets ``basic.cancel`` (4.3+), not a closed channel."""
-        return self.at_least(4, 3)
+
+class Returns(enum.Enum):
+    """What giving a delivery back to its queue costs it, by queue type and version."""
+
+    #: Nothing counts returns (classic queues and streams have no delivery limit).
+    FREE = "free"
+    #: A quorum queue on RabbitMQ 4.3+: ``basic.nack`` is free; ``basic.reject`` and a
+    #: channel or connection closed with the delivery unacked count.
+    NACK_FREE = "nack-free"
+    #: A quorum queue before RabbitMQ 4.3: every return counts toward the delivery limit.
+    COUNTED = "counted"
+
+    @classmethod
+    def of(cls, queue_type: str, version: BrokerVersion | None) -> Returns:
+        """For a queue of ``queue_type`` on ``version`` (unknown: assume every return counts)."""
+        if queue_type != "quorum":
+            return cls.FREE
+        return cls.COUNTED if version is None or version.nack_counts else cls.NACK_FREE
 
 
 def describe(version: BrokerVersion | None) -> str:

@@ -21,7 +21,7 @@ import aiormq
 
 from rabbitflow._backoff import full_jitter
 from rabbitflow._breaker import CircuitBreaker, Dependencies, Dependency
-from rabbitflow._broker_version import BrokerVersion
+from rabbitflow._broker_version import BrokerVersion, Returns
 from rabbitflow._dispatch import Dispatcher, DispatchSpec
 from rabbitflow._duration import format_duration
 from rabbitflow._handler import Consumer, Signature, inspect_handler
@@ -382,6 +382,7 @@ class ConsumerSet:
                     topology.queues[queue].dead_letter_on, f"queues.{queue}.dead_letter_on"
                 ),
                 crash_limit=topology.queues[queue].crash_limit,
+                consumer_timeout_ms=topology.queues[queue].consumer_timeout_ms,
             )
             for queue, consumer in app.consumers.items()
         }
@@ -415,12 +416,15 @@ class ConsumerSet:
         breaker: CircuitBreaker | None = None,
         executor: Executor | None = None,
         in_flight: set[asyncio.Task[Any]] | None = None,
+        version: BrokerVersion | None = None,
     ) -> tuple[Dispatcher, Acker]:
         """The dispatcher (and its acker) of ``consumer`` on ``channel``.
 
-        ``executor`` and ``in_flight`` default to the set's own."""
+        ``executor`` and ``in_flight`` default to the set's own; ``version`` is the broker's,
+        which decides what returning a delivery costs it (see :class:`Returns`)."""
         config = self.topology.queues[consumer.queue]
-        acker = Acker(channel, config.prefetch)
+        returns = Returns.of(config.queue_type, version)
+        acker = Acker(channel, config.prefetch, returns=returns)
         settler = Settler(
             self.policies[consumer.queue],
             acker,
@@ -475,8 +479,10 @@ class ConsumerSet:
         # basic.qos caps the deliveries the broker pushes before they are acked.
         await channel.basic_qos(prefetch_count=config.prefetch)
         breaker = self._breaker(consumer.queue, lambda: running.pause(), lambda: running.resume())
-        dispatcher, acker = self.dispatcher(consumer, channel, publisher, breaker=breaker)
         version = BrokerVersion.from_properties(getattr(connection, "server_properties", None))
+        dispatcher, acker = self.dispatcher(
+            consumer, channel, publisher, breaker=breaker, version=version
+        )
         running = RunningConsumer(
             consumer.queue,
             channel,

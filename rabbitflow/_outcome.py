@@ -17,8 +17,9 @@ published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish
 | ``Reject``, bad payload, ``dead_letter_on``, attempts spent, retries off | ``DEAD_LETTER`` |
 | any of those with ``dead_letter = false`` | ``DROP`` (logged at ERROR) |
 | its copy could not be published | ``REQUEUE`` after an exponential backoff |
-| a request past its ``rabbitflow-deadline`` (its caller gave up) | ``EXPIRED``, not run |
+| the same, quorum queue before 4.3 | the plan again after the backoff, held; then ``REQUEUE`` |
 | its copy does not fit in a frame without its error details | ``DEAD_LETTER``, ``envelope`` |
+| a request past its ``rabbitflow-deadline`` (its caller gave up) | ``EXPIRED``, not run |
 | in hand at ``crash_limit`` connection losses in a row | ``DEAD_LETTER`` (parked, not run) |
 
 The table is built once per consumer; a failure walks its exception's MRO so that a subclass
@@ -28,7 +29,7 @@ follows its parent unless it has an entry of its own.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from rabbitflow import _clock as clock
@@ -53,6 +54,13 @@ REQUEUE_BACKOFF_MAX = 60.0
 # A message whose store failed waits this long at most in a tier (the smallest tier when
 # none is shorter): the consumer is paused meanwhile, and the copy waits in the queue.
 STORE_WAIT_MS = 1000
+# Before RabbitMQ 4.3 every return of a delivery (nack, reject, a closed channel) counts toward
+# a quorum queue's delivery limit, which exists to count crashes: so the original of a copy
+# that could not be published is kept in hand and its copy tried again, for at most this
+# long. Past the queue's consumer_timeout (RabbitMQ's default: 30 minutes) the broker would
+# close the channel and count every delivery on it, hence a quarter of a queue's own
+# consumer_timeout when that is shorter.
+HOLD_LIMIT = 300.0
 
 
 class Action(enum.Enum):
@@ -73,7 +81,8 @@ class Plan:
 
     ``attempt`` is the attempt written on the copy (the next one for a retry); ``tier`` and
     ``delay_ms`` name the retry tier of a ``RETRY`` or ``DEFER``; ``not_before`` is the ISO
-    time the copy must not run before; ``after`` is the backoff of a ``REQUEUE``;
+    time the copy must not run before; ``after`` is the backoff of a ``REQUEUE``, or the wait
+    before a copy is published again with its delivery held (0 on a first try);
     ``envelope`` moves the message's own headers into the body of its ``DEAD_LETTER`` copy
     (see :mod:`rabbitflow._envelope`)."""
 
@@ -106,6 +115,7 @@ class OutcomePolicy:
 
     __slots__ = (
         "_dead_letter_on",
+        "_hold_limit",
         "_max_defer_ms",
         "_table",
         "crash_limit",
@@ -122,8 +132,10 @@ class OutcomePolicy:
         dead_letter_on: ExceptionTypes = (),
         *,
         crash_limit: int = 10,
+        consumer_timeout_ms: int | None = None,
     ) -> None:
         self.queue = routes.queue
+        self._hold_limit = hold_limit(consumer_timeout_ms)
         self.retry = retry
         self.routes = routes
         self.crash_limit = crash_limit
@@ -228,12 +240,18 @@ class OutcomePolicy:
         action = Action.DEAD_LETTER if self.routes.dead_letter_exchange else Action.DROP
         return Plan(action, reason, attempt, exc)
 
-    def after_publish_failure(self, plan: Plan, failures: int) -> Plan:
+    def after_publish_failure(self, plan: Plan, failures: int, held: float | None = None) -> Plan:
         """The plan once ``plan``'s copy failed to publish for the ``failures``-th time.
 
-        The original goes back to its queue after an exponential backoff, so a missing or
-        refused target never turns into a hot loop."""
+        ``held`` is how long the delivery has been in hand since its copy first failed, when
+        returning it would count toward the queue's delivery limit (RabbitMQ before 4.3), and
+        None when a ``basic.nack`` returns it for free (4.3+). Where a return counts, the copy
+        is published again after the backoff with the delivery still in hand, up to the hold
+        limit; otherwise, and past that limit, the original goes back to its queue after the
+        backoff. Either way a missing or refused target never turns into a hot loop."""
         after = min(REQUEUE_BACKOFF * 2 ** max(failures - 1, 0), REQUEUE_BACKOFF_MAX)
+        if held is not None and held + after <= self._hold_limit:
+            return replace(plan, after=after)
         reason = f"{plan.action.value} copy not published"
         return Plan(Action.REQUEUE, reason, plan.attempt, plan.error, plan.tier, after=after)
 
@@ -311,6 +329,13 @@ def deadline_of(value: object) -> float | None:
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
         return None
+
+
+def hold_limit(consumer_timeout_ms: int | None) -> float:
+    """How long a delivery whose copy keeps failing is held before it is returned (seconds)."""
+    if consumer_timeout_ms is None:
+        return HOLD_LIMIT
+    return min(HOLD_LIMIT, consumer_timeout_ms / 4000)
 
 
 def _iso_after(delay_ms: int) -> str:

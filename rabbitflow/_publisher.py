@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -127,10 +128,16 @@ def fit(
     raise FrameTooLarge(exchange, routing_key, size, frame_max)
 
 
+# A publish not confirmed within this long fails; a retired channel is closed after it at most.
+PUBLISH_TIMEOUT = 30.0
+# Fresh channels after refusals (see Publisher.renew): at most one per this many seconds.
+RENEW_INTERVAL = 5.0
+
+
 class Publisher:
     """Publishes on one confirm-mode channel; many publishes may await their confirms at once."""
 
-    __slots__ = ("_lock", "channel", "connection", "frame_max")
+    __slots__ = ("_lock", "_renewed_at", "_retired", "channel", "connection", "frame_max")
 
     def __init__(self, connection: aiormq.abc.AbstractConnection, channel: AbstractChannel) -> None:
         self.connection = connection
@@ -139,6 +146,8 @@ class Publisher:
         # Negotiated once per connection (connection.tune): the largest frame either side
         # accepts. Every channel of the connection shares it.
         self.frame_max: int = connection.connection_tune.frame_max
+        self._renewed_at = 0.0
+        self._retired: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, connection: aiormq.abc.AbstractConnection) -> Publisher:
@@ -171,6 +180,27 @@ class Publisher:
         async with self._lock:
             if self.channel is old and old.is_closed and not self.connection.is_closed:
                 self.channel = await self._new_channel(self.connection, avoid=old.number)
+
+    async def renew(self) -> None:
+        """Publish on a fresh channel from now on (at most every ``RENEW_INTERVAL`` seconds);
+        the old one closes once its pending confirms are in.
+
+        RabbitMQ 3.10 keeps refusing a channel's publishes to a quorum queue that refused
+        it once (``reject-publish``) until that queue, limit still in place, drains below its
+        soft limit: clearing the limit's policy does not release the channel, while a new
+        channel is accepted at once (measured on 3.10.8; 4.0 and 4.3 release the old one)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._renewed_at < RENEW_INTERVAL:
+            return
+        old = self.channel
+        async with self._lock:
+            if self.channel is not old or old.is_closed or self.connection.is_closed:
+                return
+            self._renewed_at = loop.time()
+            self.channel = await self._new_channel(self.connection, avoid=old.number)
+        task = loop.create_task(_close_when_confirmed(old))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
 
     async def send(
         self,
@@ -337,6 +367,18 @@ def copy_properties(props: spec.Basic.Properties, headers: dict[str, Any]) -> sp
         message_type=props.message_type,
         app_id=props.app_id,
     )
+
+
+async def _close_when_confirmed(channel: AbstractChannel) -> None:
+    """Close a retired publishing channel once the broker answered its last publish."""
+    confirmations: dict[int, object] = getattr(channel, "confirmations", {})
+    for _ in range(round(PUBLISH_TIMEOUT / 0.1)):
+        if not confirmations or channel.is_closed:
+            break
+        await asyncio.sleep(0.1)
+    with contextlib.suppress(Exception):
+        if not channel.is_closed:
+            await channel.close()
 
 
 class _ClosingGuard:

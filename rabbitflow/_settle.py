@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import traceback
 from collections import OrderedDict
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,8 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from rabbitflow import _clock as clock
 from rabbitflow import _envelope as envelope
 from rabbitflow import _headers as h
+from rabbitflow._border import NACKED
+from rabbitflow._broker_version import Returns
 from rabbitflow._duration import format_duration
 from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Metrics
@@ -49,6 +52,11 @@ class Acker:
     When every tag up to a completed one is settled, one ``basic.ack(multiple=True)`` covers
     them all; completed tags above a gap (a slow message still in hand) are acked one by
     one, since ``multiple`` would ack the slow message too.
+
+    ``returns`` is what a return costs a delivery of this queue (see
+    :class:`rabbitflow._broker_version.Returns`). On a quorum queue of RabbitMQ 4.3+ (a nack
+    is free), :meth:`close` gives the deliveries still in hand back with one nack instead of
+    leaving them to the channel's close, which 4.3 counts as a failed delivery.
     """
 
     __slots__ = (
@@ -61,10 +69,14 @@ class Acker:
         "_settled",
         "_task",
         "_timer",
+        "returns",
     )
 
-    def __init__(self, channel: AbstractChannel, prefetch: int = 1) -> None:
+    def __init__(
+        self, channel: AbstractChannel, prefetch: int = 1, *, returns: Returns = Returns.FREE
+    ) -> None:
         self._channel = channel
+        self.returns = returns
         self._low = 1  # every tag below this one is settled
         self._settled: set[int] = set()  # settled tags >= _low (acks pending or nacked)
         self._done: list[int] = []  # tags whose ack has not been sent yet
@@ -83,8 +95,15 @@ class Acker:
         elif self._timer is None:
             self._timer = self._loop.call_later(ACK_DELAY, self._event.set)
 
+    @property
+    def lost(self) -> bool:
+        """Whether the channel is closed: its deliveries are back in their queue."""
+        return bool(self._channel.is_closed)
+
     async def nack(self, tag: int, *, requeue: bool = True) -> None:
-        """Return a delivery to its queue now (sent at once, not batched)."""
+        """Return a delivery to its queue now (sent at once, not batched): ``basic.nack``,
+        which RabbitMQ 4.3 does not count toward the delivery limit (``basic.reject`` and a
+        lost channel do), and every earlier version does."""
         self._settled.add(tag)
         await self._channel.basic_nack(tag, requeue=requeue, wait=False)
 
@@ -121,8 +140,19 @@ class Acker:
             log.debug("acks dropped on a closed channel", count=len(done), error=repr(exc))
 
     async def close(self) -> None:
-        """Send every pending ack, then stop the flusher."""
+        """Send every pending ack, give back what is still in hand, then stop the flusher.
+
+        The deliveries still unsettled here are those of handlers cut short by the shutdown
+        timeout (and any that arrived after ``basic.cancel``): nothing failed, so where a nack
+        is free (RabbitMQ 4.3+) one ``basic.nack(0, multiple, requeue)`` returns them all
+        uncounted, at the head of a quorum queue as a closing channel would. Before 4.3
+        every return counts, and the channel's close returns them."""
         await self.flush()
+        if self.returns is Returns.NACK_FREE:
+            try:
+                await self._channel.basic_nack(0, multiple=True, requeue=True, wait=False)
+            except Exception as exc:
+                log.debug("give-back dropped on a closed channel", error=repr(exc))
         self._task.cancel()
 
     def abort(self) -> None:
@@ -186,6 +216,7 @@ class Settler:
     __slots__ = (
         "_failed",
         "_publish_failures",
+        "_refused",
         "acker",
         "losses",
         "metrics",
@@ -212,11 +243,13 @@ class Settler:
         self.publisher = publisher
         self.metrics = metrics
         self.repairer = repairer
-        # Messages whose copy could not be published, by identity: their last plan and how
-        # many times in a row it failed. Bounded; empty in normal operation.
-        self._failed: OrderedDict[object, tuple[Plan, int]] = OrderedDict()
+        # Messages whose copy could not be published, by identity: their last plan, how many
+        # times in a row it failed, and the delivery tag in hand since when (loop time).
+        # Bounded; empty in normal operation.
+        self._failed: OrderedDict[object, tuple[Plan, int, int, float]] = OrderedDict()
         self._publish_failures = metrics.publish_failures if metrics is not None else None
         self.losses = losses if losses is not None else Losses()
+        self._refused = False  # the last copy that failed was refused (basic.nack)
 
     @property
     def failing(self) -> bool:
@@ -261,6 +294,9 @@ class Settler:
             case Action.REQUEUE:
                 # The delivery stays in hand during the backoff: a missing target does not
                 # turn into a hot redelivery loop, and a crash now returns it all the same.
+                # basic.nack: RabbitMQ 4.3+ does not count it toward the delivery limit;
+                # earlier versions do, so there the policy asks for this only past the hold
+                # limit (see OutcomePolicy.after_publish_failure).
                 await asyncio.sleep(plan.after)
                 try:
                     await self.acker.nack(delivery.delivery_tag or 0, requeue=True)
@@ -278,6 +314,16 @@ class Settler:
         headers: dict[str, Any],
     ) -> Action:
         """Publish ``plan``'s copy, then ack the original; on failure, ask the policy."""
+        if plan.after:
+            # A copy that failed before, published again with the delivery still in hand,
+            # unless its channel closed meanwhile: the broker has taken it back then.
+            await asyncio.sleep(plan.after)
+            if self.acker.lost:
+                return Action.REQUEUE
+            if self._refused:
+                # RabbitMQ 3.10 refuses every later publish to that queue on the channel
+                # that was refused, even once the queue takes messages again.
+                await self.publisher.renew()
         error = await self._republish(delivery, plan, exchange, routing_key, headers)
         if isinstance(error, FrameTooLarge):
             instead = self.policy.after_frame_too_large(plan, error)
@@ -296,18 +342,26 @@ class Settler:
             self._done(delivery, plan)
             return plan.action
         key = _identity(delivery)
-        failures = self._failed.pop(key, (plan, 0))[1] + 1
-        self._failed[key] = (plan, failures)
+        tag = delivery.delivery_tag or 0
+        now = asyncio.get_running_loop().time()
+        _, failures, held_tag, since = self._failed.pop(key, (plan, 0, 0, now))
+        if held_tag != tag:
+            since = now  # a new delivery of the message: its own time in hand starts now
+        self._failed[key] = (replace(plan, after=0.0), failures + 1, tag, since)
         while len(self._failed) > FAILED_MEMORY:
             self._failed.popitem(last=False)
-        fallback = self.policy.after_publish_failure(plan, failures)
+        held = now - since if self.acker.returns is Returns.COUNTED else None
+        fallback = self.policy.after_publish_failure(plan, failures + 1, held)
+        self._refused = error.reason == NACKED
         log.error(
-            "could not publish the copy; the message goes back to its queue",
+            "could not publish the copy; the message goes back to its queue"
+            if fallback.action is Action.REQUEUE
+            else "could not publish the copy; the message stays in hand, published again",
             queue=self.queue,
             message_id=delivery.header.properties.message_id,
             planned=plan.action.value,
             target=routing_key if not exchange else f"{exchange}/{routing_key}",
-            failures=failures,
+            failures=failures + 1,
             retry_in=fallback.after,
             error=error.reason,
         )

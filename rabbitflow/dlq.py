@@ -23,12 +23,19 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    ConsumerTag,
+)
 from pamqp import commands as spec
 
 from rabbitflow import _envelope as envelope
 from rabbitflow import _headers as h
 from rabbitflow._border import broker_call
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._publisher import Publisher, copy_properties
 from rabbitflow.connection import underlay
 from rabbitflow.errors import AccessRefusedError, FrameTooLarge, PublishError, QueueNotFoundError
@@ -381,7 +388,12 @@ class _Reader:
     """Reads a queue from its head without taking anything off it.
 
     Messages are consumed with manual acks and left unacked; closing the channel makes
-    RabbitMQ requeue them. How they come back depends on the queue type:
+    RabbitMQ requeue them. On RabbitMQ 4.3+ each window first cancels its consumer and gives
+    its messages back with one ``basic.nack(0, multiple, requeue)``: 4.3 counts a closed
+    channel's deliveries as failed (``x-delivery-count``, which a retry tier's message carries
+    to its work queue and its delivery limit there), a nack not; measured on 4.3.6, the
+    messages come back in the same order, flagged redelivered, as after a close. Before 4.3
+    every return counts, nack or close alike. How they come back depends on the queue type:
 
     - a classic queue puts each requeued message back at its original position;
     - a quorum queue (RabbitMQ 3.10 and 4.x alike; checked on 3.10.8 and 4.0.5) appends the
@@ -411,6 +423,7 @@ class _Reader:
         "_expected",
         "_inbox",
         "_last_redelivered",
+        "_nack_free",
         "_queue",
         "_size",
         "_taken",
@@ -430,6 +443,8 @@ class _Reader:
         self._delivered = 0
         self._taken = 0
         self._last_redelivered = False
+        version = BrokerVersion.of(connection)
+        self._nack_free = version is not None and not version.nack_counts
 
     async def next(self) -> AbstractIncomingMessage | None:
         """The next message in queue order; None once the messages counted at start are read."""
@@ -486,7 +501,9 @@ class _Reader:
         self._windows.append(window)
         self._active = window
         queue = await channel.get_queue(self._queue, ensure=False)
-        await queue.consume(functools.partial(self._deliver, window), no_ack=False)
+        tag = await queue.consume(functools.partial(self._deliver, window), no_ack=False)
+        if self._nack_free:
+            window.consumer = (queue, tag)
 
     async def _deliver(self, window: _Window, message: AbstractIncomingMessage) -> None:
         # aio-pika runs one callback task per delivery, in delivery order.
@@ -499,12 +516,14 @@ class _Reader:
 class _Window:
     """One channel with its consumer, and the unacked deliveries it holds."""
 
-    __slots__ = ("capacity", "channel", "held")
+    __slots__ = ("capacity", "channel", "consumer", "held")
 
     def __init__(self, channel: AbstractChannel, capacity: int) -> None:
         self.channel = channel
         self.capacity = capacity
         self.held = 0
+        # Set where a nack is free (RabbitMQ 4.3+): the consumer to cancel before giving back.
+        self.consumer: tuple[AbstractQueue, ConsumerTag] | None = None
 
     @property
     def full(self) -> bool:
@@ -514,8 +533,16 @@ class _Window:
         return self.full
 
     async def close(self) -> None:
-        if not self.channel.is_closed:
-            await self.channel.close()
+        if self.channel.is_closed:
+            return
+        if self.consumer is not None:
+            # Cancelled first, or the consumer would take the nacked messages again at once.
+            queue, tag = self.consumer
+            self.consumer = None
+            await queue.cancel(tag)
+            amqp = await self.channel.get_underlay_channel()
+            await amqp.basic_nack(0, multiple=True, requeue=True)
+        await self.channel.close()
 
 
 def _prefetch(count: int) -> int:

@@ -79,11 +79,43 @@ class Backend(Protocol):
 
     async def get(self, queue: str) -> Got | None: ...
 
-    async def settle(self, got: Got, requeue: bool | None) -> None: ...
+    async def settle(self, got: Got, requeue: bool | None, *, reject: bool = False) -> None:
+        """Ack (``requeue`` None), or nack, or with ``reject`` basic.reject."""
+        ...
 
     async def wait(self, ms: int) -> None: ...
 
+    async def hold(self, queue: str) -> Held:
+        """Consume ``queue`` on a channel of its own and never ack."""
+        ...
+
     def running(self, app: App, topology: Topology) -> Any: ...
+
+
+@dataclass
+class Held:
+    """A consumer that never acks: what it got, and whether the broker cancelled it."""
+
+    channel: Any
+    bodies: list[bytes]
+    cancelled: asyncio.Event
+
+    @classmethod
+    async def on(cls, channel: Any, queue: str) -> Held:
+        """Consume ``queue`` on the aiormq-shaped ``channel``."""
+        held = cls(channel, [], asyncio.Event())
+        channel.on_consumer_cancel_callbacks.add(lambda _frame: held.cancelled.set())
+
+        async def deliver(message: DeliveredMessage) -> None:
+            held.bodies.append(message.body)
+
+        await channel.basic_qos(prefetch_count=10)
+        await channel.basic_consume(queue, deliver, no_ack=False)
+        for _ in range(50):
+            if held.bodies:
+                break
+            await asyncio.sleep(0.02)
+        return held
 
 
 async def drain(backend: Backend, queue: str) -> list[Got]:
@@ -158,14 +190,19 @@ class MemoryBackend:
             message.delivery_tag,
         )
 
-    async def settle(self, got: Got, requeue: bool | None) -> None:
+    async def settle(self, got: Got, requeue: bool | None, *, reject: bool = False) -> None:
         if requeue is None:
             await self.channel.basic_ack(got.handle)
+        elif reject:
+            await self.channel.basic_reject(got.handle, requeue=requeue)
         else:
             await self.channel.basic_nack(got.handle, requeue=requeue)
 
     async def wait(self, ms: int) -> None:
         self.broker.advance(ms)
+
+    async def hold(self, queue: str) -> Held:
+        return await Held.on(await self.broker.connect().channel(), queue)
 
     @asynccontextmanager
     async def running(self, app: App, topology: Topology) -> AsyncIterator[Runner]:
@@ -240,15 +277,21 @@ class RabbitBackend:
             message,
         )
 
-    async def settle(self, got: Got, requeue: bool | None) -> None:
+    async def settle(self, got: Got, requeue: bool | None, *, reject: bool = False) -> None:
         if requeue is None:
             await got.handle.ack()
+        elif reject:
+            await got.handle.reject(requeue=requeue)
         else:
             await got.handle.nack(requeue=requeue)
         await asyncio.sleep(0.05)  # acks are asynchronous: let the queue apply it
 
     async def wait(self, ms: int) -> None:
         await asyncio.sleep(ms / 1000 + SLACK)
+
+    async def hold(self, queue: str) -> Held:
+        channel = await self.connection.channel()
+        return await Held.on(await channel.get_underlay_channel(), queue)
 
     @asynccontextmanager
     async def running(self, app: App, topology: Topology) -> AsyncIterator[Runner]:
@@ -285,7 +328,12 @@ class Runner:
 
 
 @pytest.fixture(
-    params=["memory-4.0", "memory-3.10", pytest.param("rabbitmq", marks=pytest.mark.broker)]
+    params=[
+        "memory-4.0",
+        "memory-3.10",
+        "memory-4.3",
+        pytest.param("rabbitmq", marks=pytest.mark.broker),
+    ]
 )
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     if request.param.startswith("memory"):
@@ -298,6 +346,28 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     real = RabbitBackend(url, connection)
     await real.open()
     try:
+        yield real
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(params=["memory-4.3", pytest.param("rabbitmq", marks=pytest.mark.broker)])
+async def backend_4_3(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """A backend that behaves like RabbitMQ 4.3 or later (the real broker must be one)."""
+    if request.param == "memory-4.3":
+        broker = MemoryBroker(version="4.3")
+        yield MemoryBackend(broker, await broker.connect().channel())
+        await broker.close()
+        return
+    url = request.getfixturevalue("vhost_url")
+    connection = await aio_pika.connect(url)
+    real = RabbitBackend(url, connection)
+    try:
+        if not real.version.at_least(4, 3):
+            pytest.skip(
+                f"consumer timeouts cancel from RabbitMQ 4.3; this broker is {real.version}"
+            )
+        await real.open()
         yield real
     finally:
         await connection.close()
@@ -667,10 +737,12 @@ async def test_quorum_delivery_limit_dead_letters_with_delivery_count(backend: B
     await backend.declare(derive(topology(text)))
     await backend.publish("jobs", "crashy", b"poison")
 
+    # basic.reject with requeue counts on every version (a nack does not from 4.3: below).
+    # Bounded: a broker that counted nothing would loop for ever.
     seen = []
-    while (got := await backend.get("crashy")) is not None:
+    while len(seen) < 10 and (got := await backend.get("crashy")) is not None:
         seen.append((got.headers.get("x-delivery-count"), got.redelivered))
-        await backend.settle(got, requeue=True)
+        await backend.settle(got, requeue=True, reject=True)
     # Before 3.12 the first delivery says x-delivery-count 0; from 3.12 it has no header.
     first = 0 if backend.version.counts_first_delivery else None
     assert seen == [(first, False), (1, True), (2, True)]
@@ -706,7 +778,7 @@ async def test_how_often_a_quorum_message_may_be_returned(
     deliveries = 0
     while deliveries < 25 and (got := await backend.get("returned")) is not None:
         deliveries += 1
-        await backend.settle(got, requeue=True)
+        await backend.settle(got, requeue=True, reject=True)
 
     default = backend.version.default_delivery_limit
     if returns_until_gone == "default" and default is not None:
@@ -714,6 +786,90 @@ async def test_how_often_a_quorum_message_may_be_returned(
     else:
         assert deliveries == 25
         assert [got.body for got in await drain(backend, "returned")] == [b"m"]
+
+
+async def test_a_nack_counts_toward_the_delivery_limit_only_before_4_3(backend: Backend) -> None:
+    # Given a quorum queue with a delivery limit of 2 and a dead-letter queue
+    arguments = {
+        "x-delivery-limit": 2,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "nacked.dlq",
+    }
+    await backend.declare(queues(queue("nacked.dlq"), queue("nacked", "quorum", arguments)))
+    await backend.publish("", "nacked", b"m")
+
+    # When a consumer nacks it with requeue again and again (bounded)
+    seen = []
+    while len(seen) < 6 and (got := await backend.get("nacked")) is not None:
+        seen.append((got.headers.get("x-delivery-count"), got.headers.get("x-acquired-count")))
+        await backend.settle(got, requeue=True)
+
+    if backend.version.nack_counts:
+        # Then before 4.3 every nack counts: dead-lettered after the limit, as a reject is
+        first = 0 if backend.version.counts_first_delivery else None
+        assert seen == [(first, None), (1, None), (2, None)]
+        assert (await eventually(backend, "nacked.dlq")).body == b"m"
+    else:
+        # Then on 4.3 a nack is free: still in the queue after six deliveries, no
+        # x-delivery-count, and x-acquired-count counting every earlier delivery
+        assert seen == [(None, None), (None, 1), (None, 2), (None, 3), (None, 4), (None, 5)]
+        assert await backend.get("nacked.dlq") is None
+        assert await bodies(backend, "nacked") == [b"m"]
+
+
+async def test_a_closed_channel_counts_its_deliveries_on_every_version(backend: Backend) -> None:
+    # Given a quorum queue with a delivery limit of 1 and a dead-letter queue
+    arguments = {
+        "x-delivery-limit": 1,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "lost.dlq",
+    }
+    await backend.declare(queues(queue("lost.dlq"), queue("lost", "quorum", arguments)))
+    await backend.publish("", "lost", b"m")
+
+    # When the channel holding it closes, twice (what a crash does to a delivery)
+    seen = []
+    for _ in range(3):
+        got = await backend.get("lost")
+        if got is None:
+            break
+        seen.append((got.headers.get("x-delivery-count"), got.headers.get("x-acquired-count")))
+        await backend.reopen()
+
+    # Then each close counted: x-delivery-count 1 after the first, dead-lettered after the
+    # second; 4.3 also counts the delivery in x-acquired-count
+    first = 0 if backend.version.counts_first_delivery else None
+    acquired = 1 if backend.version.counts_acquisitions else None
+    assert seen == [(first, None), (1, acquired)]
+    assert (await eventually(backend, "lost.dlq")).body == b"m"
+
+
+async def test_a_quorum_consumer_past_its_timeout_is_cancelled_and_its_messages_go_back(
+    backend_4_3: Backend,
+) -> None:
+    backend = backend_4_3
+    # Given a quorum queue with a consumer timeout of 1 s and a consumer that never acks
+    await backend.declare(queues(queue("stuck", "quorum", {"x-consumer-timeout": 1000})))
+    await backend.publish("", "stuck", b"m")
+    held = await backend.hold("stuck")
+    assert held.bodies == [b"m"]
+
+    # When the timeout passes
+    await backend.wait(1500)
+    for _ in range(50):
+        if held.cancelled.is_set():
+            break
+        await asyncio.sleep(0.02)
+
+    # Then 4.3 cancels the consumer (basic.cancel) and keeps its channel open, and the
+    # message is back in the queue, uncounted: x-acquired-count 1, no x-delivery-count
+    assert held.cancelled.is_set()
+    assert not held.channel.is_closed
+    got = await backend.get("stuck")
+    assert got is not None
+    assert (got.body, got.redelivered) == (b"m", True)
+    assert (got.headers.get("x-delivery-count"), got.headers.get("x-acquired-count")) == (None, 1)
+    await backend.settle(got, None)
 
 
 async def eventually(backend: Backend, queue: str) -> Got:

@@ -15,8 +15,10 @@ import pytest
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from rabbitflow.testing import MemoryBroker, MemoryChannel
+from rabbitflow import App, Message
+from rabbitflow.testing import MemoryBroker, MemoryChannel, TestApp
 from rabbitflow.testing._routing import headers_match, topic_matches
+from rabbitflow.topology import parse_topology
 
 
 @pytest.fixture
@@ -326,3 +328,31 @@ async def test_advance_expires_a_chain_in_deadline_order(
     (message,) = broker.queue("end").messages
     assert [d["queue"] for d in message.headers["x-death"]] == ["slow", "fast"]
     assert broker.next_deadline() is None
+
+
+@pytest.mark.parametrize(("version", "counted", "acquired"), [("4.0", 1, 1), ("4.3", 0, 1)])
+async def test_a_shutdown_gives_back_what_it_cut_short_as_the_modelled_version_counts_it(
+    version: str, counted: int, acquired: int
+) -> None:
+    # Given a TestApp on a quorum queue whose handler never finishes
+    app = App(name="slow")
+    started = asyncio.Event()
+
+    @app.consumer("slow")
+    async def slow(message: Message) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    broker = MemoryBroker(version=version)
+    topology = parse_topology('[queues.slow]\nqueue_type = "quorum"\n')
+
+    # When it shuts down while the handler runs
+    async with TestApp(app, topology, broker=broker) as t:
+        await t.publish("", "slow", {"n": 1})
+        broker.pump_all()
+        await asyncio.wait_for(started.wait(), 5)
+
+    # Then the message is back in its queue; 4.3 gave it back with a nack, which does not
+    # count toward crash_limit (4.0 counts every return)
+    [envelope] = broker.queue("slow").ready
+    assert (envelope.delivery_count, envelope.acquired_count) == (counted, acquired)

@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from rabbitflow import _headers as h
 from rabbitflow._border import broker_call
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._duration import format_duration
 from rabbitflow._settle import parse_not_before
 from rabbitflow.console._reads import broker_major, reads_are_counted
@@ -218,12 +219,18 @@ class _Prober:
         """The first message of ``queue``, given back at once.
 
         ``basic.get`` without auto-ack, then closing the channel: RabbitMQ requeues the
-        unacked message at the head of the queue, where it expires as before."""
+        unacked message at the head of the queue, where it expires as before. On 4.3+ it is
+        nacked first: 4.3 counts a closed channel's delivery as failed, a nack not."""
         channel = await self._connection.channel()
         try:
             target = await channel.get_queue(queue, ensure=False)
             message = await target.get(no_ack=False, fail=False, timeout=5)
-            return None if message is None else DeadLetter.from_delivery(1, message)
+            if message is None:
+                return None
+            version = BrokerVersion.of(self._connection)
+            if version is not None and not version.nack_counts:
+                await message.nack(requeue=True)
+            return DeadLetter.from_delivery(1, message)
         finally:
             if not channel.is_closed:  # a refused basic.get (403) closes the channel
                 await channel.close()

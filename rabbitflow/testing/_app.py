@@ -31,7 +31,7 @@ from rabbitflow.app import App
 from rabbitflow.errors import DrainError
 from rabbitflow.message import Message, read_attempt
 from rabbitflow.testing._broker import MemoryBroker
-from rabbitflow.testing._channel import MemoryChannel
+from rabbitflow.testing._channel import MemoryChannel, MemoryConnection
 from rabbitflow.testing._clock import VirtualClock, wall_clock
 from rabbitflow.testing._envelope import StoredMessage
 from rabbitflow.testing._queue import MemoryQueue
@@ -174,11 +174,18 @@ class TestApp:
         return self.app.load_topology(self._source)
 
     async def _shutdown(self) -> None:
+        # As the worker drains: basic.cancel first, so that what the drain gives back (a
+        # nack on 4.3) is not delivered to the same consumers again.
+        for consumer in self._running:
+            await consumer.cancel()
         for task in self.broker.pending():
             task.cancel()
         await self.broker.close()
         for consumer in self._running:
             await consumer.drain()
+        if self._publisher is not None:
+            # The connection goes, and RabbitMQ returns what is still unacked (counted).
+            await cast(MemoryConnection, self._publisher.connection).close()
         if self._consumers is not None:
             self._consumers.close()
         await asyncio.sleep(0)  # let the ackers' cancelled flush tasks finish

@@ -104,9 +104,11 @@ class MemoryBroker:
     :meth:`advance`. Deliveries run as tasks on the current event loop.
 
     ``version`` is the RabbitMQ release to behave like where releases differ (``"4.0"`` by
-    default, ``"3.10"``): where a quorum queue puts a requeued message (4.0: the head, 3.x:
-    the back), whether a first delivery carries ``x-delivery-count: 0`` (before 3.12), and
-    4.0's default quorum delivery limit of 20.
+    default, ``"3.10"``, ``"4.3"``): where a quorum queue puts a requeued message (4.0+: the
+    head, 3.x: the back), whether a first delivery carries ``x-delivery-count: 0`` (before
+    3.12), 4.0's default quorum delivery limit of 20, and 4.3's counting: a
+    ``basic.nack`` with requeue no longer counts toward the delivery limit (``basic.reject``
+    and a closed channel do) and deliveries carry ``x-acquired-count``.
     """
 
     def __init__(
@@ -438,16 +440,19 @@ class MemoryBroker:
         entries: Iterable[tuple[MemoryQueue, Envelope, bool | None]],
         *,
         returned: bool = False,
+        counted: bool = True,
     ) -> None:
         """Acks (None), requeues (True) and rejections (False) of unacked deliveries;
-        ``returned``: given back by a closed channel rather than a nack or reject."""
+        ``returned``: given back by a closed channel rather than a nack or reject;
+        ``counted``: whether a requeue counts toward a quorum delivery limit (not a nack on
+        4.3+)."""
         for queue, envelope, requeue in entries:
             queue.unacked -= 1
             if requeue is None:
                 continue
             if not requeue:
                 self._dead_letter(queue, envelope, "rejected")
-            elif not queue.requeue(envelope, returned=returned):
+            elif not queue.requeue(envelope, returned=returned, counted=counted):
                 self._dead_letter(queue, envelope, "delivery_limit")
         self.pump_all()
 
@@ -475,9 +480,17 @@ class MemoryBroker:
         return min(deadlines, default=None)
 
     def advance_to(self, ms: float) -> None:
-        """Set the clock to ``ms`` and expire what is due (one step; see :meth:`advance`)."""
+        """Set the clock to ``ms``, expire what is due and cancel consumers past their
+        ``consumer_timeout`` (4.3+; one step, see :meth:`advance`)."""
         self.clock.advance_to(ms)
+        self._time_out_consumers(ms)
         self.pump_all()
+
+    def _time_out_consumers(self, now: float) -> None:
+        for queue in list(self.queues.values()):
+            for consumer in list(queue.consumers):
+                if consumer.timeout_ms is not None:
+                    consumer.channel.time_out(consumer, now)
 
     def advance(self, delay: str | int) -> None:
         """Let ``delay`` pass, expiring messages in deadline order (``"5s"`` or ms).

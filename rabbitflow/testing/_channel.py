@@ -18,6 +18,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow.testing._envelope import Envelope, roundtrip
 from rabbitflow.testing._queue import Consumer, MemoryQueue
 
@@ -39,6 +40,7 @@ class _Unacked:
     queue: MemoryQueue
     envelope: Envelope
     consumer: Consumer | None
+    at: float = 0.0  # virtual ms of the delivery
 
 
 class MemoryConnection:
@@ -55,6 +57,11 @@ class MemoryConnection:
     @property
     def is_closed(self) -> bool:
         return self.closing.done()
+
+    @property
+    def server_properties(self) -> dict[str, Any]:
+        """What ``connection.start`` announces: the RabbitMQ version the broker behaves like."""
+        return {"product": "RabbitMQ", "version": str(self.broker.version)}
 
     async def channel(
         self,
@@ -99,6 +106,8 @@ class MemoryChannel:
         self.consumers: dict[str, Consumer] = {}
         self.closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._unacked: dict[int, _Unacked] = {}
+        # Deliveries given back by a consumer timeout (4.3+), whose tags may still be acked.
+        self._timed_out: dict[int, _Unacked] = {}
         self._delivery_tag = 0
         self._publish_tag = 0
         self._prefetch = 0
@@ -313,6 +322,7 @@ class MemoryChannel:
             self.consumers[tag] = consumer
             return spec.Basic.ConsumeOk(consumer_tag=tag)
         target = self._queue(queue)
+        consumer.timeout_ms = _consumer_timeout(target, arguments)
         self.consumers[tag] = consumer
         self.broker.add_consumer(target, consumer)
         return spec.Basic.ConsumeOk(consumer_tag=tag)
@@ -374,7 +384,8 @@ class MemoryChannel:
     ) -> int:
         self._delivery_tag += 1
         if not no_ack:
-            self._unacked[self._delivery_tag] = _Unacked(queue, envelope, consumer)
+            at = self.broker.clock.now_ms()
+            self._unacked[self._delivery_tag] = _Unacked(queue, envelope, consumer, at)
             queue.unacked += 1
             if consumer is not None:
                 consumer.unacked += 1
@@ -387,15 +398,8 @@ class MemoryChannel:
         envelope: Envelope,
     ) -> DeliveredMessage:
         properties = roundtrip(envelope.properties)
-        if queue.kind == "quorum" and (
-            envelope.delivery_count or queue.version.counts_first_delivery
-        ):
-            # Quorum queues put the count of earlier returns on a delivery: on every one before
-            # 3.12, from 3.12 only once the message was returned.
-            properties.headers = {
-                **(properties.headers or {}),
-                "x-delivery-count": envelope.delivery_count,
-            }
+        if queue.kind == "quorum":
+            _count_headers(properties, envelope, queue.version, isinstance(frame, spec.Basic.GetOk))
         header = ContentHeader(body_size=len(envelope.body), properties=properties)
         return DeliveredMessage(delivery=frame, header=header, body=envelope.body, channel=self)  # type: ignore[arg-type]
 
@@ -411,17 +415,25 @@ class MemoryChannel:
         requeue: bool = True,
         wait: bool = True,
     ) -> None:
-        self._settle(delivery_tag, multiple, requeue=requeue)
+        # RabbitMQ 4.3+ does not count a nack toward the delivery limit (rabbitmq-server#15387).
+        counted = self.broker.version.nack_counts
+        self._settle(delivery_tag, multiple, requeue=requeue, counted=counted)
 
     async def basic_reject(
         self, delivery_tag: int, *, requeue: bool = True, wait: bool = True
     ) -> None:
         self._settle(delivery_tag, False, requeue=requeue)
 
-    def _settle(self, delivery_tag: int, multiple: bool, *, requeue: bool | None) -> None:
-        """``requeue``: None acks, True returns to the queue, False dead-letters (rejected)."""
+    def _settle(
+        self, delivery_tag: int, multiple: bool, *, requeue: bool | None, counted: bool = True
+    ) -> None:
+        """``requeue``: None acks, True returns to the queue, False dead-letters (rejected);
+        ``counted``: whether a return counts toward a quorum delivery limit."""
         self._check_open()
         everything = multiple and delivery_tag == 0
+        if not multiple and delivery_tag in self._timed_out:
+            self._settle_late(delivery_tag, requeue)
+            return
         if delivery_tag not in self._unacked and not everything:
             # RabbitMQ closes the channel on an unknown (or already settled) delivery tag,
             # also when it is the tag of a multiple ack.
@@ -442,4 +454,62 @@ class MemoryChannel:
             if entry.consumer is not None:
                 entry.consumer.unacked -= 1
             settled.append((entry.queue, entry.envelope, requeue))
-        self.broker.settle(settled)
+        self.broker.settle(settled, counted=counted)
+
+    def time_out(self, consumer: Consumer, now: float) -> bool:
+        """Cancel ``consumer`` if a delivery it holds is older than its timeout (4.3+).
+
+        As RabbitMQ 4.3 does: ``basic.cancel`` to the client, its unacked deliveries back to
+        the head of the queue, uncounted (``x-acquired-count`` only), the channel open. A late
+        ack of such a delivery still removes the message while it waits in the queue."""
+        timeout = consumer.timeout_ms
+        held = [tag for tag, entry in self._unacked.items() if entry.consumer is consumer]
+        if timeout is None or not any(now - self._unacked[t].at > timeout for t in held):
+            return False
+        self.consumers.pop(consumer.tag, None)
+        self.broker.remove_consumer(consumer)
+        entries = [self._unacked.pop(tag) for tag in held]
+        self._timed_out.update(zip(held, entries, strict=True))
+        consumer.unacked = 0
+        self.broker.settle(
+            [(entry.queue, entry.envelope, True) for entry in entries], counted=False
+        )
+        frame = spec.Basic.Cancel(consumer_tag=consumer.tag)
+        for callback in list(self.on_consumer_cancel_callbacks):
+            callback(frame)
+        return True
+
+    def _settle_late(self, delivery_tag: int, requeue: bool | None) -> None:
+        entry = self._timed_out.pop(delivery_tag)
+        if requeue is None and entry.envelope in entry.queue.ready:
+            entry.queue.ready.remove(entry.envelope)
+
+
+def _consumer_timeout(queue: MemoryQueue, arguments: dict[str, Any] | None) -> int | None:
+    """The consumer_timeout (ms) the broker enforces on a consumer by ``basic.cancel``: the
+    consumer's ``x-consumer-timeout`` argument, else the queue's (quorum queues, 4.3+)."""
+    if queue.kind != "quorum" or not queue.version.cancels_timed_out_consumers:
+        return None
+    for value in (
+        (arguments or {}).get("x-consumer-timeout"),
+        queue.arguments.get("x-consumer-timeout"),
+    ):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _count_headers(
+    properties: spec.Basic.Properties, envelope: Envelope, version: BrokerVersion, got: bool
+) -> None:
+    """The counts a quorum queue puts on a delivery: ``x-delivery-count`` (returns that count
+    toward the limit) once there is one, and 0 on a first ``basic.get`` before 3.12 (not on a
+    consumer's: measured on 3.10.8); from 4.3 ``x-acquired-count`` (every earlier delivery)
+    once there is one."""
+    headers = dict(properties.headers or {})
+    if envelope.delivery_count or (got and version.counts_first_delivery):
+        headers["x-delivery-count"] = envelope.delivery_count
+    if envelope.acquired_count and version.counts_acquisitions:
+        headers["x-acquired-count"] = envelope.acquired_count
+    if headers:
+        properties.headers = headers

@@ -35,6 +35,7 @@ class Envelope:
     seq: int = 0
     expires_at: float | None = None
     delivery_count: int = 0
+    acquired_count: int = 0
     redelivered: bool = False
 
     @property

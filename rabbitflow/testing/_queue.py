@@ -33,6 +33,8 @@ class Consumer:
     no_ack: bool
     prefetch: int
     unacked: int = 0
+    # consumer_timeout (ms) of a quorum consumer on 4.3+: past it the broker cancels it.
+    timeout_ms: int | None = None
 
     def has_capacity(self) -> bool:
         if self.prefetch and self.unacked >= self.prefetch:
@@ -167,21 +169,24 @@ class MemoryQueue:
         """When the head expires, if it does."""
         return self.ready[0].expires_at if self.ready else None
 
-    def requeue(self, envelope: Envelope, *, returned: bool = False) -> bool:
+    def requeue(self, envelope: Envelope, *, returned: bool = False, counted: bool = True) -> bool:
         """Return an unacked delivery; False when a quorum delivery-limit dead-letters it.
 
         A classic queue puts it back in its original position. A quorum queue counts the
-        return in ``x-delivery-count`` and puts it at the head, after the messages returned
-        before it, except a message nacked or rejected with requeue on 3.x, which goes to the
-        back (``returned``: given back by a closed channel, not nacked)."""
+        return in ``x-delivery-count`` (unless ``counted`` is false: a nack on 4.3+) and every
+        return in ``x-acquired-count`` (4.3+), and puts it at the head, after the messages
+        returned before it, except a message nacked or rejected with requeue on 3.x, which
+        goes to the back (``returned``: given back by a closed channel, not nacked)."""
         envelope.redelivered = True
         if self.kind != "quorum":
             bisect.insort(self.ready, envelope, key=lambda e: e.seq)
             return True
-        envelope.delivery_count += 1
-        limit = self.delivery_limit
-        if limit is not None and envelope.delivery_count > limit:
-            return False
+        envelope.acquired_count += 1
+        if counted:
+            envelope.delivery_count += 1
+            limit = self.delivery_limit
+            if limit is not None and envelope.delivery_count > limit:
+                return False
         if returned or self.version.requeue_to_head:
             position = min(self._head_returns, len(self.ready))
             self.ready.insert(position, envelope)
