@@ -569,7 +569,8 @@ def _warn_timeouts(app: App, topology: Topology) -> None:
         if timeout is not None and timeout >= BROKER_CONSUMER_TIMEOUT_MS:
             log.warning(
                 "handler timeout is not below RabbitMQ's consumer_timeout (30m by default): "
-                "a handler running that long gets its channel closed by the broker",
+                "a handler running that long gets its channel closed by the broker (before "
+                "RabbitMQ 4.3), or its delivery taken back (4.3+, quorum queues only)",
                 queue=queue,
                 timeout_ms=timeout,
             )

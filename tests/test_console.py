@@ -24,6 +24,7 @@ import structlog
 from click.testing import CliRunner
 
 from rabbitflow import _headers as h
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow.cli import _register, cli
 from rabbitflow.console import ConsoleSettings, create_app
 from rabbitflow.console._inventory import oldest_due
@@ -491,12 +492,21 @@ async def test_an_unreachable_management_api_is_named_and_the_rest_still_shows(
     assert f'href="/dlq/{Q}">0</a>' in page
 
 
-def test_reads_count_toward_the_delivery_limit_only_on_rabbitmq_4_quorum_queues() -> None:
+def test_reads_count_toward_the_delivery_limit_only_on_rabbitmq_4_0_to_4_2_quorum_queues() -> None:
     quorum = {"x-queue-type": "quorum"}
-    assert reads_are_counted(4, "quorum", quorum)
-    assert not reads_are_counted(3, "quorum", quorum)
-    assert not reads_are_counted(4, "classic", {"x-queue-type": "classic"})
-    assert not reads_are_counted(4, "quorum", {**quorum, "x-delivery-limit": -1})
+    v3, v4, v42, v43 = (
+        BrokerVersion(3, 10, 8),
+        BrokerVersion(4, 0, 5),
+        BrokerVersion(4, 2),
+        BrokerVersion(4, 3, 6),
+    )
+    assert reads_are_counted(v4, "quorum", quorum)
+    assert reads_are_counted(v42, "quorum", quorum)
+    assert not reads_are_counted(v43, "quorum", quorum)  # rabbitflow's reads nack: free on 4.3
+    assert not reads_are_counted(v3, "quorum", quorum)
+    assert not reads_are_counted(None, "quorum", quorum)
+    assert not reads_are_counted(v4, "classic", {"x-queue-type": "classic"})
+    assert not reads_are_counted(v4, "quorum", {**quorum, "x-delivery-limit": -1})
     assert reads_left({"x-delivery-count": 7}) == 13
     assert reads_left({}) == 20
     assert reads_left({"x-delivery-count": 25}) == 0

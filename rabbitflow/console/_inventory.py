@@ -22,7 +22,7 @@ from rabbitflow._border import broker_call
 from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._duration import format_duration
 from rabbitflow._settle import parse_not_before
-from rabbitflow.console._reads import broker_major, reads_are_counted
+from rabbitflow.console._reads import broker_version, reads_are_counted
 from rabbitflow.dlq import DeadLetter
 from rabbitflow.topology import Topology, derive
 from rabbitflow.topology._model import QueueConfig
@@ -91,14 +91,14 @@ async def read_overview(
     counts = _Counts(unacked, held)
     declarations = derive(topology)
     routes = declarations.routes
-    major = broker_major(connection)
-    # A look at a tier's head is a delivery; on RabbitMQ 4 the 20th sends a quorum tier's
-    # message back to its queue before its delay is up (see rabbitflow.console.reads).
+    version = broker_version(connection)
+    # A look at a tier's head is a delivery; on RabbitMQ 4.0-4.2 the 20th sends a quorum
+    # tier's message back to its queue before its delay is up (see rabbitflow.console._reads).
     unread = {
         spec.name
         for spec in declarations.queues
         if spec.role == "retry"
-        and reads_are_counted(major, str(spec.arguments.get("x-queue-type")), spec.arguments)
+        and reads_are_counted(version, str(spec.arguments.get("x-queue-type")), spec.arguments)
     }
     rows: list[QueueRow] = []
     async with broker_call("reading queue depths"), _Prober(connection) as probe:

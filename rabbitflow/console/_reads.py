@@ -6,7 +6,9 @@ every non-destructive read does) counts, and at the limit the broker dead-letter
 or deletes it when the queue has no dead-letter exchange, as a ``Q.dlq`` has. Measured on
 4.0.5: ``rabbitflow.dlq.peek`` of a quorum DLQ declared without ``x-delivery-limit`` finds it
 empty on the 21st read; with ``x-delivery-limit = -1`` the message is still there after 25.
-RabbitMQ 3.x counts the deliveries (``x-delivery-count``) but has no default limit.
+RabbitMQ 3.x counts the deliveries (``x-delivery-count``) but has no default limit. From
+RabbitMQ 4.3 a ``basic.nack`` with requeue is not counted, and rabbitflow's reads give
+messages back that way (docs/recoverability.md): reads are free again.
 """
 
 from __future__ import annotations
@@ -16,25 +18,31 @@ from typing import Any
 
 from aio_pika.abc import AbstractConnection
 
+from rabbitflow._broker_version import BrokerVersion
+
 DEFAULT_LIMIT = 20
 DELIVERY_COUNT = "x-delivery-count"
 
 
-def broker_major(connection: AbstractConnection) -> int:
-    """The major version of the connected RabbitMQ (0 when the server does not say)."""
-    transport = connection.transport
-    if transport is None:
-        return 0
-    version = transport.connection.server_properties.get("version", b"")
-    text = version.decode() if isinstance(version, bytes) else str(version)
-    head = text.split(".", 1)[0]
-    return int(head) if head.isdigit() else 0
+def broker_version(connection: AbstractConnection) -> BrokerVersion | None:
+    """The version of the connected RabbitMQ (None when the server does not say)."""
+    if connection.transport is None:
+        return None
+    return BrokerVersion.of(connection)
 
 
-def reads_are_counted(major: int, queue_type: str, arguments: Mapping[str, Any]) -> bool:
+def reads_are_counted(
+    version: BrokerVersion | None, queue_type: str, arguments: Mapping[str, Any]
+) -> bool:
     """Whether reading a queue of this type and these arguments brings its messages closer to
-    RabbitMQ 4's default delivery limit."""
-    return major >= 4 and queue_type == "quorum" and "x-delivery-limit" not in arguments
+    RabbitMQ 4's default delivery limit: 4.0 to 4.2, where every return counts."""
+    return (
+        version is not None
+        and version.major >= 4
+        and version.nack_counts
+        and queue_type == "quorum"
+        and "x-delivery-limit" not in arguments
+    )
 
 
 def reads_left(headers: Mapping[str, Any]) -> int:

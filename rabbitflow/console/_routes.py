@@ -24,7 +24,7 @@ from rabbitflow.console._groups import (
     message_key,
 )
 from rabbitflow.console._inventory import read_overview
-from rabbitflow.console._reads import DEFAULT_LIMIT, broker_major, reads_are_counted, reads_left
+from rabbitflow.console._reads import DEFAULT_LIMIT, broker_version, reads_are_counted, reads_left
 from rabbitflow.console._state import Console
 from rabbitflow.errors import RabbitflowError
 
@@ -142,7 +142,7 @@ async def _reads_left(console: Console, queue: str, seen: ops.Peek) -> int | Non
     connection = await console.link.get()
     arguments = console.dlq_arguments(queue)
     queue_type = str(arguments.get("x-queue-type", "classic"))
-    if not reads_are_counted(broker_major(connection), queue_type, arguments):
+    if not reads_are_counted(broker_version(connection), queue_type, arguments):
         return None
     return min((reads_left(m.headers) for m in seen.messages), default=DEFAULT_LIMIT)
 
