@@ -32,7 +32,7 @@ from rabbitflow._logging import DELIVERY, get_logger
 from rabbitflow._outcome import ACK, EXPIRED, Action, OutcomePolicy, Plan, past_deadline
 from rabbitflow._payload import check_envelope
 from rabbitflow._rpc import Replier
-from rabbitflow._settle import Settler, parse_not_before
+from rabbitflow._settle import Settler
 from rabbitflow._span import Scope
 from rabbitflow._telemetry import Telemetry
 from rabbitflow.errors import HandlerTimeout, StoreUnavailableError
@@ -166,7 +166,7 @@ class Dispatcher:
                 return parked
         headers = delivery.header.properties.headers
         if headers and h.NOT_BEFORE in headers:
-            not_before = parse_not_before(headers[h.NOT_BEFORE])
+            not_before = h.read_epoch(headers[h.NOT_BEFORE])
             now = clock.now()
             if not_before is not None and not_before > now:
                 return self._policy.defer(attempt, not_before, now)

@@ -1,4 +1,5 @@
-"""Names of the message headers rabbitflow writes (contract section 3).
+"""The message headers rabbitflow writes (contract section 3): their names, how their values
+are written (bounded text, error types) and read back (times).
 
 They carry no ``x-`` prefix: RabbitMQ reserves that for its own headers (``x-death``,
 ``x-delivery-count``...).
@@ -7,6 +8,7 @@ They carry no ``x-`` prefix: RabbitMQ reserves that for its own headers (``x-dea
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 ATTEMPT = "rabbitflow-attempt"
@@ -75,6 +77,44 @@ def keep_tail(text: str, limit: int) -> str:
     if len(data) <= limit:
         return text
     return "..." + data[len(data) - max(limit - 3, 0) :].decode("utf-8", "ignore")
+
+
+def error_type(exc: BaseException | None) -> str:
+    """``rabbitflow-error-type``: the exception's qualified class name (builtins bare)."""
+    if exc is None:
+        return ""
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def read_time(value: object) -> datetime | None:
+    """A time header (``rabbitflow-not-before``, ``-due-at``, ``-deadline``,
+    ``-first-failed-at``, ``x-death``'s ``time``): ISO-8601 text or bytes, or an AMQP
+    timestamp; a time without a zone is UTC. None when absent or malformed: a header is
+    input from any publisher, never a reason to fail."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return read_time(datetime.fromisoformat(value))
+    except ValueError:
+        return None
+
+
+def read_epoch(value: object) -> float | None:
+    """:func:`read_time` as epoch seconds."""
+    moment = read_time(value)
+    if moment is None:
+        return None
+    try:
+        return moment.timestamp()
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def drop(text: str, limit: int) -> None:

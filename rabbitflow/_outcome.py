@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from rabbitflow import _clock as clock
+from rabbitflow import _headers as h
 from rabbitflow.errors import (
     CrashLimitReached,
     DecodeError,
@@ -315,20 +316,8 @@ def past_deadline(value: object) -> bool:
     the last ``d`` of their caller's wait, which could rarely be answered in time anyway; one
     behind runs them up to ``d`` late, no later than the broker's TTL. A value that is not
     a timestamp is ignored (the request runs)."""
-    deadline = deadline_of(value)
+    deadline = h.read_epoch(value)
     return deadline is not None and clock.now() > deadline
-
-
-def deadline_of(value: object) -> float | None:
-    """Epoch seconds of a ``rabbitflow-deadline`` header; None when malformed."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None
 
 
 def hold_limit(consumer_timeout_ms: int | None) -> float:

@@ -24,7 +24,7 @@ from rabbitflow._border import LOST
 from rabbitflow._duration import format_duration
 from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Metrics
-from rabbitflow.dlq import _as_int, _parse_time, _reading, _text, ready_count
+from rabbitflow.dlq import _as_int, _reading, _text, ready_count
 from rabbitflow.topology._derived import QueueRoutes, dlq_name
 
 # The management API's queue depths of the vhost (see topology.management.queue_depths).
@@ -50,8 +50,8 @@ class Waiting:
             message.message_id,
             _as_int(headers.get(h.ATTEMPT), default=1),
             _text(headers.get(h.ERROR_TYPE)),
-            _parse_time(headers.get(h.DUE_AT)),
-            _parse_time(headers.get(h.NOT_BEFORE)),
+            h.read_time(headers.get(h.DUE_AT)),
+            h.read_time(headers.get(h.NOT_BEFORE)),
         )
 
     def to_json(self) -> dict[str, Any]:

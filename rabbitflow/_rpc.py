@@ -300,19 +300,12 @@ def encode_error(
     The exception's type and message (bounded as on the DLQ copy) go in the
     ``rabbitflow-error-type`` / ``rabbitflow-error-message`` headers and in a JSON body
     ``{"error": {"type": ..., "message": ...}}`` for callers that are not rabbitflow."""
-    kind = error_type(exc)
+    kind = h.error_type(exc)
     message = _bounded(str(exc), h.ERROR_MESSAGE_LIMIT)
     body, content_type = payload.encode({"error": {"type": kind, "message": message}})
     properties = reply_properties(request, content_type)
     properties.headers = {h.ERROR_TYPE: kind, h.ERROR_MESSAGE: message}
     return body, properties
-
-
-def error_type(exc: BaseException) -> str:
-    cls = type(exc)
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 _bounded = h.keep_head

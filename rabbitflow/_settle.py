@@ -383,7 +383,7 @@ class Settler:
         if plan.action is Action.RETRY:
             metrics.retries.labels(self.queue, format_duration(plan.delay_ms)).inc()
         elif plan.action is Action.DEAD_LETTER or plan.action is Action.DROP:
-            metrics.dead_lettered.labels(self.queue, _error_type(plan.error)).inc()
+            metrics.dead_lettered.labels(self.queue, h.error_type(plan.error)).inc()
 
     def _log(self, delivery: DeliveredMessage, plan: Plan) -> None:
         props = delivery.header.properties
@@ -401,7 +401,7 @@ class Settler:
                     delay=format_duration(plan.delay_ms),
                     not_before=plan.not_before,
                     message_id=props.message_id,
-                    error=_error_type(plan.error),
+                    error=h.error_type(plan.error),
                     reason=_bounded(str(plan.error), 200),
                 )
             case Action.DEFER:
@@ -418,7 +418,7 @@ class Settler:
                     queue=self.queue,
                     message_id=props.message_id,
                     attempt=plan.attempt,
-                    error=_error_type(plan.error),
+                    error=h.error_type(plan.error),
                     reason=plan.reason,
                     detail=_bounded(str(plan.error), 200),
                 )
@@ -435,7 +435,7 @@ class Settler:
                     queue=self.queue,
                     message_id=props.message_id,
                     attempt=plan.attempt,
-                    error=_error_type(plan.error),
+                    error=h.error_type(plan.error),
                     reason=plan.reason,
                 )
 
@@ -458,7 +458,7 @@ class Settler:
             headers.pop(h.REPLAY_COUNT, None)
         headers[h.ATTEMPT] = plan.attempt
         exc = plan.error
-        headers[h.ERROR_TYPE] = _error_type(exc)
+        headers[h.ERROR_TYPE] = h.error_type(exc)
         headers[h.ERROR_MESSAGE] = _bounded(str(exc), h.ERROR_MESSAGE_LIMIT)
         if plan.not_before is not None:
             headers[h.NOT_BEFORE] = plan.not_before
@@ -550,23 +550,3 @@ def _stack(exc: BaseException) -> str:
 def _bounded_chunk(chunk: str) -> str:
     bounded = _bounded(chunk, h.ERROR_MESSAGE_LIMIT)
     return bounded if bounded is chunk or not chunk.endswith("\n") else bounded + "\n"
-
-
-def _error_type(exc: BaseException | None) -> str:
-    if exc is None:
-        return ""
-    cls = type(exc)
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def parse_not_before(value: object) -> float | None:
-    """Epoch seconds of a ``rabbitflow-not-before`` header; None when absent or malformed."""
-    if not isinstance(value, str | bytes):
-        return None
-    try:
-        text = value.decode() if isinstance(value, bytes) else value
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None

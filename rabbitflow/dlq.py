@@ -19,7 +19,7 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -119,7 +119,7 @@ class DeadLetter:
 
     @property
     def first_failed_at(self) -> datetime | None:
-        return _parse_time(self.headers.get(h.FIRST_FAILED_AT))
+        return h.read_time(self.headers.get(h.FIRST_FAILED_AT))
 
     @property
     def death(self) -> Mapping[str, Any]:
@@ -139,7 +139,7 @@ class DeadLetter:
         for source, when in (
             (h.FIRST_FAILED_AT, self.first_failed_at),
             ("timestamp", self.timestamp),
-            ("x-death", _parse_time(self.death.get("time"))),
+            ("x-death", h.read_time(self.death.get("time"))),
         ):
             if when is not None:
                 return max(0.0, (now - when).total_seconds()), source
@@ -679,18 +679,6 @@ def _as_int(value: Any, *, default: int) -> int:
         return int(_text(value) or "")
     except ValueError:
         return default
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    text = _text(value)
-    if not text:
-        return None
-    try:
-        return _parse_time(datetime.fromisoformat(text))
-    except ValueError:
-        return None
 
 
 def _jsonable(value: Any) -> Any:

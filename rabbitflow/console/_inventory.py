@@ -21,7 +21,6 @@ from rabbitflow import _headers as h
 from rabbitflow._border import broker_call
 from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._duration import format_duration
-from rabbitflow._settle import parse_not_before
 from rabbitflow.console._reads import broker_version, reads_are_counted
 from rabbitflow.dlq import DeadLetter
 from rabbitflow.topology import Topology, derive
@@ -147,7 +146,7 @@ def oldest_due(head: DeadLetter, config: QueueConfig, delay_ms: int, now: dateti
     plus the delays of the attempts it went through is that moment if every handler run took
     no time (exact for a first retry), so the estimate is kept between now and now + TTL:
     RabbitMQ expires a tier's messages head first, each one TTL after it arrived."""
-    not_before = parse_not_before(head.headers.get(h.NOT_BEFORE))
+    not_before = h.read_epoch(head.headers.get(h.NOT_BEFORE))
     if not_before is not None:
         return Due(datetime.fromtimestamp(not_before, UTC), estimated=False)
     latest = now + timedelta(milliseconds=delay_ms)

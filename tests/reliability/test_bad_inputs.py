@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from pamqp import commands as spec
 
 from rabbitflow import _headers as h
-from rabbitflow._settle import parse_not_before
+from rabbitflow._headers import read_epoch as parse_not_before
 from rabbitflow.errors import TopologyError
 from rabbitflow.message import read_attempt
 from rabbitflow.topology._loader import parse_topology
