@@ -29,7 +29,7 @@ from rabbitflow._backoff import full_jitter
 from rabbitflow._breaker import CircuitBreaker, Dependencies
 from rabbitflow._handler import Consumer, Signature
 from rabbitflow._logging import DELIVERY, get_logger
-from rabbitflow._outcome import ACK, EXPIRED, Action, OutcomePolicy, Plan, past_deadline
+from rabbitflow._outcome import ACK, EXPIRED, Action, OutcomePolicy, Plan, expired
 from rabbitflow._payload import check_envelope
 from rabbitflow._rpc import Replier
 from rabbitflow._settle import Settler
@@ -179,7 +179,7 @@ class Dispatcher:
         breaker = self._breaker
         if breaker is not None and breaker.is_open:
             await breaker.wait_runnable()
-        if headers and h.DEADLINE in headers and past_deadline(headers[h.DEADLINE]):
+        if expired(headers):
             # The last moment before the handler: its caller stopped waiting for the reply.
             return EXPIRED
         try:
@@ -222,7 +222,7 @@ class Dispatcher:
         for trial in range(self._immediate):
             if trial:
                 await asyncio.sleep(full_jitter(trial, base=0.05, cap=1.0))
-            if headers and h.DEADLINE in headers and past_deadline(headers[h.DEADLINE]):
+            if expired(headers):
                 return plan  # a request: its retry copy is settled unrun when it comes back
             attempt += 1
             try:
