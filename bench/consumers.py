@@ -139,12 +139,16 @@ def install_sdk_tracing() -> Any:
     return provider
 
 
-async def rabbitflow(url: str, queue: str, topology_path: str, meter: Meter, traced: bool) -> None:
-    from rabbitflow import App
+async def rabbitflow(
+    url: str, queue: str, topology_path: str, meter: Meter, traced: bool, full: bool = False
+) -> None:
+    from rabbitflow import App, Message
     from rabbitflow._logging import configure_logging
     from rabbitflow._tracing import Tracing, set_tracing
     from rabbitflow._worker import Worker, WorkerOptions
+    from rabbitflow.idempotency import MemoryStore
     from rabbitflow.topology import load_topology
+    from rabbitflow.types import CallNext
 
     configure_logging("json", "info")
     if traced:
@@ -152,7 +156,12 @@ async def rabbitflow(url: str, queue: str, topology_path: str, meter: Meter, tra
         set_tracing(None)  # re-read: the SDK provider installed above is respected
     else:
         set_tracing(Tracing(None))
-    app = App(topology=topology_path)
+    app = App(topology=topology_path, idempotency=MemoryStore() if full else None)
+    if full:
+        # A pass-through middleware, as a user's tenant or timing middleware would be.
+        @app.use
+        async def passthrough(message: Message, call_next: CallNext) -> Any:
+            return await call_next(message)
 
     @app.consumer(queue)
     async def handle(order: Order) -> None:
@@ -189,6 +198,8 @@ def main() -> None:
             peers.dramatiq(url, queue, meter)
         elif case == "rabbitflow":
             await rabbitflow(url, queue, topology, meter, traced=True)
+        elif case == "rabbitflow_full":
+            await rabbitflow(url, queue, topology, meter, traced=True, full=True)
         elif case == "rabbitflow_untraced":
             await rabbitflow(url, queue, topology, meter, traced=False)
         else:

@@ -51,6 +51,7 @@ CONSUME_CASES = (
     "rabbitflow_untraced",
     "rabbitflow_uvloop",
     "rabbitflow_sampled",
+    "rabbitflow_full",
 )
 # Latency is measured with persistent messages (the broker writes them to disk, which sets
 # the tail at this rate) and with transient ones (the client's own share).
@@ -89,6 +90,7 @@ LABELS = {
     "rabbitflow_untraced": "rabbitflow, tracing off",
     "rabbitflow_uvloop": "rabbitflow, everything on, uvloop",
     "rabbitflow_sampled": "rabbitflow, everything on, 10 % sampled",
+    "rabbitflow_full": "rabbitflow, everything on + middleware, idempotency, timeout, breaker",
     "aio_pika_gather": "aio-pika `gather`, 1,000 in flight",
     "app_publish_gather": "`app.publish` `gather`, 1,000 in flight",
     "app_publish_many": "`app.publish_many`, 1,000 per call",
@@ -97,8 +99,17 @@ LABELS = {
 }
 
 
-def _topology(queue: str, prefetch: int = 1000) -> str:
-    return f'[defaults]\nqueue_type = "classic"\nprefetch = {prefetch}\n\n[queues."{queue}"]\n'
+def _topology(queue: str, prefetch: int = 1000, full: bool = False) -> str:
+    text = f'[defaults]\nqueue_type = "classic"\nprefetch = {prefetch}\n\n[queues."{queue}"]\n'
+    # Every per-delivery option that costs something on the hot path: a handler timeout,
+    # in-process retries, a circuit breaker, the idempotency guard.
+    return text + FULL_OPTIONS if full else text
+
+
+FULL_OPTIONS = (
+    'timeout = "30s"\nimmediate_retries = 1\nidempotent = true\n'
+    'circuit_breaker = { failure_ratio = 0.5, window = "30s", min_calls = 20 }\n'
+)
 
 
 async def _declare_plain(url: str, queue: str) -> None:
@@ -118,7 +129,14 @@ async def _declare_rabbitflow(url: str, path: Path) -> None:
     await connection.close()
 
 
-async def _publish(url: str, queue: str, count: int, window: int = 2000, padding: int = 0) -> None:
+async def _publish(
+    url: str,
+    queue: str,
+    count: int,
+    window: int = 2000,
+    padding: int = 0,
+    message_ids: bool = False,
+) -> None:
     """Fill ``queue`` with ``count`` JSON orders, persistent, confirmed (``app.batch()``:
     the quickest way to fill a queue, so the run spends its time on the measured cases)."""
     from rabbitflow import App
@@ -130,7 +148,10 @@ async def _publish(url: str, queue: str, count: int, window: int = 2000, padding
             async with app.batch() as batch:
                 for i in range(start, min(start + window, count)):
                     body = BODY.format(i=i, c=f"{i % 7}{'x' * padding}", t=0).encode()
-                    batch.publish("", queue, body, content_type="application/json")
+                    message_id = f"{queue}-{i}" if message_ids else None
+                    batch.publish(
+                        "", queue, body, content_type="application/json", message_id=message_id
+                    )
 
 
 async def _delete(url: str, queues: list[str]) -> None:
@@ -174,7 +195,7 @@ def _fresh_queue(url: str, prefix: str, tmp: Path, case: str) -> tuple[str, str,
         asyncio.run(_declare_plain(url, queue))
         return queue, "", []
     path = tmp / f"{queue}.toml"
-    path.write_text(_topology(queue))
+    path.write_text(_topology(queue, full=case == "rabbitflow_full"))
     asyncio.run(_declare_rabbitflow(url, path))
     return queue, str(path), _generated(queue)
 
@@ -188,7 +209,8 @@ def _peer_extra(case: str, queue: str) -> list[str]:
 def _fill(url: str, case: str, queue: str, count: int) -> None:
     """Publish ``count`` orders to the case's queue (a peer with its own format: its client)."""
     if case not in OWN_FORMAT:
-        asyncio.run(_publish(url, queue, count))
+        # The idempotency guard keys on message_id (a message without one runs unguarded).
+        asyncio.run(_publish(url, queue, count, message_ids=case == "rabbitflow_full"))
         return
     command = [sys.executable, "-m", "bench.peers", "prepare", case, url, queue, str(count)]
     subprocess.run(command, cwd=ROOT, check=True, timeout=600, capture_output=True)
