@@ -1,5 +1,11 @@
-"""One delivery, top to bottom: deliver → decode → validate → (middleware, idempotency) →
-handler → reply → plan → settle.
+"""One delivery, top to bottom: deliver → before_run → decode → validate → (middleware,
+idempotency) → handler → reply → decide → settle.
+
+Every fate is the policy's (:mod:`rabbitflow._outcome`): ``before_run`` on arrival, ``decide``
+after a failure, ``blame`` for the circuit breaker. Two places take the work of features that
+run with a delivery: :meth:`Dispatcher._succeeded` (the handler returned, the delivery is not
+settled yet: the reply of a request) and :meth:`Dispatcher._settle` (after the settler carried
+the plan out: the error reply of a request that failed for good).
 
 ``Dispatcher.__call__`` is the per-message hot path: it builds nothing per message beyond what
 the handler asks for (the :class:`Message` only when the handler takes one), reads no
@@ -23,21 +29,19 @@ from typing import Any
 import structlog
 from aiormq.abc import DeliveredMessage
 
-from rabbitflow import _clock as clock
-from rabbitflow import _headers as h
 from rabbitflow._backoff import full_jitter
 from rabbitflow._breaker import CircuitBreaker, Dependencies
 from rabbitflow._handler import Consumer, Signature
 from rabbitflow._logging import DELIVERY, get_logger
-from rabbitflow._outcome import ACK, EXPIRED, Action, OutcomePolicy, Plan, expired
+from rabbitflow._outcome import ACK, Blame, OutcomePolicy, Plan, expired, settled_for_good
 from rabbitflow._payload import check_envelope
 from rabbitflow._rpc import Replier
 from rabbitflow._settle import Settler
 from rabbitflow._span import Scope
 from rabbitflow._telemetry import Telemetry
 from rabbitflow.errors import HandlerTimeout, StoreUnavailableError
-from rabbitflow.idempotency._guard import SKIPPED, Guard, InProgress, Invoke
-from rabbitflow.message import Message, read_attempt
+from rabbitflow.idempotency._guard import SKIPPED, Guard, Invoke
+from rabbitflow.message import Message
 from rabbitflow.middleware import Middleware, build_stack
 
 log = get_logger("rabbitflow.dispatch")
@@ -70,6 +74,7 @@ class Dispatcher:
         "_debug",
         "_deliver",
         "_dependencies",
+        "_failed",
         "_immediate",
         "_in_flight",
         "_invoke",
@@ -99,6 +104,7 @@ class Dispatcher:
         self._policy = spec.policy
         self._settler = settler
         self._losses = settler.losses
+        self._failed = settler.failed
         self._telemetry = telemetry
         self._limit = spec.max_body_size
         # The broker never has more than ``prefetch`` deliveries in hand on this channel, so
@@ -135,9 +141,8 @@ class Dispatcher:
             await self._handle(delivery)
 
     async def _handle(self, delivery: DeliveredMessage) -> None:
-        props = delivery.header.properties
-        attempt = read_attempt(props.headers) if props.headers else 1
-        DELIVERY.set((self._queue, props.message_id, attempt))
+        attempt = self._policy.attempt(delivery, self._failed)
+        DELIVERY.set((self._queue, delivery.header.properties.message_id, attempt))
         telemetry = self._telemetry
         telemetry.in_flight.value += 1
         started = time.perf_counter()
@@ -145,43 +150,29 @@ class Dispatcher:
         plan: Plan | None = None
         try:
             plan = await self._plan(delivery, attempt, span)
-            action = await self._settle(delivery, plan)
+            done = await self._settle(delivery, plan)
         finally:
             telemetry.in_flight.value -= 1
             telemetry.duration.observe(time.perf_counter() - started)
             span.close(plan)
-        telemetry.outcomes[action].value += 1
+        telemetry.outcomes[done.action].value += 1
         if self._debug:
             log.debug(
                 "settled",
-                outcome=action.value,
+                outcome=done.action.value,
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
             )
 
     async def _plan(self, delivery: DeliveredMessage, attempt: int, span: Scope) -> Plan:
-        """Run the handler unless the message must wait or is due for the DLQ; the plan."""
-        if self._losses.counts:
-            parked = self._policy.after_connection_losses(self._losses.of(delivery), attempt)
-            if parked is not None:
-                return parked
-        headers = delivery.header.properties.headers
-        if headers and h.NOT_BEFORE in headers:
-            not_before = h.read_epoch(headers[h.NOT_BEFORE])
-            now = clock.now()
-            if not_before is not None and not_before > now:
-                return self._policy.defer(attempt, not_before, now)
-        if self._settler.failing:
-            failed = self._settler.failed_plan(delivery)
-            if failed is not None:
-                plan, attempt = self._policy.resume(failed, attempt)
-                if plan is not None:
-                    return plan
+        """before_run → decode/validate → handler → reply → decide: the plan to settle."""
+        plan = self._policy.before_run(delivery, attempt, self._losses, self._failed)
         breaker = self._breaker
-        if breaker is not None and breaker.is_open:
+        if plan is None and breaker is not None and breaker.is_open:
             await breaker.wait_runnable()
-        if expired(headers):
-            # The last moment before the handler: its caller stopped waiting for the reply.
-            return EXPIRED
+            # Time passed while the consumer was paused: a request may have expired.
+            plan = self._policy.before_run(delivery, attempt, self._losses, self._failed)
+        if plan is not None:
+            return plan
         try:
             check_envelope(
                 self._queue, delivery.body, delivery.header.properties.content_encoding, self._limit
@@ -192,27 +183,31 @@ class Dispatcher:
             # requeues it when the channel closes. Never reject it here.
             raise
         except BaseException as exc:
-            plan = self._policy.decide(exc, attempt)
-            if self._immediate and self._policy.retries_now(exc, attempt):
-                plan = await self._retry_now(delivery, attempt, plan)
-                if plan is ACK:
-                    self._record(False)
-                    return ACK
-                exc = plan.error or exc
-            if isinstance(exc, StoreUnavailableError) and self._dependencies is not None:
-                # rabbitflow's own store failed: every consumer that needs it pauses.
-                self._dependencies.fail(exc)
-            span.fail(exc)
-            # A failure of the kind that is retried counts against the downstream even when
-            # this message is not retried (attempts spent, retry = false); a Reject, a bad
-            # payload or a dead_letter_on type is the message's fault, not the downstream's;
-            # a duplicate waiting for its twin (InProgress) is nobody's.
-            retryable = self._policy.action_for(exc) is Action.RETRY
-            self._record(retryable and not isinstance(exc, InProgress))
-            return plan
+            return await self._failed_run(delivery, attempt, exc, span)
         self._record(False)
-        await self._reply(delivery, result)
+        await self._succeeded(delivery, result)
         return ACK
+
+    async def _failed_run(
+        self, delivery: DeliveredMessage, attempt: int, exc: BaseException, span: Scope
+    ) -> Plan:
+        """The plan after the handler raised ``exc`` on ``attempt`` (in-process retries
+        first, when the queue has them and the policy allows)."""
+        policy = self._policy
+        plan = policy.decide(exc, attempt)
+        if self._immediate and policy.retries_now(exc, attempt):
+            plan = await self._retry_now(delivery, attempt, plan)
+            if plan is ACK:
+                self._record(False)
+                return ACK
+            exc = plan.error or exc
+        blame = policy.blame(exc)
+        if blame is Blame.STORE and self._dependencies is not None:
+            assert isinstance(exc, StoreUnavailableError)
+            self._dependencies.fail(exc)
+        span.fail(exc)
+        self._record(blame is Blame.DOWNSTREAM)
+        return plan
 
     async def _retry_now(self, delivery: DeliveredMessage, attempt: int, plan: Plan) -> Plan:
         """In-process retries after ``attempt`` failed (``plan``), each an attempt, the second
@@ -234,12 +229,13 @@ class Dispatcher:
                 if not self._policy.retries_now(error, attempt):
                     return plan
                 continue
-            await self._reply(delivery, result)
+            await self._succeeded(delivery, result)
             return ACK
         return plan
 
-    async def _reply(self, delivery: DeliveredMessage, result: Any) -> None:
-        # The request's reply goes out before the request is acked.
+    async def _succeeded(self, delivery: DeliveredMessage, result: Any) -> None:
+        """The handler returned ``result``; the delivery is not settled yet. The place for
+        work that must be done before the ack (at-least-once): the reply of a request."""
         if (
             self._replier is not None
             and delivery.header.properties.reply_to
@@ -247,23 +243,20 @@ class Dispatcher:
         ):
             await self._replier.reply(delivery, result)
 
-    async def _settle(self, delivery: DeliveredMessage, plan: Plan) -> Action:
-        action = await self._settler.settle(delivery, plan)
+    async def _settle(self, delivery: DeliveredMessage, plan: Plan) -> Plan:
+        """Settle ``plan``; the plan carried out. After it, the place for work that follows
+        a settled delivery (nothing on a success, so far)."""
+        done = await self._settler.settle(delivery, plan)
+        if plan.final and settled_for_good(plan, done):
+            await self._failed_for_good(delivery, plan)
+        return done
+
+    async def _failed_for_good(self, delivery: DeliveredMessage, plan: Plan) -> None:
         # Failed for good, and its DLQ copy is confirmed: the caller of a request learns it
         # now instead of waiting for its timeout.
-        if (
-            action is not Action.ACK
-            and action is plan.action
-            and _final(plan)
-            and plan.error is not None
-            and delivery.header.properties.reply_to
-        ):
-            await self._reply_error(delivery, plan.error)
-        return action
-
-    async def _reply_error(self, delivery: DeliveredMessage, exc: BaseException) -> None:
-        if self._replier is not None:
-            await self._replier.reply_error(delivery, exc)
+        if self._replier is not None and delivery.header.properties.reply_to:
+            assert plan.error is not None
+            await self._replier.reply_error(delivery, plan.error)
 
     def _record(self, failed: bool) -> None:
         if self._breaker is not None:
@@ -348,7 +341,3 @@ def _invoker(spec: DispatchSpec, run: Run) -> Invoke:
             return run((decode(queue, delivery.body, props.content_type),))
 
     return invoke if spec.guard is None else spec.guard.wrap(invoke)
-
-
-def _final(plan: Plan) -> bool:
-    return plan.action is Action.DEAD_LETTER or plan.action is Action.DROP

@@ -7,9 +7,12 @@ They carry no ``x-`` prefix: RabbitMQ reserves that for its own headers (``x-dea
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
+
+from rabbitflow import _clock as clock
 
 ATTEMPT = "rabbitflow-attempt"
 ORIGIN_QUEUE = "rabbitflow-origin-queue"
@@ -87,6 +90,75 @@ def error_type(exc: BaseException | None) -> str:
     if cls.__module__ == "builtins":
         return cls.__qualname__
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def error_stack(exc: BaseException) -> str:
+    """``rabbitflow-error-stack``: the traceback, bounded. Each chunk (a frame, an exception
+    line) to the error-message limit, so that a huge exception message cannot push the frames
+    out; then the whole to the stack limit, keeping the end, where the failure is."""
+    chunks = traceback.TracebackException.from_exception(exc).format()
+    return keep_tail("".join(_bounded_chunk(chunk) for chunk in chunks), ERROR_STACK_LIMIT)
+
+
+def _bounded_chunk(chunk: str) -> str:
+    bounded = keep_head(chunk, ERROR_MESSAGE_LIMIT)
+    return bounded if bounded is chunk or not chunk.endswith("\n") else bounded + "\n"
+
+
+def write_time(epoch: float) -> str:
+    """A time header rabbitflow writes (``-first-failed-at``, ``-due-at``): ISO-8601 UTC to
+    the millisecond, ``Z``-suffixed."""
+    moment = datetime.fromtimestamp(epoch, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def failure_copy(
+    old: Mapping[str, Any] | None,
+    origin: tuple[str, str, str],
+    attempt: int,
+    error: BaseException | None,
+    not_before: str | None,
+    reason: str | None,
+) -> dict[str, Any]:
+    """The headers of a copy written after a failure: ``old``'s carried headers, the origin
+    (queue, exchange, routing key) and first-failure time of the first failure, the attempt
+    the copy carries, the error; with ``reason``, a dead letter's reason and stack."""
+    old = old or {}
+    headers = carried_headers(old)
+    queue, exchange, routing_key = origin
+    if ATTEMPT in old:
+        headers.setdefault(ORIGIN_QUEUE, queue)
+        headers.setdefault(ORIGIN_EXCHANGE, exchange)
+        headers.setdefault(ORIGIN_ROUTING_KEY, routing_key)
+        headers.setdefault(FIRST_FAILED_AT, write_time(clock.now()))
+    else:
+        # A first failure: these headers are rabbitflow's, whatever a publisher put there.
+        headers[ORIGIN_QUEUE] = queue
+        headers[ORIGIN_EXCHANGE] = exchange
+        headers[ORIGIN_ROUTING_KEY] = routing_key
+        headers[FIRST_FAILED_AT] = write_time(clock.now())
+        headers.pop(REPLAY_COUNT, None)
+    headers[ATTEMPT] = attempt
+    headers[ERROR_TYPE] = error_type(error)
+    headers[ERROR_MESSAGE] = keep_head(str(error), ERROR_MESSAGE_LIMIT)
+    if not_before is not None:
+        headers[NOT_BEFORE] = not_before
+    if reason is not None:
+        headers[DEAD_LETTER_REASON] = reason
+        if error is not None:
+            headers[ERROR_STACK] = error_stack(error)
+    return headers
+
+
+def deferred_copy(old: Mapping[str, Any] | None, not_before: str | None) -> dict[str, Any]:
+    """The headers of a deferred copy: ``old``'s own, unchanged (a deferral is not a
+    failure), but the broker's ``x-*``; and the not-before the copy waits for, if given."""
+    headers = (
+        {k: v for k, v in old.items() if not k.startswith(BROKER_HEADERS_PREFIX)} if old else {}
+    )
+    if not_before is not None:
+        headers[NOT_BEFORE] = not_before
+    return headers
 
 
 def read_time(value: object) -> datetime | None:

@@ -1,8 +1,13 @@
 """The one place that decides what happens to a delivery: a complete :class:`Plan`.
 
-The dispatcher asks the policy for a plan (after the handler ran, or instead of running it),
-and the settler carries the plan out without deciding anything. When a plan's copy cannot be
-published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish_failure`).
+The dispatcher asks the policy twice at most: :meth:`OutcomePolicy.before_run` on arrival
+(a plan instead of running the handler, or None), :meth:`OutcomePolicy.decide` when the
+handler failed (``ACK`` when it returned). The settler carries the plan out without deciding
+anything: it publishes the plan's copy (target and headers are in the plan) and acks, or nacks
+after the plan's backoff, and logs and counts what the plan says. When a plan's copy cannot be
+published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish_failure`,
+:meth:`OutcomePolicy.after_frame_too_large`). Which failures count against the downstream
+(the circuit breaker) is :meth:`OutcomePolicy.blame`.
 
 | situation | plan |
 |---|---|
@@ -29,13 +34,16 @@ follows its parent unless it has an entry of its own.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from aiormq.abc import DeliveredMessage
 
 from rabbitflow import _clock as clock
 from rabbitflow import _headers as h
+from rabbitflow._duration import format_duration
 from rabbitflow.errors import (
     CrashLimitReached,
     DecodeError,
@@ -46,9 +54,13 @@ from rabbitflow.errors import (
     Retry,
     StoreUnavailableError,
 )
+from rabbitflow.message import read_attempt
 from rabbitflow.topology._derived import QueueRoutes
 from rabbitflow.topology._model import RetryPolicy
 from rabbitflow.types import ExceptionTypes
+
+if TYPE_CHECKING:
+    from rabbitflow._settle import FailedCopies, Losses
 
 # A copy that could not be published is returned to the queue after this backoff, doubled
 # for each consecutive failure of the same message, up to the cap.
@@ -78,6 +90,28 @@ class Action(enum.Enum):
     EXPIRED = "expired"
 
 
+class Blame(enum.Enum):
+    """Whose failure a handler's exception is (see :meth:`OutcomePolicy.blame`)."""
+
+    NOBODY = "nobody"  # the message's own fault, or a wait that spends no attempt
+    DOWNSTREAM = "downstream"  # counts against the consumer's circuit breaker
+    STORE = "store"  # rabbitflow's own store: every consumer that needs it pauses
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """The line the settler logs once a plan is carried out: the logger's method, the event
+    and its fields (the queue and message id are added by the settler)."""
+
+    method: str
+    event: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+# Writes the headers of a plan's copy from the delivery, the plan and the consumer's queue.
+HeaderWriter = Callable[[DeliveredMessage, "Plan", str], dict[str, Any]]
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Everything the settler needs to settle one delivery; it decides nothing further.
@@ -87,7 +121,13 @@ class Plan:
     time the copy must not run before; ``after`` is the backoff of a ``REQUEUE``, or the wait
     before a copy is published again with its delivery held (0 on a first try);
     ``envelope`` moves the message's own headers into the body of its ``DEAD_LETTER`` copy
-    (see :mod:`rabbitflow._envelope`)."""
+    (see :mod:`rabbitflow._envelope`).
+
+    What the settler does: with ``headers`` (a :data:`HeaderWriter`), publish a copy to
+    ``exchange``/``routing_key`` and ack once it is confirmed; with ``requeue``, nack after
+    ``after``; else ack. Then log ``note`` and count ``count`` (a metric of
+    :class:`rabbitflow._metrics.Metrics` and its label beside the queue). ``final`` marks a
+    delivery that failed for good (``DEAD_LETTER``, ``DROP``)."""
 
     action: Action
     reason: str = ""
@@ -98,12 +138,22 @@ class Plan:
     not_before: str | None = None
     after: float = 0.0
     envelope: bool = False
+    exchange: str = ""
+    routing_key: str = ""
+    headers: HeaderWriter | None = None
+    requeue: bool = False
+    final: bool = False
+    note: Note | None = None
+    count: tuple[str, str] | None = None
 
 
 ACK = Plan(Action.ACK, "ok")
-# Acked without running: nobody waits for the reply, and a request is not a message to keep
-# (no DLQ copy: it could only be replayed to a caller that is gone).
-EXPIRED = Plan(Action.EXPIRED, "its caller gave up waiting")
+# A delivery held while its copy failed, whose channel closed meanwhile: the broker has
+# taken it back (nothing is sent).
+RETURNED = Plan(Action.REQUEUE, "its channel closed while its copy was held")
+
+# How much of an error's text a log line shows.
+LOGGED_TEXT = 200
 
 NOT_BEFORE_OUT_OF_RANGE = "not_before_out_of_range"
 STORE_UNAVAILABLE = "store unavailable"
@@ -170,6 +220,58 @@ class OutcomePolicy:
                 return action
         return Action.RETRY  # unreachable: BaseException is in every MRO
 
+    def attempt(self, delivery: DeliveredMessage, failed: FailedCopies) -> int:
+        """The attempt ``delivery`` runs as: its ``rabbitflow-attempt`` header, or the attempt
+        of its copy that was not published, when that is higher.
+
+        The settler remembers such messages because a classic queue counts no redeliveries:
+        the attempt the copy would have carried still counts, so ``max_attempts`` ends the
+        loop."""
+        headers = delivery.header.properties.headers
+        attempt = read_attempt(headers) if headers else 1
+        if failed.entries:
+            unpublished = failed.plan(delivery)
+            if unpublished is not None and unpublished.attempt > attempt:
+                return unpublished.attempt
+        return attempt
+
+    def before_run(
+        self, delivery: DeliveredMessage, attempt: int, losses: Losses, failed: FailedCopies
+    ) -> Plan | None:
+        """The plan of a delivery that must not run (None: run the handler), in this order:
+        parked after ``crash_limit`` connection losses, deferred while its not-before is
+        ahead, dead-lettered again when its DLQ copy was not published, settled unrun when
+        it is a request whose caller gave up. A few tests on the hot path: each reads a
+        header or a memory only when there is something in it."""
+        if losses.counts:
+            parked = self.after_connection_losses(losses.of(delivery), attempt)
+            if parked is not None:
+                return parked
+        headers = delivery.header.properties.headers
+        if headers and h.NOT_BEFORE in headers:
+            value = headers[h.NOT_BEFORE]
+            not_before = h.read_epoch(value)
+            now = clock.now()
+            if not_before is not None and not_before > now:
+                text = value if isinstance(value, str) else _iso_at(not_before)
+                return self.defer(attempt, not_before, now, text)
+        if failed.entries:
+            unpublished = failed.plan(delivery)
+            if unpublished is not None and unpublished.final:
+                return unpublished  # already due for the DLQ: it goes there without running
+        if expired(headers):
+            # Acked without running: nobody waits for the reply, and a request is not a
+            # message to keep (no DLQ copy: it could only be replayed to a caller that is
+            # gone).
+            assert headers is not None
+            note = Note(
+                "warning",
+                "request expired before it ran: its caller gave up waiting",
+                {"deadline": _text(headers[h.DEADLINE])},
+            )
+            return Plan(Action.EXPIRED, "its caller gave up waiting", attempt, note=note)
+        return None
+
     def decide(self, exc: BaseException, attempt: int) -> Plan:
         """The plan for a delivery whose handler failed on ``attempt``."""
         action = self.action_for(exc)
@@ -180,7 +282,8 @@ class OutcomePolicy:
         if isinstance(exc, Retry) and not exc.spends_attempt and exc.delay_ms is not None:
             # Not the handler's failure: the message waits, whatever attempts it has left.
             now = clock.now()
-            return self.defer(attempt, now + exc.delay_ms / 1000, now, set_not_before=True)
+            due = now + exc.delay_ms / 1000
+            return self.defer(attempt, due, now, _iso_after(exc.delay_ms), write=True)
         if not self.retry.enabled:
             return self.dead_letter(exc, attempt, "retries disabled")
         if attempt >= self.retry.max_attempts:
@@ -199,22 +302,46 @@ class OutcomePolicy:
         delay, tier = self.routes.tier_at_least(wanted)
         # Beyond the largest tier the copy carries a not-before and hops tiers until it is due.
         not_before = _iso_after(wanted) if wanted > delay else None
-        return Plan(Action.RETRY, "retry", attempt + 1, exc, tier, delay, not_before)
+        duration = format_duration(delay)
+        note = Note(
+            "warning",
+            "retry scheduled",
+            {
+                "attempt": attempt,
+                "next_attempt": attempt + 1,
+                "delay": duration,
+                "not_before": not_before,
+                "error": h.error_type(exc),
+                "reason": h.keep_head(str(exc), LOGGED_TEXT),
+            },
+        )
+        return Plan(
+            Action.RETRY,
+            "retry",
+            attempt + 1,
+            exc,
+            tier,
+            delay,
+            not_before,
+            routing_key=tier,
+            headers=_retry_headers,
+            note=note,
+            count=("retries", duration),
+        )
 
     def defer(
-        self, attempt: int, not_before: float, now: float, *, set_not_before: bool = False
+        self, attempt: int, not_before: float, now: float, text: str, *, write: bool = False
     ) -> Plan:
-        """The plan for a delivery that must not run before ``not_before`` (epoch s): its
-        ``rabbitflow-not-before`` header is still ahead, or (``set_not_before``) a wait that
-        spends no attempt asks for one."""
+        """The plan for a delivery that must not run before ``not_before`` (epoch s, ``text``
+        as written): its ``rabbitflow-not-before`` header is still ahead, or (``write``) a
+        wait that spends no attempt asks for one, written on the copy."""
         remaining_ms = int((not_before - now) * 1000)
         if remaining_ms > self._max_defer_ms or not self.routes.tiers:
             error = DeferralOutOfRange(self.queue, remaining_ms, self._max_defer_ms)
             return self.dead_letter(error, attempt, NOT_BEFORE_OUT_OF_RANGE)
         # Hop through tiers that do not overshoot, so the message runs close to not-before.
         delay, tier = self.routes.tier_at_most(max(remaining_ms, 0))
-        header = _iso_after(remaining_ms) if set_not_before else None
-        return Plan(Action.DEFER, "not before", attempt, None, tier, delay, header)
+        return self._deferral("not before", attempt, None, tier, delay, text, write)
 
     def store_wait(self, exc: BaseException, attempt: int) -> Plan:
         """The plan for a delivery whose store did not answer: it waits, attempt unspent.
@@ -223,9 +350,35 @@ class OutcomePolicy:
         so it costs nothing against a quorum queue's delivery limit. A queue without tiers
         (a stream) gets it back after a backoff instead."""
         if not self.routes.tiers:
-            return Plan(Action.REQUEUE, STORE_UNAVAILABLE, attempt, exc, after=REQUEUE_BACKOFF)
+            return Plan(
+                Action.REQUEUE, STORE_UNAVAILABLE, attempt, exc, after=REQUEUE_BACKOFF, requeue=True
+            )
         delay, tier = self.routes.tier_at_most(STORE_WAIT_MS)
-        return Plan(Action.DEFER, STORE_UNAVAILABLE, attempt, exc, tier, delay)
+        return self._deferral(STORE_UNAVAILABLE, attempt, exc, tier, delay, None, False)
+
+    def _deferral(
+        self,
+        reason: str,
+        attempt: int,
+        exc: BaseException | None,
+        tier: str,
+        delay: int,
+        text: str | None,
+        write: bool,
+    ) -> Plan:
+        note = Note("debug", "deferred: not before its time", {"tier": tier, "not_before": text})
+        return Plan(
+            Action.DEFER,
+            reason,
+            attempt,
+            exc,
+            tier,
+            delay,
+            text,
+            routing_key=tier,
+            headers=_deferred_headers_writing if write else _deferred_headers,
+            note=note,
+        )
 
     def retries_now(self, exc: BaseException, attempt: int) -> bool:
         """Whether a failure on ``attempt`` may be retried in process (``immediate_retries``).
@@ -238,10 +391,43 @@ class OutcomePolicy:
             and not isinstance(exc, Retry | HandlerTimeout)
         )
 
+    def blame(self, exc: BaseException) -> Blame:
+        """Whose failure ``exc`` is. A failure of the kind that is retried counts against the
+        downstream even when this message is not retried (attempts spent, retry = false); a
+        ``Reject``, a bad payload or a ``dead_letter_on`` type is the message's fault, not
+        the downstream's; a wait that spends no attempt (a duplicate waiting for its twin)
+        is nobody's; a failure of rabbitflow's own store pauses the consumers that need it."""
+        if isinstance(exc, StoreUnavailableError):
+            return Blame.STORE
+        if self.action_for(exc) is not Action.RETRY:
+            return Blame.NOBODY
+        if isinstance(exc, Retry) and not exc.spends_attempt:
+            return Blame.NOBODY
+        return Blame.DOWNSTREAM
+
     def dead_letter(self, exc: BaseException | None, attempt: int, reason: str) -> Plan:
         """Dead-letter, or drop (loudly) when the queue has no DLQ."""
-        action = Action.DEAD_LETTER if self.routes.dead_letter_exchange else Action.DROP
-        return Plan(action, reason, attempt, exc)
+        kind, detail = h.error_type(exc), h.keep_head(str(exc), LOGGED_TEXT)
+        count = ("dead_lettered", kind)
+        dlx = self.routes.dead_letter_exchange
+        if not dlx:
+            fields = {"attempt": attempt, "error": kind, "reason": reason}
+            note = Note("error", "message dropped: the queue has dead_letter = false", fields)
+            return Plan(Action.DROP, reason, attempt, exc, final=True, note=note, count=count)
+        fields = {"attempt": attempt, "error": kind, "reason": reason, "detail": detail}
+        return Plan(
+            Action.DEAD_LETTER,
+            reason,
+            attempt,
+            exc,
+            # The DLX routes a dead letter by the name of the queue it failed in.
+            exchange=dlx,
+            routing_key=self.queue,
+            headers=_dead_letter_headers,
+            final=True,
+            note=Note("error", "message dead-lettered", fields),
+            count=count,
+        )
 
     def after_publish_failure(self, plan: Plan, failures: int, held: float | None = None) -> Plan:
         """The plan once ``plan``'s copy failed to publish for the ``failures``-th time.
@@ -256,7 +442,9 @@ class OutcomePolicy:
         if held is not None and held + after <= self._hold_limit:
             return replace(plan, after=after)
         reason = f"{plan.action.value} copy not published"
-        return Plan(Action.REQUEUE, reason, plan.attempt, plan.error, plan.tier, after=after)
+        return Plan(
+            Action.REQUEUE, reason, plan.attempt, plan.error, plan.tier, after=after, requeue=True
+        )
 
     def after_frame_too_large(self, plan: Plan, error: FrameTooLarge) -> Plan | None:
         """The plan once ``plan``'s copy did not fit in a frame without its error details.
@@ -268,14 +456,13 @@ class OutcomePolicy:
         of at least 4 KiB rules out): the copy failed like any unpublished copy."""
         if plan.envelope:
             return None
-        if plan.action is Action.DEAD_LETTER or plan.action is Action.DROP:
+        if plan.final:
             reason, attempt = f"{plan.reason}; {HEADERS_MOVED}", plan.attempt
         else:
             # A retry copy carries the next attempt; the dead letter the one that ran.
             reason = HEADERS_MOVED
             attempt = plan.attempt - 1 if plan.action is Action.RETRY else plan.attempt
-        dead = self.dead_letter(plan.error or error, attempt, reason)
-        return Plan(dead.action, dead.reason, dead.attempt, dead.error, envelope=True)
+        return replace(self.dead_letter(plan.error or error, attempt, reason), envelope=True)
 
     def after_connection_losses(self, losses: int, attempt: int) -> Plan | None:
         """The plan of a delivery whose message was in hand when the connection was lost,
@@ -290,16 +477,6 @@ class OutcomePolicy:
         error = CrashLimitReached(self.queue, losses, self.crash_limit)
         reason = f"connection lost {losses} times while this message was in hand"
         return self.dead_letter(error, attempt, reason)
-
-    def resume(self, failed: Plan, attempt: int) -> tuple[Plan | None, int]:
-        """What to do with the redelivery of a message whose ``failed`` copy was not published.
-
-        The settler remembers such messages, because a classic queue counts no redeliveries:
-        the attempt the copy would have carried still counts, so ``max_attempts`` ends the
-        loop. A message already due for the DLQ goes there again without running."""
-        if failed.action is Action.DEAD_LETTER or failed.action is Action.DROP:
-            return failed, attempt
-        return None, max(attempt, failed.attempt)
 
     def _dead_letter_reason(self, exc: BaseException) -> str:
         if isinstance(exc, Reject):
@@ -332,5 +509,59 @@ def hold_limit(consumer_timeout_ms: int | None) -> float:
     return min(HOLD_LIMIT, consumer_timeout_ms / 4000)
 
 
+def settled_for_good(planned: Plan, done: Plan) -> bool:
+    """Whether a delivery failed for good and was settled as planned (its DLQ copy
+    confirmed, or dropped): the caller of a request then learns it at once."""
+    return planned.final and done.action is planned.action and planned.error is not None
+
+
 def _iso_after(delay_ms: int) -> str:
-    return datetime.fromtimestamp(clock.utcnow().timestamp() + delay_ms / 1000, UTC).isoformat()
+    return _iso_at(clock.utcnow().timestamp() + delay_ms / 1000)
+
+
+def _iso_at(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def _origin(delivery: DeliveredMessage, queue: str) -> tuple[str, str, str]:
+    return queue, delivery.exchange or "", delivery.routing_key or ""
+
+
+def _due_at(plan: Plan) -> str:
+    # When the copy leaves its tier: what `rabbitflow retries list` shows as due.
+    return h.write_time(clock.now() + plan.delay_ms / 1000)
+
+
+def _retry_headers(delivery: DeliveredMessage, plan: Plan, queue: str) -> dict[str, Any]:
+    old = delivery.header.properties.headers
+    headers = h.failure_copy(
+        old, _origin(delivery, queue), plan.attempt, plan.error, plan.not_before, None
+    )
+    headers[h.DUE_AT] = _due_at(plan)
+    return headers
+
+
+def _deferred_headers(delivery: DeliveredMessage, plan: Plan, queue: str) -> dict[str, Any]:
+    # A not-before still ahead is carried as it is, with the message's other headers.
+    headers = h.deferred_copy(delivery.header.properties.headers, None)
+    headers[h.DUE_AT] = _due_at(plan)
+    return headers
+
+
+def _deferred_headers_writing(delivery: DeliveredMessage, plan: Plan, queue: str) -> dict[str, Any]:
+    headers = h.deferred_copy(delivery.header.properties.headers, plan.not_before)
+    headers[h.DUE_AT] = _due_at(plan)
+    return headers
+
+
+def _dead_letter_headers(delivery: DeliveredMessage, plan: Plan, queue: str) -> dict[str, Any]:
+    old = delivery.header.properties.headers
+    return h.failure_copy(
+        old, _origin(delivery, queue), plan.attempt, plan.error, plan.not_before, plan.reason
+    )

@@ -9,23 +9,19 @@ What to do is decided by :class:`rabbitflow._outcome.OutcomePolicy`; this module
 from __future__ import annotations
 
 import asyncio
-import traceback
 from collections import OrderedDict
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
-from rabbitflow import _clock as clock
 from rabbitflow import _envelope as envelope
 from rabbitflow import _headers as h
 from rabbitflow._border import NACKED
 from rabbitflow._broker_version import Returns
-from rabbitflow._duration import format_duration
 from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Metrics
-from rabbitflow._outcome import Action, OutcomePolicy, Plan
+from rabbitflow._outcome import RETURNED, OutcomePolicy, Plan
 from rabbitflow._publisher import Publisher, copy_properties
 from rabbitflow._tracing import get_tracing
 from rabbitflow.errors import FrameTooLarge, PublishError
@@ -193,38 +189,61 @@ class Losses:
         self.counts.pop(_identity(delivery), None)
 
 
-def _now() -> str:
-    return clock.utcnow().isoformat(timespec="milliseconds").replace("+00:00", "Z")
+class FailedCopies:
+    """The messages of one channel whose copy could not be published, by identity (see
+    :func:`_identity`): the plan whose copy failed, how many times in a row, and the delivery
+    tag in hand since when (loop time).
 
+    The settler records each failure and forgets a message once it is settled; the policy
+    reads the failed plan when the message comes back (:meth:`OutcomePolicy.attempt`,
+    :meth:`OutcomePolicy.before_run`). Bounded; empty, and free, in normal operation."""
 
-def _iso_in(delay_ms: int) -> str:
-    # When a copy leaves its tier: what `rabbitflow retries list` shows as due.
-    due = datetime.fromtimestamp(clock.now() + delay_ms / 1000, UTC)
-    return due.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    __slots__ = ("entries",)
 
+    def __init__(self) -> None:
+        self.entries: OrderedDict[object, tuple[Plan, int, int, float]] = OrderedDict()
 
-_bounded = h.keep_head
+    def plan(self, delivery: DeliveredMessage) -> Plan | None:
+        """The plan whose copy failed the last time ``delivery``'s message was in hand."""
+        entry = self.entries.get(_identity(delivery))
+        return entry[0] if entry is not None else None
+
+    def record(self, delivery: DeliveredMessage, plan: Plan, now: float) -> tuple[int, float]:
+        """``plan``'s copy failed once more: the failures in a row and since when (loop
+        time) this delivery has been in hand with its copy failing."""
+        key = _identity(delivery)
+        tag = delivery.delivery_tag or 0
+        _, failures, held_tag, since = self.entries.pop(key, (plan, 0, 0, now))
+        if held_tag != tag:
+            since = now  # a new delivery of the message: its own time in hand starts now
+        self.entries[key] = (replace(plan, after=0.0), failures + 1, tag, since)
+        while len(self.entries) > FAILED_MEMORY:
+            self.entries.popitem(last=False)
+        return failures + 1, since
+
+    def forget(self, delivery: DeliveredMessage) -> None:
+        self.entries.pop(_identity(delivery), None)
 
 
 class Settler:
     """Carries out the :class:`Plan` of each delivery of one consumer; decides nothing.
 
-    The only branch on what to do is the ``match`` in :meth:`settle`. A copy that cannot be
-    published goes back to the policy, whose answer (a ``REQUEUE``) is carried out in turn.
-    """
+    A plan with a copy is published to the plan's target with the plan's headers, then the
+    original is acked; a ``requeue`` plan is nacked after its backoff; any other is acked.
+    What is logged and counted is the plan's. A copy that cannot be published goes back to
+    the policy, whose answer is carried out in turn."""
 
     __slots__ = (
-        "_failed",
         "_publish_failures",
         "_refused",
         "acker",
+        "failed",
         "losses",
         "metrics",
         "policy",
         "publisher",
         "queue",
         "repairer",
-        "routes",
     )
 
     def __init__(
@@ -238,93 +257,48 @@ class Settler:
     ) -> None:
         self.policy = policy
         self.queue = policy.queue
-        self.routes = policy.routes
         self.acker = acker
         self.publisher = publisher
         self.metrics = metrics
         self.repairer = repairer
-        # Messages whose copy could not be published, by identity: their last plan, how many
-        # times in a row it failed, and the delivery tag in hand since when (loop time).
-        # Bounded; empty in normal operation.
-        self._failed: OrderedDict[object, tuple[Plan, int, int, float]] = OrderedDict()
+        self.failed = FailedCopies()
         self._publish_failures = metrics.publish_failures if metrics is not None else None
         self.losses = losses if losses is not None else Losses()
         self._refused = False  # the last copy that failed was refused (basic.nack)
 
-    @property
-    def failing(self) -> bool:
-        """Whether some message's copy failed to publish and has not been settled since."""
-        return bool(self._failed)
+    async def settle(self, delivery: DeliveredMessage, plan: Plan) -> Plan:
+        """Carry out ``plan``; return the plan that was carried out (another one when its
+        copy could not be published: the policy's answer)."""
+        if plan.headers is not None:
+            return await self._copy(delivery, plan, plan.headers(delivery, plan, self.queue))
+        if plan.requeue:
+            # The delivery stays in hand during the backoff: a missing target does not
+            # turn into a hot redelivery loop, and a crash now returns it all the same.
+            # basic.nack: RabbitMQ 4.3+ does not count it toward the delivery limit;
+            # earlier versions do, so there the policy asks for this only past the hold
+            # limit (see OutcomePolicy.after_publish_failure).
+            await asyncio.sleep(plan.after)
+            try:
+                await self.acker.nack(delivery.delivery_tag or 0, requeue=True)
+            except Exception as exc:
+                log.debug("nack dropped on a closed channel", error=repr(exc))
+            return plan
+        self._done(delivery, plan)
+        return plan
 
-    def failed_plan(self, delivery: DeliveredMessage) -> Plan | None:
-        """The plan whose copy failed the last time ``delivery`` was in hand, if any."""
-        entry = self._failed.get(_identity(delivery))
-        return entry[0] if entry is not None else None
-
-    async def settle(self, delivery: DeliveredMessage, plan: Plan) -> Action:
-        """Carry out ``plan``; return the action that was taken."""
-        match plan.action:
-            case Action.ACK:
-                self.acker.ack(delivery.delivery_tag or 0)
-                if self._failed:
-                    self._failed.pop(_identity(delivery), None)
-                if self.losses.counts:
-                    self.losses.forget(delivery)
-                return Action.ACK
-            case Action.RETRY:
-                headers = self._failure_headers(delivery, plan, stack=False)
-                headers[h.DUE_AT] = _iso_in(plan.delay_ms)
-                return await self._copy(delivery, plan, "", plan.tier, headers)
-            case Action.DEFER:
-                headers = _deferred_headers(delivery)
-                if plan.not_before is not None:
-                    headers[h.NOT_BEFORE] = plan.not_before
-                headers[h.DUE_AT] = _iso_in(plan.delay_ms)
-                return await self._copy(delivery, plan, "", plan.tier, headers)
-            case Action.DEAD_LETTER:
-                headers = self._failure_headers(delivery, plan, stack=True)
-                dlx = self.routes.dead_letter_exchange or ""
-                return await self._copy(delivery, plan, dlx, self.queue, headers)
-            case Action.DROP:
-                self._done(delivery, plan)
-                return Action.DROP
-            case Action.EXPIRED:
-                self._done(delivery, plan)
-                return Action.EXPIRED
-            case Action.REQUEUE:
-                # The delivery stays in hand during the backoff: a missing target does not
-                # turn into a hot redelivery loop, and a crash now returns it all the same.
-                # basic.nack: RabbitMQ 4.3+ does not count it toward the delivery limit;
-                # earlier versions do, so there the policy asks for this only past the hold
-                # limit (see OutcomePolicy.after_publish_failure).
-                await asyncio.sleep(plan.after)
-                try:
-                    await self.acker.nack(delivery.delivery_tag or 0, requeue=True)
-                except Exception as exc:
-                    log.debug("nack dropped on a closed channel", error=repr(exc))
-                return Action.REQUEUE
-        raise AssertionError(plan.action)  # pragma: no cover
-
-    async def _copy(
-        self,
-        delivery: DeliveredMessage,
-        plan: Plan,
-        exchange: str,
-        routing_key: str,
-        headers: dict[str, Any],
-    ) -> Action:
+    async def _copy(self, delivery: DeliveredMessage, plan: Plan, headers: dict[str, Any]) -> Plan:
         """Publish ``plan``'s copy, then ack the original; on failure, ask the policy."""
         if plan.after:
             # A copy that failed before, published again with the delivery still in hand,
             # unless its channel closed meanwhile: the broker has taken it back then.
             await asyncio.sleep(plan.after)
             if self.acker.lost:
-                return Action.REQUEUE
+                return RETURNED
             if self._refused:
                 # RabbitMQ 3.10 refuses every later publish to that queue on the channel
                 # that was refused, even once the queue takes messages again.
                 await self.publisher.renew()
-        error = await self._republish(delivery, plan, exchange, routing_key, headers)
+        error = await self._republish(delivery, plan, headers)
         if isinstance(error, FrameTooLarge):
             instead = self.policy.after_frame_too_large(plan, error)
             if instead is not None:
@@ -335,33 +309,27 @@ class Settler:
             error is not None
             and error.missing
             and repairer is not None
-            and await repairer.repair(self.queue, exchange, routing_key, error)
+            and await repairer.repair(self.queue, plan.exchange, plan.routing_key, error)
         ):
-            error = await self._republish(delivery, plan, exchange, routing_key, headers)
+            # The mechanism of a copy whose target is missing: declare it, publish again.
+            error = await self._republish(delivery, plan, headers)
         if error is None:
             self._done(delivery, plan)
-            return plan.action
-        key = _identity(delivery)
-        tag = delivery.delivery_tag or 0
+            return plan
         now = asyncio.get_running_loop().time()
-        _, failures, held_tag, since = self._failed.pop(key, (plan, 0, 0, now))
-        if held_tag != tag:
-            since = now  # a new delivery of the message: its own time in hand starts now
-        self._failed[key] = (replace(plan, after=0.0), failures + 1, tag, since)
-        while len(self._failed) > FAILED_MEMORY:
-            self._failed.popitem(last=False)
+        failures, since = self.failed.record(delivery, plan, now)
         held = now - since if self.acker.returns is Returns.COUNTED else None
-        fallback = self.policy.after_publish_failure(plan, failures + 1, held)
+        fallback = self.policy.after_publish_failure(plan, failures, held)
         self._refused = error.reason == NACKED
         log.error(
             "could not publish the copy; the message goes back to its queue"
-            if fallback.action is Action.REQUEUE
+            if fallback.requeue
             else "could not publish the copy; the message stays in hand, published again",
             queue=self.queue,
             message_id=delivery.header.properties.message_id,
             planned=plan.action.value,
-            target=routing_key if not exchange else f"{exchange}/{routing_key}",
-            failures=failures + 1,
+            target=plan.routing_key if not plan.exchange else f"{plan.exchange}/{plan.routing_key}",
+            failures=failures,
             retry_in=fallback.after,
             error=error.reason,
         )
@@ -372,109 +340,22 @@ class Settler:
     def _done(self, delivery: DeliveredMessage, plan: Plan) -> None:
         """The plan's copy is confirmed (or none was needed): ack, forget, log, count."""
         self.acker.ack(delivery.delivery_tag or 0)
-        if self._failed:
-            self._failed.pop(_identity(delivery), None)
+        if self.failed.entries:
+            self.failed.forget(delivery)
         if self.losses.counts:
             self.losses.forget(delivery)
-        self._log(delivery, plan)
-        metrics = self.metrics
-        if metrics is None:
-            return
-        if plan.action is Action.RETRY:
-            metrics.retries.labels(self.queue, format_duration(plan.delay_ms)).inc()
-        elif plan.action is Action.DEAD_LETTER or plan.action is Action.DROP:
-            metrics.dead_lettered.labels(self.queue, h.error_type(plan.error)).inc()
-
-    def _log(self, delivery: DeliveredMessage, plan: Plan) -> None:
-        props = delivery.header.properties
-        match plan.action:
-            case Action.ACK:
-                log.debug(
-                    "handled", queue=self.queue, message_id=props.message_id, attempt=plan.attempt
-                )
-            case Action.RETRY:
-                log.warning(
-                    "retry scheduled",
-                    queue=self.queue,
-                    attempt=plan.attempt - 1,
-                    next_attempt=plan.attempt,
-                    delay=format_duration(plan.delay_ms),
-                    not_before=plan.not_before,
-                    message_id=props.message_id,
-                    error=h.error_type(plan.error),
-                    reason=_bounded(str(plan.error), 200),
-                )
-            case Action.DEFER:
-                log.debug(
-                    "deferred: not before its time",
-                    queue=self.queue,
-                    message_id=props.message_id,
-                    tier=plan.tier,
-                    not_before=_text((props.headers or {}).get(h.NOT_BEFORE)),
-                )
-            case Action.DEAD_LETTER:
-                log.error(
-                    "message dead-lettered",
-                    queue=self.queue,
-                    message_id=props.message_id,
-                    attempt=plan.attempt,
-                    error=h.error_type(plan.error),
-                    reason=plan.reason,
-                    detail=_bounded(str(plan.error), 200),
-                )
-            case Action.EXPIRED:
-                log.warning(
-                    "request expired before it ran: its caller gave up waiting",
-                    queue=self.queue,
-                    message_id=props.message_id,
-                    deadline=_text((props.headers or {}).get(h.DEADLINE)),
-                )
-            case Action.DROP:
-                log.error(
-                    "message dropped: the queue has dead_letter = false",
-                    queue=self.queue,
-                    message_id=props.message_id,
-                    attempt=plan.attempt,
-                    error=h.error_type(plan.error),
-                    reason=plan.reason,
-                )
-
-    def _failure_headers(
-        self, delivery: DeliveredMessage, plan: Plan, *, stack: bool
-    ) -> dict[str, Any]:
-        old = delivery.header.properties.headers or {}
-        headers = h.carried_headers(old)
-        if h.ATTEMPT in old:
-            headers.setdefault(h.ORIGIN_QUEUE, self.queue)
-            headers.setdefault(h.ORIGIN_EXCHANGE, delivery.exchange or "")
-            headers.setdefault(h.ORIGIN_ROUTING_KEY, delivery.routing_key or "")
-            headers.setdefault(h.FIRST_FAILED_AT, _now())
-        else:
-            # A first failure: these headers are rabbitflow's, whatever a publisher put there.
-            headers[h.ORIGIN_QUEUE] = self.queue
-            headers[h.ORIGIN_EXCHANGE] = delivery.exchange or ""
-            headers[h.ORIGIN_ROUTING_KEY] = delivery.routing_key or ""
-            headers[h.FIRST_FAILED_AT] = _now()
-            headers.pop(h.REPLAY_COUNT, None)
-        headers[h.ATTEMPT] = plan.attempt
-        exc = plan.error
-        headers[h.ERROR_TYPE] = h.error_type(exc)
-        headers[h.ERROR_MESSAGE] = _bounded(str(exc), h.ERROR_MESSAGE_LIMIT)
-        if plan.not_before is not None:
-            headers[h.NOT_BEFORE] = plan.not_before
-        if stack:
-            headers[h.DEAD_LETTER_REASON] = plan.reason
-            if exc is not None:
-                headers[h.ERROR_STACK] = _stack(exc)
-        return headers
+        note = plan.note
+        if note is not None:
+            message_id = delivery.header.properties.message_id
+            getattr(log, note.method)(
+                note.event, queue=self.queue, message_id=message_id, **note.fields
+            )
+        count = plan.count
+        if count is not None and self.metrics is not None:
+            getattr(self.metrics, count[0]).labels(self.queue, count[1]).inc()
 
     async def _republish(
-        self,
-        delivery: DeliveredMessage,
-        plan: Plan,
-        exchange: str,
-        routing_key: str,
-        headers: dict[str, Any],
+        self, delivery: DeliveredMessage, plan: Plan, headers: dict[str, Any]
     ) -> PublishError | None:
         """Publish the copy and wait for its confirm; the error when it was not confirmed.
 
@@ -489,6 +370,7 @@ class Settler:
             body = envelope.wrap(properties, body)
         else:
             properties = copy_properties(props, headers)
+        exchange, routing_key = plan.exchange, plan.routing_key
         try:
             with get_tracing().publish_span(exchange, routing_key, headers, props.message_id):
                 trimmed = await self.publisher.send_fitted(
@@ -525,28 +407,3 @@ def _identity(delivery: DeliveredMessage) -> object:
     # Redeliveries carry the same message_id and body; the tag changes with every delivery.
     message_id = delivery.header.properties.message_id
     return message_id if message_id else hash((delivery.routing_key, delivery.body))
-
-
-def _deferred_headers(delivery: DeliveredMessage) -> dict[str, Any]:
-    headers = delivery.header.properties.headers or {}
-    return {k: v for k, v in headers.items() if not k.startswith(h.BROKER_HEADERS_PREFIX)}
-
-
-def _text(value: object) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value if isinstance(value, str) else None
-
-
-def _stack(exc: BaseException) -> str:
-    """The traceback, bounded: each chunk (a frame, an exception line) to the error-message
-    limit, so that a huge exception message cannot push the frames out; then the whole to
-    the stack limit, keeping the end, where the failure is."""
-    chunks = traceback.TracebackException.from_exception(exc).format()
-    text = "".join(_bounded_chunk(chunk) for chunk in chunks)
-    return h.keep_tail(text, h.ERROR_STACK_LIMIT)
-
-
-def _bounded_chunk(chunk: str) -> str:
-    bounded = _bounded(chunk, h.ERROR_MESSAGE_LIMIT)
-    return bounded if bounded is chunk or not chunk.endswith("\n") else bounded + "\n"

@@ -22,7 +22,7 @@ from pamqp.header import ContentHeader
 
 from rabbitflow import _envelope as envelope
 from rabbitflow import _headers as h
-from rabbitflow._outcome import ACK, HEADERS_MOVED, Action, OutcomePolicy, Plan
+from rabbitflow._outcome import ACK, HEADERS_MOVED, Action, OutcomePolicy
 from rabbitflow._publisher import (
     Publisher,
     copy_properties,
@@ -238,7 +238,15 @@ def test_a_retry_that_does_not_fit_is_dead_lettered_in_an_envelope() -> None:
 
     instead = _policy().after_frame_too_large(retry, FrameTooLarge("", "t", 140_000, 131_072))
 
-    assert instead == Plan(Action.DEAD_LETTER, HEADERS_MOVED, 1, error, envelope=True)
+    assert instead is not None
+    assert (instead.action, instead.reason, instead.attempt, instead.error, instead.envelope) == (
+        Action.DEAD_LETTER,
+        HEADERS_MOVED,
+        1,
+        error,
+        True,
+    )
+    assert (instead.exchange, instead.routing_key) == ("dlx", "work")
 
 
 def test_a_dead_letter_that_does_not_fit_keeps_its_reason() -> None:
