@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = get_logger("rabbitflow.settle")
 
-# Messages whose copy failed to publish that a settler remembers (see Settler._failed).
+# Messages whose copy failed to publish that a settler remembers (see FailedCopies).
 FAILED_MEMORY = 10_000
 # Messages in hand at a connection loss that a queue remembers (see Losses).
 LOSS_MEMORY = 10_000
