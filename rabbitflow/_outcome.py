@@ -259,11 +259,10 @@ class OutcomePolicy:
             unpublished = failed.plan(delivery)
             if unpublished is not None and unpublished.final:
                 return unpublished  # already due for the DLQ: it goes there without running
-        if expired(headers):
+        if headers and h.DEADLINE in headers and expired(headers):
             # Acked without running: nobody waits for the reply, and a request is not a
             # message to keep (no DLQ copy: it could only be replayed to a caller that is
             # gone).
-            assert headers is not None
             note = Note(
                 "warning",
                 "request expired before it ran: its caller gave up waiting",
