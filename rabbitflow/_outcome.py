@@ -26,6 +26,11 @@ published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish
 | its copy does not fit in a frame without its error details | ``DEAD_LETTER``, ``envelope`` |
 | a request past its ``rabbitflow-deadline`` (its caller gave up) | ``EXPIRED``, not run |
 | in hand at ``crash_limit`` connection losses in a row | ``DEAD_LETTER`` (parked, not run) |
+| back after its DLQ copy was not published | the same ``DEAD_LETTER``, not run |
+| back after its retry copy was not published | run, as the attempt the copy carried |
+
+``before_run`` answers the rows of a delivery that does not run (crash limit, not-before,
+DLQ copy not published, deadline, in this order); ``decide`` the rows of a failed handler.
 
 The table is built once per consumer; a failure walks its exception's MRO so that a subclass
 follows its parent unless it has an entry of its own.
@@ -322,7 +327,7 @@ class OutcomePolicy:
             tier,
             delay,
             not_before,
-            routing_key=tier,
+            routing_key=tier,  # through the default exchange, straight to the tier queue
             headers=_retry_headers,
             note=note,
             count=("retries", duration),
@@ -374,7 +379,7 @@ class OutcomePolicy:
             tier,
             delay,
             text,
-            routing_key=tier,
+            routing_key=tier,  # through the default exchange, straight to the tier queue
             headers=_deferred_headers_writing if write else _deferred_headers,
             note=note,
         )
