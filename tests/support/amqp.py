@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from rabbitflow import App
 from rabbitflow.topology import derive
 from rabbitflow.topology._declare import declare
+from tests.support.waiting import eventually
 
 
 def _message(
@@ -129,6 +130,16 @@ async def message_counts_async(url: str, queues: Iterable[str]) -> dict[str, int
 
 def message_counts(url: str, queues: Iterable[str]) -> dict[str, int]:
     return asyncio.run(message_counts_async(url, queues))
+
+
+async def wait_ready(url: str, queue: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until ``queue`` holds at least ``count`` ready messages (a copy's confirm, a
+    dead-lettering, or a closed channel's return reaches the queue a little later)."""
+
+    async def reached() -> bool:
+        return (await message_counts_async(url, [queue]))[queue] >= count
+
+    await eventually(reached, f"{count} ready messages in {queue}", timeout)
 
 
 async def declare_topology(app: App, url: str) -> None:

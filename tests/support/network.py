@@ -1,9 +1,12 @@
-"""Sockets of a test: free ports, HTTP GET, and a gate in front of the broker."""
+"""Sockets of a test: free ports, whether a port answers, a server that never answers, HTTP
+GET, and a gate in front of the broker."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -66,10 +69,39 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 def free_port() -> int:
+    """A port nothing listens on (yet): a connection to it is refused at once."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Does something accept TCP connections on ``host:port``?"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """The port of a server that accepts connections and never answers (a hung store, a
+    broker that never finishes the handshake); its sockets are closed on exit."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
