@@ -9,7 +9,7 @@ uses aio-pika on a fresh vhost; the memory side the aiormq-shaped channels of
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -129,6 +129,18 @@ async def bodies(backend: Backend, queue: str) -> list[bytes]:
     return [got.body for got in await drain(backend, queue)]
 
 
+async def confirmed(publish: Awaitable[object]) -> str:
+    """What the broker answered a publish with confirms: ``ack``, ``nack``, or ``returned``
+    (mandatory and unroutable)."""
+    try:
+        await publish
+    except aiormq.exceptions.PublishError:
+        return "returned"
+    except aiormq.exceptions.DeliveryError:
+        return "nack"
+    return "ack"
+
+
 # -- the two backends ----------------------------------------------------------------------
 
 
@@ -161,19 +173,15 @@ class MemoryBackend:
             headers=headers,
             expiration=str(expiration_ms) if expiration_ms is not None else None,
         )
-        try:
-            await self.channel.basic_publish(
+        return await confirmed(
+            self.channel.basic_publish(
                 body,
                 exchange=exchange,
                 routing_key=routing_key,
                 properties=properties,
                 mandatory=mandatory,
             )
-        except aiormq.exceptions.PublishError:
-            return "returned"
-        except aiormq.exceptions.DeliveryError:
-            return "nack"
-        return "ack"
+        )
 
     async def get(self, queue: str) -> Got | None:
         message: DeliveredMessage = await self.channel.basic_get(queue)
@@ -250,13 +258,7 @@ class RabbitBackend:
             headers=headers,
             expiration=timedelta(milliseconds=expiration_ms) if expiration_ms is not None else None,
         )
-        try:
-            await target.publish(message, routing_key, mandatory=mandatory)
-        except aiormq.exceptions.PublishError:
-            return "returned"
-        except aiormq.exceptions.DeliveryError:
-            return "nack"
-        return "ack"
+        return await confirmed(target.publish(message, routing_key, mandatory=mandatory))
 
     async def get(self, queue: str) -> Got | None:
         assert self.channel is not None

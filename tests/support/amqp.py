@@ -149,6 +149,35 @@ async def declare_topology(app: App, url: str) -> None:
         await declare(connection, derive(app.load_topology()))
 
 
+async def return_until_dead_lettered(
+    connection: aio_pika.abc.AbstractConnection, queue: str, rounds: int = 40
+) -> None:
+    """Take every message of ``queue`` and give it back by closing the channel, as a crashing
+    worker would (each return counts toward ``x-delivery-limit`` on every version), until the
+    queue stays empty: the broker dead-lettered them (or holds them, when their DLQ refuses)."""
+    watcher = await connection.channel()
+    for _ in range(rounds):
+        taker = await connection.channel()
+        source = await taker.get_queue(queue, ensure=False)
+        got = 0
+        while await source.get(no_ack=False, fail=False) is not None:
+            got += 1
+        await taker.close()
+        if not got and await _stays_empty(watcher, queue):
+            return
+
+
+async def _stays_empty(channel: aio_pika.abc.AbstractChannel, queue: str) -> bool:
+    """Nothing ready in ``queue`` for half a second: what a closed channel gave back is back
+    (RabbitMQ returns it asynchronously), and what passed the delivery limit is gone."""
+    for _ in range(2):
+        await asyncio.sleep(0.25)
+        declared = await channel.declare_queue(queue, passive=True)
+        if declared.declaration_result.message_count:
+            return False
+    return True
+
+
 def jobs(prefix: str, count: int) -> list[tuple[str, bytes]]:
     """``count`` messages for the ``work`` queue, ids ``prefix-0`` ..."""
     return [(f"{prefix}-{i}", json.dumps({"n": i}).encode()) for i in range(count)]

@@ -22,10 +22,7 @@ class BrokerGate:
         self._pipes: set[asyncio.Task[None]] = set()
 
     def url(self, broker_url: str) -> str:
-        parts = urlsplit(broker_url)
-        return urlunsplit(
-            parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{self.port}")
-        )
+        return via(broker_url, self.port)
 
     async def __aenter__(self) -> BrokerGate:
         await self.open()
@@ -68,12 +65,26 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-def free_port() -> int:
-    """A port nothing listens on (yet): a connection to it is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(ports: range | None = None) -> int:
+    """A port nothing listens on (yet): a connection to it is refused at once. The first free
+    one of ``ports`` when given (a private range: tests in parallel take the others)."""
+    for port in ports or (0,):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+            return chosen
+    raise RuntimeError(f"no free port in {ports}")
+
+
+def via(broker_url: str, port: int) -> str:
+    """``broker_url`` (its credentials kept) to ``127.0.0.1:port``: through a proxy or gate."""
+    parts = urlsplit(broker_url)
+    credentials = f"{parts.username}:{parts.password}@" if parts.username else ""
+    return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{port}"))
 
 
 def answers(host: str, port: int, timeout: float = 1.0) -> bool:

@@ -22,6 +22,15 @@ from tests.support.waiting import eventually, wait_until
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
+def child_env(**variables: str) -> dict[str, str]:
+    """The environment of a ``rabbitflow`` subprocess: this one's with ``variables``, output
+    unbuffered (its log file is read while it runs), and without ``RABBITFLOW_URL`` (the test
+    says which broker, or that there is none)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **variables}
+    env.pop("RABBITFLOW_URL", None)
+    return env
+
+
 @dataclass
 class WorkerProcess:
     """``rabbitflow run TARGET`` in a subprocess, its output (JSON log lines) in a file."""
@@ -134,14 +143,9 @@ class Workers:
     ) -> WorkerProcess:
         """``rabbitflow run TARGET`` with ``extra`` options, ``$RF_SLEEP`` set to ``sleep`` and
         the variables of ``env``; once it logs ``consuming`` unless not ``wait_ready``."""
-        environment = {
-            **os.environ,
-            "RF_RECORD": str(self.records.path),
-            "RF_SLEEP": str(sleep),
-            "PYTHONUNBUFFERED": "1",
-            **(env or {}),
-        }
-        environment.pop("RABBITFLOW_URL", None)
+        environment = child_env(
+            RF_RECORD=str(self.records.path), RF_SLEEP=str(sleep), **(env or {})
+        )
         worker = WorkerProcess(
             target, self.url, topology, self.tmp_path / "worker.log", environment, extra
         ).start()
@@ -192,8 +196,6 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``python -m rabbitflow ARGS`` (from the repository root unless ``cwd``), without the
     caller's ``RABBITFLOW_URL``."""
-    env = {**os.environ, **(extra_env or {})}
-    env.pop("RABBITFLOW_URL", None)
     return subprocess.run(
         [sys.executable, "-m", "rabbitflow", *args],
         cwd=cwd,
@@ -201,6 +203,6 @@ def run_cli(
         text=True,
         timeout=timeout,
         input=stdin,
-        env=env,
+        env=child_env(**(extra_env or {})),
         check=False,
     )
