@@ -4,11 +4,12 @@ without one, failed when ``CI`` is set). Helpers are in ``tests/support``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from rabbitflow import App
 from rabbitflow.testing.pytest_plugin import RabbitMQ
 from tests.support.broker import Rabbit
 from tests.support.processes import Workers
@@ -33,6 +34,17 @@ def vhost(rabbit: Rabbit) -> Iterator[str]:
 def vhost_url(rabbit: Rabbit, vhost: str) -> str:
     """AMQP URL of the test's own vhost."""
     return rabbit.vhost_url(vhost)
+
+
+@pytest.fixture
+async def caller(vhost_url: str) -> AsyncIterator[App]:
+    """An app that only publishes and requests on the test's vhost (no topology), closed
+    afterwards."""
+    app = App(url=vhost_url, topology="missing.toml")
+    try:
+        yield app
+    finally:
+        await app.close()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import math
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -54,15 +53,6 @@ def topology(tmp_path: Path) -> str:
     path = tmp_path / "topology.toml"
     path.write_text(TOPOLOGY)
     return str(path)
-
-
-@pytest.fixture
-async def caller(vhost_url: str) -> AsyncIterator[App]:
-    app = App(url=vhost_url, topology="missing.toml")
-    try:
-        yield app
-    finally:
-        await app.close()
 
 
 async def taken(url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:

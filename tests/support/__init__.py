@@ -12,6 +12,6 @@
   ``BrokerGate``; metrics and logs;
 * ``waiting``: ``wait_until`` (blocking), ``wait_for`` and ``eventually`` (on the event loop).
 
-The fixtures (``rabbit``, ``vhost``, ``vhost_url``, ``workers``) are in ``tests/conftest.py``,
-built on the plugin's ``rabbitmq_broker``.
+The fixtures (``rabbit``, ``vhost``, ``vhost_url``, ``caller``, ``workers``) are in
+``tests/conftest.py``, built on the plugin's ``rabbitmq_broker``.
 """
