@@ -28,6 +28,7 @@ from rabbitflow.testing import MemoryBroker, MemoryChannel, TestApp
 from rabbitflow.topology import Topology, derive, parse_topology
 from rabbitflow.topology._declare import declare
 from rabbitflow.topology._derived import UNLIMITED_DELIVERIES, Declarations, QueueSpec
+from tests.support.amqp import dead_letter_to
 from tests.support.broker import version_of
 from tests.support.waiting import wait_for
 from tests.support.worker import running
@@ -369,11 +370,6 @@ def queues(*specs: QueueSpec) -> Declarations:
 
 def queue(name: str, kind: str = "classic", arguments: dict[str, Any] | None = None) -> QueueSpec:
     return QueueSpec(name, "work", name, arguments={"x-queue-type": kind, **(arguments or {})})
-
-
-def dead_letter_to(target: str) -> dict[str, Any]:
-    """Queue arguments that dead-letter to the queue ``target`` (through the default exchange)."""
-    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target}
 
 
 # -- routing -------------------------------------------------------------------------------

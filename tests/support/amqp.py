@@ -142,6 +142,11 @@ async def wait_ready(url: str, queue: str, count: int, timeout: float = 10.0) ->
     await eventually(reached, f"{count} ready messages in {queue}", timeout)
 
 
+def dead_letter_to(target: str) -> dict[str, Any]:
+    """Queue arguments that dead-letter to the queue ``target`` (through the default exchange)."""
+    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target}
+
+
 async def declare_topology(app: App, url: str) -> None:
     """Declare the app's topology the way ``rabbitflow topology declare`` does."""
     connection = await aio_pika.connect(url)
