@@ -29,7 +29,7 @@ from tests.support.output import text
 from tests.support.processes import Workers, run_cli
 from tests.support.records import Runs
 from tests.support.topology import app_for
-from tests.support.waiting import wait_for
+from tests.support.waiting import eventually, wait_for
 from tests.support.worker import running
 
 pytestmark = [pytest.mark.broker]
@@ -695,16 +695,15 @@ retry = { delays = ["1h"], max_attempts = 3 }
         # When the tier monitor samples
         # (from the management API, whose figures lag by up to 5 s)
         connection = await aiormq.connect(vhost_url)
+
+        async def sampled() -> str | None:
+            await worker.tier_monitor.sample(await connection.channel())
+            metrics = worker.metrics.render()
+            dlq = 'rabbitflow_dlq_messages{queue="slow"} 1'
+            return metrics if 'tier="1h"} 2' in metrics and dlq in metrics else None
+
         try:
-            for _ in range(30):
-                await worker.tier_monitor.sample(await connection.channel())
-                metrics = worker.metrics.render()
-                if (
-                    'tier="1h"} 2' in metrics
-                    and 'rabbitflow_dlq_messages{queue="slow"} 1' in metrics
-                ):
-                    break
-                await asyncio.sleep(0.5)
+            metrics = await eventually(sampled, "the gauges of the tier and the DLQ", 20, 0.5)
         finally:
             await connection.close()
 
