@@ -173,7 +173,7 @@ class Workers:
             worker = self.start(target, topology, *extra, wait_ready=False)
             ended = functools.partial(_exited_or, worker, done)
             left = deadline - time.monotonic()
-            await eventually(ended, f"the restart loop to end ({started} starts)", left, 0.2)
+            await eventually(ended, f"the restart loop to end ({started} starts)", left, 0.1)
             if worker.running():
                 await asyncio.to_thread(worker.stop, 15)
         return started
