@@ -4,12 +4,15 @@ without one, failed when ``CI`` is set). Helpers are in ``tests/support``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from rabbitflow import App
 from rabbitflow.testing.pytest_plugin import RabbitMQ
 from tests.support.broker import Rabbit
+from tests.support.processes import Workers
 from tests.support.services import require_management
 
 
@@ -31,6 +34,25 @@ def vhost(rabbit: Rabbit) -> Iterator[str]:
 def vhost_url(rabbit: Rabbit, vhost: str) -> str:
     """AMQP URL of the test's own vhost."""
     return rabbit.vhost_url(vhost)
+
+
+@pytest.fixture
+async def caller(vhost_url: str) -> AsyncIterator[App]:
+    """An app that only publishes and requests on the test's vhost (no topology), closed
+    afterwards."""
+    app = App(url=vhost_url, topology="missing.toml")
+    try:
+        yield app
+    finally:
+        await app.close()
+
+
+@pytest.fixture
+def workers(tmp_path: Path, vhost_url: str) -> Iterator[Workers]:
+    """``rabbitflow run`` subprocesses on the test's vhost, killed if still running after it."""
+    started = Workers(tmp_path, vhost_url)
+    yield started
+    started.cleanup()
 
 
 # The chaos stage's fixtures: RabbitMQ nodes of their own that the tests stop, pause, alarm

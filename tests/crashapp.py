@@ -3,7 +3,7 @@
 The queue is ``crashy`` and the topology comes from ``--topology``. A message whose
 ``message_id`` starts with ``poison`` kills the process with ``os._exit(1)`` (as a segfault or
 the OOM killer would: no exception, no ack, no nack); every other message is processed. Each
-run is recorded in ``$RF_RECOVER_RECORD`` as ``crash|done <message_id> <attempt>``.
+run is recorded in ``$RF_RECORD`` as ``crash|done <message_id> <attempt>``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from rabbitflow.topology import derive, parse_topology
 from rabbitflow.topology._declare import declare
 from rabbitflow.topology._derived import UNLIMITED_DELIVERIES
 from rabbitflow.topology._plan import plan
-from tests.support.broker import Rabbit
+from tests.support.broker import Rabbit, broker_version
 
 PLACED = (
     '[defaults]\nleader_locator = "balanced"\ninitial_group_size = 1\n'
@@ -126,13 +126,8 @@ def _arguments(rabbit: Rabbit, vhost: str) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.broker
 async def test_the_version_read_at_connect_is_the_servers(rabbit: Rabbit, vhost_url: str) -> None:
-    connection = await aio_pika.connect(vhost_url)
-    try:
-        version = BrokerVersion.of(connection)
-    finally:
-        await connection.close()
+    version = await broker_version(vhost_url)
 
-    assert version is not None
     assert version.supported
     assert str(version) in rabbit.ctl("version")
 

@@ -29,7 +29,7 @@ from rabbitflow.topology import derive, parse_topology
 from rabbitflow.topology._declare import declare
 from rabbitflow.topology._derived import consumer_timeout_use, for_broker
 from tests.support.amqp import message_counts_async
-from tests.support.broker import Rabbit
+from tests.support.broker import Rabbit, broker_version
 from tests.support.worker import running
 
 V3_10, V4_0, V4_3 = BrokerVersion(3, 10, 8), BrokerVersion(4, 0, 5), BrokerVersion(4, 3, 6)
@@ -109,16 +109,6 @@ def test_validate_checks_a_file_against_a_broker_version(tmp_path: Path) -> None
 # -- on the broker ---------------------------------------------------------------------------
 
 
-async def _version(url: str) -> BrokerVersion:
-    connection = await aio_pika.connect(url)
-    try:
-        version = BrokerVersion.of(connection)
-    finally:
-        await connection.close()
-    assert version is not None
-    return version
-
-
 async def _queue_arguments(url: str, name: str, rabbit: Rabbit, vhost: str) -> str:
     rows = rabbit.list(vhost, "queues", "name", "arguments")
     return next(row[1] for row in rows if row[0] == name)
@@ -129,7 +119,7 @@ async def test_a_classic_and_a_quorum_queue_with_consumer_timeout_declare_on_thi
     rabbit: Rabbit, vhost: str, vhost_url: str
 ) -> None:
     # Given a classic and a quorum queue with their own consumer_timeout
-    version = await _version(vhost_url)
+    version = await broker_version(vhost_url)
     connection = await aio_pika.connect(vhost_url)
     try:
         # When the topology is declared (twice: redeclaring is a no-op)
@@ -157,7 +147,7 @@ SLOW = (
 async def test_a_handler_slower_than_the_consumer_timeout_loses_nothing_on_4_3(
     tmp_path: Path, rabbit: Rabbit, vhost: str, vhost_url: str
 ) -> None:
-    if not (await _version(vhost_url)).cancels_timed_out_consumers:
+    if not (await broker_version(vhost_url)).cancels_timed_out_consumers:
         pytest.skip(
             "before RabbitMQ 4.3 a consumer timeout closes the channel (docs/reliability.md 9b)"
         )
@@ -231,7 +221,7 @@ def test_plan_says_how_consumer_timeout_takes_effect_on_the_broker(
     tmp_path: Path, vhost_url: str
 ) -> None:
     # Given the two queues, and the broker's version
-    version = asyncio.run(_version(vhost_url))
+    version = asyncio.run(broker_version(vhost_url))
     path = tmp_path / "topology.toml"
     path.write_text(BOTH)
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,35 +19,23 @@ import aio_pika
 import pytest
 
 from rabbitflow import Message
-from rabbitflow._broker_version import BrokerVersion
 from rabbitflow._retries import waiting
 from rabbitflow.console._inventory import read_overview
 from rabbitflow.topology import derive
-from tests.support.amqp import declare_topology, publish_many
+from tests.support.amqp import declare_topology, publish_many, wait_ready
 from tests.support.amqp import drain_async as drain
 from tests.support.amqp import message_counts_async as ready_counts
-from tests.support.broker import Rabbit
+from tests.support.broker import Rabbit, broker_version, queue_messages
 from tests.support.output import text
-from tests.support.records import RECORD_ENV, Records, Runs
+from tests.support.processes import Workers
+from tests.support.records import Runs
 from tests.support.topology import app_for
-from tests.support.waiting import wait_for
+from tests.support.waiting import eventually, wait_for
 from tests.support.worker import running
 
 pytestmark = [pytest.mark.broker]
 
-ROOT = Path(__file__).resolve().parent.parent
-RABBITFLOW = Path(sys.executable).with_name("rabbitflow")
 CRASH_LIMIT = 4
-
-
-async def broker_version(url: str) -> BrokerVersion:
-    connection = await aio_pika.connect(url)
-    try:
-        version = BrokerVersion.of(connection)
-    finally:
-        await connection.close()
-    assert version is not None, "the broker announced no version"
-    return version
 
 
 def count(value: str) -> int | None:
@@ -61,7 +46,7 @@ def count(value: str) -> int | None:
 @pytest.mark.slow
 @pytest.mark.crash
 async def test_a_handler_that_kills_its_process_reaches_the_dlq_after_crash_limit_runs(
-    tmp_path: Path, vhost_url: str
+    tmp_path: Path, vhost_url: str, workers: Workers
 ) -> None:
     # Given a quorum queue with crash_limit = 4 and a message whose handler calls os._exit
     app = app_for(
@@ -76,8 +61,6 @@ retry = {{ delays = ["1s"] }}
     )
     await declare_topology(app, vhost_url)
     await publish_many(vhost_url, "crashy", ["poison-1"])
-    records = Records(tmp_path / "runs.txt")
-    env = {**os.environ, RECORD_ENV: str(records.path)}
     version = await broker_version(vhost_url)
 
     async def dead_lettered() -> bool:
@@ -85,28 +68,15 @@ retry = {{ delays = ["1s"] }}
 
     # When `rabbitflow run` is started again every time it dies (a supervisor's loop)
     started = time.monotonic()
-    starts = 0
-    while not await dead_lettered() and starts < 2 * CRASH_LIMIT + 2:
-        assert time.monotonic() - started < 120, "the crash loop did not end"
-        starts += 1
-        process = await asyncio.create_subprocess_exec(
-            str(RABBITFLOW), "run", "tests.apps.crashloop:app",
-            "--topology", str(tmp_path / "topology.toml"), "--url", vhost_url,
-            "--log-format", "json", "--shutdown-timeout", "2",
-            cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        while process.returncode is None and not await dead_lettered():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), 0.2)
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 15)
+    starts = await workers.restart_until(
+        dead_lettered, "tests.apps.crashloop:app", tmp_path / "topology.toml",
+        "--shutdown-timeout", "2", starts=2 * CRASH_LIMIT + 2, timeout=120,
+    )  # fmt: skip
     elapsed = time.monotonic() - started
 
     # Then the handler ran crash_limit + 1 times: the broker dead-lettered the message when
     # the last crash pushed its count past the limit, on every version
-    crashes = records.of("crash")
+    crashes = workers.records.of("crash")
     print(f"RabbitMQ {version}: {len(crashes)} runs, {starts} starts, {elapsed:.1f} s")
     assert len(crashes) == CRASH_LIMIT + 1, crashes
     [dead] = await drain(vhost_url, "crashy.dlq")
@@ -210,7 +180,9 @@ retry = false
         # and the operator then lifts the limit (the fillers stay), as in issue 22
         rabbit.ctl("clear_policy", "-p", vhost, "full")
         await wait_for(
-            lambda: _messages(rabbit, vhost, "fragile.dlq") == 16, "the five copies in the DLQ", 70
+            lambda: queue_messages(rabbit, vhost).get("fragile.dlq") == 16,
+            "the five copies in the DLQ",
+            70,
         )
 
     # Then every message reached the DLQ as rabbitflow's copy (error headers, no broker
@@ -273,7 +245,7 @@ retry = { delays = ["3s"], max_attempts = 5 }
         connection = await aio_pika.connect(vhost_url)
         try:
             for _ in range(2):
-                await _until_ready(vhost_url, "later.retry.3s", 1)
+                await wait_ready(vhost_url, "later.retry.3s", 1)
                 [tier] = await waiting(connection, routes)
                 assert [m.message_id for m in tier.messages] == ["m-1"]
         finally:
@@ -297,29 +269,12 @@ retry = { delays = ["3s"], max_attempts = 5 }
 async def _returned(url: str, queue: str) -> str:
     """Where the one message of ``queue`` is once given back: ``queue`` or its DLQ."""
     dlq = f"{queue}.dlq"
-    for _ in range(100):
+
+    async def where() -> str | None:
         counts = await ready_counts(url, [queue, dlq])
-        if counts[queue] or counts[dlq]:
-            return queue if counts[queue] else dlq
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the message is neither in {queue} nor in {dlq}")
+        return queue if counts[queue] else dlq if counts[dlq] else None
 
-
-async def _until_ready(url: str, queue: str, count: int) -> None:
-    """Wait for ``count`` ready messages in ``queue`` (a copy's confirm, or a closed channel's
-    return, reaches the queue a little later)."""
-    for _ in range(100):
-        if (await ready_counts(url, [queue]))[queue] == count:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{queue} never had {count} ready messages")
-
-
-def _messages(rabbit: Rabbit, vhost: str, queue: str) -> int:
-    for name, messages in rabbit.list(vhost, "queues", "name", "messages"):
-        if name == queue:
-            return int(messages)
-    return -1
+    return await eventually(where, f"the message back in {queue} or {dlq}", 5)
 
 
 async def test_the_console_reads_a_tier_without_counting_where_the_broker_allows(
@@ -342,7 +297,7 @@ retry = { delays = ["1m"] }
     connection = await aio_pika.connect(vhost_url)
     try:
         for _ in range(3):
-            await _until_ready(vhost_url, "later.retry.1m", 1)
+            await wait_ready(vhost_url, "later.retry.1m", 1)
             [row] = await read_overview(connection, app.load_topology())
             assert row.tiers[0].depth.ready == 1
     finally:

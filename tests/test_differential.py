@@ -9,8 +9,7 @@ uses aio-pika on a fresh vhost; the memory side the aiormq-shaped channels of
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,11 +24,14 @@ from pamqp import commands as spec
 
 from rabbitflow import App, Message, Retry
 from rabbitflow._broker_version import BrokerVersion
-from rabbitflow._worker import Worker, WorkerOptions
 from rabbitflow.testing import MemoryBroker, MemoryChannel, TestApp
 from rabbitflow.topology import Topology, derive, parse_topology
 from rabbitflow.topology._declare import declare
 from rabbitflow.topology._derived import UNLIMITED_DELIVERIES, Declarations, QueueSpec
+from tests.support.amqp import dead_letter_to
+from tests.support.broker import version_of
+from tests.support.waiting import wait_for
+from tests.support.worker import running
 
 # Real-broker TTLs fire on a timer: give them this long past their deadline.
 SLACK = 0.3
@@ -111,10 +113,7 @@ class Held:
 
         await channel.basic_qos(prefetch_count=10)
         await channel.basic_consume(queue, deliver, no_ack=False)
-        for _ in range(50):
-            if held.bodies:
-                break
-            await asyncio.sleep(0.02)
+        await wait_for(lambda: held.bodies, f"a delivery from {queue}", 1)
         return held
 
 
@@ -129,6 +128,18 @@ async def drain(backend: Backend, queue: str) -> list[Got]:
 
 async def bodies(backend: Backend, queue: str) -> list[bytes]:
     return [got.body for got in await drain(backend, queue)]
+
+
+async def confirmed(publish: Awaitable[object]) -> str:
+    """What the broker answered a publish with confirms: ``ack``, ``nack``, or ``returned``
+    (mandatory and unroutable)."""
+    try:
+        await publish
+    except aiormq.exceptions.PublishError:
+        return "returned"
+    except aiormq.exceptions.DeliveryError:
+        return "nack"
+    return "ack"
 
 
 # -- the two backends ----------------------------------------------------------------------
@@ -163,19 +174,15 @@ class MemoryBackend:
             headers=headers,
             expiration=str(expiration_ms) if expiration_ms is not None else None,
         )
-        try:
-            await self.channel.basic_publish(
+        return await confirmed(
+            self.channel.basic_publish(
                 body,
                 exchange=exchange,
                 routing_key=routing_key,
                 properties=properties,
                 mandatory=mandatory,
             )
-        except aiormq.exceptions.PublishError:
-            return "returned"
-        except aiormq.exceptions.DeliveryError:
-            return "nack"
-        return "ack"
+        )
 
     async def get(self, queue: str) -> Got | None:
         message: DeliveredMessage = await self.channel.basic_get(queue)
@@ -217,9 +224,7 @@ class RabbitBackend:
         self.url = url
         self.connection = connection
         self.channel: aio_pika.abc.AbstractChannel | None = None
-        version = BrokerVersion.of(connection)
-        assert version is not None, "the broker announced no version"
-        self.version = version
+        self.version = version_of(connection)
 
     async def open(self) -> None:
         self.channel = await self.connection.channel(on_return_raises=True)
@@ -254,13 +259,7 @@ class RabbitBackend:
             headers=headers,
             expiration=timedelta(milliseconds=expiration_ms) if expiration_ms is not None else None,
         )
-        try:
-            await target.publish(message, routing_key, mandatory=mandatory)
-        except aiormq.exceptions.PublishError:
-            return "returned"
-        except aiormq.exceptions.DeliveryError:
-            return "nack"
-        return "ack"
+        return await confirmed(target.publish(message, routing_key, mandatory=mandatory))
 
     async def get(self, queue: str) -> Got | None:
         assert self.channel is not None
@@ -295,18 +294,8 @@ class RabbitBackend:
 
     @asynccontextmanager
     async def running(self, app: App, topology: Topology) -> AsyncIterator[Runner]:
-        worker = Worker(app, topology, WorkerOptions(url=self.url, shutdown_timeout=2))
-        task = asyncio.create_task(worker.run())
-        deadline = time.monotonic() + 15
-        while not worker.ready:
-            assert not task.done(), "the worker stopped before consuming"
-            assert time.monotonic() < deadline, "the worker did not start consuming"
-            await asyncio.sleep(0.05)
-        try:
+        async with running(app, self.url, topology=topology, shutdown_timeout=2):
             yield Runner(app.publish, None)
-        finally:
-            worker.stop()
-            await asyncio.wait_for(task, 10)
 
 
 @dataclass
@@ -321,10 +310,7 @@ class Runner:
             await self._drain()
             assert condition()
             return
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, "timed out waiting on the real broker"
-            await asyncio.sleep(0.05)
+        await wait_for(condition, "the condition on the real broker", timeout, 0.05)
 
 
 @pytest.fixture(
@@ -336,37 +322,35 @@ class Runner:
     ]
 )
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    if request.param.startswith("memory"):
-        broker = MemoryBroker(version=request.param.removeprefix("memory-"))
-        yield MemoryBackend(broker, await broker.connect().channel())
-        await broker.close()
-        return
-    url = request.getfixturevalue("vhost_url")
-    connection = await aio_pika.connect(url)
-    real = RabbitBackend(url, connection)
-    await real.open()
-    try:
-        yield real
-    finally:
-        await connection.close()
+    async with _backend(request) as chosen:
+        yield chosen
 
 
 @pytest.fixture(params=["memory-4.3", pytest.param("rabbitmq", marks=pytest.mark.broker)])
 async def backend_4_3(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     """A backend that behaves like RabbitMQ 4.3 or later (the real broker must be one)."""
-    if request.param == "memory-4.3":
-        broker = MemoryBroker(version="4.3")
-        yield MemoryBackend(broker, await broker.connect().channel())
-        await broker.close()
+    async with _backend(request) as chosen:
+        if not chosen.version.at_least(4, 3):
+            pytest.skip(
+                f"consumer timeouts cancel from RabbitMQ 4.3; this broker is {chosen.version}"
+            )
+        yield chosen
+
+
+@asynccontextmanager
+async def _backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """The backend ``request.param`` names: ``memory-VERSION`` or ``rabbitmq`` (a fresh vhost)."""
+    if request.param.startswith("memory"):
+        broker = MemoryBroker(version=request.param.removeprefix("memory-"))
+        try:
+            yield MemoryBackend(broker, await broker.connect().channel())
+        finally:
+            await broker.close()
         return
     url = request.getfixturevalue("vhost_url")
     connection = await aio_pika.connect(url)
-    real = RabbitBackend(url, connection)
     try:
-        if not real.version.at_least(4, 3):
-            pytest.skip(
-                f"consumer timeouts cancel from RabbitMQ 4.3; this broker is {real.version}"
-            )
+        real = RabbitBackend(url, connection)
         await real.open()
         yield real
     finally:
@@ -499,55 +483,13 @@ async def test_exchange_to_exchange_default_exchange_and_returns(backend: Backen
 
 async def test_ttl_dead_letter_chain_records_x_death(backend: Backend) -> None:
     await backend.declare(
-        Declarations(
-            (),
-            (),
-            (
-                queue("end"),
-                queue(
-                    "second",
-                    "classic",
-                    {
-                        "x-message-ttl": 100,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": "end",
-                    },
-                ),
-                queue(
-                    "first",
-                    "classic",
-                    {
-                        "x-message-ttl": 100,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": "second",
-                    },
-                ),
-                queue(
-                    "ping",
-                    "classic",
-                    {
-                        "x-message-ttl": 50,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": "pong",
-                    },
-                ),
-                queue(
-                    "pong",
-                    "classic",
-                    {
-                        "x-message-ttl": 50,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": "ping",
-                    },
-                ),
-                queue(
-                    "short",
-                    "classic",
-                    {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "end"},
-                ),
-            ),
-            (),
-            {},
+        queues(
+            queue("end"),
+            queue("second", "classic", {"x-message-ttl": 100, **dead_letter_to("end")}),
+            queue("first", "classic", {"x-message-ttl": 100, **dead_letter_to("second")}),
+            queue("ping", "classic", {"x-message-ttl": 50, **dead_letter_to("pong")}),
+            queue("pong", "classic", {"x-message-ttl": 50, **dead_letter_to("ping")}),
+            queue("short", "classic", dead_letter_to("end")),
         )
     )
     await backend.publish("", "first", b"chained", headers={"user": "kept"})
@@ -596,15 +538,7 @@ async def test_ttl_dead_letter_chain_records_x_death(backend: Backend) -> None:
 
 
 async def test_rejections_count_in_one_x_death_entry(backend: Backend) -> None:
-    await backend.declare(
-        queues(
-            queue(
-                "again",
-                "classic",
-                {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "again"},
-            )
-        )
-    )
+    await backend.declare(queues(queue("again", "classic", dead_letter_to("again"))))
     await backend.publish("", "again", b"m")
     counts = []
     for _ in range(3):
@@ -626,11 +560,11 @@ async def test_rejections_count_in_one_x_death_entry(backend: Backend) -> None:
 
 
 async def test_a_repeated_death_moves_its_entry_to_the_front(backend: Backend) -> None:
-    def to(target: str) -> dict[str, Any]:
-        return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target}
-
     await backend.declare(
-        queues(queue("left", "classic", to("right")), queue("right", "classic", to("left")))
+        queues(
+            queue("left", "classic", dead_letter_to("right")),
+            queue("right", "classic", dead_letter_to("left")),
+        )
     )
     await backend.publish("", "left", b"m")
     for source in ("left", "right", "left"):
@@ -690,24 +624,10 @@ async def test_a_closed_channel_gives_its_messages_back_in_order(
 @pytest.mark.parametrize("kind", ["classic", "quorum"])
 async def test_max_length_overflow(backend: Backend, kind: str) -> None:
     await backend.declare(
-        Declarations(
-            (),
-            (),
-            (
-                queue("dropped"),
-                queue(
-                    "capped",
-                    kind,
-                    {
-                        "x-max-length": 2,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": "dropped",
-                    },
-                ),
-                queue("strict", kind, {"x-max-length": 2, "x-overflow": "reject-publish"}),
-            ),
-            (),
-            {},
+        queues(
+            queue("dropped"),
+            queue("capped", kind, {"x-max-length": 2, **dead_letter_to("dropped")}),
+            queue("strict", kind, {"x-max-length": 2, "x-overflow": "reject-publish"}),
         )
     )
     for i in range(4):
@@ -790,11 +710,7 @@ async def test_how_often_a_quorum_message_may_be_returned(
 
 async def test_a_nack_counts_toward_the_delivery_limit_only_before_4_3(backend: Backend) -> None:
     # Given a quorum queue with a delivery limit of 2 and a dead-letter queue
-    arguments = {
-        "x-delivery-limit": 2,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": "nacked.dlq",
-    }
+    arguments = {"x-delivery-limit": 2, **dead_letter_to("nacked.dlq")}
     await backend.declare(queues(queue("nacked.dlq"), queue("nacked", "quorum", arguments)))
     await backend.publish("", "nacked", b"m")
 
@@ -819,11 +735,7 @@ async def test_a_nack_counts_toward_the_delivery_limit_only_before_4_3(backend: 
 
 async def test_a_closed_channel_counts_its_deliveries_on_every_version(backend: Backend) -> None:
     # Given a quorum queue with a delivery limit of 1 and a dead-letter queue
-    arguments = {
-        "x-delivery-limit": 1,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": "lost.dlq",
-    }
+    arguments = {"x-delivery-limit": 1, **dead_letter_to("lost.dlq")}
     await backend.declare(queues(queue("lost.dlq"), queue("lost", "quorum", arguments)))
     await backend.publish("", "lost", b"m")
 
@@ -856,14 +768,10 @@ async def test_a_quorum_consumer_past_its_timeout_is_cancelled_and_its_messages_
 
     # When the timeout passes
     await backend.wait(1500)
-    for _ in range(50):
-        if held.cancelled.is_set():
-            break
-        await asyncio.sleep(0.02)
 
     # Then 4.3 cancels the consumer (basic.cancel) and keeps its channel open, and the
     # message is back in the queue, uncounted: x-acquired-count 1, no x-delivery-count
-    assert held.cancelled.is_set()
+    await wait_for(held.cancelled.is_set, "the consumer's basic.cancel", 1)
     assert not held.channel.is_closed
     got = await backend.get("stuck")
     assert got is not None

@@ -58,12 +58,11 @@ from aio_pika.abc import AbstractConnection
 from click.testing import CliRunner
 
 from rabbitflow import dlq
-from rabbitflow._broker_version import BrokerVersion
 from rabbitflow.connection import connect
 from rabbitflow.errors import AccessRefusedError, TopologyError
 from rabbitflow.topology import derive, load_topology, parse_topology
 from rabbitflow.topology._declare import declare, verify
-from tests.support.broker import Rabbit
+from tests.support.broker import Rabbit, version_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -731,8 +730,7 @@ async def _exercise(urls: dict[str, str]) -> None:
         unchecked = await verify(connection, declarations)
         # From 4.3 a passive declare needs a permission on the object: the tiers, DLQs and
         # exchanges the app user has no right on are left unchecked (and logged).
-        version = BrokerVersion.of(connection)
-        assert version is not None
+        version = version_of(connection)
         hidden = "queue 'billing.order-created.dlq'" in unchecked
         assert hidden is version.at_least(4, 3), unchecked
         assert not any(f"queue {q!r}" in unchecked for q in work)

@@ -37,7 +37,9 @@ from rabbitflow.topology._management import (
     vhost_of,
     with_credentials,
 )
+from tests.support.amqp import return_until_dead_lettered
 from tests.support.broker import Rabbit
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.management]
 
@@ -85,22 +87,14 @@ async def held(rabbit: Rabbit, vhost: str, vhost_url: str, tmp_path: Path) -> Sc
             )
         # Each message taken and given back by closing the channel, as a crashing worker
         # would, until the broker dead-letters them (past x-delivery-limit).
-        for _ in range(40):
-            taker = await connection.channel()
-            queue = await taker.get_queue("work", ensure=False)
-            got = 0
-            while await queue.get(no_ack=False, fail=False) is not None:
-                got += 1
-            await taker.close()
-            if not got and await _settled(channel, "work"):
-                break
+        await return_until_dead_lettered(connection, "work")
     depths = functools.partial(queue_depths, api_url, vhost_of(vhost_url))
-    for _ in range(60):  # the management statistics lag by up to 5 s
-        if (await depths())["work"]["messages_dlx"] == HELD:
-            break
-        await asyncio.sleep(0.25)
-    else:
-        pytest.fail(f"the broker does not hold the messages: {(await depths())['work']}")
+
+    async def held_by_the_broker() -> bool:
+        return bool((await depths())["work"]["messages_dlx"] == HELD)
+
+    # the management statistics lag by up to 5 s
+    await eventually(held_by_the_broker, f"the broker to hold {HELD} messages", 15, 0.25)
     return Scene(vhost_url, api_url, path)
 
 
@@ -185,14 +179,3 @@ async def test_read_held_names_an_unreachable_api(vhost_url: str) -> None:
     assert held.of("work") is None
     assert held.problem is not None
     assert "127.0.0.1:9" in held.problem
-
-
-async def _settled(channel: aio_pika.abc.AbstractChannel, queue: str) -> bool:
-    """Nothing ready in ``queue`` for half a second: what a closed channel gave back is back
-    (RabbitMQ returns it asynchronously), and what passed the delivery limit is gone."""
-    for _ in range(2):
-        await asyncio.sleep(0.25)
-        declared = await channel.declare_queue(queue, passive=True)
-        if declared.declaration_result.message_count:
-            return False
-    return True

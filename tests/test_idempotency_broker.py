@@ -17,11 +17,9 @@ import pytest
 
 from tests.support.amqp import publish
 from tests.support.broker import Rabbit, wait_queues_empty
-from tests.support.processes import ROOT, WorkerProcess, run_cli
-from tests.support.records import Records
-from tests.support.services import REDIS_URL, require_redis
+from tests.support.processes import ROOT, WorkerProcess, Workers, run_cli
+from tests.support.services import REDIS_URL, delete_prefix, require_redis
 from tests.support.waiting import wait_until
-from tests.test_idempotency_stores import delete_prefix
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -63,36 +61,28 @@ def prefix() -> Iterator[str]:
     asyncio.run(delete_prefix(REDIS_URL, name))
 
 
-def worker(tmp_path: Path, url: str, prefix: str, sleep: float, *extra: str) -> WorkerProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
-        "PYTHONUNBUFFERED": "1",
-        "RF_RECORD": str(tmp_path / "records.txt"),
-        "RF_REDIS": REDIS_URL,
-        "RF_PREFIX": prefix,
-        "RF_LEASE": f"{int(LEASE_S * 1000)}ms",
-        "RF_SLEEP": str(sleep),
-    }
-    env.pop("RABBITFLOW_URL", None)
-    process = WorkerProcess(
-        "billapp:app", url, tmp_path / "topology.toml", tmp_path / "worker.log", env, extra
-    ).start()
-    process.wait_for_event("consuming", timeout=30)
-    return process
+def worker(workers: Workers, prefix: str, sleep: float, *extra: str) -> WorkerProcess:
+    """``billapp:app`` (written into ``tmp_path``) on the store's ``prefix``."""
+    store = {"RF_REDIS": REDIS_URL, "RF_PREFIX": prefix, "RF_LEASE": f"{int(LEASE_S * 1000)}ms"}
+    path = os.pathsep.join([str(workers.tmp_path), str(ROOT)])
+    topology = workers.tmp_path / "topology.toml"
+    return workers.start(
+        "billapp:app", topology, *extra, sleep=sleep, ready_timeout=30,
+        env={"PYTHONPATH": path, **store},
+    )  # fmt: skip
 
 
 @pytest.mark.crash
 def test_a_killed_worker_blocks_the_key_only_until_its_lease_ends_then_duplicates_are_skipped(
-    tmp_path: Path, rabbit: Rabbit, vhost: str, vhost_url: str, prefix: str
+    tmp_path: Path, rabbit: Rabbit, vhost: str, vhost_url: str, prefix: str, workers: Workers
 ) -> None:
     (tmp_path / "billapp.py").write_text(APP)
     (tmp_path / "topology.toml").write_text(TOPOLOGY)
-    records = Records(tmp_path / "records.txt")
+    records = workers.records
     body = [("order-1", b'{"order_id": 1}')]
 
     # Given a worker that dies with SIGKILL in the middle of the handler
-    first = worker(tmp_path, vhost_url, prefix, sleep=60)
+    first = worker(workers, prefix, sleep=60)
     try:
         publish(vhost_url, "orders", "order.created", body)
         [(_, first_pid, started)] = records.wait_for("start", 1, timeout=15)
@@ -101,7 +91,7 @@ def test_a_killed_worker_blocks_the_key_only_until_its_lease_ends_then_duplicate
         first.kill()
 
     # When another worker gets the redelivered message
-    second = worker(tmp_path, vhost_url, prefix, 0, "--log-level", "debug")
+    second = worker(workers, prefix, 0, "--log-level", "debug")
     try:
         [(_, second_pid, finished)] = records.wait_for("done", 1, timeout=30)
 

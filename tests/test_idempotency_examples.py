@@ -8,8 +8,7 @@ import pytest
 
 from examples.billing import app as billing
 from rabbitflow.testing import TestApp
-from tests.support.services import require_redis
-from tests.test_idempotency_stores import delete_prefix
+from tests.support.services import delete_prefix, require_redis
 
 
 async def test_the_billing_example_charges_each_order_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,6 @@ and never answers. The outages of a running worker are in
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,33 +25,22 @@ from rabbitflow.idempotency import ClaimResult, Guard, PostgresStore, RedisStore
 from rabbitflow.idempotency._store import CLAIMED
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import derive, parse_topology
-from tests.support.services import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
-from tests.test_idempotency_stores import delete_prefix, drop_table
-
-
-def closed_port() -> int:
-    """A port nothing listens on: connections are refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+from tests.support.network import free_port, silent_server
+from tests.support.services import (
+    POSTGRES_URL,
+    REDIS_URL,
+    delete_prefix,
+    drop_table,
+    require_postgres,
+    require_redis,
+)
 
 
 @pytest.fixture
 async def hung_port() -> AsyncIterator[int]:
     """A server that accepts connections and never answers (a hung store)."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
+    async with silent_server() as port:
+        yield port
 
 
 async def failure(call: Callable[[], object]) -> tuple[StoreUnavailableError, float]:
@@ -66,7 +54,7 @@ async def failure(call: Callable[[], object]) -> tuple[StoreUnavailableError, fl
 
 
 async def test_an_unreachable_redis_is_a_store_error_at_once() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{closed_port()}/0")
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
     try:
         error, took = await failure(lambda: store.claim("q:m", "a", 1000))
     finally:
@@ -89,7 +77,7 @@ async def test_a_hung_redis_fails_at_the_store_deadline(hung_port: int) -> None:
 
 
 async def test_an_unreachable_postgres_fails_in_its_deadline_not_the_pools_ten_seconds() -> None:
-    store = PostgresStore(f"postgresql://postgres@127.0.0.1:{closed_port()}/test", timeout=0.5)
+    store = PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/test", timeout=0.5)
     try:
         error, took = await failure(lambda: store.claim("q:m", "a", 1000))
         assert error.store is store
@@ -386,7 +374,7 @@ async def test_the_worker_checks_its_store_at_start_and_the_summary_says_so() ->
     from rabbitflow._worker import Worker, WorkerOptions
 
     # Given an idempotent consumer whose Redis is not there
-    store = RedisStore(f"redis://127.0.0.1:{closed_port()}/0")
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
     app = App(idempotency=store)
 
     @app.consumer("billing", idempotent=True)

@@ -26,26 +26,14 @@ from rabbitflow.idempotency import (
 from rabbitflow.idempotency._guard import InProgress
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import derive, parse_topology
-from tests.support.services import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
-
-
-async def drop_table(url: str, table: str) -> None:
-    import psycopg
-
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        await conn.execute(f"DROP TABLE IF EXISTS {table}")
-
-
-async def delete_prefix(url: str, prefix: str) -> None:
-    import redis.asyncio as redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+from tests.support.services import (
+    POSTGRES_URL,
+    REDIS_URL,
+    delete_prefix,
+    drop_table,
+    require_postgres,
+    require_redis,
+)
 
 
 async def make_store(kind: str, **options: str | int) -> tuple[IdempotencyStore, object]:

@@ -19,6 +19,7 @@ from rabbitflow import App, Message
 from rabbitflow.testing import MemoryBroker, MemoryChannel, TestApp
 from rabbitflow.testing._routing import headers_match, topic_matches
 from rabbitflow.topology import parse_topology
+from tests.support.amqp import dead_letter_to
 
 
 @pytest.fixture
@@ -283,14 +284,7 @@ async def test_ttl_zero_reaches_a_waiting_consumer_and_dies_otherwise(
     broker: MemoryBroker, channel: MemoryChannel
 ) -> None:
     broker.declare_queue("dead")
-    broker.declare_queue(
-        "q",
-        arguments={
-            "x-message-ttl": 0,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": "dead",
-        },
-    )
+    broker.declare_queue("q", arguments={"x-message-ttl": 0, **dead_letter_to("dead")})
     await channel.basic_publish(b"nobody", routing_key="q")
     inbox = Inbox()
     await channel.basic_consume("q", inbox, no_ack=True)
@@ -304,22 +298,8 @@ async def test_advance_expires_a_chain_in_deadline_order(
     broker: MemoryBroker, channel: MemoryChannel
 ) -> None:
     broker.declare_queue("end")
-    broker.declare_queue(
-        "slow",
-        arguments={
-            "x-message-ttl": 300,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": "end",
-        },
-    )
-    broker.declare_queue(
-        "fast",
-        arguments={
-            "x-message-ttl": 100,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": "slow",
-        },
-    )
+    broker.declare_queue("slow", arguments={"x-message-ttl": 300, **dead_letter_to("end")})
+    broker.declare_queue("fast", arguments={"x-message-ttl": 100, **dead_letter_to("slow")})
     await channel.basic_publish(b"m", routing_key="fast")
 
     broker.advance(399)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,13 +131,6 @@ def test_run_refuses_a_bad_interval_before_starting() -> None:
 
 
 # -- a real worker ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def workers(tmp_path: Path, vhost_url: str) -> Iterator[Workers]:
-    started = Workers(tmp_path, vhost_url)
-    yield started
-    started.cleanup()
 
 
 def fates(ok: int, retry: int, reject: int) -> list[tuple[str, bytes]]:

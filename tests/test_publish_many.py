@@ -32,13 +32,6 @@ async def channel(vhost_url: str) -> AsyncIterator[aio_pika.abc.AbstractChannel]
     await connection.close()
 
 
-@pytest.fixture
-async def app(vhost_url: str) -> AsyncIterator[App]:
-    app = App(url=vhost_url)
-    yield app
-    await app.close()
-
-
 async def drain(queue: aio_pika.abc.AbstractQueue, count: int) -> list[dict[str, int]]:
     bodies = []
     for _ in range(count):
@@ -49,11 +42,11 @@ async def drain(queue: aio_pika.abc.AbstractQueue, count: int) -> list[dict[str,
 
 
 async def test_every_message_confirmed_and_queued_in_order(
-    app: App, channel: aio_pika.abc.AbstractChannel
+    caller: App, channel: aio_pika.abc.AbstractChannel
 ) -> None:
     queue = await channel.declare_queue("batch.ok", durable=True)
 
-    ids = await app.publish_many("", "batch.ok", [Order(order_id=i) for i in range(1200)])
+    ids = await caller.publish_many("", "batch.ok", [Order(order_id=i) for i in range(1200)])
 
     assert len(ids) == 1200
     assert len(set(ids)) == 1200
@@ -63,27 +56,29 @@ async def test_every_message_confirmed_and_queued_in_order(
     assert [b["order_id"] for b in bodies] == list(range(1200))
 
 
-async def test_given_message_ids_are_used(app: App, channel: aio_pika.abc.AbstractChannel) -> None:
+async def test_given_message_ids_are_used(
+    caller: App, channel: aio_pika.abc.AbstractChannel
+) -> None:
     queue = await channel.declare_queue("batch.ids", durable=True)
 
-    ids = await app.publish_many("", "batch.ids", [{"n": 1}, {"n": 2}], message_ids=["a", "b"])
+    ids = await caller.publish_many("", "batch.ids", [{"n": 1}, {"n": 2}], message_ids=["a", "b"])
 
     assert ids == ["a", "b"]
     first = await queue.get(timeout=5, no_ack=True)
     assert first is not None
     assert first.message_id == "a"
     with pytest.raises(ValueError, match="2 message_ids for 3 payloads"):
-        await app.publish_many("", "batch.ids", [1, 2, 3], message_ids=["a", "b"])
+        await caller.publish_many("", "batch.ids", [1, 2, 3], message_ids=["a", "b"])
 
 
 async def test_unroutable_message_in_the_middle_is_reported_the_others_confirmed(
-    app: App, channel: aio_pika.abc.AbstractChannel
+    caller: App, channel: aio_pika.abc.AbstractChannel
 ) -> None:
     exchange = await channel.declare_exchange("batch.direct", aio_pika.ExchangeType.DIRECT)
     queue = await channel.declare_queue("batch.routed", durable=True)
     await queue.bind(exchange, "order")
 
-    async with app.batch() as batch:
+    async with caller.batch() as batch:
         for i in range(9):
             key = "nowhere" if i == 4 else "order"
             batch.publish("batch.direct", key, {"i": i}, message_id=f"m{i}")
@@ -102,18 +97,18 @@ async def test_unroutable_message_in_the_middle_is_reported_the_others_confirmed
 
 
 async def test_a_block_that_raises_sends_nothing(
-    app: App, channel: aio_pika.abc.AbstractChannel
+    caller: App, channel: aio_pika.abc.AbstractChannel
 ) -> None:
     await channel.declare_queue("batch.aborted", durable=True)
 
     async def fails_half_way() -> None:
-        async with app.batch() as batch:
+        async with caller.batch() as batch:
             batch.publish("", "batch.aborted", {"i": 1})
             raise LookupError("no price")
 
     with pytest.raises(LookupError):
         await fails_half_way()
-    async with app.batch() as batch:
+    async with caller.batch() as batch:
         batch.publish("", "batch.aborted", {"i": 2})
 
     assert len(batch.message_ids) == 1
@@ -122,7 +117,7 @@ async def test_a_block_that_raises_sends_nothing(
 
 
 async def test_nacks_of_a_full_reject_publish_queue_are_reported_by_index(
-    app: App, channel: aio_pika.abc.AbstractChannel
+    caller: App, channel: aio_pika.abc.AbstractChannel
 ) -> None:
     # reject-publish: a queue at x-max-length refuses new messages with basic.nack instead
     # of dropping its head, so the publisher learns which ones were not taken.
@@ -134,7 +129,9 @@ async def test_nacks_of_a_full_reject_publish_queue_are_reported_by_index(
     ids = [f"n{i}" for i in range(6)]
 
     with pytest.raises(BatchPublishError) as caught:
-        await app.publish_many("", "batch.bounded", [{"i": i} for i in range(6)], message_ids=ids)
+        await caller.publish_many(
+            "", "batch.bounded", [{"i": i} for i in range(6)], message_ids=ids
+        )
 
     error = caught.value
     assert [(f.index, f.message_id) for f in error.failures] == [(3, "n3"), (4, "n4"), (5, "n5")]
@@ -145,11 +142,11 @@ async def test_nacks_of_a_full_reject_publish_queue_are_reported_by_index(
 
 
 async def test_channel_closed_mid_batch_fails_every_unconfirmed_message(
-    app: App, channel: aio_pika.abc.AbstractChannel
+    caller: App, channel: aio_pika.abc.AbstractChannel
 ) -> None:
     await channel.declare_queue("batch.closing", durable=True)
-    await app.publish("", "batch.closing", {"warm": 1})  # the app's channel is open
-    publisher = app._publisher
+    await caller.publish("", "batch.closing", {"warm": 1})  # the caller's channel is open
+    publisher = caller._publisher
     assert publisher is not None
     payloads = [{"i": i, "pad": "x" * 1000} for i in range(20_000)]
 
@@ -160,7 +157,7 @@ async def test_channel_closed_mid_batch_fails_every_unconfirmed_message(
 
     closer = asyncio.create_task(close_soon())
     with pytest.raises(BatchPublishError) as caught:
-        await app.publish_many("", "batch.closing", payloads)
+        await caller.publish_many("", "batch.closing", payloads)
     await closer
 
     error = caught.value
@@ -173,4 +170,4 @@ async def test_channel_closed_mid_batch_fails_every_unconfirmed_message(
     declared = await channel.declare_queue("batch.closing", passive=True)
     assert declared.declaration_result.message_count >= 1 + len(error.confirmed)
     # The next batch gets a fresh channel.
-    assert len(await app.publish_many("", "batch.closing", [{"after": 1}])) == 1
+    assert len(await caller.publish_many("", "batch.closing", [{"after": 1}])) == 1

@@ -8,11 +8,7 @@ Times are measured on the handler side with ``time.monotonic()``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
-import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -28,18 +24,15 @@ from tests.support.amqp import drain_async as drain
 from tests.support.amqp import message_counts_async as ready_counts
 from tests.support.amqp import publish_one as publish
 from tests.support.broker import Rabbit
-from tests.support.broker import queue_counts as depths
+from tests.support.broker import queue_messages as depths
 from tests.support.output import text
-from tests.support.processes import run_cli
-from tests.support.records import RECORD_ENV, Runs
+from tests.support.processes import Workers, run_cli
+from tests.support.records import Runs
 from tests.support.topology import app_for
-from tests.support.waiting import wait_for
+from tests.support.waiting import eventually, wait_for
 from tests.support.worker import running
 
 pytestmark = [pytest.mark.broker]
-
-ROOT = Path(__file__).resolve().parent.parent
-RABBITFLOW = Path(sys.executable).with_name("rabbitflow")
 
 ORDERS = """
 [exchanges.orders]
@@ -155,7 +148,7 @@ retry = { delays = ["1s", "2s"], max_attempts = 3 }
     assert text(runs.runs[1].headers["rabbitflow-error-message"]) == "card declined"
     # Nothing is left anywhere else.
     left = depths(rabbit, vhost)
-    assert left["pay"][0] == left["pay.retry.1s"][0] == left["pay.retry.2s"][0] == 0
+    assert left["pay"] == left["pay.retry.1s"] == left["pay.retry.2s"] == 0
 
 
 @pytest.mark.slow
@@ -191,7 +184,7 @@ retry = { delays = ["500ms", "1s"], max_attempts = 5 }
     # Then it was processed exactly once, on attempt 3, and nothing is left anywhere
     assert shipped == ["m-2"]
     assert [run.attempt for run in runs.runs] == [1, 2, 3]
-    assert {name: counts[0] for name, counts in depths(rabbit, vhost).items()} == {
+    assert depths(rabbit, vhost) == {
         "ship": 0,
         "ship.retry.500ms": 0,
         "ship.retry.1s": 0,
@@ -357,9 +350,7 @@ async def test_each_exception_gets_its_documented_outcome(
     for messages in dead.values():
         for message_id, dlq_headers in messages.items():
             assert dlq_headers["rabbitflow-attempt"] == 1, message_id
-    retry_depths = {
-        name: counts[0] for name, counts in depths(rabbit, vhost).items() if ".retry." in name
-    }
+    retry_depths = {name: n for name, n in depths(rabbit, vhost).items() if ".retry." in name}
     assert set(retry_depths.values()) == {0}
 
 
@@ -418,68 +409,36 @@ retry = { delays = ["1s"] }
 """
 
 
-def _records(path: Path) -> list[list[str]]:
-    if not path.exists():
-        return []
-    return [line.split() for line in path.read_text().splitlines()]
-
-
 @pytest.mark.slow
 @pytest.mark.crash
 async def test_a_message_that_kills_the_worker_ends_in_the_dlq(
-    tmp_path: Path, vhost_url: str
+    tmp_path: Path, vhost_url: str, workers: Workers
 ) -> None:
     # Given a quorum queue with crash_limit = 3 holding one poison message among others
     app = app_for(tmp_path, CRASH_TOPOLOGY)
     await declare_topology(app, vhost_url)
     ids = ["ok-1", "ok-2", "poison-1", "ok-3", "ok-4", "ok-5"]
     await publish_many(vhost_url, "crashy", ids)
-    record_file = tmp_path / "runs.txt"
-    env = {**os.environ, RECORD_ENV: str(record_file)}
 
     async def finished() -> bool:
-        done = {fields[1] for fields in _records(record_file) if fields[0] == "done"}
-        if done != set(ids) - {"poison-1"}:
+        if set(workers.records.ids("done")) != set(ids) - {"poison-1"}:
             return False
         return (await ready_counts(vhost_url, ["crashy.dlq"]))["crashy.dlq"] == 1
 
     # When a worker that dies on the poison message is restarted every time it dies
-    starts = 0
-    deadline = time.monotonic() + 60
-    while not await finished() and starts < 10 and time.monotonic() < deadline:
-        starts += 1
-        process = await asyncio.create_subprocess_exec(
-            str(RABBITFLOW),
-            "run",
-            "tests.crashapp:app",
-            "--topology",
-            str(tmp_path / "topology.toml"),
-            "--url",
-            vhost_url,
-            "--log-format",
-            "json",
-            "--shutdown-timeout",
-            "2",
-            cwd=ROOT,
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        while process.returncode is None and not await finished():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), 0.2)
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 15)
+    starts = await workers.restart_until(
+        finished, "tests.crashapp:app", tmp_path / "topology.toml", "--shutdown-timeout", "2",
+        starts=10, timeout=60,
+    )  # fmt: skip
 
     # Then every other message was processed exactly once
-    records = _records(record_file)
-    done = [fields[1] for fields in records if fields[0] == "done"]
+    records = workers.records
+    done = [fields[0] for fields in records.of("done")]
     assert sorted(done) == sorted(set(ids) - {"poison-1"})
     # and the poison message killed the worker crash_limit + 1 times, then the broker
     # dead-lettered it to crashy.dlq with reason delivery_limit
-    crashes = [fields for fields in records if fields[0] == "crash"]
-    assert len(crashes) == 4, records
+    crashes = records.of("crash")
+    assert len(crashes) == 4, records.lines()
     [dead] = await drain(vhost_url, "crashy.dlq")
     assert dead.message_id == "poison-1"
     deaths: list[dict[str, Any]] = dead.headers["x-death"]  # type: ignore[assignment]
@@ -524,7 +483,7 @@ retry = { delays = ["1s"], max_attempts = 5 }
     # one tier delay apart: the retries waited in the re-declared tier
     assert runs.runs[1].at - runs.runs[0].at >= 0.9
     assert "fragile.retry.1s" in left
-    assert left["fragile"][0] == left["fragile.dlq"][0] == left["fragile.retry.1s"][0] == 0
+    assert left["fragile"] == left["fragile.dlq"] == left["fragile.retry.1s"] == 0
 
 
 @pytest.mark.slow
@@ -553,7 +512,7 @@ retry = { delays = ["1s"], max_attempts = 3 }
         rabbit.admin.delete_queue(vhost, "fragile.retry.1s")
         # When the handler keeps failing
         await publish(vhost_url, "", "fragile", b"{}", message_id="m-8")
-        await wait_for(lambda: depths(rabbit, vhost)["fragile.dlq"][0] == 1, "the DLQ copy", 15)
+        await wait_for(lambda: depths(rabbit, vhost)["fragile.dlq"] == 1, "the DLQ copy", 15)
         await asyncio.sleep(1.5)
 
     # Then each failed retry counted as an attempt: max_attempts runs, not a loop
@@ -563,7 +522,7 @@ retry = { delays = ["1s"], max_attempts = 3 }
     assert runs.runs[2].at - runs.runs[1].at >= 1.9
     # and the message ended in the DLQ, nothing left in the queue
     left = depths(rabbit, vhost)
-    assert left["fragile"][0] == 0
+    assert left["fragile"] == 0
     assert "fragile.retry.1s" not in left
 
 
@@ -617,7 +576,7 @@ retry = { delays = ["1s"], max_attempts = 4 }
     [dead] = await drain(vhost_url, "broken.dlq")
     assert dead.headers["rabbitflow-attempt"] == 4
     left = depths(rabbit, vhost)
-    assert left["flaky.retry.30s"][0] == left["flaky"][0] == left["flaky.dlq"][0] == 0
+    assert left["flaky.retry.30s"] == left["flaky"] == left["flaky.dlq"] == 0
 
 
 @pytest.mark.slow
@@ -671,8 +630,8 @@ circuit_breaker = { failure_ratio = 0.5, window = "10s", min_calls = 4, cooldown
     # Then every message was processed exactly once, and none was dead-lettered
     assert sorted(processed) == sorted(ids)
     left = depths(rabbit, vhost)
-    assert left["downstream"][0] == left["downstream.retry.1s"][0] == 0
-    assert left["downstream.dlq"][0] == 0
+    assert left["downstream"] == left["downstream.retry.1s"] == 0
+    assert left["downstream.dlq"] == 0
 
 
 async def test_the_circuit_breaker_counts_failures_that_are_dead_lettered_too(
@@ -731,21 +690,20 @@ retry = { delays = ["1h"], max_attempts = 3 }
         for key in ("a", "b", "bad"):
             await publish(vhost_url, "", "slow", b"{}", message_id=key)
         await wait_for(
-            lambda: depths(rabbit, vhost)["slow.retry.1h"][0] == 2, "two messages in the tier", 10
+            lambda: depths(rabbit, vhost)["slow.retry.1h"] == 2, "two messages in the tier", 10
         )
         # When the tier monitor samples
         # (from the management API, whose figures lag by up to 5 s)
         connection = await aiormq.connect(vhost_url)
+
+        async def sampled() -> str | None:
+            await worker.tier_monitor.sample(await connection.channel())
+            metrics = worker.metrics.render()
+            dlq = 'rabbitflow_dlq_messages{queue="slow"} 1'
+            return metrics if 'tier="1h"} 2' in metrics and dlq in metrics else None
+
         try:
-            for _ in range(30):
-                await worker.tier_monitor.sample(await connection.channel())
-                metrics = worker.metrics.render()
-                if (
-                    'tier="1h"} 2' in metrics
-                    and 'rabbitflow_dlq_messages{queue="slow"} 1' in metrics
-                ):
-                    break
-                await asyncio.sleep(0.5)
+            metrics = await eventually(sampled, "the gauges of the tier and the DLQ", 20, 0.5)
         finally:
             await connection.close()
 
@@ -767,4 +725,4 @@ retry = { delays = ["1h"], max_attempts = 3 }
         assert waiting["error_type"] == "ConnectionError"
         due = datetime.fromisoformat(waiting["due_at"])
         assert timedelta(minutes=58) < due - datetime.now(due.tzinfo) < timedelta(minutes=61)
-    assert depths(rabbit, vhost)["slow.retry.1h"][0] == 2
+    assert depths(rabbit, vhost)["slow.retry.1h"] == 2

@@ -7,8 +7,6 @@ and once against the real RabbitMQ under the worker.
 from __future__ import annotations
 
 import asyncio
-import os
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -16,7 +14,7 @@ from pydantic import BaseModel
 from rabbitflow import App, Message, Reject, RemoteError, RequestTimeout
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import parse_topology
-from tests.support.processes import ROOT, WorkerProcess
+from tests.support.processes import ROOT, Workers
 
 TOPOLOGY = parse_topology(
     """
@@ -164,17 +162,12 @@ async def test_the_pricing_example_answers_quotes_and_refuses_an_unknown_sku() -
 
 
 @pytest.mark.broker
-def test_the_pricing_example_under_rabbitflow_run(tmp_path: Path, vhost_url: str) -> None:
+def test_the_pricing_example_under_rabbitflow_run(workers: Workers, vhost_url: str) -> None:
     from examples.pricing import caller
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RABBITFLOW_URL", None)
     topology = ROOT / "examples" / "pricing" / "topology.toml"
-    service = WorkerProcess(
-        "examples.pricing.service:app", vhost_url, topology, tmp_path / "worker.log", env
-    ).start()
+    service = workers.start("examples.pricing.service:app", topology, ready_timeout=30)
     try:
-        service.wait_for_event("consuming", timeout=30)
         caller.app.url = vhost_url
         lines = asyncio.run(caller.main(["A1", "Z9"] + ["B2"] * 48, 2))
         assert lines[:2] == ["A1: 2 x 9.5 = 19.0", "Z9: refused (unknown sku 'Z9')"]
@@ -182,7 +175,6 @@ def test_the_pricing_example_under_rabbitflow_run(tmp_path: Path, vhost_url: str
         assert service.has_event("message dead-lettered")  # the refused request, in the DLQ
     finally:
         caller.app.url = None
-        service.kill()
 
 
 async def test_a_sync_handler_replies_and_a_handler_may_call_another_service() -> None:

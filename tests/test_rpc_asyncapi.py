@@ -2,34 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
-
 from rabbitflow import App
 from rabbitflow._asyncapi import build
-from rabbitflow.topology import parse_topology
 from tests.test_asyncapi import check_document
-
-TOPOLOGY = parse_topology(
-    """
-[exchanges.rpc]
-type = "direct"
-
-[queues."pricing.quotes"]
-bindings = [{ exchange = "rpc", routing_key = "price.quote" }]
-
-[queues."pricing.events"]
-bindings = [{ exchange = "rpc", routing_key = "price.changed" }]
-"""
-)
-
-
-class QuoteRequest(BaseModel):
-    sku: str
-
-
-class Quote(BaseModel):
-    sku: str
-    price: float
+from tests.test_rpc import TOPOLOGY, Quote, QuoteRequest
 
 
 def make_app() -> App:

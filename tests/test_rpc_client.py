@@ -70,15 +70,6 @@ def vhost_url(rabbit: Rabbit) -> Iterator[str]:
         yield rabbit.vhost_url(name)
 
 
-@pytest.fixture
-async def app(vhost_url: str) -> AsyncIterator[App]:
-    app = App(url=vhost_url, topology="missing.toml")
-    try:
-        yield app
-    finally:
-        await app.close()
-
-
 async def echo(delivery: DeliveredMessage, replier: Replier) -> None:
     request = json.loads(delivery.body)
     # Later requests are answered first: replies arrive out of order.
@@ -87,54 +78,56 @@ async def echo(delivery: DeliveredMessage, replier: Replier) -> None:
 
 
 async def test_a_hundred_requests_in_flight_each_get_their_own_reply(
-    vhost_url: str, app: App
+    vhost_url: str, caller: App
 ) -> None:
     async for _ in serve(vhost_url, echo):
         calls = [
-            app.request("", QUEUE, {"n": n, "delay": (100 - n) / 1000}, timeout=10)
+            caller.request("", QUEUE, {"n": n, "delay": (100 - n) / 1000}, timeout=10)
             for n in range(100)
         ]
         replies = await asyncio.gather(*calls)
         assert replies == [{"echo": n} for n in range(100)]
-        assert app.requests_in_flight == 0
+        assert caller.requests_in_flight == 0
 
 
-async def test_a_reply_is_validated_into_the_response_model(vhost_url: str, app: App) -> None:
+async def test_a_reply_is_validated_into_the_response_model(vhost_url: str, caller: App) -> None:
     async def quote(delivery: DeliveredMessage, replier: Replier) -> None:
         await replier.reply(delivery, Quote(sku=json.loads(delivery.body)["sku"], price=9.5))
 
     async for _ in serve(vhost_url, quote):
-        result = await app.request("", QUEUE, {"sku": "A1"}, timeout=5, response_model=Quote)
+        result = await caller.request("", QUEUE, {"sku": "A1"}, timeout=5, response_model=Quote)
         assert result == Quote(sku="A1", price=9.5)
         with pytest.raises(DecodeError, match="invalid Other"):
-            await app.request("", QUEUE, {"sku": "A1"}, timeout=5, response_model=Other)
+            await caller.request("", QUEUE, {"sku": "A1"}, timeout=5, response_model=Other)
 
 
-async def test_text_and_bytes_replies_come_back_by_content_type(vhost_url: str, app: App) -> None:
+async def test_text_and_bytes_replies_come_back_by_content_type(
+    vhost_url: str, caller: App
+) -> None:
     async def typed(delivery: DeliveredMessage, replier: Replier) -> None:
         value: Any = "plain" if delivery.body == b"text" else b"\x00\x01"
         await replier.reply(delivery, value)
 
     async for _ in serve(vhost_url, typed):
-        assert await app.request("", QUEUE, "text", timeout=5) == "plain"
-        assert await app.request("", QUEUE, "bytes", timeout=5) == b"\x00\x01"
+        assert await caller.request("", QUEUE, "text", timeout=5) == "plain"
+        assert await caller.request("", QUEUE, "bytes", timeout=5) == b"\x00\x01"
 
 
 async def test_a_failed_handler_reaches_the_caller_as_remote_error(
-    vhost_url: str, app: App
+    vhost_url: str, caller: App
 ) -> None:
     async def failing(delivery: DeliveredMessage, replier: Replier) -> None:
         await replier.reply_error(delivery, LookupError("no price for sku A1"))
 
     async for _ in serve(vhost_url, failing):
         with pytest.raises(RemoteError) as caught:
-            await app.request("", QUEUE, {"sku": "A1"}, timeout=5)
+            await caller.request("", QUEUE, {"sku": "A1"}, timeout=5)
         assert caught.value.type == "LookupError"
         assert caught.value.message == "no price for sku A1"
 
 
 async def test_no_reply_in_time_raises_request_timeout_and_forgets_the_request(
-    vhost_url: str, app: App
+    vhost_url: str, caller: App
 ) -> None:
     async def silent(delivery: DeliveredMessage, replier: Replier) -> None:
         return None
@@ -142,14 +135,14 @@ async def test_no_reply_in_time_raises_request_timeout_and_forgets_the_request(
     async for _ in serve(vhost_url, silent):
         started = asyncio.get_running_loop().time()
         with pytest.raises(RequestTimeout) as caught:
-            await app.request("", QUEUE, {"n": 1}, timeout=0.3)
+            await caller.request("", QUEUE, {"n": 1}, timeout=0.3)
         assert 0.3 <= asyncio.get_running_loop().time() - started < 2
         assert caught.value.routing_key == QUEUE
-        assert app.requests_in_flight == 0
+        assert caller.requests_in_flight == 0
 
 
 async def test_a_late_reply_after_a_timeout_is_dropped_and_later_requests_work(
-    vhost_url: str, app: App
+    vhost_url: str, caller: App
 ) -> None:
     async def slow_first(delivery: DeliveredMessage, replier: Replier) -> None:
         request = json.loads(delivery.body)
@@ -158,24 +151,24 @@ async def test_a_late_reply_after_a_timeout_is_dropped_and_later_requests_work(
 
     async for _ in serve(vhost_url, slow_first):
         with pytest.raises(RequestTimeout):
-            await app.request("", QUEUE, {"n": 1}, timeout=0.2)
+            await caller.request("", QUEUE, {"n": 1}, timeout=0.2)
         await asyncio.sleep(0.5)  # the late reply arrives and is dropped
-        assert await app.request("", QUEUE, {"n": 2}, timeout=5) == 2
+        assert await caller.request("", QUEUE, {"n": 2}, timeout=5) == 2
 
 
 async def test_requests_in_flight_fail_fast_when_the_connection_is_lost(
-    vhost_url: str, app: App
+    vhost_url: str, caller: App
 ) -> None:
     async def silent(delivery: DeliveredMessage, replier: Replier) -> None:
         return None
 
     async for _ in serve(vhost_url, silent):
         calls = [
-            asyncio.ensure_future(app.request("", QUEUE, {"n": n}, timeout=30)) for n in range(5)
+            asyncio.ensure_future(caller.request("", QUEUE, {"n": n}, timeout=30)) for n in range(5)
         ]
         await asyncio.sleep(0.2)
-        assert app._connection is not None
-        await app._connection.close()
+        assert caller._connection is not None
+        await caller._connection.close()
         started = asyncio.get_running_loop().time()
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert asyncio.get_running_loop().time() - started < 2
@@ -183,19 +176,19 @@ async def test_requests_in_flight_fail_fast_when_the_connection_is_lost(
         assert "reply channel was closed" in str(results[0])
         # The next request opens a new connection and a new reply consumer.
         with pytest.raises(RequestTimeout):
-            await app.request("", QUEUE, {"n": 9}, timeout=0.2)
+            await caller.request("", QUEUE, {"n": 9}, timeout=0.2)
 
 
-async def test_a_request_no_queue_takes_fails_at_once(app: App) -> None:
+async def test_a_request_no_queue_takes_fails_at_once(caller: App) -> None:
     with pytest.raises(UnroutableError):
-        await app.request("", "nobody.listens", {"n": 1}, timeout=5)
+        await caller.request("", "nobody.listens", {"n": 1}, timeout=5)
 
 
 async def test_a_request_to_a_missing_exchange_fails_clearly_and_the_next_one_works(
-    vhost_url: str, app: App
+    vhost_url: str, caller: App
 ) -> None:
     async for _ in serve(vhost_url, echo):
         with pytest.raises(PublishError, match="no exchange 'nowhere'"):
-            await app.request("nowhere", "x", {"n": 1}, timeout=5)
+            await caller.request("nowhere", "x", {"n": 1}, timeout=5)
         # RabbitMQ closed that channel (404); the next request gets a new reply consumer.
-        assert await app.request("", QUEUE, {"n": 7}, timeout=5) == {"echo": 7}
+        assert await caller.request("", QUEUE, {"n": 7}, timeout=5) == {"echo": 7}

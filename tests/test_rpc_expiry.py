@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import math
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -25,6 +24,7 @@ from rabbitflow.dlq import replay_headers
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import parse_topology
 from tests.support.amqp import declare_topology, message_counts_async
+from tests.support.network import silent_server
 from tests.support.worker import running
 
 TOPOLOGY = """
@@ -53,15 +53,6 @@ def topology(tmp_path: Path) -> str:
     path = tmp_path / "topology.toml"
     path.write_text(TOPOLOGY)
     return str(path)
-
-
-@pytest.fixture
-async def caller(vhost_url: str) -> AsyncIterator[App]:
-    app = App(url=vhost_url, topology="missing.toml")
-    try:
-        yield app
-    finally:
-        await app.close()
 
 
 async def taken(url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
@@ -201,31 +192,21 @@ async def test_a_timeout_says_whether_the_request_was_sent(
 
 async def test_a_timeout_while_connecting_was_not_sent_and_the_connect_goes_on() -> None:
     # Given: a server that accepts TCP connections and never answers the AMQP handshake
-    sockets: list[asyncio.StreamWriter] = []
-
-    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sockets.append(writer)
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    app = App(url=f"amqp://guest:guest@127.0.0.1:{port}/", topology="missing.toml")
-    loop = asyncio.get_running_loop()
-    try:
-        # When: a request waits 0.3 s
-        begun = loop.time()
-        with pytest.raises(RequestTimeout) as timed_out:
-            await app.request("", "rpc.idle", {}, timeout=0.3)
-        # Then: it says so after 0.3 s, and that the request was not sent
-        assert loop.time() - begun < 1.0
-        assert timed_out.value.sent is False
-        assert "not sent" in str(timed_out.value)
-    finally:
-        server.close()
-        for writer in sockets:
-            writer.close()
-        await server.wait_closed()
-        await app.close()
-        await asyncio.sleep(0.1)  # the connect ends with the sockets
+    async with silent_server() as port:
+        app = App(url=f"amqp://guest:guest@127.0.0.1:{port}/", topology="missing.toml")
+        loop = asyncio.get_running_loop()
+        try:
+            # When: a request waits 0.3 s
+            begun = loop.time()
+            with pytest.raises(RequestTimeout) as timed_out:
+                await app.request("", "rpc.idle", {}, timeout=0.3)
+            # Then: it says so after 0.3 s, and that the request was not sent
+            assert loop.time() - begun < 1.0
+            assert timed_out.value.sent is False
+            assert "not sent" in str(timed_out.value)
+        finally:
+            await app.close()
+    await asyncio.sleep(0.1)  # the connect ends with the sockets
 
 
 # -- the worker's side, on the in-memory broker --------------------------------------------------

@@ -11,7 +11,6 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,13 +32,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.crash]
 
 WORK = "tests.apps.work:async_app"
 SYNC_WORK = "tests.apps.work:sync_app"
-
-
-@pytest.fixture
-def workers(tmp_path: Path, vhost_url: str) -> Iterator[Workers]:
-    started = Workers(tmp_path, vhost_url)
-    yield started
-    started.cleanup()
 
 
 def assert_no_traceback(text: str) -> None:

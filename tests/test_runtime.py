@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ from rabbitflow import App, Message, PublishError, UnroutableError
 from rabbitflow._worker import Worker, WorkerOptions
 from tests.support.amqp import drain_async, message_counts_async
 from tests.support.broker import Rabbit, worker_connections
-from tests.support.waiting import wait_until
+from tests.support.waiting import eventually, wait_for, wait_until
+from tests.support.worker import running
 
 pytestmark = pytest.mark.broker
 
@@ -43,41 +44,6 @@ def topology(tmp_path: Path, *queues: str, settings: str = "") -> Path:
     path = tmp_path / "topology.toml"
     path.write_text("\n".join(lines))
     return path
-
-
-@contextlib.asynccontextmanager
-async def running(app: App, url: str, **options: Any) -> AsyncIterator[Worker]:
-    """Run a worker for ``app`` until the block ends; fail if it does not start consuming."""
-    worker = Worker(app, app.load_topology(), WorkerOptions(url=url, **options))
-    task = asyncio.create_task(worker.run())
-    deadline = time.monotonic() + 15
-    while not worker.ready:
-        if task.done():
-            task.result()
-            raise AssertionError("the worker stopped before consuming")
-        assert time.monotonic() < deadline, "the worker did not start consuming"
-        await asyncio.sleep(0.02)
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 15)
-
-
-async def eventually(probe: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
-async def eventually_async(
-    probe: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not await probe():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 # -- handler signatures ------------------------------------------------------------------------
@@ -128,7 +94,7 @@ async def test_each_handler_signature_gets_its_payload(tmp_path: Path, vhost_url
             correlation_id="c-1",
         )
         await app.publish("in", "model-and-message", Order(order_id=2, amount=1), message_id="m-2")
-        await eventually(lambda: len(got) == len(queues), "every handler to run")
+        await wait_for(lambda: len(got) == len(queues), "every handler to run")
 
     # Then each received its payload decoded as its signature asks
     assert got["model"] == (Order(order_id=1, amount=9.5),)
@@ -162,13 +128,13 @@ async def test_undecodable_payloads_go_to_the_dlq_at_once(tmp_path: Path, vhost_
         await app.publish("in", "orders", {"order_id": "abc", "amount": 1})
         await app.publish("in", "orders", "hello")
         await app.publish("in", "orders", Order(order_id=7, amount=1))
-        await eventually(lambda: bool(handled), "the good order")
+        await wait_for(lambda: bool(handled), "the good order")
 
         async def dead_lettered() -> bool:
             counts = await message_counts_async(vhost_url, ["orders.dlq"])
             return counts["orders.dlq"] == 3
 
-        await eventually_async(dead_lettered, "three messages in the DLQ")
+        await eventually(dead_lettered, "three messages in the DLQ")
 
     # Then the handler saw only the good order; the others are in the DLQ, never retried
     assert handled == [Order(order_id=7, amount=1)]
@@ -210,7 +176,7 @@ async def test_sync_handler_runs_in_a_thread_and_the_loop_stays_responsive(
     gaps: list[float] = []
     async with running(app, vhost_url):
         await app.publish("in", "blocking", {"n": 1})
-        await eventually(lambda: bool(threads), "the handler to start")
+        await wait_for(lambda: bool(threads), "the handler to start")
         last = time.monotonic()
         while "done" not in threads:
             await asyncio.sleep(0.02)
@@ -248,7 +214,7 @@ async def test_concurrency_caps_handlers_running_at_once(tmp_path: Path, vhost_u
     async with running(app, vhost_url):
         for n in range(10):
             await app.publish("in", "capped", {"n": n})
-        await eventually(lambda: done == 10, "every message")
+        await wait_for(lambda: done == 10, "every message")
 
     # Then exactly two handlers ran at a time
     assert peak == 2
@@ -292,7 +258,7 @@ async def test_hooks_and_lifespan_run_in_order_around_consuming(
         events.append(f"handled {body['from']}")
 
     async with running(app, vhost_url):
-        await eventually(lambda: "startup 2" in events, "the start-up hooks")
+        await wait_for(lambda: "startup 2" in events, "the start-up hooks")
         await asyncio.sleep(0.05)
 
     assert events == [

@@ -11,9 +11,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
@@ -24,13 +22,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.crash]
 
 TICKER = "tests.apps.ticker:app"
 TOPOLOGY = ROOT / "tests" / "apps" / "work.toml"
-
-
-@pytest.fixture
-def workers(tmp_path: Path, vhost_url: str) -> Iterator[Workers]:
-    started = Workers(tmp_path, vhost_url)
-    yield started
-    started.cleanup()
 
 
 def _epoch(iso: str) -> float:

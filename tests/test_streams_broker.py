@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,13 +15,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 STREAMER = "tests.apps.streamer:app"
 TOPOLOGY = ROOT / "tests" / "apps" / "stream.toml"
-
-
-@pytest.fixture
-def workers(tmp_path: Path, vhost_url: str) -> Iterator[Workers]:
-    started = Workers(tmp_path, vhost_url)
-    yield started
-    started.cleanup()
 
 
 def events(first: int, last: int, failing: int | None = None) -> list[tuple[str, bytes]]:

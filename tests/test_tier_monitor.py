@@ -2,48 +2,40 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from pathlib import Path
 
-import aio_pika
 import aiormq
 import pytest
 from structlog.testing import capture_logs
 
 from rabbitflow._metrics import Metrics
 from rabbitflow._retries import TierMonitor
-from rabbitflow.topology import derive, load_topology
-from rabbitflow.topology._declare import declare
+from rabbitflow.topology import derive
 from rabbitflow.topology._management import (
     configured_url,
     queue_depths,
     vhost_of,
     with_credentials,
 )
+from tests.support.amqp import declare_topology, publish_many
+from tests.support.broker import Rabbit
+from tests.support.topology import app_for
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
 @pytest.mark.management
 async def test_a_tier_whose_messages_cannot_go_back_is_reported(
-    tmp_path: Path, vhost_url: str
+    tmp_path: Path, vhost_url: str, rabbit: Rabbit, vhost: str
 ) -> None:
     # Given a quorum queue deleted by an operator while two copies wait in its 100 ms tier
-    path = tmp_path / "topology.toml"
-    path.write_text('[queues.full]\nretry = { delays = ["100ms"] }\n')
-    declarations = derive(load_topology(path))
-    connection = await aio_pika.connect(vhost_url)
-    try:
-        await declare(connection, declarations)
-        channel = await connection.channel()
-        await channel.queue_delete("full")
-        for _ in range(2):
-            await channel.default_exchange.publish(
-                aio_pika.Message(b"{}"), routing_key="full.retry.100ms"
-            )
-    finally:
-        await connection.close()
+    app = app_for(tmp_path, '[queues.full]\nretry = { delays = ["100ms"] }\n')
+    declarations = derive(app.load_topology())
+    await declare_topology(app, vhost_url)
+    rabbit.admin.delete_queue(vhost, "full")
+    await publish_many(vhost_url, "full.retry.100ms", ["m-1", "m-2"])
 
     # When the monitor samples the tier twice, more than twice its delay apart (the
     # management statistics lag by up to 5 s)
@@ -54,11 +46,12 @@ async def test_a_tier_whose_messages_cannot_go_back_is_reported(
     amqp = await aiormq.connect(vhost_url)
     try:
         with capture_logs() as logs:
-            for _ in range(40):
+
+            async def warned() -> bool:
                 await monitor.sample(await amqp.channel())
-                if any(line["log_level"] == "warning" for line in logs):
-                    break
-                await asyncio.sleep(0.5)
+                return any(line["log_level"] == "warning" for line in logs)
+
+            await eventually(warned, "the monitor to warn", 25, 0.5)
     finally:
         await amqp.close()
 
@@ -76,17 +69,11 @@ async def test_without_the_management_api_depths_come_from_passive_declares(
 ) -> None:
     # Given a queue with a 1 h tier holding one message, and a management URL that answers
     # nothing
-    path = tmp_path / "topology.toml"
-    path.write_text('[queues.slow]\nretry = { delays = ["1h"] }\n')
-    declarations = derive(load_topology(path))
-    connection = await aio_pika.connect(vhost_url)
-    try:
-        await declare(connection, declarations)
-        channel = await connection.channel()
-        await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key="slow.retry.1h")
-        await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key="slow.dlq")
-    finally:
-        await connection.close()
+    app = app_for(tmp_path, '[queues.slow]\nretry = { delays = ["1h"] }\n')
+    declarations = derive(app.load_topology())
+    await declare_topology(app, vhost_url)
+    await publish_many(vhost_url, "slow.retry.1h", ["m-1"])
+    await publish_many(vhost_url, "slow.dlq", ["m-2"])
     metrics = Metrics()
     nowhere = functools.partial(queue_depths, "http://guest:guest@127.0.0.1:9/", "/")
     monitor = TierMonitor([declarations.routes["slow"]], metrics, depths=nowhere)

@@ -7,11 +7,10 @@ import asyncio
 import aio_pika
 import pytest
 
-from rabbitflow._broker_version import BrokerVersion
 from rabbitflow.errors import TopologyError
 from rabbitflow.topology import derive, parse_topology
 from rabbitflow.topology._declare import declare
-from tests.support.broker import Rabbit
+from tests.support.broker import Rabbit, version_of
 
 
 def _work_arguments(toml: str) -> dict[str, object]:
@@ -106,8 +105,7 @@ async def test_declared_on_the_broker_and_one_consumer_gets_everything(
         # 3.10 keeps x-consumer-timeout on the queue (and ignores it: per-queue consumer
         # timeouts take effect from RabbitMQ 3.12 on); 4.3 refuses it on a classic queue,
         # whose consumers it never times out, so it is not declared there.
-        version = BrokerVersion.of(connection)
-        assert version is not None
+        version = version_of(connection)
         assert "x-single-active-consumer" in arguments
         assert ("x-consumer-timeout" in arguments) is version.accepts_consumer_timeout("classic")
 

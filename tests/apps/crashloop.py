@@ -3,7 +3,7 @@
 The queue is ``crashy`` (topology from ``--topology``). Every message kills the process with
 ``os._exit(1)`` (as a segfault or the OOM killer would: no exception, no ack, no nack), after
 recording ``crash <message_id> <attempt> <x-delivery-count> <x-acquired-count>`` in
-``$RF_RECOVER_RECORD`` (``-`` for an absent header).
+``$RF_RECORD`` (``-`` for an absent header).
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
-"""Append-only records of handler runs, readable by the test while the worker runs."""
+"""Append-only records of handler runs, readable by the test while the worker runs: the apps
+write them with :func:`tests.support.records.record` into ``$RF_RECORD``."""
 
 from __future__ import annotations
 
-from tests.support.records import record as append_record
+from tests.support.records import RECORD_ENV, record
 
-RECORD_ENV = "RF_RECORD"
-
-
-def record(*fields: object) -> None:
-    """Append one line to ``$RF_RECORD`` (see :func:`tests.support.records.record`)."""
-    append_record(*fields, env=RECORD_ENV)
+__all__ = ["RECORD_ENV", "record"]

@@ -21,7 +21,8 @@ from urllib.parse import quote
 import pytest
 
 from tests.reliability.checker import Checker
-from tests.support.broker import Rabbit, answers
+from tests.support.broker import Rabbit
+from tests.support.network import answers
 from tests.support.processes import ROOT
 
 TOOL = Path(os.environ.get("RF_CLUSTER_TOOL", ROOT.parent / "shared" / "tools" / "cluster.sh"))

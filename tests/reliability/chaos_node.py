@@ -18,7 +18,6 @@ import fcntl
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from tests.support.broker import Rabbit
+from tests.support.network import answers
 
 NODE = "rf-chaos@localhost"
 AMQP_PORT = 5673
@@ -111,14 +111,6 @@ class ChaosNodeUnavailable(Exception):
     """The second node could not be started; the message says why."""
 
 
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 class ChaosNode:
     """Start, stop, pause and alarm the private node; ``rabbit`` is its test handle."""
 
@@ -165,7 +157,7 @@ class ChaosNode:
         self._take_lock()
         if self.running():
             self.ctl("stop", check=False)  # a leftover of a killed session of this suite
-        if _answers(AMQP_PORT):
+        if answers("127.0.0.1", AMQP_PORT):
             raise ChaosNodeUnavailable(f"127.0.0.1:{AMQP_PORT} is taken by another process")
         self.base = Path(tempfile.mkdtemp(prefix="rf-chaos-"))
         self._write_config(self.base)
@@ -235,7 +227,7 @@ class ChaosNode:
         while time.monotonic() < deadline:
             if self.running():
                 self.ctl("await_startup", "--timeout", str(int(START_TIMEOUT)))
-                if _answers(AMQP_PORT):
+                if answers("127.0.0.1", AMQP_PORT):
                     return
             time.sleep(0.5)
         raise ChaosNodeUnavailable(

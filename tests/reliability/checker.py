@@ -46,7 +46,7 @@ from tests.reliability.app import DB_ENV, SLEEP_ENV
 from tests.support.amqp import drain as take_all
 from tests.support.broker import Rabbit
 from tests.support.output import text as header_text
-from tests.support.processes import ROOT, WorkerProcess, run_cli
+from tests.support.processes import ROOT, WorkerProcess, child_env, run_cli
 from tests.support.waiting import wait_until
 
 APP = "tests.reliability.app:app"
@@ -466,13 +466,7 @@ class Checker:
         wait_ready: bool = True,
     ) -> WorkerProcess:
         """``rabbitflow run TARGET --topology ... --log-format json EXTRA`` in a subprocess."""
-        env = {
-            **os.environ,
-            DB_ENV: str(self.records.path),
-            SLEEP_ENV: str(sleep),
-            "PYTHONUNBUFFERED": "1",
-        }
-        env.pop("RABBITFLOW_URL", None)
+        env = child_env(**{DB_ENV: str(self.records.path), SLEEP_ENV: str(sleep)})
         log_path = self.tmp_path / f"worker-{len(self.workers) + 1}.log"
         worker = WorkerProcess(target, url or self.url, self.topology, log_path, env, extra)
         self.workers.append(worker.start())

@@ -27,6 +27,7 @@ import aio_pika
 from rabbitflow.testing._admin import ManagementAPI
 from rabbitflow.topology import derive, parse_topology
 from rabbitflow.topology._declare import declare
+from tests.support.amqp import return_until_dead_lettered
 
 TOPOLOGY = '[queues.work]\nqueue_type = "quorum"\ncrash_limit = 3\nretry = false\n'
 REFUSE = {
@@ -88,15 +89,7 @@ async def measure(
             )
         # Each delivery taken and given back by closing the channel (as a crash would) counts
         # toward x-delivery-limit on every version.
-        for _ in range(40):
-            taker = await connection.channel()
-            queue = await taker.get_queue("work", ensure=False)
-            got = 0
-            while await queue.get(no_ack=False, fail=False) is not None:
-                got += 1
-            await taker.close()
-            if not got and await _settled(channel, "work"):
-                break
+        await return_until_dead_lettered(connection, "work")
     finally:
         await connection.close()
     start = time.monotonic()
@@ -128,17 +121,6 @@ async def measure(
     print(f"{version}: {seen}/{count} in the DLQ after the policy was cleared: at {shown}")
     print(f"{version}: now {_dlx(api, vhost)} (messages_dlx, messages, dlq)")
     api.request("DELETE", f"vhosts/{where}")
-
-
-async def _settled(channel: aio_pika.abc.AbstractChannel, queue: str) -> bool:
-    """Nothing ready in ``queue`` for half a second: what a closed channel gave back is back
-    (RabbitMQ returns it asynchronously), and what passed the delivery limit is gone."""
-    for _ in range(2):
-        await asyncio.sleep(0.25)
-        declared = await channel.declare_queue(queue, passive=True)
-        if declared.declaration_result.message_count:
-            return False
-    return True
 
 
 def _exists(api: ManagementAPI, vhost: str) -> bool:

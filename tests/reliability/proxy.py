@@ -15,20 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.support.network import free_port, via
 
 
 @dataclass(eq=False)
@@ -70,9 +63,7 @@ class ChaosProxy:
 
     def url(self, broker_url: str) -> str:
         """``broker_url`` rewritten to go through the proxy."""
-        parts = urlsplit(broker_url)
-        credentials = f"{parts.username}:{parts.password}@" if parts.username else ""
-        return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{self.port}"))
+        return via(broker_url, self.port)
 
     def open_links(self) -> int:
         return int(self._call(self._count()))

@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import pytest
-
+from rabbitflow.testing.pytest_plugin import unavailable
+from tests.support.network import answers, free_port
 from tests.support.processes import ROOT
+from tests.support.services import require_postgres
+from tests.support.waiting import wait_until
 
 # What tests.reliability.store_app builds its store from: the store's URL, and the Redis
 # key prefix or PostgreSQL table of the test.
@@ -28,43 +29,6 @@ SPACE_ENV = "RF_REL_STORE_SPACE"
 # Private ports of this suite (the test machine's plan: Redis 5760-5769, proxies 5770-5779).
 REDIS_PORTS = range(5760, 5770)
 PROXY_PORTS = range(5770, 5780)
-POSTGRES_PORT = 5432
-
-
-def unavailable(message: str) -> None:
-    """Skip with the reason; in CI a missing service is a failure."""
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def free_private_port(ports: range) -> int:
-    """The first port of ``ports`` that nothing listens on (tests in parallel take others)."""
-    for port in ports:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not listening(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start on port {port}")
-        time.sleep(0.05)
 
 
 class Killable:
@@ -80,10 +44,18 @@ class Killable:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
+            process = subprocess.Popen(
                 self.command(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
             )
-        _wait_listening(self.port, self.process, " ".join(self.command()[:2]))
+        self.process = process
+        what = " ".join(self.command()[:2])
+
+        def listening() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"{what} exited ({process.returncode}): see {self.log}")
+            return answers("127.0.0.1", self.port, timeout=0.5)
+
+        wait_until(listening, 10, f"{what} to listen on port {self.port}")
 
     def kill(self) -> None:
         """SIGKILL by pid: the sockets drop and the port refuses connections."""
@@ -112,8 +84,8 @@ class PrivateRedis(Killable):
 
     def __init__(self, log: Path) -> None:
         if shutil.which("redis-server") is None:
-            unavailable("redis-server is not installed (needed for private Redis outages)")
-        super().__init__(free_private_port(REDIS_PORTS), log)
+            unavailable("redis-server is not installed", needed_by="the private Redis outages")
+        super().__init__(free_port(REDIS_PORTS), log)
 
     def command(self) -> list[str]:
         return [
@@ -135,22 +107,20 @@ class PrivateRedis(Killable):
 
 class PostgresProxy(Killable):
     """``tests.reliability.proxy`` in a process of its own in front of the shared
-    PostgreSQL; killing it is an outage of PostgreSQL for whoever connects through it."""
+    PostgreSQL (``RABBITFLOW_TEST_POSTGRES``); killing it is an outage of PostgreSQL for
+    whoever connects through it (:attr:`url`)."""
 
     def __init__(self, log: Path) -> None:
-        if not listening(POSTGRES_PORT):
-            unavailable(f"no PostgreSQL on 127.0.0.1:{POSTGRES_PORT}")
-        super().__init__(free_private_port(PROXY_PORTS), log)
+        self.upstream = urlsplit(require_postgres())
+        super().__init__(free_port(PROXY_PORTS), log)
 
     def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "tests.reliability.proxy",
-            str(self.port),
-            str(POSTGRES_PORT),
-        ]
+        upstream = str(self.upstream.port or 5432)
+        return [sys.executable, "-m", "tests.reliability.proxy", str(self.port), upstream]
 
-    def url(self, database_url: str) -> str:
-        """``database_url`` through the proxy."""
-        return database_url.replace(f":{POSTGRES_PORT}/", f":{self.port}/", 1)
+    @property
+    def url(self) -> str:
+        """The shared PostgreSQL's URL through the proxy."""
+        credentials = self.upstream.netloc.rpartition("@")[0]
+        netloc = f"{credentials}@127.0.0.1:{self.port}" if credentials else f"127.0.0.1:{self.port}"
+        return self.upstream._replace(netloc=netloc).geturl()

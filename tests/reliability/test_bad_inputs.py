@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
-import os
 import pickle
 import signal
 import time
@@ -38,7 +37,7 @@ from rabbitflow.message import read_attempt
 from rabbitflow.topology._loader import parse_topology
 from tests.reliability.checker import DLQ, Checker, header_text, job, take_all
 from tests.support.broker import Rabbit
-from tests.support.processes import WorkerProcess, run_cli
+from tests.support.processes import WorkerProcess, child_env, run_cli
 from tests.support.waiting import wait_until
 
 MAX_BODY = 512 * 1024
@@ -638,8 +637,9 @@ def test_run_against_an_unreachable_broker_retries_masked_and_stops_on_sigterm(
     topology = tmp_path / "topology.toml"
     topology.write_text('[exchanges.jobs]\ntype = "direct"\n[queues.work]\n')
     worker = WorkerProcess(
-        "tests.reliability.app:app", UNREACHABLE, topology, tmp_path / "w.log", dict(_env())
-    ).start()
+        "tests.reliability.app:app", UNREACHABLE, topology, tmp_path / "w.log",
+        child_env(RF_REL_DB="/nonexistent.sqlite"),
+    ).start()  # fmt: skip
     try:
         worker.wait_for_event("broker unreachable; retrying", timeout=15)
         worker.signal(signal.SIGTERM)
@@ -648,12 +648,6 @@ def test_run_against_an_unreachable_broker_retries_masked_and_stops_on_sigterm(
         worker.kill()
     assert SECRET not in worker.output()
     assert "amqp://app:***@127.0.0.1:1/" in worker.output()
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "RF_REL_DB": "/nonexistent.sqlite", "PYTHONUNBUFFERED": "1"}
-    env.pop("RABBITFLOW_URL", None)
-    return env
 
 
 # -- header parsers (hypothesis) ---------------------------------------------------------------

@@ -16,7 +16,6 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aio_pika
 import aiormq
@@ -30,12 +29,12 @@ from rabbitflow._publisher import header_frame_size
 from rabbitflow.cli._dlq import render_replay
 from rabbitflow.connection import connect
 from rabbitflow.errors import FrameTooLarge, PublishError
-from tests.support.amqp import drain_async, publish_one
+from tests.support.amqp import drain_async, publish_one, wait_ready
 from tests.support.broker import Rabbit
 from tests.support.output import text
 from tests.support.records import Runs
 from tests.support.topology import app_for
-from tests.support.waiting import wait_for, wait_until
+from tests.support.waiting import wait_for
 from tests.support.worker import running
 
 pytestmark = [pytest.mark.broker]
@@ -307,16 +306,7 @@ queue_type = "classic"
 
 async def _wait_dead(url: str, count: int, *, keep: bool = False) -> list[AbstractIncomingMessage]:
     """The messages of ``work.dlq`` once it holds ``count`` (taken off, unless ``keep``)."""
-    connection = await aio_pika.connect(url)
-    try:
-        channel = await connection.channel()
-        for _ in range(500):
-            declared = await channel.declare_queue("work.dlq", passive=True)
-            if (declared.declaration_result.message_count or 0) >= count:
-                break
-            await asyncio.sleep(0.02)
-    finally:
-        await connection.close()
+    await wait_ready(url, "work.dlq", count)
     taken = await drain_async(url, "work.dlq")
     if keep:
         await _put_back(url, taken)
@@ -341,29 +331,6 @@ async def _put_back(url: str, messages: list[AbstractIncomingMessage]) -> None:
 
 
 # -- the per-message guard against connection losses ------------------------------------------
-
-
-def _close_worker_connection(rabbit: Rabbit, vhost: str) -> None:
-    """Close the worker's connection through the management API (as an operator would)."""
-    api = rabbit.admin.api
-    if api is None:
-        pytest.skip("the management API of the test broker does not answer")
-
-    def close() -> bool:
-        assert api is not None
-        listed = api.request("GET", f"vhosts/{vhost}/connections") or []
-        closed = False
-        for connection in listed:
-            if (connection.get("client_properties") or {}).get("connection_name") != APP_NAME:
-                continue
-            try:
-                api.request("DELETE", f"connections/{quote(connection['name'], safe='')}")
-                closed = True
-            except RuntimeError:
-                pass  # one closed before, still listed
-        return closed
-
-    wait_until(close, 10, "the worker's connection to be listed and closed", interval=0.2)
 
 
 @pytest.mark.slow
@@ -398,7 +365,7 @@ retry = {{ delays = ["100ms"], max_attempts = 3 }}
         # When the worker's connection is closed three times while it holds that message
         for loss in range(1, 4):
             await wait_for(lambda n=loss: runs.count("stuck") == n, f"run {loss}", 15)
-            await asyncio.to_thread(_close_worker_connection, rabbit, vhost)
+            await asyncio.to_thread(rabbit.close_connections, vhost, APP_NAME)
             await wait_for(
                 lambda n=loss: worker.reconnections == n and worker.ready, "reconnect", 15
             )

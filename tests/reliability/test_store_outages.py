@@ -22,7 +22,7 @@ import pytest
 from tests.reliability.checker import DLQ, Checker, Report
 from tests.reliability.stores import SPACE_ENV, STORE_ENV, PostgresProxy, PrivateRedis
 from tests.support.processes import WorkerProcess
-from tests.support.services import require_postgres
+from tests.support.services import drop_table, require_postgres
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.chaos]
@@ -36,8 +36,10 @@ PREFETCH = 20
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+def redis_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateRedis]:
+    """A private Redis (not started yet) that the worker's store uses, under a fresh prefix."""
     server = PrivateRedis(tmp_path / "redis.log")
+    use_store(monkeypatch, server.url, f"rf-outage:{uuid.uuid4().hex[:10]}:")
     try:
         yield server
     finally:
@@ -45,33 +47,17 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 @pytest.fixture
-def postgres_proxy(tmp_path: Path) -> Iterator[PostgresProxy]:
+def postgres_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PostgresProxy]:
+    """A proxy process (not started yet) in front of the shared PostgreSQL, that the worker's
+    store goes through, with a table of its own (dropped afterwards)."""
     proxy = PostgresProxy(tmp_path / "proxy.log")
+    table = f"rf_outage_{uuid.uuid4().hex[:10]}"
+    use_store(monkeypatch, proxy.url, table)
     try:
         yield proxy
     finally:
         proxy.close()
-
-
-@pytest.fixture
-def postgres_url() -> str:
-    """The shared PostgreSQL the proxy stands in front of (skipped, or failed in CI, when
-    it does not answer)."""
-    return require_postgres()
-
-
-@pytest.fixture
-def postgres_table(postgres_url: str) -> Iterator[str]:
-    table = f"rf_outage_{uuid.uuid4().hex[:10]}"
-    yield table
-    asyncio.run(_drop(postgres_url, table))
-
-
-async def _drop(url: str, table: str) -> None:
-    import psycopg
-
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        asyncio.run(drop_table(require_postgres(), table))
 
 
 def use_store(monkeypatch: pytest.MonkeyPatch, url: str, space: str) -> None:
@@ -115,47 +101,40 @@ def assert_handled_once_after_one_pause(checker: Checker, report: Report) -> Non
 
 
 def test_a_ten_second_redis_outage_dead_letters_nothing(
-    checker: Checker, private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+    checker: Checker, redis_store: PrivateRedis
 ) -> None:
     # Given an idempotent consumer on a private Redis, and messages arriving at 100/s
-    private_redis.start()
-    use_store(monkeypatch, private_redis.url, f"rf-outage:{uuid.uuid4().hex[:10]}:")
+    redis_store.start()
 
     # When Redis is killed (by pid) for 10 s and started again
-    report = outage_under_load(checker, "Redis killed", private_redis.kill, private_redis.start)
+    report = outage_under_load(checker, "Redis killed", redis_store.kill, redis_store.start)
 
     # Then nothing was dead-lettered or lost, and each message was handled once
     assert_handled_once_after_one_pause(checker, report)
 
 
 def test_a_ten_second_postgres_outage_dead_letters_nothing(
-    checker: Checker,
-    postgres_proxy: PostgresProxy,
-    postgres_url: str,
-    postgres_table: str,
-    monkeypatch: pytest.MonkeyPatch,
+    checker: Checker, postgres_store: PostgresProxy
 ) -> None:
     # Given an idempotent consumer on PostgreSQL through a proxy process
-    postgres_proxy.start()
-    use_store(monkeypatch, postgres_proxy.url(postgres_url), postgres_table)
+    postgres_store.start()
 
     # When the proxy is killed (by pid) for 10 s, every connection dropped and new ones
     # refused, then started again
-    report = outage_under_load(checker, "PostgreSQL cut", postgres_proxy.kill, postgres_proxy.start)
+    report = outage_under_load(checker, "PostgreSQL cut", postgres_store.kill, postgres_store.start)
 
     # Then nothing was dead-lettered or lost, and each message was handled once
     assert_handled_once_after_one_pause(checker, report)
 
 
 def test_a_hung_redis_pauses_within_the_deadline_and_dead_letters_nothing(
-    checker: Checker, private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+    checker: Checker, redis_store: PrivateRedis
 ) -> None:
     # Given an idempotent consumer on a private Redis
-    private_redis.start()
-    use_store(monkeypatch, private_redis.url, f"rf-outage:{uuid.uuid4().hex[:10]}:")
+    redis_store.start()
 
     # When Redis hangs (SIGSTOP: connections stay open, nothing answers) for 10 s
-    report = outage_under_load(checker, "Redis hung", private_redis.stop, private_redis.cont)
+    report = outage_under_load(checker, "Redis hung", redis_store.stop, redis_store.cont)
 
     # Then the consumer paused on the store's deadline and nothing was dead-lettered
     assert_handled_once_after_one_pause(checker, report)
@@ -163,22 +142,10 @@ def test_a_hung_redis_pauses_within_the_deadline_and_dead_letters_nothing(
 
 @pytest.mark.parametrize("kind", ["redis", "postgres"])
 def test_a_store_unreachable_at_start_holds_the_consumer_until_it_answers(
-    kind: str,
-    checker: Checker,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
+    kind: str, checker: Checker, request: pytest.FixtureRequest
 ) -> None:
     # Given a worker whose store is not there when it starts
-    server: PrivateRedis | PostgresProxy
-    if kind == "redis":
-        server = PrivateRedis(tmp_path / "redis.log")
-        use_store(monkeypatch, server.url, f"rf-outage:{uuid.uuid4().hex[:10]}:")
-    else:
-        server = PostgresProxy(tmp_path / "proxy.log")
-        table = request.getfixturevalue("postgres_table")
-        use_store(monkeypatch, server.url(request.getfixturevalue("postgres_url")), table)
-    request.addfinalizer(server.close)
+    server: PrivateRedis | PostgresProxy = request.getfixturevalue(f"{kind}_store")
     checker.write_topology(queue_type="quorum", prefetch=PREFETCH)
     worker: WorkerProcess = checker.start_worker(target=STORE_APP)
 

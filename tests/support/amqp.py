@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from rabbitflow import App
 from rabbitflow.topology import derive
 from rabbitflow.topology._declare import declare
+from tests.support.waiting import eventually
 
 
 def _message(
@@ -131,11 +132,55 @@ def message_counts(url: str, queues: Iterable[str]) -> dict[str, int]:
     return asyncio.run(message_counts_async(url, queues))
 
 
+async def wait_ready(url: str, queue: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until ``queue`` holds at least ``count`` ready messages (a copy's confirm, a
+    dead-lettering, or a closed channel's return reaches the queue a little later)."""
+
+    async def reached() -> bool:
+        return (await message_counts_async(url, [queue]))[queue] >= count
+
+    await eventually(reached, f"{count} ready messages in {queue}", timeout)
+
+
+def dead_letter_to(target: str) -> dict[str, Any]:
+    """Queue arguments that dead-letter to the queue ``target`` (through the default exchange)."""
+    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target}
+
+
 async def declare_topology(app: App, url: str) -> None:
     """Declare the app's topology the way ``rabbitflow topology declare`` does."""
     connection = await aio_pika.connect(url)
     async with connection:
         await declare(connection, derive(app.load_topology()))
+
+
+async def return_until_dead_lettered(
+    connection: aio_pika.abc.AbstractConnection, queue: str, rounds: int = 40
+) -> None:
+    """Take every message of ``queue`` and give it back by closing the channel, as a crashing
+    worker would (each return counts toward ``x-delivery-limit`` on every version), until the
+    queue stays empty: the broker dead-lettered them (or holds them, when their DLQ refuses)."""
+    watcher = await connection.channel()
+    for _ in range(rounds):
+        taker = await connection.channel()
+        source = await taker.get_queue(queue, ensure=False)
+        got = 0
+        while await source.get(no_ack=False, fail=False) is not None:
+            got += 1
+        await taker.close()
+        if not got and await _stays_empty(watcher, queue):
+            return
+
+
+async def _stays_empty(channel: aio_pika.abc.AbstractChannel, queue: str) -> bool:
+    """Nothing ready in ``queue`` for half a second: what a closed channel gave back is back
+    (RabbitMQ returns it asynchronously), and what passed the delivery limit is gone."""
+    for _ in range(2):
+        await asyncio.sleep(0.25)
+        declared = await channel.declare_queue(queue, passive=True)
+        if declared.declaration_result.message_count:
+            return False
+    return True
 
 
 def jobs(prefix: str, count: int) -> list[tuple[str, bytes]]:

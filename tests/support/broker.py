@@ -1,29 +1,25 @@
 """The real broker of a test: the shipped plugin's :class:`RabbitMQ` with ``rabbitmqctl``
 for what the management API cannot do (message counts as they are, closing connections,
-memory alarms), and the broker's view of queues and connections."""
+memory alarms), its version, and the broker's view of queues and connections."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractConnection
+
+from rabbitflow._broker_version import BrokerVersion
 from rabbitflow.testing._admin import Admin, ctl_command
 from rabbitflow.testing.pytest_plugin import RabbitMQ
 from tests.support.waiting import wait_until
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-def answers(host: str, port: int) -> bool:
-    """Does something accept TCP connections on ``host:port``?"""
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -84,6 +80,26 @@ class Rabbit:
         out = self.ctl("list_connections", "--no-table-headers", "--quiet", *columns)
         return [line.split("\t") for line in out.splitlines() if line.strip()]
 
+    def close_connections(self, vhost: str, name: str, timeout: float = 10.0) -> None:
+        """Close the connections named ``name`` (the client's ``connection_name``) on ``vhost``
+        through the management API, as an operator would; wait until one is listed (the API
+        lists a connection a moment after it opens). Skipped without the API."""
+        api = self.admin.api
+        if api is None:
+            pytest.skip("the management API of the test broker does not answer")
+
+        def close() -> bool:
+            closed = False
+            for connection in api.request("GET", f"vhosts/{vhost}/connections") or []:
+                if (connection.get("client_properties") or {}).get("connection_name") != name:
+                    continue
+                with suppress(RuntimeError):  # one closed before, still listed
+                    api.request("DELETE", f"connections/{quote(connection['name'], safe='')}")
+                    closed = True
+            return closed
+
+        wait_until(close, timeout, f"a connection {name!r} to be listed and closed", interval=0.2)
+
 
 # -- the broker's view of a vhost ------------------------------------------------------------
 
@@ -94,6 +110,12 @@ def queue_counts(rabbit: Rabbit, vhost: str) -> dict[str, tuple[int, int, int]]:
         vhost, "queues", "name", "messages", "messages_ready", "messages_unacknowledged"
     )
     return {row[0]: (int(row[1]), int(row[2]), int(row[3])) for row in rows}
+
+
+def queue_messages(rabbit: Rabbit, vhost: str) -> dict[str, int]:
+    """``{queue: messages}`` (ready and unacknowledged) as rabbitmqctl reports them."""
+    rows = rabbit.list(vhost, "queues", "name", "messages")
+    return {name: int(messages) for name, messages in rows}
 
 
 def queue_names(rabbit: Rabbit, vhost: str) -> list[str]:
@@ -114,3 +136,22 @@ def worker_connections(rabbit: Rabbit, vhost: str) -> list[tuple[str, str]]:
     """``(pid, timeout)`` of the connections open on ``vhost``."""
     rows = rabbit.connections("pid", "vhost", "timeout")
     return [(row[0], row[2]) for row in rows if len(row) == 3 and row[1] == vhost]
+
+
+# -- the broker's version ----------------------------------------------------------------------
+
+
+def version_of(connection: AbstractConnection) -> BrokerVersion:
+    """The version the broker announced when ``connection`` opened."""
+    version = BrokerVersion.of(connection)
+    assert version is not None, "the broker announced no version"
+    return version
+
+
+async def broker_version(url: str) -> BrokerVersion:
+    """The version of the broker at ``url`` (what rabbitflow reads at connect)."""
+    connection = await aio_pika.connect(url)
+    try:
+        return version_of(connection)
+    finally:
+        await connection.close()

@@ -1,9 +1,12 @@
-"""Sockets of a test: free ports, HTTP GET, and a gate in front of the broker."""
+"""Sockets of a test: free ports, whether a port answers, a server that never answers, HTTP
+GET, and a gate in front of the broker."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -19,10 +22,7 @@ class BrokerGate:
         self._pipes: set[asyncio.Task[None]] = set()
 
     def url(self, broker_url: str) -> str:
-        parts = urlsplit(broker_url)
-        return urlunsplit(
-            parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{self.port}")
-        )
+        return via(broker_url, self.port)
 
     async def __aenter__(self) -> BrokerGate:
         await self.open()
@@ -65,11 +65,54 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(ports: range | None = None) -> int:
+    """A port nothing listens on (yet): a connection to it is refused at once. The first free
+    one of ``ports`` when given (a private range: tests in parallel take the others)."""
+    for port in ports or (0,):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+            return chosen
+    raise RuntimeError(f"no free port in {ports}")
+
+
+def via(broker_url: str, port: int) -> str:
+    """``broker_url`` (its credentials kept) to ``127.0.0.1:port``: through a proxy or gate."""
+    parts = urlsplit(broker_url)
+    credentials = f"{parts.username}:{parts.password}@" if parts.username else ""
+    return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{port}"))
+
+
+def answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Does something accept TCP connections on ``host:port``?"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """The port of a server that accepts connections and never answers (a hung store, a
+    broker that never finishes the handshake); its sockets are closed on exit."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:

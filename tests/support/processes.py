@@ -1,22 +1,34 @@
-"""``rabbitflow`` in subprocesses: workers (their JSON logs in a file) and CLI commands."""
+"""``rabbitflow`` in subprocesses: workers (their JSON logs in a file), a supervisor's restart
+loop, and CLI commands."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.support.output import json_lines
 from tests.support.records import Records
-from tests.support.waiting import wait_until
+from tests.support.waiting import eventually, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def child_env(**variables: str) -> dict[str, str]:
+    """The environment of a ``rabbitflow`` subprocess: this one's with ``variables``, output
+    unbuffered (its log file is read while it runs), and without ``RABBITFLOW_URL`` (the test
+    says which broker, or that there is none)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **variables}
+    env.pop("RABBITFLOW_URL", None)
+    return env
 
 
 @dataclass
@@ -78,6 +90,9 @@ class WorkerProcess:
 
         wait_until(seen, timeout, f"the worker to log {event!r}")
 
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
@@ -100,13 +115,15 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL if still running (test teardown); only this process, by its pid."""
-        if self.process is not None and self.process.poll() is None:
+        if self.running():
+            assert self.process is not None
             self.process.kill()
             self.process.wait(10)
 
 
 class Workers:
-    """Starts worker subprocesses for one test and kills any left running afterwards."""
+    """Starts worker subprocesses for one test and kills any left running afterwards (the
+    ``workers`` fixture). Their handlers record into ``records`` (``$RF_RECORD``)."""
 
     def __init__(self, tmp_path: Path, url: str) -> None:
         self.tmp_path = tmp_path
@@ -121,25 +138,53 @@ class Workers:
         *extra: str,
         sleep: float = 0.0,
         wait_ready: bool = True,
+        ready_timeout: float = 15.0,
+        env: dict[str, str] | None = None,
     ) -> WorkerProcess:
-        env = {
-            **os.environ,
-            "RF_RECORD": str(self.records.path),
-            "RF_SLEEP": str(sleep),
-            "PYTHONUNBUFFERED": "1",
-        }
-        env.pop("RABBITFLOW_URL", None)
+        """``rabbitflow run TARGET`` with ``extra`` options, ``$RF_SLEEP`` set to ``sleep`` and
+        the variables of ``env``; once it logs ``consuming`` unless not ``wait_ready``."""
+        environment = child_env(
+            RF_RECORD=str(self.records.path), RF_SLEEP=str(sleep), **(env or {})
+        )
         worker = WorkerProcess(
-            target, self.url, topology, self.tmp_path / "worker.log", env, extra
+            target, self.url, topology, self.tmp_path / "worker.log", environment, extra
         ).start()
         self.started.append(worker)
         if wait_ready:
-            worker.wait_for_event("consuming")
+            worker.wait_for_event("consuming", ready_timeout)
         return worker
+
+    async def restart_until(
+        self,
+        done: Callable[[], Awaitable[bool]],
+        target: str,
+        topology: Path,
+        *extra: str,
+        starts: int,
+        timeout: float,
+    ) -> int:
+        """A supervisor's loop: start ``rabbitflow run TARGET`` again each time it exits, until
+        ``done`` (the running one then gets SIGTERM) or ``starts`` starts; how many it took.
+        Fails when the loop has not ended after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        started = 0
+        while started < starts and not await done():
+            started += 1
+            worker = self.start(target, topology, *extra, wait_ready=False)
+            ended = functools.partial(_exited_or, worker, done)
+            left = deadline - time.monotonic()
+            await eventually(ended, f"the restart loop to end ({started} starts)", left, 0.1)
+            if worker.running():
+                await asyncio.to_thread(worker.stop, 15)
+        return started
 
     def cleanup(self) -> None:
         for worker in self.started:
             worker.kill()
+
+
+async def _exited_or(worker: WorkerProcess, done: Callable[[], Awaitable[bool]]) -> bool:
+    return not worker.running() or await done()
 
 
 def run_cli(
@@ -151,8 +196,6 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``python -m rabbitflow ARGS`` (from the repository root unless ``cwd``), without the
     caller's ``RABBITFLOW_URL``."""
-    env = {**os.environ, **(extra_env or {})}
-    env.pop("RABBITFLOW_URL", None)
     return subprocess.run(
         [sys.executable, "-m", "rabbitflow", *args],
         cwd=cwd,
@@ -160,6 +203,6 @@ def run_cli(
         text=True,
         timeout=timeout,
         input=stdin,
-        env=env,
+        env=child_env(**(extra_env or {})),
         check=False,
     )

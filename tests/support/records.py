@@ -13,7 +13,7 @@ from typing import Any
 from rabbitflow import Message
 from tests.support.waiting import wait_until
 
-RECORD_ENV = "RF_RECOVER_RECORD"
+RECORD_ENV = "RF_RECORD"
 
 
 @dataclass

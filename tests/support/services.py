@@ -14,18 +14,19 @@ another instance, or hide it behind a closed port as CI's bare-machine stage doe
 
 The check is the one a user's machine fails: nothing accepts a connection on the URL's
 port, or the browser is not there. The reason names the service, where it was looked for,
-and how to provide it.
+and how to provide it. Each test keeps to its own key prefix or table and removes it
+afterwards (``delete_prefix``, ``drop_table``).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 from urllib.parse import urlsplit
 
 from rabbitflow.testing.pytest_plugin import LOCAL_URL, unavailable
 from rabbitflow.topology._management import configured_url, with_credentials
+from tests.support import network
 
 REDIS_URL = os.environ.get("RABBITFLOW_TEST_REDIS", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get(
@@ -37,13 +38,7 @@ CHROMIUM = os.environ.get("RABBITFLOW_TEST_CHROMIUM", "/usr/bin/chromium")
 def answers(url: str, default_port: int) -> bool:
     """Does something accept TCP connections on the host and port of ``url``?"""
     parts = urlsplit(url)
-    try:
-        with socket.create_connection(
-            (parts.hostname or "127.0.0.1", parts.port or default_port), timeout=1
-        ):
-            return True
-    except OSError:
-        return False
+    return network.answers(parts.hostname or "127.0.0.1", parts.port or default_port)
 
 
 def _where(url: str, default_port: int) -> str:
@@ -51,26 +46,29 @@ def _where(url: str, default_port: int) -> str:
     return f"{parts.hostname or '127.0.0.1'}:{parts.port or default_port}"
 
 
+def _require(url: str, default_port: int, missing: str, how: str, needed_by: str) -> str:
+    """``url`` once something answers on it; else skipped (failed in CI) saying ``missing``
+    on which port, and ``how`` to provide it."""
+    if not answers(url, default_port):
+        unavailable(f"{missing} on {_where(url, default_port)} ({how})", needed_by=needed_by)
+    return url
+
+
 def require_redis() -> str:
     """``RABBITFLOW_TEST_REDIS``, once it answers."""
-    if not answers(REDIS_URL, 6379):
-        unavailable(
-            f"no Redis on {_where(REDIS_URL, 6379)} (RABBITFLOW_TEST_REDIS; "
-            "bash .ci/services/redis.sh starts one)",
-            needed_by="the idempotency store tests",
-        )
-    return REDIS_URL
+    return _require(
+        REDIS_URL, 6379, "no Redis", "RABBITFLOW_TEST_REDIS; bash .ci/services/redis.sh starts one",
+        "the idempotency store tests",
+    )  # fmt: skip
 
 
 def require_postgres() -> str:
     """``RABBITFLOW_TEST_POSTGRES``, once it answers."""
-    if not answers(POSTGRES_URL, 5432):
-        unavailable(
-            f"no PostgreSQL on {_where(POSTGRES_URL, 5432)} (RABBITFLOW_TEST_POSTGRES; "
-            "bash .ci/services/postgres.sh starts one)",
-            needed_by="the idempotency store tests",
-        )
-    return POSTGRES_URL
+    return _require(
+        POSTGRES_URL, 5432, "no PostgreSQL",
+        "RABBITFLOW_TEST_POSTGRES; bash .ci/services/postgres.sh starts one",
+        "the idempotency store tests",
+    )  # fmt: skip
 
 
 def broker_url() -> str:
@@ -80,15 +78,13 @@ def broker_url() -> str:
 
 def require_management() -> str:
     """The management API rabbitflow would use for the test broker, once it answers."""
-    api = with_credentials(configured_url(), broker_url())
-    if not answers(api, 15672):
-        unavailable(
-            f"RabbitMQ's management API does not answer on {_where(api, 15672)} "
-            "(RABBITFLOW_MANAGEMENT_URL; rabbitmq-plugins enable rabbitmq_management, as "
-            ".ci/services/rabbitmq-management.sh does)",
-            needed_by="the tests marked management",
-        )
-    return api
+    return _require(
+        with_credentials(configured_url(), broker_url()), 15672,
+        "RabbitMQ's management API does not answer",
+        "RABBITFLOW_MANAGEMENT_URL; rabbitmq-plugins enable rabbitmq_management, as "
+        ".ci/services/rabbitmq-management.sh does",
+        "the tests marked management",
+    )  # fmt: skip
 
 
 def require_chromium() -> str:
@@ -100,3 +96,27 @@ def require_chromium() -> str:
             needed_by="the browser tests",
         )
     return CHROMIUM
+
+
+# -- a test's own space in a shared store (teardown) ----------------------------------------
+
+
+async def drop_table(url: str, table: str) -> None:
+    """Drop a test's PostgreSQL table (teardown)."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+async def delete_prefix(url: str, prefix: str) -> None:
+    """Delete a test's Redis keys (teardown)."""
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()

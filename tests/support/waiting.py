@@ -1,10 +1,11 @@
-"""Polling until something holds: from a thread (``wait_until``) or the event loop."""
+"""Polling until something holds: from a thread (``wait_until``), or on the event loop with a
+plain probe (``wait_for``) or one that awaits, such as a question to the broker (``eventually``)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -32,6 +33,20 @@ async def wait_for(
     """Poll ``probe`` on the event loop (other tasks run meanwhile) until it is truthy."""
     deadline = time.monotonic() + timeout
     while not (value := probe()):
+        _expired(deadline, timeout, what)
+        await asyncio.sleep(interval)
+    return value
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]],
+    what: str,
+    timeout: float = 10.0,
+    interval: float = 0.05,
+) -> T:
+    """Await ``probe`` (a question to the broker, say) until it answers something truthy."""
+    deadline = time.monotonic() + timeout
+    while not (value := await probe()):
         _expired(deadline, timeout, what)
         await asyncio.sleep(interval)
     return value
