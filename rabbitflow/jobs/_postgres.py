@@ -80,7 +80,10 @@ class PostgresJobs:
         return pool
 
     async def _prepare(self, pool: Any) -> None:
-        async with pool.connection(timeout=self.timeout) as conn:
+        async with pool.connection(timeout=self.timeout) as conn, conn.transaction():
+            # Two processes creating the same table at once collide in the catalog (a
+            # unique violation) despite IF NOT EXISTS: one waits for the other's lock.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
             await conn.execute(self._sql["create"])
             await conn.execute(self._sql["index"])
             await conn.execute(self._sql["cancel_index"])
