@@ -18,7 +18,7 @@ or one delayed by an outage) never moves a job backwards:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -53,10 +53,45 @@ class Change:
     due_at: float | None = None
     progress: float | None = None
     note: str | None = None
+    # When the attempt started: a ``running`` change merged into the one that ended its
+    # attempt (see :func:`coalesce`).
+    started_at: float | None = None
 
     @property
     def finishes(self) -> bool:
         return self.kind in FINISHING
+
+
+ENDS_ATTEMPT: Final = frozenset({SUCCEEDED, RETRYING, FAILED})
+
+
+def coalesce(batch: list[Change]) -> list[Change]:
+    """``batch`` with each ``running`` change merged into the change that ended the same
+    attempt later in the batch (and the progress between them dropped): one write instead
+    of two or more, with the same record as the result. Under load nearly every job starts
+    and ends within one batch."""
+    out: list[Change | None] = []
+    running: dict[str, int] = {}  # job -> index in out of its running change
+    progress: dict[str, list[int]] = {}
+    for change in batch:
+        job_id, kind = change.job_id, change.kind
+        if kind == RUNNING:
+            running[job_id] = len(out)
+            progress.pop(job_id, None)
+        elif kind == PROGRESS:
+            if job_id in running:
+                progress.setdefault(job_id, []).append(len(out))
+        else:
+            at = running.pop(job_id, None)
+            between = progress.pop(job_id, [])
+            start = None if at is None else out[at]
+            if start is not None and kind in ENDS_ATTEMPT and start.attempt == change.attempt:
+                change = replace(change, started_at=start.at, queue=change.queue or start.queue)
+                out[at] = None  # type: ignore[index]
+                for index in between:
+                    out[index] = None
+        out.append(change)
+    return [change for change in out if change is not None]
 
 
 def apply(current: dict[str, Any] | None, change: Change) -> dict[str, Any] | None:
@@ -128,6 +163,8 @@ def apply(current: dict[str, Any] | None, change: Change) -> dict[str, Any] | No
         record.update(state=CANCELLED, finished_at=change.at, due_at=None)
     else:  # pragma: no cover - every kind is listed above
         raise ValueError(f"unknown job change {kind!r}")
+    if change.started_at is not None:
+        record["started_at"] = change.started_at
     record["updated_at"] = change.at
     return record
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -99,8 +100,23 @@ class PostgresJobs:
             conn.pipeline(),
             conn.transaction(),
         ):
+            # A row past its ttl that the sweep has not deleted yet counts as absent.
+            counts = Counter(change.job_id for change in changes)
+            await conn.execute(self._sql["expire"], (list(counts),))
+            # The jobs with one change in the batch (nearly all): one executemany per kind,
+            # whose rows psycopg sends in one pipeline. A job with several goes in order.
+            single: dict[str, list[dict[str, Any]]] = {}
+            several: list[c.Change] = []
             for change in changes:
-                await conn.execute(self._sql[change.kind], self._params(change))
+                if counts[change.job_id] == 1:
+                    single.setdefault(change.kind, []).append(self._params(change))
+                else:
+                    several.append(change)
+            cursor = conn.cursor()
+            for kind, rows in single.items():
+                await cursor.executemany(self._sql[kind], rows)
+            for change in several:
+                await cursor.execute(self._sql[change.kind], self._params(change))
         self._applied += len(changes)
         if self._applied >= SWEEP_EVERY:
             self._applied = 0
@@ -120,6 +136,7 @@ class PostgresJobs:
             "due_at": change.due_at,
             "progress": change.progress,
             "note": change.note,
+            "started_at": change.started_at,
             "ttl_ms": self.ttl_ms,
             "done": f"{self.table}_done",
         }
@@ -259,7 +276,16 @@ def _notified(statement: str) -> str:
 
 def _statements(table: str) -> dict[str, str]:
     # ``table`` is checked as a plain identifier by the store: the only text put into SQL.
-    finished = {"finished_at": "to_timestamp(%(at)s)"}
+    finished = {
+        "finished_at": "to_timestamp(%(at)s)",
+        "started_at": "to_timestamp(%(started_at)s::float8)",
+    }
+    # A change that ended an attempt may carry its start (a running change merged into it).
+    started = "started_at = coalesce(excluded.started_at, t.started_at)"
+    fresh = (
+        "progress = CASE WHEN excluded.started_at IS NULL THEN t.progress END, "
+        "note = CASE WHEN excluded.started_at IS NULL THEN t.note END"
+    )
     return {
         "create": f"""
             CREATE TABLE IF NOT EXISTS {table} (
@@ -302,11 +328,12 @@ def _statements(table: str) -> dict[str, str]:
                 "due_at": "to_timestamp(%(due_at)s)",
                 "error": "%(error)s",
                 "error_type": "%(error_type)s",
+                "started_at": "to_timestamp(%(started_at)s::float8)",
             },
         )
         + " ON CONFLICT (id) DO UPDATE SET state = 'retrying', attempt = excluded.attempt, "
         "due_at = excluded.due_at, error = excluded.error, error_type = excluded.error_type, "
-        f"{_TOUCH} WHERE t.state NOT IN ('succeeded', 'failed', 'cancelled') "
+        f"{started}, {fresh}, {_TOUCH} WHERE t.state NOT IN ('succeeded', 'failed', 'cancelled') "
         "AND excluded.attempt >= t.attempt",
         c.PROGRESS: f"UPDATE {table} SET progress = %(progress)s, note = %(note)s, "
         "updated_at = to_timestamp(%(at)s), "
@@ -317,7 +344,8 @@ def _statements(table: str) -> dict[str, str]:
             + " ON CONFLICT (id) DO UPDATE SET state = 'succeeded', "
             "attempt = greatest(t.attempt, excluded.attempt), "
             "finished_at = excluded.finished_at, due_at = NULL, result = excluded.result, "
-            f"progress = 1, {_TOUCH}"
+            f"progress = 1, note = CASE WHEN excluded.started_at IS NULL THEN t.note END, "
+            f"{started}, {_TOUCH}"
         ),
         c.FAILED: _notified(
             _insert(
@@ -326,11 +354,11 @@ def _statements(table: str) -> dict[str, str]:
             + " ON CONFLICT (id) DO UPDATE SET state = 'failed', "
             "attempt = greatest(t.attempt, excluded.attempt), "
             "finished_at = excluded.finished_at, due_at = NULL, error = excluded.error, "
-            f"error_type = excluded.error_type, {_TOUCH} "
+            f"error_type = excluded.error_type, {started}, {fresh}, {_TOUCH} "
             "WHERE t.state NOT IN ('succeeded', 'cancelled')"
         ),
         c.CANCELLED: _notified(
-            _insert(table, "cancelled", finished)
+            _insert(table, "cancelled", {"finished_at": "to_timestamp(%(at)s)"})
             + " ON CONFLICT (id) DO UPDATE SET state = 'cancelled', "
             f"finished_at = excluded.finished_at, due_at = NULL, {_TOUCH} "
             "WHERE t.state NOT IN ('succeeded', 'failed')"

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from rabbitflow._backoff import full_jitter
 from rabbitflow._logging import get_logger
-from rabbitflow.jobs._change import Change
+from rabbitflow.jobs._change import Change, coalesce
 
 log = get_logger("rabbitflow.jobs")
 
@@ -91,7 +91,7 @@ class Writer:
                 batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
                 try:
                     async with asyncio.timeout(self._timeout):
-                        await self._apply(batch)
+                        await self._apply(coalesce(batch))
                 except Exception as exc:
                     pending.extendleft(reversed(batch))
                     failures += 1
