@@ -276,15 +276,18 @@ def _notified(statement: str) -> str:
 
 def _statements(table: str) -> dict[str, str]:
     # ``table`` is checked as a plain identifier by the store: the only text put into SQL.
-    finished = {
-        "finished_at": "to_timestamp(%(at)s)",
-        "started_at": "to_timestamp(%(started_at)s::float8)",
-    }
+    finished = {"finished_at": "to_timestamp(%(at)s)"}
     # A change that ended an attempt may carry its start (a running change merged into it).
     started = "started_at = coalesce(excluded.started_at, t.started_at)"
+    merged = {
+        "started_at": "to_timestamp(%(started_at)s::float8)",
+        "progress": "%(progress)s",
+        "note": "%(note)s",
+    }
     fresh = (
-        "progress = CASE WHEN excluded.started_at IS NULL THEN t.progress END, "
-        "note = CASE WHEN excluded.started_at IS NULL THEN t.note END"
+        "progress = CASE WHEN excluded.started_at IS NULL THEN t.progress "
+        "ELSE excluded.progress END, "
+        "note = CASE WHEN excluded.started_at IS NULL THEN t.note ELSE excluded.note END"
     )
     return {
         "create": f"""
@@ -313,7 +316,7 @@ def _statements(table: str) -> dict[str, str]:
         ),
         c.QUEUED: _insert(table, "queued", {}) + " ON CONFLICT (id) DO NOTHING",
         c.REPLAYED: _insert(table, "queued", {})
-        + " ON CONFLICT (id) DO UPDATE SET state = 'queued', finished_at = NULL, "
+        + " ON CONFLICT (id) DO UPDATE SET state = 'queued', attempt = 0, finished_at = NULL, "
         f"due_at = NULL, cancel_requested = false, {_TOUCH} WHERE t.state = 'failed'",
         c.RUNNING: _insert(table, "running", {"started_at": "to_timestamp(%(at)s)"})
         + " ON CONFLICT (id) DO UPDATE SET state = 'running', attempt = excluded.attempt, "
@@ -328,7 +331,7 @@ def _statements(table: str) -> dict[str, str]:
                 "due_at": "to_timestamp(%(due_at)s)",
                 "error": "%(error)s",
                 "error_type": "%(error_type)s",
-                "started_at": "to_timestamp(%(started_at)s::float8)",
+                **merged,
             },
         )
         + " ON CONFLICT (id) DO UPDATE SET state = 'retrying', attempt = excluded.attempt, "
@@ -340,16 +343,29 @@ def _statements(table: str) -> dict[str, str]:
         "expires_at = to_timestamp(%(at)s) + %(ttl_ms)s * interval '1 millisecond' "
         "WHERE id = %(id)s AND state = 'running' AND attempt = %(attempt)s",
         c.SUCCEEDED: _notified(
-            _insert(table, "succeeded", {**finished, "result": "%(result)s", "progress": "1"})
+            _insert(
+                table,
+                "succeeded",
+                {
+                    **finished,
+                    "result": "%(result)s",
+                    "progress": "1",
+                    "started_at": merged["started_at"],
+                    "note": "%(note)s",
+                },
+            )
             + " ON CONFLICT (id) DO UPDATE SET state = 'succeeded', "
             "attempt = greatest(t.attempt, excluded.attempt), "
             "finished_at = excluded.finished_at, due_at = NULL, result = excluded.result, "
-            f"progress = 1, note = CASE WHEN excluded.started_at IS NULL THEN t.note END, "
+            "progress = 1, "
+            "note = CASE WHEN excluded.started_at IS NULL THEN t.note ELSE excluded.note END, "
             f"{started}, {_TOUCH}"
         ),
         c.FAILED: _notified(
             _insert(
-                table, "failed", {**finished, "error": "%(error)s", "error_type": "%(error_type)s"}
+                table,
+                "failed",
+                {**finished, "error": "%(error)s", "error_type": "%(error_type)s", **merged},
             )
             + " ON CONFLICT (id) DO UPDATE SET state = 'failed', "
             "attempt = greatest(t.attempt, excluded.attempt), "

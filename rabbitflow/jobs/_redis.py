@@ -52,7 +52,7 @@ for _, c in ipairs(cjson.decode(ARGV[1])) do
     if kind == 'queued' then
       redis.call('HSET', k, 'state', 'queued', 'created_at', at)
     elseif kind == 'replayed' then
-      redis.call('HSET', k, 'state', 'queued')
+      redis.call('HSET', k, 'state', 'queued', 'attempt', 0)
       redis.call('HDEL', k, 'finished_at', 'due_at', 'cancel_requested')
     elseif kind == 'running' then
       redis.call('HSET', k, 'state', 'running', 'attempt', attempt, 'started_at', at)
@@ -75,12 +75,13 @@ for _, c in ipairs(cjson.decode(ARGV[1])) do
       redis.call('HDEL', k, 'due_at')
     end
     if c[11] ~= '' then
-      if state then redis.call('HDEL', k, 'note') end
-      if kind == 'succeeded' then
-        redis.call('HSET', k, 'started_at', c[11], 'updated_at', at)
-      else
-        redis.call('HSET', k, 'started_at', c[11], 'updated_at', at)
-        redis.call('HDEL', k, 'progress')
+      -- a running change (and its progress) merged in
+      redis.call('HSET', k, 'started_at', c[11], 'updated_at', at)
+      if c[10] ~= '' then redis.call('HSET', k, 'note', c[10])
+      elseif state then redis.call('HDEL', k, 'note') end
+      if kind ~= 'succeeded' then
+        if c[9] ~= '' then redis.call('HSET', k, 'progress', c[9])
+        elseif state then redis.call('HDEL', k, 'progress') end
       end
     else
       redis.call('HSET', k, 'updated_at', at)

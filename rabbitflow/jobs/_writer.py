@@ -66,6 +66,7 @@ class Writer:
                     dropped=self.dropped,
                 )
         task = self._task
+        # A writer of another event loop (one that ended: a test's) cannot run in this one.
         if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             self._start()
         assert self._wake is not None
