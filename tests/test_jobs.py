@@ -288,3 +288,30 @@ async def until(probe: Any, what: str, timeout: float = 15.0) -> Any:
 
 
 _ = (Reject, wait_for)
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+async def test_a_result_is_waited_for_longer_than_the_stores_call_timeout(
+    tmp_path: Path, vhost_url: str, kind: str
+) -> None:
+    # The wait is the caller's: a subscription quiet for longer than the store's call
+    # timeout (500 ms here) is not a store that does not answer.
+    name = uuid.uuid4().hex[:10]
+    if kind == "redis":
+        require_redis()
+        store: Any = RedisStore(REDIS_URL, prefix=f"rf-test:{name}:", timeout="500ms")
+    else:
+        require_postgres()
+        store = PostgresStore(POSTGRES_URL, table=f"rf_{name}", timeout="500ms")
+    app, _ = make_app(tmp_path, store, vhost_url)
+    try:
+        async with running(app, vhost_url), app:
+            job = await app.enqueue("reports", "report.sales", ReportRequest(month="w", slow=2))
+            assert await job.result(timeout=15) == {"month": "w", "total": 42}
+    finally:
+        await store.close()
+        if kind == "redis":
+            await delete_prefix(REDIS_URL, f"rf-test:{name}:")
+        else:
+            await drop_table(POSTGRES_URL, f"rf_{name}_jobs")
+            await drop_table(POSTGRES_URL, f"rf_{name}")
