@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from rabbitflow import App, Message, Reject
+from rabbitflow import App, ConfigurationError, Message, Reject
 from rabbitflow.idempotency import MemoryStore, PostgresStore, RedisStore
 from rabbitflow.jobs import JobCancelled, JobFailed, JobState, JobTimeout
 from tests.support.services import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
@@ -315,3 +315,25 @@ async def test_a_result_is_waited_for_longer_than_the_stores_call_timeout(
         else:
             await drop_table(POSTGRES_URL, f"rf_{name}_jobs")
             await drop_table(POSTGRES_URL, f"rf_{name}")
+
+
+def test_a_tracked_consumer_without_a_job_store_is_a_start_up_error(tmp_path: Path) -> None:
+    (tmp_path / "topology.toml").write_text(TOPOLOGY)
+    app = App(tmp_path / "topology.toml")
+
+    @app.consumer("sales")  # tracked by the file's track = true
+    async def build(req: dict[str, int]) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"App\(..., jobs=RedisStore"):
+        app.load_topology()
+
+
+def test_track_false_on_the_decorator_overrides_the_file(tmp_path: Path) -> None:
+    (tmp_path / "topology.toml").write_text(TOPOLOGY)
+    app = App(tmp_path / "topology.toml")
+
+    @app.consumer("sales", track=False)
+    async def build(req: dict[str, int]) -> None: ...
+
+    topology = app.load_topology()  # no store needed
+    assert app.tracker("sales", topology) is None
