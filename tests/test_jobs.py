@@ -17,7 +17,6 @@ from rabbitflow import App, ConfigurationError, Message, Reject
 from rabbitflow.idempotency import MemoryStore, PostgresStore, RedisStore
 from rabbitflow.jobs import JobCancelled, JobFailed, JobState, JobTimeout
 from tests.support.services import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
-from tests.support.waiting import wait_for
 from tests.support.worker import running
 from tests.test_idempotency_stores import delete_prefix, drop_table
 
@@ -285,9 +284,6 @@ async def until(probe: Any, what: str, timeout: float = 15.0) -> Any:
             return value
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-_ = (Reject, wait_for)
 
 
 @pytest.mark.parametrize("kind", ["redis", "postgres"])
