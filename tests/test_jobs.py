@@ -16,9 +16,15 @@ from pydantic import BaseModel
 from rabbitflow import App, ConfigurationError, Message, Reject
 from rabbitflow.idempotency import MemoryStore, PostgresStore, RedisStore
 from rabbitflow.jobs import JobCancelled, JobFailed, JobState, JobTimeout
-from tests.support.services import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
+from tests.support.services import (
+    POSTGRES_URL,
+    REDIS_URL,
+    delete_prefix,
+    drop_table,
+    require_postgres,
+    require_redis,
+)
 from tests.support.worker import running
-from tests.test_idempotency_stores import delete_prefix, drop_table
 
 pytestmark = [pytest.mark.broker]
 

@@ -14,8 +14,14 @@ import pytest
 from rabbitflow.idempotency import MemoryStore, PostgresStore, RedisStore
 from rabbitflow.jobs import Book, Change, JobState
 from rabbitflow.jobs import _change as c
-from tests.support.services import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
-from tests.test_idempotency_stores import delete_prefix, drop_table
+from tests.support.services import (
+    POSTGRES_URL,
+    REDIS_URL,
+    delete_prefix,
+    drop_table,
+    require_postgres,
+    require_redis,
+)
 
 T0 = time.time()
 

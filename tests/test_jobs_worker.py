@@ -18,13 +18,20 @@ import pytest
 from rabbitflow import App
 from rabbitflow.idempotency import PostgresStore, RedisStore
 from rabbitflow.jobs import JobState, JobStatus
-from tests.reliability.stores import Killable, PrivateRedis, free_private_port
+from tests.reliability.stores import Killable, PrivateRedis
 from tests.support.amqp import message_counts
+from tests.support.network import free_port
 from tests.support.processes import ROOT, WorkerProcess, run_cli
 from tests.support.records import Records
-from tests.support.services import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
+from tests.support.services import (
+    POSTGRES_URL,
+    REDIS_URL,
+    delete_prefix,
+    drop_table,
+    require_postgres,
+    require_redis,
+)
 from tests.support.waiting import wait_until
-from tests.test_idempotency_stores import delete_prefix, drop_table
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -242,7 +249,7 @@ class JobsRedis(PrivateRedis):
 
     def __init__(self, log: Path) -> None:
         PrivateRedis.__init__(self, log)
-        Killable.__init__(self, free_private_port(range(5720, 5730)), log)
+        Killable.__init__(self, free_port(range(5720, 5730)), log)
 
 
 @pytest.mark.chaos
