@@ -1,0 +1,173 @@
+"""``rabbitflow.asgi.lifespan``: a FastAPI app served by uvicorn in a subprocess, consuming
+in the web process (``consume=True``) as ``rabbitflow run`` does, or only publishing and saying
+so (``consume=False``). The app is tests/apps/web.py; its handler records what it ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.apps import web as web_app
+from tests.support.amqp import declare_topology, message_counts
+from tests.support.network import BrokerGate
+from tests.support.records import Records
+from tests.support.web import WebProcess
+
+pytestmark = pytest.mark.broker
+
+NOT_CONSUMED = "the app has consumers that this process does not consume"
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Records:
+    return Records(tmp_path / "records.txt")
+
+
+@pytest.fixture
+def web(tmp_path: Path, records: Records) -> Iterator[list[WebProcess]]:
+    """uvicorn processes of one test, killed if still running at the end."""
+    started: list[WebProcess] = []
+    yield started
+    for process in started:
+        process.kill()
+
+
+def serve(
+    started: list[WebProcess],
+    tmp_path: Path,
+    records: Records,
+    url: str,
+    *,
+    consume: bool,
+    sleep: float = 0.0,
+    target: str = "tests.apps.web:api",
+) -> WebProcess:
+    env = {
+        "RABBITFLOW_URL": url,
+        "RF_CONSUME": "1" if consume else "0",
+        "RF_SLEEP": str(sleep),
+        "RF_RECORD": str(records.path),
+    }
+    process = WebProcess(target, tmp_path / "uvicorn.log", env)
+    started.append(process)
+    return process.start()
+
+
+@pytest.mark.parametrize("target", ["tests.apps.web:api", "tests.apps.web:starlette_app"])
+def test_consume_true_runs_the_consumers_in_the_web_process(
+    web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str, target: str
+) -> None:
+    # given FastAPI (or Starlette) with lifespan(app, consume=True), served by uvicorn
+    server = serve(web, tmp_path, records, vhost_url, consume=True, target=target)
+    with server.client() as http:
+        # then once it serves, the consumers consume: ready, and the queue declared
+        ready = http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["state"] == "consuming"
+        assert ready.json()["queues"] == ["work"]
+
+        # when the web app publishes a message to its own queue
+        message_id = http.post("/work").json()["message_id"]
+
+    # then its handler runs in the same process, once
+    records.wait_for("done", 1, timeout=10)
+    assert records.ids("done") == {message_id: 1}
+    assert message_counts(vhost_url, ["work"]) == {"work": 0}
+    assert NOT_CONSUMED not in server.output()
+
+
+def test_sigterm_drains_in_flight_handlers_before_uvicorn_exits(
+    web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str
+) -> None:
+    # given a handler that takes 1 s, running in the web process
+    server = serve(web, tmp_path, records, vhost_url, consume=True, sleep=1.0)
+    with server.client() as http:
+        message_id = http.post("/work").json()["message_id"]
+    records.wait_for("start", 1, timeout=10)
+
+    # when uvicorn gets SIGTERM while the handler runs
+    code, took = server.stop()
+
+    # then it exits cleanly (uvicorn re-raises the SIGTERM it handled) after the handler
+    # finished, and the message was acked: nothing left to redeliver, the handler ran once
+    assert code in (0, -signal.SIGTERM), server.output()
+    assert records.of("done") == [[message_id, "False"]]
+    assert records.ids("start") == {message_id: 1}
+    assert message_counts(vhost_url, ["work"]) == {"work": 0}
+    assert took < 10
+
+
+async def test_readiness_follows_the_consumers_connection(
+    web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str
+) -> None:
+    async with BrokerGate() as gate:
+        # given a web app consuming through a gate in front of the broker
+        server = await asyncio.to_thread(
+            serve, web, tmp_path, records, gate.url(vhost_url), consume=True
+        )
+        async with server.async_client() as http:
+
+            async def state() -> tuple[int, str, int]:
+                response = await http.get("/readyz")
+                body = response.json()
+                return response.status_code, body["state"], body["reconnections"]
+
+            assert await state() == (200, "consuming", 0)
+
+            # when the connection is lost and the broker cannot be reached
+            await gate.close()
+            lost = await _until(state, lambda s: s[0] == 503)
+            assert lost[1] == "connecting"
+
+            # then once the broker answers again, the consumers are back, and ready
+            await gate.open()
+            back = await _until(state, lambda s: s[0] == 200, timeout=30)
+            assert back == (200, "consuming", 1)
+
+            # the same health, as a FastAPI dependency
+            health = (await http.get("/consumers")).json()
+            assert (health["ready"], health["paused"], health["error"]) == (True, [], None)
+        await asyncio.to_thread(server.stop)
+
+
+async def _until(probe, holds, timeout: float = 15.0):  # type: ignore[no-untyped-def]
+    found = None
+
+    async def check() -> bool:
+        nonlocal found
+        found = await probe()
+        return bool(holds(found))
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"still {found}"
+        await asyncio.sleep(0.1)
+    return found
+
+
+def test_an_app_opened_but_never_consuming_warns_once_naming_its_consumers(
+    web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str
+) -> None:
+    # given a web app that opens the app with consume=False (publish only), its queue declared
+    asyncio.run(declare_topology(web_app.app, vhost_url))
+    server = serve(web, tmp_path, records, vhost_url, consume=False)
+    with server.client() as http:
+        # when it publishes to the app's own queue, twice
+        http.post("/work")
+        http.post("/work")
+        health = http.get("/readyz").json()
+
+    # then nothing consumes them, and the process said so once, naming the consumer
+    assert health["state"] == "disabled"
+    assert message_counts(vhost_url, ["work"]) == {"work": 2}
+    server.stop()
+    output = server.output()
+    assert output.count(NOT_CONSUMED) == 1, output
+    line = next(line for line in output.splitlines() if NOT_CONSUMED in line)
+    assert "work -> tests.apps.web.handle_work" in line
+    assert records.of("start") == []
