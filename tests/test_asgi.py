@@ -171,3 +171,25 @@ def test_an_app_opened_but_never_consuming_warns_once_naming_its_consumers(
     line = next(line for line in output.splitlines() if NOT_CONSUMED in line)
     assert "work -> tests.apps.web.handle_work" in line
     assert records.of("start") == []
+
+
+def test_an_error_that_would_end_rabbitflow_run_fails_the_web_apps_start_up(
+    web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str
+) -> None:
+    # given a web app consuming with a password the broker refuses
+    refused = vhost_url.replace("guest:guest@", "guest:wrong@")
+    process = WebProcess(
+        "tests.apps.web:api",
+        tmp_path / "uvicorn.log",
+        {"RABBITFLOW_URL": refused, "RF_CONSUME": "1", "RF_RECORD": str(records.path)},
+    )
+    web.append(process)
+
+    # when uvicorn starts it, then its start-up fails and it exits, naming the refusal
+    process.start(wait=False)
+    assert process.process is not None
+    assert process.process.wait(20) != 0
+    output = process.output()
+    assert "Application startup failed" in output
+    assert "ACCESS_REFUSED" in output or "refused" in output
+    assert "wrong" not in output  # the password is masked

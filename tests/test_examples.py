@@ -30,7 +30,10 @@ from rabbitflow.connection import connect
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import derive, load_topology
 from rabbitflow.topology._declare import declare
+from tests.support.amqp import message_counts
 from tests.support.network import free_port
+from tests.support.waiting import wait_until
+from tests.support.web import WebProcess
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -287,3 +290,33 @@ async def test_the_api_enqueues_on_a_real_broker(
         assert ReportJob.model_validate_json(message.body).job_id == job_id
         await message.ack()
     assert store.get(job_id) is not None
+
+
+# -- web_worker ------------------------------------------------------------------------------
+
+
+@pytest.mark.broker
+def test_the_web_worker_sends_welcomes_from_the_web_process(tmp_path: Path, vhost_url: str) -> None:
+    # given the sign-up API served by uvicorn, consuming in the same process
+    server = WebProcess("examples.web_worker.app:api", tmp_path / "uvicorn.log")
+    server.env["RABBITFLOW_URL"] = vhost_url
+    try:
+        server.start()
+        with server.client() as http:
+            assert http.get("/readyz").json()["state"] == "consuming"
+
+            # when three people sign up (and one request is malformed)
+            for n in range(3):
+                created = http.post("/signups", json={"email": f"u{n}@example.com", "name": "U"})
+                assert created.status_code == 202
+            assert http.post("/signups", json={"email": "nope", "name": "U"}).status_code == 422
+
+            # then the web process itself sends the three welcomes
+            wait_until(
+                lambda: http.get("/stats").json()["welcomes_sent"] == 3, 10, "three welcomes"
+            )
+        server.stop()
+    finally:
+        server.kill()
+    assert message_counts(vhost_url, ["signups.welcome"]) == {"signups.welcome": 0}
+    assert "does not consume" not in server.output()

@@ -34,7 +34,16 @@ class AppLifespan:
     ``health()`` (a FastAPI dependency as it is) says where the consumers stand;
     ``readyz`` is a Starlette endpoint that answers it as JSON, 200 when ready, else 503."""
 
-    __slots__ = ("_options", "_ready_timeout", "_task", "_topology", "_worker", "app", "consume")
+    __slots__ = (
+        "_options",
+        "_ready_timeout",
+        "_serving",
+        "_task",
+        "_topology",
+        "_worker",
+        "app",
+        "consume",
+    )
 
     def __init__(
         self,
@@ -52,6 +61,7 @@ class AppLifespan:
         self._ready_timeout = ready_timeout
         self._worker: Worker | None = None
         self._task: asyncio.Task[None] | None = None
+        self._serving = False  # start-up is over: an error of the worker is no longer raised
 
     def __call__(self, asgi_app: object) -> AbstractAsyncContextManager[None]:
         """The context the ASGI server enters at start-up and leaves at shutdown."""
@@ -69,9 +79,10 @@ class AppLifespan:
         worker = self._build()
         task = asyncio.ensure_future(worker.run())
         task.add_done_callback(self._ended)
-        self._worker, self._task = worker, task
+        self._worker, self._task, self._serving = worker, task, False
         try:
             await self._until_ready(worker, task)
+            self._serving = True
             yield
         finally:
             await self._stop(worker, task)
@@ -120,8 +131,8 @@ class AppLifespan:
         if task.cancelled() or task.exception() is None:
             return
         worker = self._worker
-        if worker is not None and worker.stopping:
-            return
+        if not self._serving or (worker is not None and worker.stopping):
+            return  # raised by the start-up, or after the stop request, by the shutdown
         log.error(
             "the consumers stopped on an error; this process no longer consumes",
             error=str(task.exception()),
