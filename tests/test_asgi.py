@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +19,6 @@ from tests.support.amqp import declare_topology, message_counts
 from tests.support.network import BrokerGate
 from tests.support.records import Records
 from tests.support.web import WebProcess
-
-pytestmark = pytest.mark.broker
 
 NOT_CONSUMED = "the app has consumers that this process does not consume"
 
@@ -58,6 +58,7 @@ def serve(
     return process.start()
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize("target", ["tests.apps.web:api", "tests.apps.web:starlette_app"])
 def test_consume_true_runs_the_consumers_in_the_web_process(
     web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str, target: str
@@ -81,6 +82,7 @@ def test_consume_true_runs_the_consumers_in_the_web_process(
     assert NOT_CONSUMED not in server.output()
 
 
+@pytest.mark.broker
 def test_sigterm_drains_in_flight_handlers_before_uvicorn_exits(
     web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str
 ) -> None:
@@ -102,6 +104,7 @@ def test_sigterm_drains_in_flight_handlers_before_uvicorn_exits(
     assert took < 10
 
 
+@pytest.mark.broker
 async def test_readiness_follows_the_consumers_connection(
     web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str
 ) -> None:
@@ -150,6 +153,7 @@ async def _until(probe, holds, timeout: float = 15.0):  # type: ignore[no-untype
     return found
 
 
+@pytest.mark.broker
 def test_an_app_opened_but_never_consuming_warns_once_naming_its_consumers(
     web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str
 ) -> None:
@@ -173,6 +177,7 @@ def test_an_app_opened_but_never_consuming_warns_once_naming_its_consumers(
     assert records.of("start") == []
 
 
+@pytest.mark.broker
 def test_an_error_that_would_end_rabbitflow_run_fails_the_web_apps_start_up(
     web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str
 ) -> None:
@@ -193,3 +198,45 @@ def test_an_error_that_would_end_rabbitflow_run_fails_the_web_apps_start_up(
     assert "Application startup failed" in output
     assert "ACCESS_REFUSED" in output or "refused" in output
     assert "wrong" not in output  # the password is masked
+
+
+OPENED_TWICE = """
+import asyncio
+
+from rabbitflow import App
+
+busy = App(topology="missing.toml", name="busy")
+idle = App(topology="missing.toml", name="idle")
+
+
+@busy.consumer("orders.created")
+async def handle_order(order: dict) -> None: ...
+
+
+@busy.consumer("orders.paid")
+def handle_payment(payment: dict) -> None: ...
+
+
+async def main() -> None:
+    for _ in range(2):
+        async with busy, idle:
+            pass
+
+
+asyncio.run(main())
+"""
+
+
+def test_the_warning_is_once_per_app_and_only_for_an_app_with_consumers(tmp_path: Path) -> None:
+    # given a script that opens an app with two consumers twice, and one without consumers
+    script = tmp_path / "opened.py"
+    script.write_text(OPENED_TWICE)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=30, check=True
+    )
+    # then one warning, on stderr, naming both consumers and only the busy app
+    assert done.stdout == ""
+    assert done.stderr.count(NOT_CONSUMED) == 1, done.stderr
+    assert "app=busy" in done.stderr
+    assert "orders.created -> __main__.handle_order" in done.stderr
+    assert "orders.paid -> __main__.handle_payment" in done.stderr
