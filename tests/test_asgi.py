@@ -12,12 +12,18 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from fastapi import FastAPI
 
+from rabbitflow import App, ConfigurationError
+from rabbitflow.asgi import jobs_router
+from rabbitflow.idempotency import RedisStore
 from tests.apps import web as web_app
 from tests.support.amqp import declare_topology, message_counts
-from tests.support.network import BrokerGate
+from tests.support.network import BrokerGate, free_port
 from tests.support.records import Records
+from tests.support.waiting import wait_until
 from tests.support.web import WebProcess
 
 NOT_CONSUMED = "the app has consumers that this process does not consume"
@@ -240,3 +246,49 @@ def test_the_warning_is_once_per_app_and_only_for_an_app_with_consumers(tmp_path
     assert "app=busy" in done.stderr
     assert "orders.created -> __main__.handle_order" in done.stderr
     assert "orders.paid -> __main__.handle_payment" in done.stderr
+
+
+@pytest.mark.broker
+def test_jobs_router_answers_a_jobs_status_and_404_for_an_unknown_one(
+    web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str
+) -> None:
+    # given a web app that consumes its own tracked queue (job statuses in memory)
+    server = serve(web, tmp_path, records, vhost_url, consume=True)
+    with server.client() as http:
+        # when it enqueues a job
+        job_id = http.post("/jobs").json()["id"]
+
+        # then GET /jobs/{id} follows it to succeeded, with the handler's return value
+        def finished() -> dict[str, object] | None:
+            response = http.get(f"/jobs/{job_id}")
+            assert response.status_code == 200
+            body: dict[str, object] = response.json()
+            return body if body["state"] == "succeeded" else None
+
+        status = wait_until(finished, 10, "the job to succeed")
+        assert (status["id"], status["attempt"]) == (job_id, 1)
+        assert status["result"] == {"handled": job_id}
+        unknown = http.get("/jobs/never-enqueued")
+        assert (unknown.status_code, unknown.json()) == (
+            404,
+            {"detail": "no job 'never-enqueued'"},
+        )
+
+
+async def test_jobs_router_answers_503_when_the_job_store_does_not_answer() -> None:
+    # given an app whose jobs are in a Redis that nothing listens for
+    app = App(topology="missing.toml", jobs=RedisStore(f"redis://127.0.0.1:{free_port()}/0"))
+    api = FastAPI()
+    api.include_router(jobs_router(app), prefix="/jobs")
+    transport = httpx.ASGITransport(app=api)
+    async with httpx.AsyncClient(transport=transport, base_url="http://web.test") as http:
+        response = await http.get("/jobs/some-job")
+    # then the client is asked to come back, not given a 500
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.json() == {"detail": "the job store does not answer; try again"}
+
+
+def test_jobs_router_needs_a_job_store() -> None:
+    with pytest.raises(ConfigurationError, match=r"App\(\.\.\., jobs=RedisStore"):
+        jobs_router(App(topology="missing.toml"))

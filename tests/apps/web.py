@@ -4,7 +4,9 @@
 ``$RF_CONSUME`` (``1``/``0``) chooses ``lifespan(app, consume=...)``. The consumer of ``work``
 records ``start <message_id>`` and, after sleeping ``$RF_SLEEP`` seconds,
 ``done <message_id> <redelivered>`` (tests/apps/recording.py). ``POST /work`` publishes one
-message and answers its id; ``/readyz`` is the consumers' health.
+message and answers its id, ``POST /jobs`` enqueues one as a job (the job statuses are in
+memory: the web process consumes them itself), ``GET /jobs/{id}`` is ``jobs_router``;
+``/readyz`` is the consumers' health.
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from rabbitflow import App, Message
-from rabbitflow.asgi import ConsumerHealth, lifespan
+from rabbitflow.asgi import ConsumerHealth, jobs_router, lifespan
+from rabbitflow.idempotency import MemoryStore
 from tests.apps.recording import record
 
-app = App(topology=Path(__file__).with_name("work.toml"), name="web")
+app = App(topology=Path(__file__).with_name("work.toml"), name="web", jobs=MemoryStore())
 
 
-@app.consumer("work")
-async def handle_work(message: Message) -> None:
+@app.consumer("work", track=True)
+async def handle_work(message: Message) -> dict[str, object]:
     record("start", message.message_id)
     await asyncio.sleep(float(os.environ.get("RF_SLEEP", "0")))
     record("done", message.message_id, message.redelivered)
+    return {"handled": message.message_id}
 
 
 consumers = lifespan(
@@ -38,11 +42,18 @@ consumers = lifespan(
 )
 api = FastAPI(lifespan=consumers)
 api.add_route("/readyz", consumers.readyz)
+api.include_router(jobs_router(app), prefix="/jobs")
 
 
 @api.post("/work")
 async def publish_work() -> dict[str, str]:
     return {"message_id": await app.publish("jobs", "work", {"n": 1})}
+
+
+@api.post("/jobs", status_code=202)
+async def enqueue_work() -> dict[str, str]:
+    job = await app.enqueue("jobs", "work", {"n": 1})
+    return {"id": job.id}
 
 
 @api.get("/consumers")
