@@ -23,7 +23,7 @@ from tests.apps import web as web_app
 from tests.support.amqp import declare_topology, message_counts
 from tests.support.network import BrokerGate, free_port
 from tests.support.records import Records
-from tests.support.waiting import wait_until
+from tests.support.waiting import wait_for, wait_until
 from tests.support.web import WebProcess
 
 NOT_CONSUMED = "the app has consumers that this process does not consume"
@@ -142,6 +142,34 @@ async def test_readiness_follows_the_consumers_connection(
             health = (await http.get("/consumers")).json()
             assert (health["ready"], health["paused"], health["error"]) == (True, [], None)
         await asyncio.to_thread(server.stop)
+
+
+@pytest.mark.broker
+async def test_started_while_the_broker_is_down_it_serves_not_ready_then_consumes(
+    web: list[WebProcess], tmp_path: Path, records: Records, vhost_url: str
+) -> None:
+    # given a gate in front of the broker that does not accept connections yet
+    gate = BrokerGate()
+    try:
+        # when the web app starts (its start-up waits ready_timeout, 3 s, then gives up)
+        server = await asyncio.to_thread(
+            serve, web, tmp_path, records, gate.url(vhost_url), consume=True
+        )
+        async with server.async_client() as http:
+            # then it serves HTTP, not ready, while the worker keeps connecting
+            response = await http.get("/readyz")
+            assert (response.status_code, response.json()["state"]) == (503, "connecting")
+
+            # and once the broker answers, the consumers consume
+            await gate.open()
+            response = await _until(lambda: http.get("/readyz"), lambda r: r.status_code == 200)
+            assert response.json()["state"] == "consuming"
+            message_id = (await http.post("/work")).json()["message_id"]
+            await wait_for(lambda: records.ids("done").get(message_id), "the message handled")
+        await asyncio.to_thread(server.stop)
+    finally:
+        await gate.close()
+    assert "consumers not consuming yet" in server.output()
 
 
 async def _until(probe, holds, timeout: float = 15.0):  # type: ignore[no-untyped-def]

@@ -38,7 +38,11 @@ async def handle_work(message: Message) -> dict[str, object]:
 
 
 consumers = lifespan(
-    app, consume=os.environ.get("RF_CONSUME") == "1", shutdown_timeout=10.0, ready_timeout=5.0
+    app,
+    consume=os.environ.get("RF_CONSUME") == "1",
+    shutdown_timeout=10.0,
+    ready_timeout=3.0,
+    reconnect_max_wait=1.0,
 )
 api = FastAPI(lifespan=consumers)
 api.add_route("/readyz", consumers.readyz)
