@@ -108,7 +108,7 @@ class AppLifespan:
             await asyncio.wait({task}, timeout=min(0.05, max(deadline - loop.time(), 0)))
         if task.done():
             task.result()  # raises what ended the worker
-            raise RuntimeError("the rabbitflow worker ended during start-up")
+            return
         if not worker.ready:
             log.warning(
                 "consumers not consuming yet; the web app starts and the worker keeps trying",
@@ -128,14 +128,13 @@ class AppLifespan:
             await asyncio.wait({task}, timeout=1.0)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
+        # Before the web app serves, the start-up raises the error instead.
+        if task.cancelled() or task.exception() is None or not self._serving:
             return
-        worker = self._worker
-        if not self._serving or (worker is not None and worker.stopping):
-            return  # raised by the start-up, or after the stop request, by the shutdown
         log.error(
             "the consumers stopped on an error; this process no longer consumes",
             error=str(task.exception()),
+            during_shutdown=self._worker is not None and self._worker.stopping,
             queues=sorted(self.app.consumers),
         )
 
