@@ -37,7 +37,7 @@ CANCELLED: Final = "cancelled"
 FINISHING: Final = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs a setattr call per field
 class Change:
     """One transition of ``job_id``; ``at`` and ``due_at`` are epoch seconds, ``result``
     the JSON text of a ``succeeded`` job's result."""

@@ -31,8 +31,8 @@ for _, c in ipairs(cjson.decode(ARGV[1])) do
   local kind, at, attempt, queue = c[1], c[2], tonumber(c[3]), c[4]
   local id = c[12]
   local k = prefix .. 'job:' .. id
-  local state = redis.call('HGET', k, 'state')
-  local cur = tonumber(redis.call('HGET', k, 'attempt') or '0')
+  local held = redis.call('HMGET', k, 'state', 'attempt')
+  local state, cur = held[1], tonumber(held[2] or '0')
   local ok = false
   if kind == 'queued' then ok = not state
   elseif kind == 'replayed' then ok = (not state) or state == 'failed'
@@ -65,7 +65,7 @@ for _, c in ipairs(cjson.decode(ARGV[1])) do
     elseif kind == 'succeeded' then
       redis.call('HSET', k, 'state', 'succeeded', 'attempt', math.max(attempt, cur),
                  'finished_at', at, 'result', c[5], 'progress', 1)
-      redis.call('HDEL', k, 'due_at')
+      if state then redis.call('HDEL', k, 'due_at') end
     elseif kind == 'failed' then
       redis.call('HSET', k, 'state', 'failed', 'attempt', math.max(attempt, cur),
                  'finished_at', at, 'error', c[6], 'error_type', c[7])
@@ -75,11 +75,16 @@ for _, c in ipairs(cjson.decode(ARGV[1])) do
       redis.call('HDEL', k, 'due_at')
     end
     if c[11] ~= '' then
-      redis.call('HSET', k, 'started_at', c[11])
-      redis.call('HDEL', k, 'progress', 'note')
-      if kind == 'succeeded' then redis.call('HSET', k, 'progress', 1) end
+      if state then redis.call('HDEL', k, 'note') end
+      if kind == 'succeeded' then
+        redis.call('HSET', k, 'started_at', c[11], 'updated_at', at)
+      else
+        redis.call('HSET', k, 'started_at', c[11], 'updated_at', at)
+        redis.call('HDEL', k, 'progress')
+      end
+    else
+      redis.call('HSET', k, 'updated_at', at)
     end
-    redis.call('HSET', k, 'updated_at', at)
     redis.call('PEXPIRE', k, ttl)
     if kind == 'succeeded' or kind == 'failed' or kind == 'cancelled' then
       redis.call('PUBLISH', prefix .. 'done:' .. id, kind)
