@@ -9,8 +9,9 @@ import asyncio
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -26,6 +27,7 @@ from tests.support.records import Records
 from tests.support.waiting import wait_for, wait_until
 from tests.support.web import WebProcess
 
+T = TypeVar("T")
 NOT_CONSUMED = "the app has consumers that this process does not consume"
 
 
@@ -172,16 +174,12 @@ async def test_started_while_the_broker_is_down_it_serves_not_ready_then_consume
     assert "consumers not consuming yet" in server.output()
 
 
-async def _until(probe, holds, timeout: float = 15.0):  # type: ignore[no-untyped-def]
-    found = None
-
-    async def check() -> bool:
-        nonlocal found
-        found = await probe()
-        return bool(holds(found))
-
+async def _until(
+    probe: Callable[[], Awaitable[T]], holds: Callable[[T], bool], timeout: float = 15.0
+) -> T:
+    """Await ``probe`` until what it gives ``holds``; fail with the last value after ``timeout``."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
+    while not holds(found := await probe()):
         assert asyncio.get_running_loop().time() < deadline, f"still {found}"
         await asyncio.sleep(0.1)
     return found
