@@ -271,9 +271,11 @@ async def test_unknown_jobs_and_bad_requests(client: httpx.AsyncClient) -> None:
 
 @pytest.fixture
 def jobs_prefix(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A Redis prefix of the test's own for the example's processes (``$JOBS_PREFIX``)."""
+    """The test Redis and a prefix of the test's own for the example's processes
+    (``$JOBS_REDIS_URL``, ``$JOBS_PREFIX``)."""
     require_redis()
     prefix = f"rf-test:jobs-example:{uuid.uuid4().hex[:8]}:"
+    monkeypatch.setenv("JOBS_REDIS_URL", REDIS_URL)
     monkeypatch.setenv("JOBS_PREFIX", prefix)
     yield prefix
     asyncio.run(delete_prefix(REDIS_URL, prefix))
