@@ -19,9 +19,12 @@ reconnects, consumes and drains. Everything else is wired here, once, and the wo
 - :meth:`~Services.close`, at the very end, however the run ended: the progress task and
   the health server.
 
-``rabbitflow run`` gets them through its :class:`~rabbitflow._worker.Worker`; something else
-that runs a worker (an ASGI lifespan) chooses the parts with
-:class:`~rabbitflow._options.WorkerOptions`.
+``rabbitflow run`` gets them through its :class:`~rabbitflow._worker.Worker`, and so does
+:func:`rabbitflow.asgi.lifespan` with ``consume=True``, which runs the same Worker in a web
+process and chooses the parts with :class:`~rabbitflow._options.WorkerOptions` (no health
+server unless ``metrics_port``). ``TestApp`` runs none of them: its in-memory broker declares
+the topology itself, and its virtual clock drives no health server, progress lines, monitors
+or schedules (``TestApp.tick`` runs a schedule's tick).
 """
 
 from __future__ import annotations

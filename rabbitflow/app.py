@@ -111,6 +111,7 @@ class App:
         self.shutdown_hooks: list[Hook] = []
         self.schedules: dict[str, Schedule] = {}
         self.started = False
+        self._said_not_consumed = False
         self._publisher: Publisher | None = None
         self._connection: AbstractConnection | None = None
         self._connect_lock: asyncio.Lock | None = None
@@ -670,7 +671,23 @@ class App:
         self._publisher = None
 
     async def __aenter__(self) -> App:
+        self._warn_not_consumed()
         return self
+
+    def _warn_not_consumed(self) -> None:
+        """Opened with consumers, while no worker of this process consumes them: say so,
+        once. (A web app that opens the app in its lifespan publishes fine and consumes
+        nothing; its messages wait in the queues for a ``rabbitflow run`` that may not exist.)
+        """
+        if not self.consumers or self.started or self._said_not_consumed:
+            return
+        self._said_not_consumed = True
+        log.warning(
+            "the app has consumers that this process does not consume; they run under "
+            "`rabbitflow run` or rabbitflow.asgi.lifespan(app, consume=True)",
+            app=self.name,
+            consumers=[f"{queue} -> {c.name}" for queue, c in sorted(self.consumers.items())],
+        )
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()

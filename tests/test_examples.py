@@ -2,35 +2,39 @@
 
 The rate-limited consumer and the scheduled publishing example run on ``TestApp`` (virtual
 time makes the retry tiers instant); the jobs API runs in-process through httpx's
-``ASGITransport``, with its worker on ``TestApp``, and once against the real broker.
+``ASGITransport``, with its worker on ``TestApp`` and its job statuses in the real Redis, and
+as processes (uvicorn, ``rabbitflow run``) against the real broker, and with the broker down.
+The web worker example runs under uvicorn against the real broker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
-import sqlite3
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 
 from examples.jobs_api import api as jobs_api
 from examples.jobs_api import worker as jobs_worker
-from examples.jobs_api.models import ReportJob
-from examples.jobs_api.store import JobStore
+from examples.jobs_api.models import Report, ReportRequest
 from examples.periodic import app as periodic_app
 from examples.rate_limited import app as sms
 from examples.rate_limited.gateway import SmsGateway
 from rabbitflow import Retry
-from rabbitflow.connection import connect
 from rabbitflow.testing import TestApp
-from rabbitflow.topology import derive, load_topology
-from rabbitflow.topology._declare import declare
+from tests.support.amqp import message_counts
 from tests.support.network import free_port
+from tests.support.processes import Workers
+from tests.support.services import REDIS_URL, require_redis
+from tests.support.waiting import wait_until
+from tests.support.web import WebProcess
+from tests.test_idempotency_stores import delete_prefix
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -144,79 +148,102 @@ async def test_the_cleanup_tick_is_skipped_on_the_first_of_the_month(
 
 
 # -- jobs_api --------------------------------------------------------------------------------
+#
+# The API in-process (httpx's ASGITransport) enqueues through the worker's App, which TestApp
+# connects to the in-memory broker; job statuses are in the real Redis, under rabbitflow's
+# default prefix (each test deletes the jobs it created). The subprocess tests serve the API with
+# uvicorn, under a prefix of their own.
 
 
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> JobStore:
-    """The example's store on a fresh SQLite file."""
-    fresh = JobStore(tmp_path / "jobs.sqlite3")
-    monkeypatch.setattr(jobs_api, "store", fresh)
-    monkeypatch.setattr(jobs_worker, "store", fresh)
-    return fresh
+async def client(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[httpx.AsyncClient]:
+    require_redis()
+    monkeypatch.setattr(jobs_api, "app", jobs_worker.app)
+    created: list[str] = []
 
+    async def remember(response: httpx.Response) -> None:
+        if response.request.method == "POST" and response.status_code == 202:
+            await response.aread()
+            created.append(response.json()["job_id"])
 
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=jobs_api.api)
-    async with httpx.AsyncClient(transport=transport, base_url="http://jobs.test") as http:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://jobs.test", event_hooks={"response": [remember]}
+    ) as http:
         yield http
+    for job_id in created:
+        await delete_prefix(REDIS_URL, f"rabbitflow:jobs:*{job_id}")
+    # The API's Redis connections belong to this test's event loop; the next test opens its own.
+    await jobs_api.store.close()
 
 
-async def test_a_job_is_accepted_at_once_and_done_in_the_background(
-    store: JobStore, client: httpx.AsyncClient
+async def status_of(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
+    """``GET /jobs/{id}`` once the worker's pending status writes are written."""
+    await jobs_worker.app.jobs.flush()
+    response = await client.get(f"/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_a_job_is_accepted_at_once_and_its_status_served_by_the_jobs_router(
+    client: httpx.AsyncClient,
 ) -> None:
     async with TestApp(jobs_worker.app) as t:
         # when a client asks for a report
         response = await client.post("/jobs", json={"report": "sales", "month": "2026-10"})
 
-        # then it gets a job id at once, before the work is done
+        # then it gets a job id at once, and where to ask for its status
         assert response.status_code == 202
-        job = response.json()
-        assert job["status"] == "queued"
-        assert response.headers["location"] == f"/jobs/{job['job_id']}"
+        job_id = response.json()["job_id"]
+        assert response.json() == {"job_id": job_id, "state": "queued"}
+        assert response.headers["location"] == f"/jobs/{job_id}"
 
-        # and once the worker ran, the status lookup has the result
+        # and once the worker ran, the status has the handler's return value
         await t.drain()
         (run,) = t.handled("jobs.reports")
-        assert run.message.message_id == job["job_id"]
-        status = (await client.get(f"/jobs/{job['job_id']}")).json()
-        assert status["status"] == "succeeded"
-        assert status["attempt"] == 1
-        assert status["result"]["url"] == f"/files/{job['job_id']}.csv"
+        assert run.message.message_id == job_id
+        status = await status_of(client, job_id)
+        assert (status["id"], status["state"], status["attempt"]) == (job_id, "succeeded", 1)
+        assert status["result"]["url"] == f"/files/{job_id}.csv"
+        assert status["queue"] == "jobs.reports"
 
 
 async def test_a_failing_job_is_retrying_then_succeeds(
-    store: JobStore, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
     render = jobs_worker.render_report
 
-    def flaky(job: ReportJob) -> dict[str, Any]:
-        calls.append(job.job_id)
+    def flaky(request: ReportRequest, job_id: str) -> Report:
+        calls.append(job_id)
         if len(calls) == 1:
             raise ConnectionError("warehouse unreachable")
-        return render(job)
+        return render(request, job_id)
 
     monkeypatch.setattr(jobs_worker, "render_report", flaky)
     async with TestApp(jobs_worker.app) as t:
         posted = await client.post("/jobs", json={"report": "inventory", "month": "2026-09"})
         job_id = posted.json()["job_id"]
         await t.advance("1s")  # the first attempt failed; the message waits in the 5s tier
-        status = (await client.get(f"/jobs/{job_id}")).json()
-        assert (status["status"], status["error"]) == (
+        status = await status_of(client, job_id)
+        assert (status["state"], status["attempt"], status["error_type"]) == (
             "retrying",
-            "ConnectionError: warehouse unreachable",
+            1,
+            "ConnectionError",
         )
+        assert "warehouse unreachable" in status["error"]
+        assert status["due_at"] is not None
 
         await t.drain()
-        status = (await client.get(f"/jobs/{job_id}")).json()
-        assert (status["status"], status["attempt"]) == ("succeeded", 2)
+        status = await status_of(client, job_id)
+        assert (status["state"], status["attempt"]) == ("succeeded", 2)
 
 
 async def test_a_job_failing_every_attempt_is_failed_and_dead_lettered(
-    store: JobStore, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(job: ReportJob) -> dict[str, Any]:
+    def broken(request: ReportRequest, job_id: str) -> Report:
         raise RuntimeError("report template missing")
 
     monkeypatch.setattr(jobs_worker, "render_report", broken)
@@ -225,65 +252,130 @@ async def test_a_job_failing_every_attempt_is_failed_and_dead_lettered(
         job_id = posted.json()["job_id"]
         await t.drain()
 
-        status = (await client.get(f"/jobs/{job_id}")).json()
-        assert (status["status"], status["attempt"]) == ("failed", 3)
+        status = await status_of(client, job_id)
+        assert (status["state"], status["attempt"]) == ("failed", 3)
+        assert "report template missing" in status["error"]
         (dead,) = t.dead_letters("jobs.reports")
         assert dead.properties.message_id == job_id
         assert dead.headers["rabbitflow-error-type"] == "RuntimeError"
 
 
-async def test_unknown_jobs_and_bad_requests(store: JobStore, client: httpx.AsyncClient) -> None:
+async def test_unknown_jobs_and_bad_requests(client: httpx.AsyncClient) -> None:
     async with TestApp(jobs_worker.app) as t:
-        assert (await client.get("/jobs/nope")).status_code == 404
+        unknown = await client.get("/jobs/nope")
+        assert (unknown.status_code, unknown.json()) == (404, {"detail": "no job 'nope'"})
         bad = await client.post("/jobs", json={"report": "sales", "month": "October"})
         assert bad.status_code == 422
         assert t.queue("jobs.reports").messages == []
 
 
-async def test_with_the_broker_down_the_api_answers_503_and_records_the_job_failed(
-    store: JobStore, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Nothing listens on the broker's port: the publish fails to connect.
-    monkeypatch.setattr(jobs_worker.app, "url", f"amqp://guest:guest@127.0.0.1:{free_port()}/")
-    try:
-        response = await client.post("/jobs", json={"report": "sales", "month": "2026-10"})
-    finally:
-        await jobs_worker.app.close()
+@pytest.fixture
+def jobs_prefix(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The test Redis and a prefix of the test's own for the example's processes
+    (``$JOBS_REDIS_URL``, ``$JOBS_PREFIX``)."""
+    require_redis()
+    prefix = f"rf-test:jobs-example:{uuid.uuid4().hex[:8]}:"
+    monkeypatch.setenv("JOBS_REDIS_URL", REDIS_URL)
+    monkeypatch.setenv("JOBS_PREFIX", prefix)
+    yield prefix
+    asyncio.run(delete_prefix(REDIS_URL, prefix))
 
-    assert response.status_code == 503
+
+def redis_keys(prefix: str) -> list[bytes]:
+    async def scan() -> list[bytes]:
+        import redis.asyncio as redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            return [key async for key in client.scan_iter(match=prefix + "*")]
+        finally:
+            await client.aclose()
+
+    return asyncio.run(scan())
+
+
+def test_with_the_broker_down_the_api_answers_503_and_keeps_no_job(
+    tmp_path: Path, jobs_prefix: str
+) -> None:
+    # given the API served by uvicorn, with nothing listening on the broker's port
+    server = WebProcess("examples.jobs_api.api:api", tmp_path / "uvicorn.log")
+    server.env["RABBITFLOW_URL"] = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    try:
+        server.start()
+        with server.client() as http:
+            # when a client asks for a report
+            response = http.post("/jobs", json={"report": "sales", "month": "2026-10"})
+        server.stop()
+    finally:
+        server.kill()
+
+    # then it is told to come back, and no job exists that would never run
+    assert response.status_code == 503, server.output()
     assert response.headers["retry-after"] == "5"
     assert response.json() == {"detail": "the job queue is unavailable; try again"}
-    with sqlite3.connect(store.path) as db:
-        ((job_id,),) = db.execute("select job_id from jobs").fetchall()
-    job = store.get(job_id)
-    assert job is not None
-    assert job.status == "failed"
-    assert job.error is not None
-    assert job.error.startswith("not enqueued: publish to exchange 'jobs' with routing key")
-    assert "cannot connect to amqp://guest:***@127.0.0.1:" in job.error
+    assert "location" not in response.headers
+    assert redis_keys(jobs_prefix) == []
 
 
 @pytest.mark.broker
-async def test_the_api_enqueues_on_a_real_broker(
-    store: JobStore, client: httpx.AsyncClient, vhost_url: str, monkeypatch: pytest.MonkeyPatch
+def test_the_api_and_the_worker_as_processes_on_a_real_broker(
+    tmp_path: Path, vhost_url: str, jobs_prefix: str
 ) -> None:
-    topology = load_topology(EXAMPLES / "jobs_api" / "topology.toml")
-    connection = await connect(vhost_url)
-    async with connection:
-        await declare(connection, derive(topology))
-        monkeypatch.setattr(jobs_worker.app, "url", vhost_url)
-        try:
-            response = await client.post("/jobs", json={"report": "sales", "month": "2026-10"})
-        finally:
-            await jobs_worker.app.close()
-        assert response.status_code == 202
-        job_id = response.json()["job_id"]
+    # given the worker under `rabbitflow run` and the API under uvicorn, in processes of their
+    # own, sharing the broker and Redis
+    workers = Workers(tmp_path, vhost_url)
+    server = WebProcess("examples.jobs_api.api:api", tmp_path / "uvicorn.log")
+    server.env["RABBITFLOW_URL"] = vhost_url
+    try:
+        workers.start("examples.jobs_api.worker:app", None)
+        server.start()
+        with server.client() as http:
+            # when a client asks for a report, then polls where the API said
+            accepted = http.post("/jobs", json={"report": "sales", "month": "2026-10"})
+            assert accepted.status_code == 202
+            location = accepted.headers["location"]
 
-        channel = await connection.channel()
-        queue = await channel.get_queue("jobs.reports", ensure=False)
-        message = await queue.get(timeout=5)
-        assert isinstance(message, aio_pika.abc.AbstractIncomingMessage)
-        assert message.message_id == job_id
-        assert ReportJob.model_validate_json(message.body).job_id == job_id
-        await message.ack()
-    assert store.get(job_id) is not None
+            def finished() -> dict[str, Any] | None:
+                body: dict[str, Any] = http.get(location).json()
+                return body if body["state"] == "succeeded" else None
+
+            # then the job ends succeeded with the worker's result
+            status = wait_until(finished, 15, "the job to succeed")
+            assert status["result"]["url"] == f"/files/{accepted.json()['job_id']}.csv"
+            assert http.get("/jobs/unknown").status_code == 404
+        server.stop()
+    finally:
+        server.kill()
+        workers.cleanup()
+    assert "does not consume" not in server.output()  # the API's App has no consumers
+    assert redis_keys(jobs_prefix)  # the processes kept the job under the test's prefix
+
+
+# -- web_worker ------------------------------------------------------------------------------
+
+
+@pytest.mark.broker
+def test_the_web_worker_sends_welcomes_from_the_web_process(tmp_path: Path, vhost_url: str) -> None:
+    # given the sign-up API served by uvicorn, consuming in the same process
+    server = WebProcess("examples.web_worker.app:api", tmp_path / "uvicorn.log")
+    server.env["RABBITFLOW_URL"] = vhost_url
+    try:
+        server.start()
+        with server.client() as http:
+            assert http.get("/readyz").json()["state"] == "consuming"
+
+            # when three people sign up (and one request is malformed)
+            for n in range(3):
+                created = http.post("/signups", json={"email": f"u{n}@example.com", "name": "U"})
+                assert created.status_code == 202
+            assert http.post("/signups", json={"email": "nope", "name": "U"}).status_code == 422
+
+            # then the web process itself sends the three welcomes
+            wait_until(
+                lambda: http.get("/stats").json()["welcomes_sent"] == 3, 10, "three welcomes"
+            )
+        server.stop()
+    finally:
+        server.kill()
+    assert message_counts(vhost_url, ["signups.welcome"]) == {"signups.welcome": 0}
+    assert "does not consume" not in server.output()

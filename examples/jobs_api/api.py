@@ -1,58 +1,37 @@
 """The HTTP side: ``POST /jobs`` enqueues a job and answers 202 with its id at once;
-``GET /jobs/{job_id}`` tells where it stands.
+``GET /jobs/{job_id}`` (``rabbitflow.asgi.jobs_router``) tells where it stands.
 
     uvicorn examples.jobs_api.api:api
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import uuid
-from collections.abc import AsyncIterator
-
 from fastapi import FastAPI, HTTPException, Response
 
-from examples.jobs_api.models import Job, ReportJob, ReportRequest
-from examples.jobs_api.store import store
-from examples.jobs_api.worker import app
-from rabbitflow import PublishError
+from examples.jobs_api.config import TOPOLOGY, job_store
+from examples.jobs_api.models import Accepted, ReportRequest
+from rabbitflow import App, PublishError
+from rabbitflow.asgi import jobs_router, lifespan
 
+# The API's own App: no consumers (the handlers run in `rabbitflow run`), the same topology
+# and job store as the worker's.
+store = job_store()
+app = App(topology=TOPOLOGY, name="jobs-api", jobs=store)
 
-@contextlib.asynccontextmanager
-async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-    async with app:  # app.publish opens a connection on first use; closed at shutdown
-        yield
-
-
-api = FastAPI(title="Report jobs", lifespan=lifespan)
+api = FastAPI(title="Report jobs", lifespan=lifespan(app))
+api.include_router(jobs_router(app), prefix="/jobs")
 
 
 @api.post("/jobs", status_code=202)
-async def create_job(request: ReportRequest, response: Response) -> Job:
-    job_id = uuid.uuid4().hex
-    # The row first: the worker may pick the job up before this handler returns.
-    job = await asyncio.to_thread(store.create, job_id)
+async def create_job(request: ReportRequest, response: Response) -> Accepted:
     try:
-        # Returns once the broker has confirmed the message: the job cannot get lost now.
-        # message_id = job id, so a redelivered message is recognisable as the same job.
-        await app.publish(
-            "jobs", "report", ReportJob(job_id=job_id, **request.model_dump()), message_id=job_id
-        )
-    except PublishError as exc:
-        # Every way the message can fail to reach the broker: down or unreachable
-        # (PublishUnreachableError), refused, nacked, nothing bound (UnroutableError).
-        await asyncio.to_thread(store.update, job_id, "failed", error=f"not enqueued: {exc}")
+        # Returns once the broker has confirmed the message, and the job is `queued`.
+        job = await app.enqueue("jobs", "report", request)
+    except PublishError:
+        # Every way the message can fail to reach the broker (down or unreachable, login
+        # refused, nacked, nothing bound): nothing was queued and no job was recorded.
         raise HTTPException(
             503, "the job queue is unavailable; try again", headers={"Retry-After": "5"}
         ) from None
-    response.headers["Location"] = f"/jobs/{job_id}"
-    return job
-
-
-@api.get("/jobs/{job_id}")
-async def get_job(job_id: str) -> Job:
-    job = await asyncio.to_thread(store.get, job_id)
-    if job is None:
-        raise HTTPException(404, f"no job {job_id}")
-    return job
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return Accepted(job_id=job.id)

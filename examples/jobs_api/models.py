@@ -1,34 +1,28 @@
-"""What the API accepts and answers, and the message it puts on the queue."""
+"""What the API accepts and answers, the message it queues and the job's result."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
-Status = Literal["queued", "running", "retrying", "succeeded", "failed"]
-
 
 class ReportRequest(BaseModel):
-    """``POST /jobs``: which report to build."""
+    """``POST /jobs``, and the message on ``jobs.reports``: which report to build."""
 
     report: Literal["sales", "inventory"]
     month: str = Field(pattern=r"^\d{4}-\d{2}$", examples=["2026-10"])
 
 
-class ReportJob(ReportRequest):
-    """The message on ``jobs.reports``: the request and the job it belongs to."""
+class Report(BaseModel):
+    """The job's result: what ``GET /jobs/{id}`` shows once it ``succeeded``."""
+
+    rows: int
+    url: str
+
+
+class Accepted(BaseModel):
+    """``POST /jobs`` (202): the job's id; ``Location`` says where to ask for its status."""
 
     job_id: str
-
-
-class Job(BaseModel):
-    """``GET /jobs/{job_id}``: where the job stands."""
-
-    job_id: str
-    status: Status
-    attempt: int = 0
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    updated_at: datetime
+    state: Literal["queued"] = "queued"
