@@ -8,8 +8,11 @@ They carry no ``x-`` prefix: RabbitMQ reserves that for its own headers (``x-dea
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from rabbitflow import _clock as clock
+from rabbitflow._duration import DURATION_HINT, parse_duration
 
 ATTEMPT = "rabbitflow-attempt"
 ORIGIN_QUEUE = "rabbitflow-origin-queue"
@@ -104,6 +107,20 @@ def read_time(value: object) -> datetime | None:
         return read_time(datetime.fromisoformat(value))
     except ValueError:
         return None
+
+
+def not_before_after(delay: object) -> str:
+    """``rabbitflow-not-before`` for a message published now that must wait ``delay``
+    (``"10m"``, milliseconds, or a ``timedelta``): ISO-8601 UTC, to the microsecond.
+
+    Raises ``ValueError`` naming the value when it is not a duration or is negative."""
+    if isinstance(delay, timedelta):
+        delay_ms = delay.total_seconds() * 1000
+    else:
+        delay_ms = parse_duration(delay)
+    if delay_ms < 0:
+        raise ValueError(f"delay {delay!r} is negative; {DURATION_HINT}")
+    return datetime.fromtimestamp(clock.now() + delay_ms / 1000, UTC).isoformat()
 
 
 def read_epoch(value: object) -> float | None:

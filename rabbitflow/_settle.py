@@ -488,7 +488,7 @@ class Settler:
             properties = copy_properties(props, headers)
             body = envelope.wrap(properties, body)
         else:
-            properties = copy_properties(props, headers)
+            properties = copy_properties(props, headers, expiration=plan.expiration_ms or None)
         try:
             with get_tracing().publish_span(exchange, routing_key, headers, props.message_id):
                 trimmed = await self.publisher.send_fitted(

@@ -7,12 +7,14 @@ import contextlib
 import difflib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
+from rabbitflow import _headers as h
 from rabbitflow._batch import Batch
 from rabbitflow._border import broker_call
 from rabbitflow._broker_version import BrokerVersion, describe
@@ -323,17 +325,23 @@ class App:
         priority: int | None = None,
         expiration: int | None = None,
         reply_to: str | None = None,
+        delay: str | int | timedelta | None = None,
     ) -> str:
         """Publish and wait for the broker's confirm; return the ``message_id``.
 
         Pydantic models and JSON values go as ``application/json``, ``str`` as ``text/plain``,
-        ``bytes`` as ``application/octet-stream``. Raises :class:`~rabbitflow.UnroutableError`
-        when no queue is bound for the routing key, :class:`~rabbitflow.PublishError` when
-        the broker does not confirm, and :class:`~rabbitflow.PublishConnectionError` (a
-        ``PublishError`` too, and the ``BrokerError`` of the connection) when no connection
-        could be opened: every way the message can fail to reach the broker is a
-        ``PublishError``.
+        ``bytes`` as ``application/octet-stream``. ``delay`` (``"10m"``, milliseconds or a
+        ``timedelta``) delivers the message to its handler no earlier than that: it carries a
+        ``rabbitflow-not-before`` and waits in the retry tiers of each queue it reaches (see
+        docs/workflows.md); ``ValueError`` for a delay that is not a duration. Raises
+        :class:`~rabbitflow.UnroutableError` when no queue is bound for the routing key,
+        :class:`~rabbitflow.PublishError` when the broker does not confirm, and
+        :class:`~rabbitflow.PublishConnectionError` (a ``PublishError`` too, and the
+        ``BrokerError`` of the connection) when no connection could be opened: every way the
+        message can fail to reach the broker is a ``PublishError``.
         """
+        if delay is not None:
+            headers = {**(headers or {}), h.NOT_BEFORE: h.not_before_after(delay)}
         publisher = await self._publisher_for(exchange, routing_key)
         return await publisher.publish(
             exchange,
