@@ -27,6 +27,7 @@ from rabbitflow import _clock as clock
 from rabbitflow import _headers as h
 from rabbitflow._backoff import full_jitter
 from rabbitflow._breaker import CircuitBreaker, Dependencies
+from rabbitflow._continuation import Continuer, is_step
 from rabbitflow._handler import Consumer, Signature
 from rabbitflow._logging import DELIVERY, get_logger
 from rabbitflow._outcome import ACK, EXPIRED, Action, OutcomePolicy, Plan, expired
@@ -67,6 +68,7 @@ class Dispatcher:
 
     __slots__ = (
         "_breaker",
+        "_continuer",
         "_debug",
         "_deliver",
         "_dependencies",
@@ -94,6 +96,7 @@ class Dispatcher:
         breaker: CircuitBreaker | None = None,
         replier: Replier | None = None,
         dependencies: Dependencies | None = None,
+        continuer: Continuer | None = None,
     ) -> None:
         self._queue = spec.consumer.queue
         self._policy = spec.policy
@@ -111,6 +114,7 @@ class Dispatcher:
         self._breaker = breaker
         self._dependencies = dependencies
         self._replier = replier
+        self._continuer = continuer
         self._debug = _debug_enabled()
         self._invoke = _invoker(spec, _runner(spec, asyncio.get_running_loop(), executor))
 
@@ -212,7 +216,7 @@ class Dispatcher:
             return plan
         self._record(False)
         await self._reply(delivery, result)
-        return ACK
+        return await self._continue(delivery, attempt, result)
 
     async def _retry_now(self, delivery: DeliveredMessage, attempt: int, plan: Plan) -> Plan:
         """In-process retries after ``attempt`` failed (``plan``), each an attempt, the second
@@ -235,7 +239,7 @@ class Dispatcher:
                     return plan
                 continue
             await self._reply(delivery, result)
-            return ACK
+            return await self._continue(delivery, attempt, result)
         return plan
 
     async def _reply(self, delivery: DeliveredMessage, result: Any) -> None:
@@ -246,6 +250,19 @@ class Dispatcher:
             and result is not SKIPPED
         ):
             await self._replier.reply(delivery, result)
+
+    async def _continue(self, delivery: DeliveredMessage, attempt: int, result: Any) -> Plan:
+        # A workflow step: the next step is published and confirmed (or a chord member
+        # recorded) before this one is acked; when that fails, the step failed.
+        if self._continuer is None or result is SKIPPED or not is_step(delivery):
+            return ACK
+        try:
+            await self._continuer.succeeded(delivery, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return self._policy.decide(exc, attempt)
+        return ACK
 
     async def _settle(self, delivery: DeliveredMessage, plan: Plan) -> Action:
         action = await self._settler.settle(delivery, plan)
@@ -259,6 +276,13 @@ class Dispatcher:
             and delivery.header.properties.reply_to
         ):
             await self._reply_error(delivery, plan.error)
+        if (
+            self._continuer is not None
+            and action is plan.action
+            and _final(plan)
+            and is_step(delivery)
+        ):
+            await self._continuer.dead_lettered(delivery, plan.error or RuntimeError(plan.reason))
         return action
 
     async def _reply_error(self, delivery: DeliveredMessage, exc: BaseException) -> None:

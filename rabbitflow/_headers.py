@@ -29,6 +29,10 @@ DUE_AT = "rabbitflow-due-at"
 # When the caller of a request stops waiting for its reply (ISO-8601 UTC): past it, a worker
 # settles the request without running it.
 DEADLINE = "rabbitflow-deadline"
+# The routing slip of a workflow step (rabbitflow.workflows): JSON text naming the workflow,
+# this step and the steps after it. Kept on retries, dead letters and replays like a user's
+# header, so that a replayed step carries its workflow on.
+WORKFLOW = "rabbitflow-workflow"
 
 ERROR_MESSAGE_LIMIT = 1024
 ERROR_STACK_LIMIT = 8 * 1024

@@ -18,6 +18,7 @@ from rabbitflow import _headers as h
 from rabbitflow._batch import Batch
 from rabbitflow._border import broker_call
 from rabbitflow._broker_version import BrokerVersion, describe
+from rabbitflow._continuation import Startable
 from rabbitflow._handler import Consumer
 from rabbitflow._logging import get_logger
 from rabbitflow._progress import DEFAULT_INTERVAL, interval_seconds
@@ -420,6 +421,21 @@ class App:
             return await self._ready_publisher()
         except BrokerError as exc:
             raise PublishConnectionError.of(exc, exchange, routing_key) from None
+
+    # -- workflows -----------------------------------------------------------------------
+
+    async def start(self, flow: Startable) -> Any:
+        """Start a workflow: ``chain``, ``group``, ``chord`` or a lone ``step`` of
+        :mod:`rabbitflow.workflows` (contract section 14). Returns its
+        :class:`~rabbitflow.workflows.Flow`, whose ``id`` names it; raises
+        :class:`~rabbitflow.errors.WorkflowError` for a workflow it cannot run (before
+        anything is published) and what :meth:`publish` raises."""
+        start = getattr(flow, "start", None)
+        if not callable(start):
+            raise TypeError(
+                f"app.start() takes a chain, group, chord or step, not {type(flow).__name__}"
+            )
+        return await flow.start(self)
 
     # -- request / reply -----------------------------------------------------------------
 

@@ -1,0 +1,146 @@
+"""What happens after a workflow step's handler: the next step, or the chord's barrier.
+
+Installed into the core (:mod:`rabbitflow._continuation`) when rabbitflow.workflows is
+imported. Everything here runs before the step's message is acked: a next step or callback
+is confirmed by the broker first, so a crash at any point redelivers the step, which
+publishes its next step again (the same message id) or records its result again (kept once).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pydantic_core
+from aiormq.abc import DeliveredMessage
+
+from rabbitflow import _headers as h
+from rabbitflow._logging import get_logger
+from rabbitflow._payload import JSON
+from rabbitflow.errors import Reject, StoreUnavailableError
+from rabbitflow.workflows._record import CLAIM, UNKNOWN
+from rabbitflow.workflows._slip import MEMBER, Slip, read
+from rabbitflow.workflows._start import headers_for
+from rabbitflow.workflows._store import FlowStore, store_of
+
+if TYPE_CHECKING:
+    from rabbitflow._publisher import Publisher
+    from rabbitflow.app import App
+
+log = get_logger("rabbitflow.workflows")
+
+
+class WorkflowSteps:
+    """The :class:`~rabbitflow._continuation.Steps` of rabbitflow's workflows."""
+
+    __slots__ = ()
+
+    async def succeeded(
+        self, app: App, publisher: Publisher, delivery: DeliveredMessage, result: object
+    ) -> None:
+        slip = _slip_of(delivery)
+        store = store_of(app)
+        if slip.phase == MEMBER:
+            await _member(_required(store, slip), publisher, slip, result)
+            return
+        if not slip.rest:
+            await _done(store, slip, _json(slip, result))
+            return
+        if store is not None and await _cancelled(store, slip):
+            return
+        await _publish_next(publisher, slip, result, None)
+        await _done(store, slip, None)
+
+    async def dead_lettered(
+        self, app: App, delivery: DeliveredMessage, error: BaseException
+    ) -> None:
+        slip = _slip_of(delivery)
+        store = store_of(app)
+        if store is None:
+            log.error(
+                "workflow step dead-lettered",
+                workflow=slip.flow,
+                step=slip.label,
+                queue=delivery.routing_key,
+                error=h.error_type(error),
+            )
+            return
+        detail = f"{h.error_type(error)}: {h.keep_head(str(error), h.ERROR_MESSAGE_LIMIT)}"
+        await store.fail(slip.flow, slip.label, detail)
+
+
+async def _member(store: FlowStore, publisher: Publisher, slip: Slip, result: object) -> None:
+    """Record a chord member's result; the claimant publishes the callback."""
+    outcome = await store.record(slip.flow, slip.index, _json(slip, result))
+    if outcome == UNKNOWN:
+        log.error(
+            "chord member finished, but the store does not know its workflow (expired?)",
+            workflow=slip.flow,
+            step=slip.label,
+        )
+        return
+    if outcome != CLAIM:
+        return
+    if slip.rest and not await store.is_cancelled(slip.flow):
+        results = await store.results(slip.flow)
+        await _publish_next(publisher, slip, b"[" + b",".join(results) + b"]", JSON)
+    await store.published(slip.flow, finished=not slip.rest)
+
+
+async def _publish_next(
+    publisher: Publisher, slip: Slip, payload: object, content_type: str | None
+) -> None:
+    queue, delay = slip.rest[0]
+    following = slip.following()
+    try:
+        await publisher.publish(
+            "",
+            queue,
+            payload,
+            headers=headers_for(following, delay),
+            message_id=following.message_id,
+            content_type=content_type,
+        )
+    except TypeError as exc:
+        # The handler returned something with no wire form: running it again cannot help.
+        raise Reject(f"step {slip.label} of workflow {slip.flow}: {exc}") from None
+
+
+async def _done(store: FlowStore | None, slip: Slip, result: bytes | None) -> None:
+    """A chain step's status: its failure delays the workflow's status, never the workflow
+    (the next step is confirmed already)."""
+    if store is None:
+        return
+    try:
+        await store.step_done(slip.flow, slip.label, result)
+    except StoreUnavailableError as exc:
+        log.warning(
+            "workflow status not written", workflow=slip.flow, step=slip.label, error=str(exc)
+        )
+
+
+async def _cancelled(store: FlowStore, slip: Slip) -> bool:
+    try:
+        return await store.is_cancelled(slip.flow)
+    except StoreUnavailableError:
+        return False  # the workflow goes on; a cancel is honoured from the next step
+
+
+def _required(store: FlowStore | None, slip: Slip) -> FlowStore:
+    if store is None:
+        raise Reject(
+            f"step {slip.label} of workflow {slip.flow} is a chord member, but this app keeps "
+            "no jobs store: App(..., jobs=RedisStore(...))"
+        )
+    return store
+
+
+def _slip_of(delivery: DeliveredMessage) -> Slip:
+    headers = delivery.header.properties.headers or {}
+    return read(delivery.routing_key or "", headers.get(h.WORKFLOW))
+
+
+def _json(slip: Slip, result: object) -> bytes:
+    try:
+        return pydantic_core.to_json(result)
+    except pydantic_core.PydanticSerializationError as exc:
+        raise Reject(f"step {slip.label} of workflow {slip.flow}: {exc}") from None
