@@ -198,6 +198,30 @@ class PostgresStore:
         for task in list(self._background):
             task.cancel()
 
+    def job_book(
+        self, ttl_ms: int, *, table: str | None = None, max_result_bytes: int | None = None
+    ) -> Any:
+        """Job statuses on this store's pool (``App(jobs=PostgresStore(...))``; contract
+        section 12): rows of ``table`` (default: this store's table with ``_jobs`` for
+        ``_idempotency``), kept ``ttl_ms`` after their last change."""
+        from rabbitflow.jobs._book import Book
+        from rabbitflow.jobs._postgres import PostgresJobs
+
+        if table is None:
+            base = self.table.removesuffix("_idempotency")
+            table = f"{base}_jobs" if base != self.table else f"{self.table}_jobs"
+        if not _IDENTIFIER.match(table) or len(table) > 50:
+            raise ValueError(f"jobs table {table!r} is not a short lower-case SQL identifier")
+
+        async def listener() -> Any:
+            return await self._psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=max(2, math.ceil(self.timeout))
+            )
+
+        backend = PostgresJobs(self._prepared, listener, table, ttl_ms, self.timeout, repr(self))
+        limit = {} if max_result_bytes is None else {"max_result_bytes": max_result_bytes}
+        return Book(backend, ttl_ms, **limit)
+
     def __repr__(self) -> str:
         return f"PostgresStore({mask_url(self.url)!r}, table={self.table!r})"
 
