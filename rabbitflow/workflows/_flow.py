@@ -7,13 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from rabbitflow.workflows._record import CANCELLED, FAILED, FlowRecord
+from rabbitflow.workflows import _jobs as jobs
+from rabbitflow.workflows._record import FlowRecord
 from rabbitflow.workflows._store import store_of
 
 if TYPE_CHECKING:
     from rabbitflow.app import App
-
-PENDING = "pending"
 
 
 class StepStatus(BaseModel):
@@ -69,7 +68,10 @@ class Flow:
         False when the store does not know it."""
         store = store_of(self._app, required="cancelling a workflow")
         assert store is not None
-        return await store.cancel(self.id)
+        known = await store.cancel(self.id)
+        if known:
+            jobs.cancelled(self._app, self.id)
+        return known
 
     def __repr__(self) -> str:
         return f"<Flow {self.id!r}>"
@@ -77,15 +79,7 @@ class Flow:
 
 def describe(record: FlowRecord) -> FlowStatus:
     """The public status of a stored workflow."""
-    steps = [
-        StepStatus(
-            step=label,
-            queue=queue,
-            state=_step_state(record, label),
-            error=record.error if label == record.failed else None,
-        )
-        for label, queue in record.steps
-    ]
+    steps = [StepStatus(**step) for step in record.step_states()]
     return FlowStatus(
         id=record.id,
         kind=record.kind,
@@ -97,14 +91,6 @@ def describe(record: FlowRecord) -> FlowStatus:
         created_at=_when(record.created_at),
         finished_at=_when(record.finished_at),
     )
-
-
-def _step_state(record: FlowRecord, label: str) -> str:
-    if label in record.done:
-        return "succeeded"
-    if label == record.failed:
-        return FAILED
-    return CANCELLED if record.cancelled else PENDING
 
 
 def _named(record: FlowRecord) -> str | None:

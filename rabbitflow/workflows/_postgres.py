@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rabbitflow import _clock as clock
@@ -22,6 +22,8 @@ from rabbitflow.idempotency._store import bounded
 from rabbitflow.workflows._record import CLAIM, UNKNOWN, WAIT, FlowRecord
 
 SWEEP_EVERY = 100
+
+Pool = Callable[[], Awaitable[Any]]
 
 _CREATE = """
 CREATE TABLE IF NOT EXISTS {flows} (
@@ -121,46 +123,57 @@ def _statements(flows: str, results: str) -> dict[str, str]:
 class PostgresFlows:
     """:class:`~rabbitflow.workflows._store.FlowStore` in PostgreSQL."""
 
-    __slots__ = ("_created", "_errors", "_pool", "_ready", "_sql", "table", "timeout", "url")
+    __slots__ = (
+        "_created",
+        "_errors",
+        "_pool",
+        "_preparing",
+        "_ready",
+        "_sql",
+        "table",
+        "timeout",
+        "url",
+    )
 
-    def __init__(self, url: str, *, timeout: float, table: str = "rabbitflow") -> None:
+    def __init__(self, pool: Pool, timeout: float, table: str, url: str) -> None:
         import psycopg
-        from psycopg_pool import AsyncConnectionPool
 
         self.url = url
         self.timeout = timeout
         self.table = table
+        self._pool = pool
         self._sql = _statements(f"{table}_flows", f"{table}_flow_results")
         self._errors: tuple[type[BaseException], ...] = (psycopg.Error,)
-        self._pool: Any = AsyncConnectionPool(
-            url,
-            min_size=1,
-            max_size=10,
-            open=False,
-            timeout=timeout,
-            name=f"rabbitflow workflows ({table})",
-            kwargs={"autocommit": True, "connect_timeout": max(2, math.ceil(timeout))},
-        )
-        self._ready: asyncio.Future[None] | None = None
+        self._ready: Any = None  # the pool its tables were created on
+        self._preparing: asyncio.Future[None] | None = None
         self._created = 0
 
     def __repr__(self) -> str:
-        return f"PostgresFlows({mask_url(self.url)!r})"
+        return f"PostgresFlows({mask_url(self.url)!r}, table={self.table!r})"
 
-    async def _prepare(self) -> None:
-        await self._pool.open(wait=False)
-        async with self._pool.connection(timeout=self.timeout) as conn:
+    async def _prepared(self) -> Any:
+        """The store's pool, with the tables. Concurrent callers share one attempt:
+        ``CREATE … IF NOT EXISTS`` run twice at once collides in PostgreSQL's catalog."""
+        pool = await self._pool()
+        if self._ready is pool:
+            return pool
+        task = self._preparing
+        if task is None or (task.done() and (task.cancelled() or task.exception())):
+            task = self._preparing = asyncio.ensure_future(self._prepare(pool))
+        await asyncio.shield(task)
+        return pool
+
+    async def _prepare(self, pool: Any) -> None:
+        async with pool.connection(timeout=self.timeout) as conn:
             await conn.execute(self._sql["create_tables"])
+        self._ready = pool
 
     async def _rows(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         return await bounded(self, name, self.timeout, self._run(name, params), self._errors)
 
     async def _run(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        ready = self._ready
-        if ready is None or (ready.done() and ready.exception() is not None):
-            ready = self._ready = asyncio.ensure_future(self._prepare())
-        await asyncio.shield(ready)
-        async with self._pool.connection(timeout=self.timeout) as conn:
+        pool = await self._prepared()
+        async with pool.connection(timeout=self.timeout) as conn:
             cursor = await conn.execute(self._sql[name], params)
             return list(await cursor.fetchall()) if cursor.description else []
 
@@ -233,6 +246,3 @@ class PostgresFlows:
             created_at=created_at or 0.0,
             finished_at=finished_at,
         )
-
-    async def close(self) -> None:
-        await self._pool.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # Workflow states, as jobs name them (contract section 12).
 QUEUED = "queued"
@@ -10,6 +11,7 @@ RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
+PENDING = "pending"
 
 # What record() tells a chord member.
 WAIT = 0  # members are missing: nothing more to do
@@ -36,3 +38,23 @@ class FlowRecord:
     published: bool = False
     created_at: float = 0.0
     finished_at: float | None = None
+
+    def state_of(self, label: str) -> str:
+        """``succeeded``, ``failed``, ``cancelled`` or ``pending`` (not run yet, or running)."""
+        if label in self.done:
+            return SUCCEEDED
+        if label == self.failed:
+            return FAILED
+        return CANCELLED if self.cancelled else PENDING
+
+    def step_states(self) -> list[dict[str, Any]]:
+        """Each step as ``{"step", "queue", "state", "error"}``, in order."""
+        return [
+            {
+                "step": label,
+                "queue": queue,
+                "state": self.state_of(label),
+                "error": self.error if label == self.failed else None,
+            }
+            for label, queue in self.steps
+        ]

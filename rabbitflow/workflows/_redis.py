@@ -84,17 +84,16 @@ class RedisFlows:
 
     __slots__ = ("_client", "_errors", "_scripts", "prefix", "timeout", "url")
 
-    def __init__(self, url: str, *, timeout: float, prefix: str = "rabbitflow:flow:") -> None:
-        import redis.asyncio as redis
+    def __init__(self, client: Any, timeout: float, prefix: str, url: str) -> None:
         from redis.exceptions import RedisError
 
         self.url = url
         self.timeout = timeout
         self.prefix = prefix
-        self._client: Any = redis.from_url(url, socket_timeout=timeout)
+        self._client = client
         self._errors: tuple[type[BaseException], ...] = (RedisError,)
         self._scripts = {
-            name: self._client.register_script(text)
+            name: client.register_script(text)
             for name, text in (
                 ("record", _RECORD),
                 ("done", _DONE),
@@ -181,6 +180,3 @@ class RedisFlows:
             created_at=float(text.get("created_at", 0)),
             finished_at=float(text["finished_at"]) if "finished_at" in text else None,
         )
-
-    async def close(self) -> None:
-        await self._client.aclose()

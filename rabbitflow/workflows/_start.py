@@ -10,6 +10,7 @@ from rabbitflow import _clock as clock
 from rabbitflow import _headers as h
 from rabbitflow._duration import parse_duration
 from rabbitflow.errors import WorkflowError
+from rabbitflow.workflows import _jobs as jobs
 from rabbitflow.workflows._flow import Flow
 from rabbitflow.workflows._record import RUNNING, FlowRecord
 from rabbitflow.workflows._slip import CALLBACK, CHAIN, MEMBER, Slip
@@ -18,8 +19,6 @@ from rabbitflow.workflows._store import store_of
 if TYPE_CHECKING:
     from rabbitflow.app import App
     from rabbitflow.workflows._canvas import Plan, Step
-
-DEFAULT_TTL_MS = 86_400_000
 
 
 async def start(app: App, plan: Plan) -> Flow:
@@ -35,7 +34,8 @@ async def start(app: App, plan: Plan) -> Flow:
             state=RUNNING,
             created_at=clock.now(),
         )
-        await store.create(record, _ttl_ms(app))
+        await store.create(record, app.jobs.ttl_ms)
+        await jobs.started(app, plan.id)
     if not plan.chord:
         first = plan.members[0]
         slip = Slip(plan.id, CHAIN, 0, 0, rest)
@@ -93,8 +93,3 @@ def _labels(plan: Plan) -> list[tuple[str, str]]:
         return steps + [(f"{CALLBACK}{i}", later.queue) for i, later in enumerate(plan.then)]
     everything = (*plan.members, *plan.then)
     return [(f"{CHAIN}{i}", item.queue) for i, item in enumerate(everything)]
-
-
-def _ttl_ms(app: App) -> int:
-    ttl = getattr(app, "jobs_ttl_ms", None)
-    return ttl if isinstance(ttl, int) and ttl > 0 else DEFAULT_TTL_MS

@@ -17,6 +17,7 @@ from rabbitflow import _headers as h
 from rabbitflow._logging import get_logger
 from rabbitflow._payload import JSON
 from rabbitflow.errors import Reject, StoreUnavailableError
+from rabbitflow.workflows import _jobs as jobs
 from rabbitflow.workflows._record import CLAIM, UNKNOWN
 from rabbitflow.workflows._slip import MEMBER, Slip, read
 from rabbitflow.workflows._start import headers_for
@@ -40,10 +41,14 @@ class WorkflowSteps:
         slip = _slip_of(delivery)
         store = store_of(app)
         if slip.phase == MEMBER:
-            await _member(_required(store, slip), publisher, slip, result)
+            if await _member(_required(store, slip), publisher, slip, result):
+                jobs.succeeded(app, slip.flow, None)
             return
         if not slip.rest:
-            await _done(store, slip, _json(slip, result))
+            body = _json(slip, result)
+            await _done(store, slip, body)
+            if store is not None:
+                jobs.succeeded(app, slip.flow, body)
             return
         if store is not None and await _cancelled(store, slip):
             return
@@ -65,11 +70,14 @@ class WorkflowSteps:
             )
             return
         detail = f"{h.error_type(error)}: {h.keep_head(str(error), h.ERROR_MESSAGE_LIMIT)}"
+        step = f"{slip.label} ({delivery.routing_key})"
+        jobs.failed(app, slip.flow, step, detail, h.error_type(error))
         await store.fail(slip.flow, slip.label, detail)
 
 
-async def _member(store: FlowStore, publisher: Publisher, slip: Slip, result: object) -> None:
-    """Record a chord member's result; the claimant publishes the callback."""
+async def _member(store: FlowStore, publisher: Publisher, slip: Slip, result: object) -> bool:
+    """Record a chord member's result; the claimant publishes the callback. Whether the
+    workflow is finished (a group's last member)."""
     outcome = await store.record(slip.flow, slip.index, _json(slip, result))
     if outcome == UNKNOWN:
         log.error(
@@ -77,13 +85,14 @@ async def _member(store: FlowStore, publisher: Publisher, slip: Slip, result: ob
             workflow=slip.flow,
             step=slip.label,
         )
-        return
+        return False
     if outcome != CLAIM:
-        return
+        return False
     if slip.rest and not await store.is_cancelled(slip.flow):
         results = await store.results(slip.flow)
         await _publish_next(publisher, slip, b"[" + b",".join(results) + b"]", JSON)
     await store.published(slip.flow, finished=not slip.rest)
+    return not slip.rest
 
 
 async def _publish_next(

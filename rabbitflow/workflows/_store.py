@@ -89,7 +89,19 @@ def store_of(app: App, *, required: str | None = None) -> FlowStore | None:
         return None
     found = _build(backing)
     _stores[app] = found
+    book = app.jobs
+    if hasattr(book, "steps_of"):
+        # app.jobs.get(flow.id) gives each step's state too.
+        book.steps_of = _steps_reader(found)
     return found
+
+
+def _steps_reader(store: FlowStore) -> Any:
+    async def steps(job_id: str) -> list[dict[str, Any]] | None:
+        record = await store.get(job_id)
+        return None if record is None else record.step_states()
+
+    return steps
 
 
 def _build(backing: Any) -> FlowStore:
@@ -103,11 +115,13 @@ def _build(backing: Any) -> FlowStore:
     if isinstance(backing, RedisStore):
         from rabbitflow.workflows._redis import RedisFlows
 
-        return RedisFlows(backing.url, timeout=backing.timeout)
+        # On the store's own client, as its job book is: closed with the store.
+        return RedisFlows(backing._client, backing.timeout, f"{backing.prefix}flow:", backing.url)
     if isinstance(backing, PostgresStore):
         from rabbitflow.workflows._postgres import PostgresFlows
 
-        return PostgresFlows(backing.url, timeout=backing.timeout, table=backing.table)
+        # On the store's own pool (opened on first use), as its job book is.
+        return PostgresFlows(backing._prepared, backing.timeout, backing.table, backing.url)
     raise WorkflowError(
         f"workflows keep their state in the jobs store, and {type(backing).__name__} is not "
         "one rabbitflow knows: MemoryStore, RedisStore or PostgresStore"

@@ -1,0 +1,204 @@
+"""Groups and chords against a real RabbitMQ and each jobs store: the callback runs once
+with every result in member order; a workflow is a job (its state and each step's); a
+member that ends in the DLQ fails the workflow naming it, and replaying it resumes it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+from pydantic import BaseModel, RootModel
+
+from rabbitflow import App, Message, chain, chord, group, step
+from rabbitflow.dlq import replay
+from rabbitflow.idempotency import MemoryStore
+from tests.support.waiting import wait_for
+from tests.support.worker import running
+from tests.test_idempotency_stores import dispose, make_store
+
+pytestmark = pytest.mark.broker
+
+TOPOLOGY = """
+[defaults]
+queue_type = "classic"
+prefetch = 20
+retry = { delays = ["100ms"], max_attempts = 2 }
+
+[queues."thumbs.make"]
+[queues."albums.done"]
+[queues."albums.notify"]
+"""
+
+
+class Img(BaseModel):
+    id: int
+
+
+class Thumb(BaseModel):
+    id: int
+    url: str
+
+
+# A chord's callback takes the list of results; a RootModel validates each of them.
+Thumbs = RootModel[list[Thumb]]
+Count = RootModel[int]
+
+
+@pytest.fixture(params=["memory", "redis", "postgres"])
+async def jobs(request: pytest.FixtureRequest) -> AsyncIterator[object]:
+    made, token = await make_store(request.param, ttl="1h", lease="30s")
+    try:
+        yield made
+    finally:
+        await dispose(request.param, made, token)
+
+
+def album_app(tmp_path: Path, store: object, callbacks: list[list[Thumb]], fail: set[int]) -> App:
+    (tmp_path / "topology.toml").write_text(TOPOLOGY)
+    app = App(topology=tmp_path / "topology.toml", name="albums", jobs=store)
+
+    @app.consumer("thumbs.make")
+    async def make(img: Img) -> Thumb:
+        if img.id in fail:
+            raise RuntimeError(f"cannot read image {img.id}")
+        return Thumb(id=img.id, url=f"/t/{img.id}.png")
+
+    @app.consumer("albums.done")
+    async def done(thumbs: Thumbs, message: Message) -> int:
+        callbacks.append(thumbs.root)
+        return len(thumbs.root)
+
+    @app.consumer("albums.notify")
+    async def notify(count: Count) -> str:
+        return f"{count.root} thumbnails"
+
+    return app
+
+
+async def test_a_chord_runs_its_callback_once_with_the_results_in_member_order(
+    tmp_path: Path, vhost_url: str, jobs: object
+) -> None:
+    # Given a chord of 30 members whose callback is a chain of two steps
+    callbacks: list[list[Thumb]] = []
+    app = album_app(tmp_path, jobs, callbacks, fail=set())
+
+    # When it runs
+    async with running(app, vhost_url):
+        flow = await app.start(
+            chord(
+                group(step("thumbs.make", Img(id=i)) for i in range(30)),
+                chain(step("albums.done"), step("albums.notify")),
+            )
+        )
+        status = await wait_for_state(app, flow.id, "succeeded")
+        await app.close()
+
+    # Then the callback ran once, with the 30 results in member order
+    assert len(callbacks) == 1
+    assert [thumb.id for thumb in callbacks[0]] == list(range(30))
+    # and the workflow is a job: succeeded with the last step's result, each step succeeded
+    assert status.result == "30 thumbnails"
+    assert len(status.steps) == 32
+    assert {s["state"] for s in status.steps} == {"succeeded"}
+    assert [s["step"] for s in status.steps[-2:]] == ["c0", "c1"]
+
+
+async def test_a_group_is_a_job_that_succeeds_when_every_member_did(
+    tmp_path: Path, vhost_url: str
+) -> None:
+    callbacks: list[list[Thumb]] = []
+    app = album_app(tmp_path, MemoryStore(), callbacks, fail=set())
+    async with running(app, vhost_url):
+        flow = await app.start(group(step("thumbs.make", Img(id=i)) for i in range(5)))
+        status = await wait_for_state(app, flow.id, "succeeded")
+        await app.close()
+    assert [s["state"] for s in status.steps] == ["succeeded"] * 5
+    assert callbacks == []
+
+
+async def test_a_member_that_fails_every_attempt_fails_the_workflow_and_its_replay_resumes_it(
+    tmp_path: Path, vhost_url: str, jobs: object
+) -> None:
+    # Given a chord whose member 3 fails every attempt
+    callbacks: list[list[Thumb]] = []
+    failing = {3}
+    app = album_app(tmp_path, jobs, callbacks, fail=failing)
+
+    async with running(app, vhost_url):
+        flow = await app.start(
+            chord(group(step("thumbs.make", Img(id=i)) for i in range(6)), step("albums.done"))
+        )
+        # Then the workflow fails, naming the member's step, its queue and its error
+        failed = await wait_for_state(app, flow.id, "failed")
+        assert failed.error is not None
+        assert "m3 (thumbs.make)" in failed.error
+        assert "cannot read image 3" in failed.error
+        states = {s["step"]: s["state"] for s in failed.steps}
+        assert states["m3"] == "failed"
+        assert states["c0"] == "pending"
+        assert callbacks == []
+
+        # When the member's cause is fixed and its dead letter replayed
+        failing.clear()
+        connection = await aio_pika.connect(vhost_url)
+        try:
+            report = await replay(connection, "thumbs.make")
+        finally:
+            await connection.close()
+        assert report.moved == 1
+
+        # Then the workflow resumes: the callback runs once, with all six results
+        await wait_for(lambda: len(callbacks) == 1, "the callback after the replay", 10)
+        status = await wait_for_state(app, flow.id, "succeeded")
+        await app.close()
+    assert [thumb.id for thumb in callbacks[0]] == list(range(6))
+    assert {s["state"] for s in status.steps} == {"succeeded"}
+
+
+async def test_cancelling_a_workflow_publishes_none_of_its_later_steps(
+    tmp_path: Path, vhost_url: str
+) -> None:
+    # Given a chord whose member 0 fails until the workflow is cancelled
+    callbacks: list[list[Thumb]] = []
+    app = album_app(tmp_path, MemoryStore(), callbacks, fail={0})
+    async with running(app, vhost_url):
+        flow = await app.start(
+            chord(group(step("thumbs.make", Img(id=i)) for i in range(3)), step("albums.done"))
+        )
+        await wait_for_state(app, flow.id, "failed")
+        assert await flow.cancel()
+        status = await wait_for_state(app, flow.id, "failed")  # failed stays failed
+        assert status.state == "failed"
+        await app.close()
+    assert callbacks == []
+    flows = await flow.status()
+    assert flows is not None
+    assert {s.state for s in flows.steps if s.step == "c0"} == {"cancelled"}
+
+
+async def wait_for_state(app: App, flow_id: str, state: str) -> object:
+    found: dict[str, object] = {}
+
+    async def probe() -> bool:
+        status = await app.jobs.get(flow_id)
+        if status is not None and status.state.value == state:
+            found["status"] = status
+            return True
+        return False
+
+    await _until(probe, f"the workflow to be {state}", 15)
+    return found["status"]
+
+
+async def _until(probe: object, what: str, timeout: float) -> None:
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not await probe():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
