@@ -14,6 +14,7 @@ from pydantic import BaseModel, RootModel
 from rabbitflow import App, Message, chain, chord, group, step
 from rabbitflow.dlq import replay
 from rabbitflow.idempotency import MemoryStore
+from tests.support.spans import Spans, capture_spans
 from tests.support.waiting import wait_for
 from tests.support.worker import running
 from tests.test_idempotency_stores import dispose, make_store
@@ -201,3 +202,45 @@ async def _until(probe: object, what: str, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def test_one_trace_per_workflow_and_the_callback_is_linked_to_every_member(
+    tmp_path: Path, vhost_url: str
+) -> None:
+    # Given tracing on, and a chord of 5 members whose callback is a chain of two steps
+    callbacks: list[list[Thumb]] = []
+    app = album_app(tmp_path, MemoryStore(), callbacks, fail=set())
+    with capture_spans() as spans:
+        async with running(app, vhost_url):
+            flow = await app.start(
+                chord(
+                    group(step("thumbs.make", Img(id=i)) for i in range(5)),
+                    chain(step("albums.done"), step("albums.notify")),
+                )
+            )
+            await wait_for_state(app, flow.id, "succeeded")
+            await app.close()
+        members = spans.consumers("thumbs.make")
+        [callback] = spans.consumers("albums.done")
+        [notify] = spans.consumers("albums.notify")
+        [joined] = spans.named(f"chord {flow.id} callback")
+
+        # Then the callback's span descends from a span linked to each member's span
+        linked = {link.context.span_id for link in joined.links}
+        assert linked == {member.context.span_id for member in members}
+        assert _ancestors(spans, callback) & {joined.context.span_id}
+        # and the step after the callback is in the callback's trace, below its span
+        assert notify.context.trace_id == callback.context.trace_id
+        assert callback.context.span_id in _ancestors(spans, notify)
+
+
+def _ancestors(spans: Spans, span: object) -> set[int]:
+    found: set[int] = set()
+    parent = span.parent  # type: ignore[attr-defined]
+    while parent is not None:
+        found.add(parent.span_id)
+        try:
+            parent = spans.by_id(parent.span_id).parent
+        except StopIteration:  # the root: its parent is the caller's, not captured
+            break
+    return found

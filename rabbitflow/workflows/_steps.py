@@ -8,14 +8,18 @@ publishes its next step again (the same message id) or records its result again 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pydantic_core
 from aiormq.abc import DeliveredMessage
+from opentelemetry import trace
 
 from rabbitflow import _headers as h
 from rabbitflow._logging import get_logger
 from rabbitflow._payload import JSON
+from rabbitflow._tracing import get_tracing
 from rabbitflow.errors import Reject, StoreUnavailableError
 from rabbitflow.workflows import _jobs as jobs
 from rabbitflow.workflows._record import CLAIM, UNKNOWN
@@ -78,7 +82,8 @@ class WorkflowSteps:
 async def _member(store: FlowStore, publisher: Publisher, slip: Slip, result: object) -> bool:
     """Record a chord member's result; the claimant publishes the callback. Whether the
     workflow is finished (a group's last member)."""
-    outcome = await store.record(slip.flow, slip.index, _json(slip, result))
+    # Kept with the result: the member's span, which the callback's span links to.
+    outcome = await store.record(slip.flow, slip.index, _traced(_json(slip, result)))
     if outcome == UNKNOWN:
         log.error(
             "chord member finished, but the store does not know its workflow (expired?)",
@@ -89,8 +94,9 @@ async def _member(store: FlowStore, publisher: Publisher, slip: Slip, result: ob
     if outcome != CLAIM:
         return False
     if slip.rest and not await store.is_cancelled(slip.flow):
-        results = await store.results(slip.flow)
-        await _publish_next(publisher, slip, b"[" + b",".join(results) + b"]", JSON)
+        spans, results = _untraced(await store.results(slip.flow))
+        with _linked(slip, spans):
+            await _publish_next(publisher, slip, b"[" + b",".join(results) + b"]", JSON)
     await store.published(slip.flow, finished=not slip.rest)
     return not slip.rest
 
@@ -153,3 +159,54 @@ def _json(slip: Slip, result: object) -> bytes:
         return pydantic_core.to_json(result)
     except pydantic_core.PydanticSerializationError as exc:
         raise Reject(f"step {slip.label} of workflow {slip.flow}: {exc}") from None
+
+
+def _traced(body: bytes) -> bytes:
+    """``traceparent`` of the current span, a newline, ``body`` (no traceparent untraced)."""
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return b"\n" + body
+    flags = int(context.trace_flags)
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}\n".encode() + body
+
+
+def _untraced(stored: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    spans, results = [], []
+    for value in stored:
+        span, _, body = value.partition(b"\n")
+        spans.append(span)
+        results.append(body)
+    return spans, results
+
+
+@contextlib.contextmanager
+def _linked(slip: Slip, spans: list[bytes]) -> Iterator[None]:
+    """A span around the callback's publish, linked to every member's span: the callback's
+    CONSUMER span is its grandchild (through the PRODUCER span of the publish)."""
+    tracer = get_tracing().tracer
+    if tracer is None:
+        yield
+        return
+    links = [link for link in map(_link, spans) if link is not None]
+    with tracer.start_as_current_span(
+        f"chord {slip.flow} callback",
+        links=links,
+        attributes={"rabbitflow.workflow.id": slip.flow, "rabbitflow.workflow.members": len(spans)},
+    ):
+        yield
+
+
+def _link(traceparent: bytes) -> trace.Link | None:
+    parts = traceparent.split(b"-")
+    if len(parts) != 4:
+        return None
+    try:
+        context = trace.SpanContext(
+            int(parts[1], 16),
+            int(parts[2], 16),
+            is_remote=True,
+            trace_flags=trace.TraceFlags(int(parts[3], 16)),
+        )
+    except ValueError:
+        return None
+    return trace.Link(context) if context.is_valid else None
