@@ -418,6 +418,7 @@ class App:
         headers: dict[str, Any] | None = None,
         job_id: str | None = None,
         priority: int | None = None,
+        delay: str | int | timedelta | None = None,
     ) -> Job:
         """Publish a job and return it at once, ``queued`` (contract section 12).
 
@@ -426,7 +427,8 @@ class App:
         ``queued`` once the broker confirmed it: a publish that fails raises its
         ``PublishError`` and leaves no job behind. A consumer with ``track`` records the
         rest. When the job store does not answer the message is sent all the same and a
-        warning logged: the worker records the job once it runs it."""
+        warning logged: the worker records the job once it runs it. ``delay`` runs it no
+        earlier than that, as :meth:`publish` does (it stays ``queued`` meanwhile)."""
         book = self.jobs
         job_id = job_id or uuid.uuid4().hex
         await self.publish(
@@ -436,6 +438,7 @@ class App:
             headers=headers,
             message_id=job_id,
             priority=priority,
+            delay=delay,
         )
         try:
             await book.record_queued(job_id)

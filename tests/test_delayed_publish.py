@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rabbitflow import App, Message
+from rabbitflow.idempotency import MemoryStore
 from tests.support.topology import app_for
 from tests.support.waiting import wait_for
 from tests.support.worker import running
@@ -100,3 +101,27 @@ async def test_a_delay_that_is_not_a_duration_is_refused_before_publishing(
             await publisher.publish("", "later", {}, delay=-5)
     finally:
         await publisher.close()
+
+
+async def test_a_delayed_job_stays_queued_until_it_runs(tmp_path: Path, vhost_url: str) -> None:
+    # Given a tracked consumer and a job enqueued with a 1.5 s delay
+    app_for(tmp_path, TOPOLOGY.format(queue_type="quorum"))  # writes topology.toml
+    app = App(topology=tmp_path / "topology.toml", name="delayed-jobs", jobs=MemoryStore())
+    ran: list[float] = []
+
+    @app.consumer("later", track=True)
+    async def later(message: Message) -> str:
+        ran.append(time.time())
+        return "done"
+
+    async with running(app, vhost_url):
+        enqueued = time.time()
+        job = await app.enqueue("", "later", {}, delay="1500ms")
+        status = await app.jobs.get(job.id)
+        assert status is not None
+        assert status.state.value == "queued"
+        # Then it runs once, no earlier than asked, and succeeds
+        assert await job.result(timeout=10) == "done"
+        await app.close()
+    assert len(ran) == 1
+    assert ran[0] - enqueued >= 1.5
