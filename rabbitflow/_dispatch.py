@@ -222,7 +222,9 @@ class Dispatcher:
             return plan
         self._record(False)
         await self._reply(delivery, result)
-        return await self._continue(delivery, attempt, result)
+        if is_step(delivery):
+            return await self._continue(delivery, attempt, result)
+        return ACK
 
     async def _retry_now(self, delivery: DeliveredMessage, attempt: int, plan: Plan) -> Plan:
         """In-process retries after ``attempt`` failed (``plan``), each an attempt, the second
@@ -245,7 +247,9 @@ class Dispatcher:
                     return plan
                 continue
             await self._reply(delivery, result)
-            return await self._continue(delivery, attempt, result)
+            if is_step(delivery):
+                return await self._continue(delivery, attempt, result)
+            return ACK
         return plan
 
     async def _reply(self, delivery: DeliveredMessage, result: Any) -> None:
@@ -260,7 +264,7 @@ class Dispatcher:
     async def _continue(self, delivery: DeliveredMessage, attempt: int, result: Any) -> Plan:
         # A workflow step: the next step is published and confirmed (or a chord member
         # recorded) before this one is acked; when that fails, the step failed.
-        if self._continuer is None or result is SKIPPED or not is_step(delivery):
+        if self._continuer is None or result is SKIPPED:
             return ACK
         try:
             await self._continuer.succeeded(delivery, result)

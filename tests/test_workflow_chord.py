@@ -4,6 +4,7 @@ member that ends in the DLQ fails the workflow naming it, and replaying it resum
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,6 +31,9 @@ retry = { delays = ["100ms"], max_attempts = 2 }
 [queues."thumbs.make"]
 [queues."albums.done"]
 [queues."albums.notify"]
+[queues."etl.a"]
+[queues."etl.b"]
+[queues."etl.c"]
 """
 
 
@@ -244,3 +248,55 @@ def _ancestors(spans: Spans, span: object) -> set[int]:
         except StopIteration:  # the root: its parent is the caller's, not captured
             break
     return found
+
+
+async def test_a_chain_with_a_store_is_a_job_and_cancelling_it_stops_its_next_steps(
+    tmp_path: Path, vhost_url: str, jobs: object
+) -> None:
+    # Given a chain of three steps whose second waits until the test lets it go
+    callbacks: list[list[Thumb]] = []
+    app = album_app(tmp_path, jobs, callbacks, fail=set())
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    @app.consumer("etl.a")
+    async def first(img: Img) -> Img:
+        seen.append("a")
+        return img
+
+    @app.consumer("etl.b")
+    async def second(img: Img) -> Img:
+        seen.append("b")
+        await release.wait()
+        return img
+
+    @app.consumer("etl.c")
+    async def third(img: Img) -> str:
+        seen.append("c")
+        return "never"
+
+    async with running(app, vhost_url):
+        # When it runs to its second step and is cancelled there
+        flow = await app.start(chain(step("etl.a", Img(id=1)), step("etl.b"), step("etl.c")))
+        await wait_for(lambda: seen == ["a", "b"], "the second step", 10)
+        running_status = None
+        for _ in range(100):  # the first step's status is written just after it published
+            running_status = await app.jobs.get(flow.id)
+            if running_status is not None and running_status.steps[0]["state"] == "succeeded":
+                break
+            await asyncio.sleep(0.02)
+        assert await flow.cancel()
+        release.set()
+        await wait_for_state(app, flow.id, "cancelled")
+        await asyncio.sleep(0.5)  # the third step would have run by now
+        cancelled = await app.jobs.get(flow.id)
+        await app.close()
+
+    # Then the job was running with its first step done, and the third step never ran
+    assert running_status is not None
+    assert running_status.state.value == "running"
+    assert [s["state"] for s in running_status.steps] == ["succeeded", "pending", "pending"]
+    assert seen == ["a", "b"]
+    assert cancelled is not None
+    assert cancelled.state.value == "cancelled"
+    assert [s["state"] for s in cancelled.steps] == ["succeeded", "succeeded", "cancelled"]

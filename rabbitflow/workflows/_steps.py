@@ -54,9 +54,8 @@ class WorkflowSteps:
             if store is not None:
                 jobs.succeeded(app, slip.flow, body)
             return
-        if store is not None and await _cancelled(store, slip):
-            return
-        await _publish_next(publisher, slip, result, None)
+        if store is None or not await _cancelled(store, slip):
+            await _publish_next(publisher, slip, result, None)
         await _done(store, slip, None)
 
     async def dead_lettered(
