@@ -154,7 +154,8 @@ async def test_a_member_that_fails_every_attempt_fails_the_workflow_and_its_repl
             await connection.close()
         assert report.moved == 1
 
-        # Then the workflow resumes: the callback runs once, with all six results
+        # Then the workflow resumes: running again, then the callback runs once, with all six
+        # results
         await wait_for(lambda: len(callbacks) == 1, "the callback after the replay", 10)
         status = await wait_for_state(app, flow.id, "succeeded")
         await app.close()

@@ -44,3 +44,10 @@ def failed(app: App, flow: str, step: str, error: str, error_type: str) -> None:
 
 def cancelled(app: App, flow: str) -> None:
     app.jobs.record(Change(flow, c.CANCELLED, clock.now()))  # type: ignore[attr-defined]
+
+
+def resumed(app: App, flow: str) -> None:
+    """A replayed step ran again: a failed workflow is running again."""
+    now = clock.now()
+    app.jobs.record(Change(flow, c.REPLAYED, now))  # type: ignore[attr-defined]
+    app.jobs.record(Change(flow, c.RUNNING, now, attempt=1))  # type: ignore[attr-defined]

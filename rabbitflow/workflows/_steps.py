@@ -44,6 +44,9 @@ class WorkflowSteps:
     ) -> None:
         slip = _slip_of(delivery)
         store = store_of(app)
+        if store is not None and h.REPLAY_COUNT in (delivery.header.properties.headers or {}):
+            # Replayed from the DLQ: the workflow that failed at this step goes on.
+            jobs.resumed(app, slip.flow)
         if slip.phase == MEMBER:
             if await _member(_required(store, slip), publisher, slip, result):
                 jobs.succeeded(app, slip.flow, None)
