@@ -67,8 +67,9 @@ class App:
     ``idempotency`` is the store of idempotent consumers (``rabbitflow.idempotency``).
     ``jobs`` is where job statuses are kept (contract section 12): a store of
     ``rabbitflow.idempotency`` (the same one as ``idempotency`` or another), whose
-    connections the job records share; ``jobs_ttl`` is how long a job is kept after its
-    last change (``"1d"``). :attr:`jobs` is then the :class:`~rabbitflow.job.JobBook`.
+    connections the job records share, or a book it made (``store.job_book(ttl_ms,
+    max_result_bytes=...)``); ``jobs_ttl`` is how long a job is kept after its last change
+    (``"1d"``). :attr:`jobs` is then the :class:`~rabbitflow.job.JobBook`.
     ``state`` is what handlers read as ``app.state`` (default: an empty
     :class:`~rabbitflow.state.State`; pass your own object for typed attributes).
     ``metrics_registry`` is the prometheus_client ``CollectorRegistry`` whose metrics
@@ -101,8 +102,10 @@ class App:
         self.name = name
         self.lifespan = lifespan
         self.idempotency = idempotency
-        self._jobs_store = jobs
         self._jobs: JobBook | None = None if jobs is None else _job_book(jobs, jobs_ttl)
+        # The store under the book, closed with the app (a book given as such is closed
+        # as a book).
+        self._jobs_store = None if jobs is self._jobs else jobs
         self.state: Any = State() if state is None else state
         self.metrics_registry = metrics_registry
         self.consumers: dict[str, Consumer] = {}

@@ -180,6 +180,103 @@ async def test_a_result_not_ready_in_time_is_a_timeout(
         assert late.value.state == "queued"
 
 
+async def test_a_thousand_jobs_each_end_in_its_exact_state(
+    tmp_path: Path, vhost_url: str, store: Any
+) -> None:
+    (tmp_path / "topology.toml").write_text(TOPOLOGY.replace("prefetch = 20", "prefetch = 100"))
+    app = App(tmp_path / "topology.toml", url=vhost_url, jobs=store)
+    runs: dict[int, list[int]] = {}
+
+    @app.consumer("sales")
+    async def build(req: dict[str, int], message: Message) -> dict[str, int]:
+        n = req["n"]
+        runs.setdefault(n, []).append(message.attempt)
+        if n % 4 == 0:
+            raise Reject("never")
+        if n % 4 == 3 and message.attempt == 1:
+            raise KeyError(n)
+        return {"n": n}
+
+    async with running(app, vhost_url):
+        pass  # the topology declared
+    async with app:
+        # Given 1,000 jobs queued while no worker runs, a quarter of them cancelled
+        jobs = [await app.enqueue("reports", "report.sales", {"n": n}) for n in range(1000)]
+        for n in range(2, 1000, 4):
+            await jobs[n].cancel()
+        # When a worker runs them all
+        async with running(app, vhost_url):
+
+            async def all_finished() -> list[Any] | None:
+                found = [await app.jobs.get(job.id) for job in jobs]
+                return found if all(s is not None and s.state.finished for s in found) else None
+
+            statuses = await until(all_finished, "every job finished", timeout=60)
+    # Then each one is in exactly the state its handler made it
+    expected = {
+        0: (JobState.FAILED, 1),
+        1: (JobState.SUCCEEDED, 1),
+        2: (JobState.CANCELLED, 0),
+        3: (JobState.SUCCEEDED, 2),
+    }
+    got = {n: (s.state, s.attempt) for n, s in enumerate(statuses)}
+    assert got == {n: expected[n % 4] for n in range(1000)}
+    assert all(s.result == {"n": n} for n, s in enumerate(statuses) if n % 4 in (1, 3))
+    assert all(s.error_type == "rabbitflow.errors.Reject" for s in statuses[::4])
+    assert not any(n % 4 == 2 for n in runs)  # no cancelled job ran
+
+
+async def test_a_result_over_the_limit_fails_the_job_with_a_clear_error(
+    tmp_path: Path, vhost_url: str, store: Any
+) -> None:
+    (tmp_path / "topology.toml").write_text(TOPOLOGY)
+    app = App(
+        tmp_path / "topology.toml",
+        url=vhost_url,
+        jobs=store.job_book(3_600_000, max_result_bytes=100),
+    )
+
+    @app.consumer("sales")
+    async def build(req: dict[str, int]) -> str:
+        return "x" * req["size"]
+
+    async with running(app, vhost_url), app:
+        small = await app.enqueue("reports", "report.sales", {"size": 10})
+        large = await app.enqueue("reports", "report.sales", {"size": 1000})
+        assert await small.result(timeout=10) == "x" * 10
+        with pytest.raises(JobFailed) as failed:
+            await large.result(timeout=10)
+    # not truncated, not retried: failed at once with the reason
+    assert failed.value.attempt == 1
+    assert failed.value.error_type == "rabbitflow.errors.JobResultError"
+    assert "1002 bytes of JSON, over the store's limit of 100 bytes" in str(failed.value.error)
+
+
+async def test_a_job_between_attempts_is_retrying_with_its_error_and_next_due_time(
+    tmp_path: Path, vhost_url: str, store: Any
+) -> None:
+    (tmp_path / "topology.toml").write_text(TOPOLOGY.replace('"200ms"', '"5s"'))
+    app = App(tmp_path / "topology.toml", url=vhost_url, jobs=store)
+
+    @app.consumer("sales")
+    async def build(req: dict[str, int]) -> None:
+        raise ValueError("downstream down")
+
+    async with running(app, vhost_url), app:
+        job = await app.enqueue("reports", "report.sales", {"n": 1})
+
+        async def retrying() -> Any:
+            status = await app.jobs.get(job.id)
+            return status if status and status.state is JobState.RETRYING else None
+
+        status = await until(retrying, "retrying")
+    assert status.attempt == 1
+    assert status.error == "ValueError: downstream down"
+    assert status.due_at is not None
+    assert status.created_at is not None
+    assert 4 < (status.due_at - status.created_at).total_seconds() < 7
+
+
 async def until(probe: Any, what: str, timeout: float = 15.0) -> Any:
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:

@@ -12,6 +12,7 @@ from rabbitflow._logging import configure_logging
 from rabbitflow._urls import resolve_url
 from rabbitflow.cli import reports_errors
 from rabbitflow.errors import ConfigurationError
+from rabbitflow.job import JobBook
 from rabbitflow.topology import load_topology
 from rabbitflow.types import LogFormat
 
@@ -59,6 +60,19 @@ TOKEN_ENV = "RABBITFLOW_CONSOLE_TOKEN"
     show_default=True,
     help="Of the audit lines; auto: console on a terminal, JSON otherwise.",
 )
+@click.option(
+    "--jobs",
+    "jobs_url",
+    metavar="URL",
+    envvar="RABBITFLOW_JOBS",
+    help="The job store (redis:// or postgresql://): a page per job, and replays that queue "
+    "jobs again [env: RABBITFLOW_JOBS].",
+)
+@click.option(
+    "--jobs-prefix",
+    metavar="NAME",
+    help="The job store's Redis key prefix or PostgreSQL table, if not the default.",
+)
 @reports_errors
 def console(
     file: str,
@@ -70,6 +84,8 @@ def console(
     management_url: str | None,
     limit: int,
     log_format: LogFormat,
+    jobs_url: str | None,
+    jobs_prefix: str | None,
 ) -> None:
     """Serve the operator console for the queues of FILE on http://HOST:PORT/.
 
@@ -109,6 +125,7 @@ def console(
         host=host,
         management_url=management_url,
         limit=limit,
+        jobs=None if jobs_url is None else _jobs(jobs_url, jobs_prefix),
     )
     configure_logging(log_format)
     where = f"[{host}]" if ":" in host else host
@@ -116,6 +133,12 @@ def console(
         f"rabbitflow console on http://{where}:{port}/" + (" (token required)" if token else "")
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+def _jobs(url: str, prefix: str | None) -> JobBook:
+    from rabbitflow.jobs._open import open_book
+
+    return open_book(url, prefix=prefix)
 
 
 def _loopback(host: str) -> bool:

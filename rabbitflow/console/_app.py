@@ -37,6 +37,7 @@ def create_app(settings: ConsoleSettings) -> Starlette:
         read_only=settings.read_only,
         broker=mask_url(settings.url),
         source=settings.topology.source,
+        jobs=settings.jobs is not None,
     )
     management = None
     if settings.management_url:
@@ -54,6 +55,8 @@ def create_app(settings: ConsoleSettings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         await console.link.close()
+        if settings.jobs is not None:
+            await settings.jobs.close()
 
     app = Starlette(
         routes=[

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rabbitflow import _clock as clock
 from rabbitflow.idempotency._store import (
@@ -14,6 +14,9 @@ from rabbitflow.idempotency._store import (
     ClaimState,
     durations,
 )
+
+if TYPE_CHECKING:
+    from rabbitflow.jobs._book import Book
 
 _DONE = ""  # the owner of a done key
 
@@ -57,7 +60,7 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
-    def job_book(self, ttl_ms: int, *, max_result_bytes: int | None = None) -> Any:
+    def job_book(self, ttl_ms: int, *, max_result_bytes: int | None = None) -> Book:
         """Job statuses in this process (``App(jobs=MemoryStore())``; contract section 12):
         a :class:`rabbitflow.jobs.Book` whose records live ``ttl_ms``."""
         from rabbitflow.jobs._book import Book

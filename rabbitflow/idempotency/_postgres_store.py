@@ -17,7 +17,7 @@ import contextlib
 import math
 import re
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rabbitflow._urls import mask_url
 from rabbitflow.errors import StoreUnavailableError
@@ -33,6 +33,9 @@ from rabbitflow.idempotency._store import (
     durations,
     timeout_seconds,
 )
+
+if TYPE_CHECKING:
+    from rabbitflow.jobs._book import Book
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Done rows past their ttl are deleted after this many completions by one process.
@@ -108,7 +111,10 @@ class PostgresStore:
         pool = self._pool
         if pool is None:
             pool = self._pool = await self._open_pool()
-        async with pool.connection(timeout=self.timeout) as conn:
+        async with pool.connection(timeout=self.timeout) as conn, conn.transaction():
+            # Two processes creating the same table at once collide in the catalog (a
+            # unique violation) despite IF NOT EXISTS: one waits for the other's lock.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
             await conn.execute(self._sql["create"])
         self._ready = pool
         return pool
@@ -200,7 +206,7 @@ class PostgresStore:
 
     def job_book(
         self, ttl_ms: int, *, table: str | None = None, max_result_bytes: int | None = None
-    ) -> Any:
+    ) -> Book:
         """Job statuses on this store's pool (``App(jobs=PostgresStore(...))``; contract
         section 12): rows of ``table`` (default: this store's table with ``_jobs`` for
         ``_idempotency``), kept ``ttl_ms`` after their last change."""

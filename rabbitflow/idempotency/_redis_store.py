@@ -8,7 +8,7 @@ of Redis is raised as :class:`~rabbitflow.errors.StoreUnavailableError`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rabbitflow._urls import mask_url
 from rabbitflow.idempotency._store import (
@@ -23,6 +23,9 @@ from rabbitflow.idempotency._store import (
     durations,
     timeout_seconds,
 )
+
+if TYPE_CHECKING:
+    from rabbitflow.jobs._book import Book
 
 # Returns 1 (claimed), 2 (done) or the remaining lease in ms, negated (busy). A key this
 # owner holds already counts as claimed: the client resends a call once when its connection
@@ -125,7 +128,7 @@ class RedisStore:
 
     def job_book(
         self, ttl_ms: int, *, prefix: str | None = None, max_result_bytes: int | None = None
-    ) -> Any:
+    ) -> Book:
         """Job statuses on this store's connections (``App(jobs=RedisStore(...))``;
         contract section 12): hashes under ``prefix`` (default: this store's prefix with
         ``jobs:`` for ``idem:``), kept ``ttl_ms`` after their last change."""

@@ -84,6 +84,7 @@ class Book:
     __slots__ = (
         "_backend",
         "_cancels",
+        "_owned",
         "_watcher",
         "_writer",
         "max_result_bytes",
@@ -92,7 +93,11 @@ class Book:
     )
 
     def __init__(
-        self, backend: Backend, ttl_ms: int, *, max_result_bytes: int = MAX_RESULT_BYTES
+        self,
+        backend: Backend,
+        ttl_ms: int,
+        *,
+        max_result_bytes: int = MAX_RESULT_BYTES,
     ) -> None:
         if max_result_bytes <= 0:
             raise ValueError(f"max_result_bytes must be positive, not {max_result_bytes!r}")
@@ -102,8 +107,13 @@ class Book:
         self._writer = Writer(backend.apply, backend.timeout, backend.name)
         self._cancels: OrderedDict[str, None] = OrderedDict()
         self._watcher: asyncio.Task[None] | None = None
+        self._owned: Any = None  # a store opened for this book alone, closed with it
         # The steps of a workflow (rabbitflow.workflows sets it): None for any other job.
         self.steps_of: Callable[[str], Awaitable[list[dict[str, Any]] | None]] | None = None
+
+    def own(self, store: Any) -> None:
+        """Close ``store`` with this book (a store opened for the book alone)."""
+        self._owned = store
 
     # -- the worker's side ---------------------------------------------------------------
 
@@ -216,6 +226,8 @@ class Book:
                 await watcher
         await self._writer.close(CLOSE_TIMEOUT)
         await self._backend.close()
+        if self._owned is not None:
+            await self._owned.close()
 
     async def _call(self, operation: str, call: Awaitable[T]) -> T:
         """``call`` within the store's timeout; its failures as StoreUnavailableError."""

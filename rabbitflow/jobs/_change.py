@@ -6,7 +6,7 @@ or one delayed by an outage) never moves a job backwards:
 | change | applied when the job is |
 |---|---|
 | ``queued`` | unknown (a publish; the worker may have started it already) |
-| ``replayed`` | ``failed`` or unknown (a DLQ replay: ``queued`` again) |
+| ``replayed`` | ``failed`` or unknown (a DLQ replay: ``queued`` again, attempt 0) |
 | ``running`` | not ``succeeded``/``cancelled``, and not on a later attempt unless ``failed`` |
 | ``retrying`` | not finished, and not on a later attempt |
 | ``progress`` | ``running`` on the same attempt |
@@ -37,7 +37,7 @@ CANCELLED: Final = "cancelled"
 FINISHING: Final = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs a setattr call per field
 class Change:
     """One transition of ``job_id``; ``at`` and ``due_at`` are epoch seconds, ``result``
     the JSON text of a ``succeeded`` job's result."""
@@ -53,10 +53,57 @@ class Change:
     due_at: float | None = None
     progress: float | None = None
     note: str | None = None
+    # When the attempt started: a ``running`` change merged into the one that ended its
+    # attempt (see :func:`coalesce`).
+    started_at: float | None = None
 
     @property
     def finishes(self) -> bool:
         return self.kind in FINISHING
+
+
+ENDS_ATTEMPT: Final = frozenset({SUCCEEDED, RETRYING, FAILED})
+
+
+def coalesce(batch: list[Change]) -> list[Change]:
+    """``batch`` with each ``running`` change, and the progress after it, merged into the
+    change that ended the same attempt later in the batch: one write instead of several,
+    with the same record as the result. Under load nearly every job starts and ends within
+    one batch. (The merged change is updated in place: merging it again, when the batch is
+    written again after a failed write, gives the same change.)"""
+    if len(batch) < 2:
+        return batch
+    out: list[Change | None] = []
+    starts: dict[str, list[int]] = {}  # job -> indexes in out of its running and progress
+    for change in batch:
+        kind = change.kind
+        if kind == RUNNING:
+            starts[change.job_id] = [len(out)]
+        elif kind == PROGRESS:
+            if change.job_id in starts:
+                starts[change.job_id].append(len(out))
+        else:
+            merged = starts.pop(change.job_id, None)
+            ends = merged is not None and kind in ENDS_ATTEMPT
+            if ends and _merge(change, [out[index] for index in merged or ()]):
+                for index in merged or ():
+                    out[index] = None
+        out.append(change)
+    return [change for change in out if change is not None]
+
+
+def _merge(end: Change, before: list[Change | None]) -> bool:
+    """Merge a running change and its progress (``before``) into ``end``, the change that
+    ended the same attempt; whether they were of the same attempt."""
+    start = before[0]
+    if start is None or start.attempt != end.attempt:
+        return False
+    end.started_at = start.at
+    end.queue = end.queue or start.queue
+    for progress in before[1:]:
+        if progress is not None and progress.attempt == end.attempt:
+            end.progress, end.note = progress.progress, progress.note
+    return True
 
 
 def apply(current: dict[str, Any] | None, change: Change) -> dict[str, Any] | None:
@@ -75,7 +122,10 @@ def apply(current: dict[str, Any] | None, change: Change) -> dict[str, Any] | No
     elif kind == REPLAYED:
         if state not in (None, FAILED):
             return None
-        record.update(state=QUEUED, finished_at=None, due_at=None, cancel_requested=False)
+        # The replayed message starts again at attempt 1.
+        record.update(
+            state=QUEUED, attempt=0, finished_at=None, due_at=None, cancel_requested=False
+        )
     elif kind == RUNNING:
         if state in (SUCCEEDED, CANCELLED) or (state != FAILED and change.attempt < attempt):
             return None
@@ -128,6 +178,10 @@ def apply(current: dict[str, Any] | None, change: Change) -> dict[str, Any] | No
         record.update(state=CANCELLED, finished_at=change.at, due_at=None)
     else:  # pragma: no cover - every kind is listed above
         raise ValueError(f"unknown job change {kind!r}")
+    if change.started_at is not None:  # a running change (and its progress) merged in
+        record.update(started_at=change.started_at, note=change.note)
+        if kind != SUCCEEDED:
+            record["progress"] = change.progress
     record["updated_at"] = change.at
     return record
 

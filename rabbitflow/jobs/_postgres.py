@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -80,7 +81,10 @@ class PostgresJobs:
         return pool
 
     async def _prepare(self, pool: Any) -> None:
-        async with pool.connection(timeout=self.timeout) as conn:
+        async with pool.connection(timeout=self.timeout) as conn, conn.transaction():
+            # Two processes creating the same table at once collide in the catalog (a
+            # unique violation) despite IF NOT EXISTS: one waits for the other's lock.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
             await conn.execute(self._sql["create"])
             await conn.execute(self._sql["index"])
             await conn.execute(self._sql["cancel_index"])
@@ -96,8 +100,23 @@ class PostgresJobs:
             conn.pipeline(),
             conn.transaction(),
         ):
+            # A row past its ttl that the sweep has not deleted yet counts as absent.
+            counts = Counter(change.job_id for change in changes)
+            await conn.execute(self._sql["expire"], (list(counts),))
+            # The jobs with one change in the batch (nearly all): one executemany per kind,
+            # whose rows psycopg sends in one pipeline. A job with several goes in order.
+            single: dict[str, list[dict[str, Any]]] = {}
+            several: list[c.Change] = []
             for change in changes:
-                await conn.execute(self._sql[change.kind], self._params(change))
+                if counts[change.job_id] == 1:
+                    single.setdefault(change.kind, []).append(self._params(change))
+                else:
+                    several.append(change)
+            cursor = conn.cursor()
+            for kind, rows in single.items():
+                await cursor.executemany(self._sql[kind], rows)
+            for change in several:
+                await cursor.execute(self._sql[change.kind], self._params(change))
         self._applied += len(changes)
         if self._applied >= SWEEP_EVERY:
             self._applied = 0
@@ -117,6 +136,7 @@ class PostgresJobs:
             "due_at": change.due_at,
             "progress": change.progress,
             "note": change.note,
+            "started_at": change.started_at,
             "ttl_ms": self.ttl_ms,
             "done": f"{self.table}_done",
         }
@@ -257,6 +277,18 @@ def _notified(statement: str) -> str:
 def _statements(table: str) -> dict[str, str]:
     # ``table`` is checked as a plain identifier by the store: the only text put into SQL.
     finished = {"finished_at": "to_timestamp(%(at)s)"}
+    # A change that ended an attempt may carry its start (a running change merged into it).
+    started = "started_at = coalesce(excluded.started_at, t.started_at)"
+    merged = {
+        "started_at": "to_timestamp(%(started_at)s::float8)",
+        "progress": "%(progress)s",
+        "note": "%(note)s",
+    }
+    fresh = (
+        "progress = CASE WHEN excluded.started_at IS NULL THEN t.progress "
+        "ELSE excluded.progress END, "
+        "note = CASE WHEN excluded.started_at IS NULL THEN t.note ELSE excluded.note END"
+    )
     return {
         "create": f"""
             CREATE TABLE IF NOT EXISTS {table} (
@@ -284,7 +316,7 @@ def _statements(table: str) -> dict[str, str]:
         ),
         c.QUEUED: _insert(table, "queued", {}) + " ON CONFLICT (id) DO NOTHING",
         c.REPLAYED: _insert(table, "queued", {})
-        + " ON CONFLICT (id) DO UPDATE SET state = 'queued', finished_at = NULL, "
+        + " ON CONFLICT (id) DO UPDATE SET state = 'queued', attempt = 0, finished_at = NULL, "
         f"due_at = NULL, cancel_requested = false, {_TOUCH} WHERE t.state = 'failed'",
         c.RUNNING: _insert(table, "running", {"started_at": "to_timestamp(%(at)s)"})
         + " ON CONFLICT (id) DO UPDATE SET state = 'running', attempt = excluded.attempt, "
@@ -299,35 +331,50 @@ def _statements(table: str) -> dict[str, str]:
                 "due_at": "to_timestamp(%(due_at)s)",
                 "error": "%(error)s",
                 "error_type": "%(error_type)s",
+                **merged,
             },
         )
         + " ON CONFLICT (id) DO UPDATE SET state = 'retrying', attempt = excluded.attempt, "
         "due_at = excluded.due_at, error = excluded.error, error_type = excluded.error_type, "
-        f"{_TOUCH} WHERE t.state NOT IN ('succeeded', 'failed', 'cancelled') "
+        f"{started}, {fresh}, {_TOUCH} WHERE t.state NOT IN ('succeeded', 'failed', 'cancelled') "
         "AND excluded.attempt >= t.attempt",
         c.PROGRESS: f"UPDATE {table} SET progress = %(progress)s, note = %(note)s, "
         "updated_at = to_timestamp(%(at)s), "
         "expires_at = to_timestamp(%(at)s) + %(ttl_ms)s * interval '1 millisecond' "
         "WHERE id = %(id)s AND state = 'running' AND attempt = %(attempt)s",
         c.SUCCEEDED: _notified(
-            _insert(table, "succeeded", {**finished, "result": "%(result)s", "progress": "1"})
+            _insert(
+                table,
+                "succeeded",
+                {
+                    **finished,
+                    "result": "%(result)s",
+                    "progress": "1",
+                    "started_at": merged["started_at"],
+                    "note": "%(note)s",
+                },
+            )
             + " ON CONFLICT (id) DO UPDATE SET state = 'succeeded', "
             "attempt = greatest(t.attempt, excluded.attempt), "
             "finished_at = excluded.finished_at, due_at = NULL, result = excluded.result, "
-            f"progress = 1, {_TOUCH}"
+            "progress = 1, "
+            "note = CASE WHEN excluded.started_at IS NULL THEN t.note ELSE excluded.note END, "
+            f"{started}, {_TOUCH}"
         ),
         c.FAILED: _notified(
             _insert(
-                table, "failed", {**finished, "error": "%(error)s", "error_type": "%(error_type)s"}
+                table,
+                "failed",
+                {**finished, "error": "%(error)s", "error_type": "%(error_type)s", **merged},
             )
             + " ON CONFLICT (id) DO UPDATE SET state = 'failed', "
             "attempt = greatest(t.attempt, excluded.attempt), "
             "finished_at = excluded.finished_at, due_at = NULL, error = excluded.error, "
-            f"error_type = excluded.error_type, {_TOUCH} "
+            f"error_type = excluded.error_type, {started}, {fresh}, {_TOUCH} "
             "WHERE t.state NOT IN ('succeeded', 'cancelled')"
         ),
         c.CANCELLED: _notified(
-            _insert(table, "cancelled", finished)
+            _insert(table, "cancelled", {"finished_at": "to_timestamp(%(at)s)"})
             + " ON CONFLICT (id) DO UPDATE SET state = 'cancelled', "
             f"finished_at = excluded.finished_at, due_at = NULL, {_TOUCH} "
             "WHERE t.state NOT IN ('succeeded', 'failed')"

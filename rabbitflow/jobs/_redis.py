@@ -1,8 +1,9 @@
 """Jobs in Redis, on the connections of a :class:`~rabbitflow.idempotency.RedisStore`.
 
-One hash per job, ``<prefix>job:<id>``, expiring ``ttl`` after its last change. Each change
-is one Lua script (the rules of :mod:`rabbitflow.jobs._change`, atomic on the server); a
-batch of changes is one pipeline, one round trip. A change that finishes a job publishes
+One hash per job, ``<prefix>job:<id>``, expiring ``ttl`` after its last change. A batch of
+changes is one call of a Lua script (the rules of :mod:`rabbitflow.jobs._change`, atomic on
+the server) with the batch as one JSON argument: one round trip, and one command for the
+client to pack however many changes it carries. A change that finishes a job publishes
 on ``<prefix>done:<id>``, which ``job.result()`` subscribes to before it reads the hash:
 no polling, and no finish missed between the read and the wait. Cancellations go to the
 sorted set ``<prefix>cancels`` (a starting worker reads the recent ones) and are published
@@ -12,65 +13,86 @@ on ``<prefix>cancel`` (running workers hear them at once).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from typing import Any
 
 from rabbitflow.jobs import _change as c
 from rabbitflow.jobs._book import OnCancel
 
-# KEYS: the job's hash. ARGV: kind, at, attempt, queue, result, error, error_type, due_at,
-# progress, note, ttl_ms, done channel, job id. Empty strings stand for none.
+# A batch of changes in one call. ARGV[1]: a JSON array of changes, each [kind, at, attempt,
+# queue, result, error, error_type, due_at, progress, note, started_at, id] ("" for none);
+# ARGV[2]: the ttl in ms; ARGV[3]: the key prefix. Returns how many were applied. (The keys
+# are made here from the prefix: a batch spans many jobs, which Redis Cluster would refuse.)
 _APPLY = """
-local k = KEYS[1]
-local kind, at, attempt = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local state = redis.call('HGET', k, 'state')
-local cur = tonumber(redis.call('HGET', k, 'attempt') or '0')
-local ok = false
-if kind == 'queued' then ok = not state
-elseif kind == 'replayed' then ok = (not state) or state == 'failed'
-elseif kind == 'running' then
-  ok = state ~= 'succeeded' and state ~= 'cancelled' and (state == 'failed' or attempt >= cur)
-elseif kind == 'retrying' then
-  ok = state ~= 'succeeded' and state ~= 'failed' and state ~= 'cancelled' and attempt >= cur
-elseif kind == 'progress' then ok = state == 'running' and attempt == cur
-elseif kind == 'succeeded' then ok = true
-elseif kind == 'failed' then ok = state ~= 'succeeded' and state ~= 'cancelled'
-elseif kind == 'cancelled' then ok = state ~= 'succeeded' and state ~= 'failed'
+local ttl, prefix = ARGV[2], ARGV[3]
+local applied = 0
+for _, c in ipairs(cjson.decode(ARGV[1])) do
+  local kind, at, attempt, queue = c[1], c[2], tonumber(c[3]), c[4]
+  local id = c[12]
+  local k = prefix .. 'job:' .. id
+  local held = redis.call('HMGET', k, 'state', 'attempt')
+  local state, cur = held[1], tonumber(held[2] or '0')
+  local ok = false
+  if kind == 'queued' then ok = not state
+  elseif kind == 'replayed' then ok = (not state) or state == 'failed'
+  elseif kind == 'running' then
+    ok = state ~= 'succeeded' and state ~= 'cancelled' and (state == 'failed' or attempt >= cur)
+  elseif kind == 'retrying' then
+    ok = state ~= 'succeeded' and state ~= 'failed' and state ~= 'cancelled' and attempt >= cur
+  elseif kind == 'progress' then ok = state == 'running' and attempt == cur
+  elseif kind == 'succeeded' then ok = true
+  elseif kind == 'failed' then ok = state ~= 'succeeded' and state ~= 'cancelled'
+  elseif kind == 'cancelled' then ok = state ~= 'succeeded' and state ~= 'failed'
+  end
+  if ok then
+    applied = applied + 1
+    if not state then redis.call('HSET', k, 'id', id, 'created_at', at, 'attempt', 0) end
+    if queue ~= '' then redis.call('HSET', k, 'queue', queue) end
+    if kind == 'queued' then
+      redis.call('HSET', k, 'state', 'queued', 'created_at', at)
+    elseif kind == 'replayed' then
+      redis.call('HSET', k, 'state', 'queued', 'attempt', 0)
+      redis.call('HDEL', k, 'finished_at', 'due_at', 'cancel_requested')
+    elseif kind == 'running' then
+      redis.call('HSET', k, 'state', 'running', 'attempt', attempt, 'started_at', at)
+      redis.call('HDEL', k, 'finished_at', 'due_at', 'progress', 'note')
+    elseif kind == 'retrying' then
+      redis.call('HSET', k, 'state', 'retrying', 'attempt', attempt, 'due_at', c[8],
+                 'error', c[6], 'error_type', c[7])
+    elseif kind == 'progress' then
+      redis.call('HSET', k, 'progress', c[9], 'note', c[10])
+    elseif kind == 'succeeded' then
+      redis.call('HSET', k, 'state', 'succeeded', 'attempt', math.max(attempt, cur),
+                 'finished_at', at, 'result', c[5], 'progress', 1)
+      if state then redis.call('HDEL', k, 'due_at') end
+    elseif kind == 'failed' then
+      redis.call('HSET', k, 'state', 'failed', 'attempt', math.max(attempt, cur),
+                 'finished_at', at, 'error', c[6], 'error_type', c[7])
+      redis.call('HDEL', k, 'due_at')
+    elseif kind == 'cancelled' then
+      redis.call('HSET', k, 'state', 'cancelled', 'finished_at', at)
+      redis.call('HDEL', k, 'due_at')
+    end
+    if c[11] ~= '' then
+      -- a running change (and its progress) merged in
+      redis.call('HSET', k, 'started_at', c[11], 'updated_at', at)
+      if c[10] ~= '' then redis.call('HSET', k, 'note', c[10])
+      elseif state then redis.call('HDEL', k, 'note') end
+      if kind ~= 'succeeded' then
+        if c[9] ~= '' then redis.call('HSET', k, 'progress', c[9])
+        elseif state then redis.call('HDEL', k, 'progress') end
+      end
+    else
+      redis.call('HSET', k, 'updated_at', at)
+    end
+    redis.call('PEXPIRE', k, ttl)
+    if kind == 'succeeded' or kind == 'failed' or kind == 'cancelled' then
+      redis.call('PUBLISH', prefix .. 'done:' .. id, kind)
+    end
+  end
 end
-if not ok then return 0 end
-if not state then redis.call('HSET', k, 'id', ARGV[13], 'created_at', at, 'attempt', 0) end
-if ARGV[4] ~= '' then redis.call('HSET', k, 'queue', ARGV[4]) end
-if kind == 'queued' then
-  redis.call('HSET', k, 'state', 'queued', 'created_at', at)
-elseif kind == 'replayed' then
-  redis.call('HSET', k, 'state', 'queued')
-  redis.call('HDEL', k, 'finished_at', 'due_at', 'cancel_requested')
-elseif kind == 'running' then
-  redis.call('HSET', k, 'state', 'running', 'attempt', attempt, 'started_at', at)
-  redis.call('HDEL', k, 'finished_at', 'due_at', 'progress', 'note')
-elseif kind == 'retrying' then
-  redis.call('HSET', k, 'state', 'retrying', 'attempt', attempt, 'due_at', ARGV[8],
-             'error', ARGV[6], 'error_type', ARGV[7])
-elseif kind == 'progress' then
-  redis.call('HSET', k, 'progress', ARGV[9], 'note', ARGV[10])
-elseif kind == 'succeeded' then
-  redis.call('HSET', k, 'state', 'succeeded', 'attempt', math.max(attempt, cur),
-             'finished_at', at, 'result', ARGV[5], 'progress', 1)
-  redis.call('HDEL', k, 'due_at')
-elseif kind == 'failed' then
-  redis.call('HSET', k, 'state', 'failed', 'attempt', math.max(attempt, cur),
-             'finished_at', at, 'error', ARGV[6], 'error_type', ARGV[7])
-  redis.call('HDEL', k, 'due_at')
-elseif kind == 'cancelled' then
-  redis.call('HSET', k, 'state', 'cancelled', 'finished_at', at)
-  redis.call('HDEL', k, 'due_at')
-end
-redis.call('HSET', k, 'updated_at', at)
-redis.call('PEXPIRE', k, ARGV[11])
-if kind == 'succeeded' or kind == 'failed' or kind == 'cancelled' then
-  redis.call('PUBLISH', ARGV[12], kind)
-end
-return 1
+return applied
 """
 
 # KEYS: the job's hash, the cancels set. ARGV: at, ttl_ms, done channel, cancel channel, id.
@@ -117,28 +139,8 @@ class RedisJobs:
         return f"{self.prefix}done:{job_id}"
 
     async def apply(self, changes: Sequence[c.Change]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for change in changes:
-            # Queued in the pipeline (EVALSHA; the script is loaded first if Redis lacks it).
-            await self._apply(keys=[self._key(change.job_id)], args=self._args(change), client=pipe)
-        await pipe.execute()
-
-    def _args(self, change: c.Change) -> list[Any]:
-        return [
-            change.kind,
-            repr(change.at),
-            change.attempt,
-            change.queue or "",
-            change.result or "",
-            change.error or "",
-            change.error_type or "",
-            "" if change.due_at is None else repr(change.due_at),
-            "" if change.progress is None else repr(change.progress),
-            change.note or "",
-            self.ttl_ms,
-            self._done(change.job_id),
-            change.job_id,
-        ]
+        batch = json.dumps([_row(change) for change in changes])
+        await self._apply(args=[batch, self.ttl_ms, self.prefix])
 
     async def read(self, job_id: str) -> dict[str, Any] | None:
         found = await self._client.hgetall(self._key(job_id))
@@ -193,6 +195,23 @@ class RedisJobs:
 
     def __repr__(self) -> str:
         return self.name
+
+
+def _row(change: c.Change) -> list[Any]:
+    return [
+        change.kind,
+        change.at,
+        change.attempt,
+        change.queue or "",
+        change.result or "",
+        change.error or "",
+        change.error_type or "",
+        "" if change.due_at is None else change.due_at,
+        "" if change.progress is None else change.progress,
+        change.note or "",
+        "" if change.started_at is None else change.started_at,
+        change.job_id,
+    ]
 
 
 def _text(value: Any) -> str:

@@ -48,14 +48,16 @@ class RunningJob:
 class JobTracker:
     """Records the jobs of ``queue``'s deliveries in ``book``."""
 
-    __slots__ = ("_book", "queue")
+    __slots__ = ("_book", "_running", "queue")
 
     def __init__(self, queue: str, book: Book) -> None:
         self.queue = queue
         self._book = book
+        # The jobs whose handler ran here and whose delivery is not settled yet.
+        self._running: set[str] = set()
 
     def wrap(self, invoke: Invoke) -> Invoke:
-        book, queue = self._book, self.queue
+        book, queue, running = self._book, self.queue, self._running
         record, limit = book.record, book.max_result_bytes
 
         async def tracked(delivery: DeliveredMessage, attempt: int) -> Any:
@@ -68,6 +70,7 @@ class JobTracker:
                 record(c.Change(job_id, c.CANCELLED, clock.now(), attempt, queue))
                 return SKIPPED
             record(c.Change(job_id, c.RUNNING, clock.now(), attempt, queue))
+            running.add(job_id)
             token = CURRENT.set(RunningJob(job_id, attempt, book))
             try:
                 result = await invoke(delivery, attempt)
@@ -86,19 +89,28 @@ class JobTracker:
 
     def settled(self, delivery: DeliveredMessage, plan: Plan, action: Action) -> None:
         job_id = delivery.header.properties.message_id
-        if not job_id or action is not plan.action:
-            return  # not a job; or its copy was not published and it runs again
-        if action is Action.RETRY:
-            ran = max(plan.attempt - 1, 1)
-            due = _due(plan)
-            change = c.Change(
-                job_id, c.RETRYING, clock.now(), ran, self.queue, due_at=due, **_error(plan)
-            )
-        elif action is Action.DEAD_LETTER or action is Action.DROP:
-            error = _error(plan)
-            change = c.Change(job_id, c.FAILED, clock.now(), plan.attempt, self.queue, **error)
-        else:
+        if not job_id:
             return
+        ran = job_id in self._running
+        self._running.discard(job_id)
+        if action is Action.ACK:
+            return  # succeeded or cancelled, recorded when the handler returned
+        retried = plan.action is Action.RETRY
+        if action is plan.action and (action is Action.DEAD_LETTER or action is Action.DROP):
+            kind, attempt = c.FAILED, plan.attempt
+        elif action is plan.action and retried:
+            kind, attempt = c.RETRYING, plan.attempt - 1
+        elif ran:
+            # It ran, and waits without its attempt spent (a store that did not answer, a
+            # Retry that spends none), or its copy was not published and it comes back.
+            kind, attempt = c.RETRYING, plan.attempt - 1 if retried else plan.attempt
+        else:
+            return  # not run here (a not-before wait): as it was
+        error = _error(plan)
+        due = None if kind == c.FAILED else _due(plan)
+        change = c.Change(
+            job_id, kind, clock.now(), max(attempt, 1), self.queue, due_at=due, **error
+        )
         self._book.record(change)
 
 
@@ -115,11 +127,13 @@ def _encode(job_id: str, result: Any, limit: int) -> str:
 
 
 def _due(plan: Plan) -> float:
+    """When the next attempt is due: the copy's not-before, its tier's delay, or the
+    backoff before the original comes back."""
     if plan.not_before is not None:
         due = h.read_epoch(plan.not_before)
         if due is not None:
             return due
-    return clock.now() + plan.delay_ms / 1000
+    return clock.now() + (plan.delay_ms / 1000 if plan.delay_ms else plan.after)
 
 
 def _error(plan: Plan) -> dict[str, Any]:

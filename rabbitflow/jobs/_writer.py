@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from rabbitflow._backoff import full_jitter
 from rabbitflow._logging import get_logger
-from rabbitflow.jobs._change import Change
+from rabbitflow.jobs._change import Change, coalesce
 
 log = get_logger("rabbitflow.jobs")
 
@@ -66,6 +66,7 @@ class Writer:
                     dropped=self.dropped,
                 )
         task = self._task
+        # A writer of another event loop (one that ended: a test's) cannot run in this one.
         if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             self._start()
         assert self._wake is not None
@@ -91,7 +92,7 @@ class Writer:
                 batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
                 try:
                     async with asyncio.timeout(self._timeout):
-                        await self._apply(batch)
+                        await self._apply(coalesce(batch))
                 except Exception as exc:
                     pending.extendleft(reversed(batch))
                     failures += 1
