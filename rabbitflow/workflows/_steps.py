@@ -52,9 +52,9 @@ class WorkflowSteps:
                 jobs.succeeded(app, slip.flow, None)
             return
         if not slip.rest:
-            body = _json(slip, result)
-            await _done(store, slip, body)
-            if store is not None:
+            if store is not None:  # the workflow's result, kept with its status
+                body = _json(slip, result)
+                await _done(store, slip, body)
                 jobs.succeeded(app, slip.flow, body)
             return
         if store is None or not await _cancelled(store, slip):
