@@ -53,7 +53,7 @@ class WorkflowSteps:
             return
         if not slip.rest:
             if store is not None:  # the workflow's result, kept with its status
-                body = _json(slip, result)
+                body = _final_json(slip, result)
                 await _done(store, slip, body)
                 jobs.succeeded(app, slip.flow, body)
             return
@@ -154,6 +154,16 @@ def _required(store: FlowStore | None, slip: Slip) -> FlowStore:
 def _slip_of(delivery: DeliveredMessage) -> Slip:
     headers = delivery.header.properties.headers or {}
     return read(delivery.routing_key or "", headers.get(h.WORKFLOW))
+
+
+def _final_json(slip: Slip, result: object) -> bytes:
+    """The last step's result for the workflow's status; ``null`` (and a warning) when it
+    has no JSON form: the step succeeded, only its result cannot be kept."""
+    try:
+        return pydantic_core.to_json(result)
+    except pydantic_core.PydanticSerializationError as exc:
+        log.warning("workflow result not kept: not JSON", workflow=slip.flow, error=str(exc))
+        return b"null"
 
 
 def _json(slip: Slip, result: object) -> bytes:
