@@ -41,11 +41,15 @@ from rabbitflow.errors import (
     UnreachableBrokerError,
     UnroutableError,
     UserImportError,
+    WorkflowError,
 )
 
 if TYPE_CHECKING:
     from rabbitflow.app import App
     from rabbitflow.message import Message
+    from rabbitflow.workflows import chain, chord, group, step
+
+_WORKFLOWS = frozenset({"chain", "chord", "group", "step"})
 
 
 def __getattr__(name: str) -> object:
@@ -59,6 +63,11 @@ def __getattr__(name: str) -> object:
         from rabbitflow.message import Message
 
         return Message
+    if name in _WORKFLOWS:
+        # Importing rabbitflow.workflows also installs its step hook into the core.
+        from rabbitflow import workflows
+
+        return getattr(workflows, name)
     raise AttributeError(f"module 'rabbitflow' has no attribute {name!r}")
 
 
@@ -70,6 +79,11 @@ __all__ = [  # noqa: RUF022 (grouped by topic, as dramatiq does)
     # The application and what a handler receives (imported on first use).
     "App",
     "Message",
+    # Workflows (rabbitflow.workflows, imported on first use).
+    "chain",
+    "chord",
+    "group",
+    "step",
     # Control flow a handler raises.
     "Reject",
     "Retry",
@@ -84,6 +98,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic, as dramatiq does)
     "TopologyError",
     "TopologySyntaxError",
     "UserImportError",
+    "WorkflowError",
     # The broker: connecting, permissions, topology on the broker.
     "AccessRefusedError",
     "BrokerError",

@@ -22,6 +22,7 @@ import aiormq
 from rabbitflow._backoff import full_jitter
 from rabbitflow._breaker import CircuitBreaker, Dependencies, Dependency
 from rabbitflow._broker_version import BrokerVersion, Returns
+from rabbitflow._continuation import Continuer
 from rabbitflow._dispatch import Dispatcher, DispatchSpec
 from rabbitflow._duration import format_duration
 from rabbitflow._handler import Consumer, Signature, inspect_handler
@@ -457,6 +458,7 @@ class ConsumerSet:
             breaker=breaker,
             replier=Replier(consumer.queue, publisher),
             dependencies=self.dependencies or None,
+            continuer=Continuer(self.app, publisher),
         )
         return dispatcher, acker
 

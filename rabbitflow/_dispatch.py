@@ -31,6 +31,7 @@ from aiormq.abc import DeliveredMessage
 
 from rabbitflow._backoff import full_jitter
 from rabbitflow._breaker import CircuitBreaker, Dependencies
+from rabbitflow._continuation import Continuer, is_step
 from rabbitflow._handler import Consumer, Signature
 from rabbitflow._logging import DELIVERY, get_logger
 from rabbitflow._outcome import ACK, Blame, OutcomePolicy, Plan, expired, settled_for_good
@@ -73,6 +74,7 @@ class Dispatcher:
 
     __slots__ = (
         "_breaker",
+        "_continuer",
         "_debug",
         "_deliver",
         "_dependencies",
@@ -102,6 +104,7 @@ class Dispatcher:
         breaker: CircuitBreaker | None = None,
         replier: Replier | None = None,
         dependencies: Dependencies | None = None,
+        continuer: Continuer | None = None,
     ) -> None:
         self._queue = spec.consumer.queue
         self._policy = spec.policy
@@ -120,6 +123,7 @@ class Dispatcher:
         self._breaker = breaker
         self._dependencies = dependencies
         self._replier = replier
+        self._continuer = continuer
         self._tracker = spec.tracker
         self._debug = _debug_enabled()
         self._invoke = _invoker(spec, _runner(spec, asyncio.get_running_loop(), executor))
@@ -191,7 +195,7 @@ class Dispatcher:
         except BaseException as exc:
             return await self._failed_run(delivery, attempt, exc, span)
         self._record(False)
-        await self._succeeded(delivery, result)
+        return await self._succeeded(delivery, attempt, result)
         return ACK
 
     async def _failed_run(
@@ -235,23 +239,32 @@ class Dispatcher:
                 if not self._policy.retries_now(error, attempt):
                     return plan
                 continue
-            await self._succeeded(delivery, result)
+            return await self._succeeded(delivery, attempt, result)
             return ACK
         return plan
 
-    async def _succeeded(self, delivery: DeliveredMessage, result: Any) -> None:
+    async def _succeeded(self, delivery: DeliveredMessage, attempt: int, result: Any) -> Plan:
         """The handler returned ``result``; the delivery is not settled yet. The place for
-        work that must be done before the ack (at-least-once): the reply of a request."""
-        if (
-            self._replier is not None
-            and delivery.header.properties.reply_to
-            and result is not SKIPPED
-        ):
+        work that must be done before the ack (at-least-once): the reply of a request, the
+        next step of a workflow (published and confirmed, or a chord member recorded). When
+        that work fails, the run failed: the policy decides its fate."""
+        if result is SKIPPED:
+            return ACK
+        if self._replier is not None and delivery.header.properties.reply_to:
             await self._replier.reply(delivery, result)
+        if self._continuer is not None and is_step(delivery):
+            try:
+                await self._continuer.succeeded(delivery, result)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                return self._policy.decide(exc, attempt)
+        return ACK
 
     async def _settle(self, delivery: DeliveredMessage, plan: Plan) -> Plan:
         """Settle ``plan``; the plan carried out. After it, the place for work that follows
-        a settled delivery (nothing on a success, so far)."""
+        a settled delivery: what a delivery that failed for good tells its caller or its
+        workflow."""
         done = await self._settler.settle(delivery, plan)
         if plan.final and settled_for_good(plan, done):
             await self._failed_for_good(delivery, plan)
@@ -263,6 +276,9 @@ class Dispatcher:
         if self._replier is not None and delivery.header.properties.reply_to:
             assert plan.error is not None
             await self._replier.reply_error(delivery, plan.error)
+        # A workflow step in the DLQ fails its workflow, naming the step.
+        if self._continuer is not None and is_step(delivery):
+            await self._continuer.dead_lettered(delivery, plan.error or RuntimeError(plan.reason))
 
     def _record(self, failed: bool) -> None:
         if self._breaker is not None:

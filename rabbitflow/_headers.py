@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rabbitflow import _clock as clock
+from rabbitflow._duration import DURATION_HINT, parse_duration
 
 ATTEMPT = "rabbitflow-attempt"
 ORIGIN_QUEUE = "rabbitflow-origin-queue"
@@ -29,6 +30,10 @@ DUE_AT = "rabbitflow-due-at"
 # When the caller of a request stops waiting for its reply (ISO-8601 UTC): past it, a worker
 # settles the request without running it.
 DEADLINE = "rabbitflow-deadline"
+# The routing slip of a workflow step (rabbitflow.workflows): JSON text naming the workflow,
+# this step and the steps after it. Kept on retries, dead letters and replays like a user's
+# header, so that a replayed step carries its workflow on.
+WORKFLOW = "rabbitflow-workflow"
 
 ERROR_MESSAGE_LIMIT = 1024
 ERROR_STACK_LIMIT = 8 * 1024
@@ -176,6 +181,20 @@ def read_time(value: object) -> datetime | None:
         return read_time(datetime.fromisoformat(value))
     except ValueError:
         return None
+
+
+def not_before_after(delay: object) -> str:
+    """``rabbitflow-not-before`` for a message published now that must wait ``delay``
+    (``"10m"``, milliseconds, or a ``timedelta``): ISO-8601 UTC, to the microsecond.
+
+    Raises ``ValueError`` naming the value when it is not a duration or is negative."""
+    if isinstance(delay, timedelta):
+        delay_ms = delay.total_seconds() * 1000
+    else:
+        delay_ms = parse_duration(delay)
+    if delay_ms < 0:
+        raise ValueError(f"delay {delay!r} is negative; {DURATION_HINT}")
+    return datetime.fromtimestamp(clock.now() + delay_ms / 1000, UTC).isoformat()
 
 
 def read_epoch(value: object) -> float | None:

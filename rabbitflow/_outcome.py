@@ -16,6 +16,7 @@ published, the settler asks the policy again (:meth:`OutcomePolicy.after_publish
 | ``Retry(delay)`` beyond the largest tier | ``RETRY`` with a not-before (the copy hops tiers) |
 | ``Retry(delay)`` beyond ``max_defer`` | ``DEAD_LETTER`` (``not_before_out_of_range``) |
 | not-before still ahead (a hop) | ``DEFER`` to the largest tier that does not overshoot |
+| not-before nearer than every tier (the last hop) | ``DEFER``, smallest tier, TTL = the rest |
 | a wait that spends no attempt (``InProgress``) | ``DEFER`` with a not-before |
 | rabbitflow's own store failed (``StoreUnavailableError``) | ``DEFER``, attempt unspent |
 | not-before beyond ``max_defer`` | ``DEAD_LETTER`` (``not_before_out_of_range``) |
@@ -39,6 +40,7 @@ follows its parent unless it has an entry of its own.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -126,7 +128,8 @@ class Plan:
     time the copy must not run before; ``after`` is the backoff of a ``REQUEUE``, or the wait
     before a copy is published again with its delivery held (0 on a first try);
     ``envelope`` moves the message's own headers into the body of its ``DEAD_LETTER`` copy
-    (see :mod:`rabbitflow._envelope`).
+    (see :mod:`rabbitflow._envelope`); ``expiration_ms`` is the per-message TTL of a
+    ``DEFER`` copy whose wait is shorter than its tier (the last hop of a not-before).
 
     What the settler does: with ``headers`` (a :data:`HeaderWriter`), publish a copy to
     ``exchange``/``routing_key`` and ack once it is confirmed; with ``requeue``, nack after
@@ -150,6 +153,7 @@ class Plan:
     final: bool = False
     note: Note | None = None
     count: tuple[str, str] | None = None
+    expiration_ms: int = 0
 
 
 ACK = Plan(Action.ACK, "ok")
@@ -339,13 +343,21 @@ class OutcomePolicy:
         """The plan for a delivery that must not run before ``not_before`` (epoch s, ``text``
         as written): its ``rabbitflow-not-before`` header is still ahead, or (``write``) a
         wait that spends no attempt asks for one, written on the copy."""
-        remaining_ms = int((not_before - now) * 1000)
+        remaining_ms = math.ceil((not_before - now) * 1000)
         if remaining_ms > self._max_defer_ms or not self.routes.tiers:
             error = DeferralOutOfRange(self.queue, remaining_ms, self._max_defer_ms)
             return self.dead_letter(error, attempt, NOT_BEFORE_OUT_OF_RANGE)
         # Hop through tiers that do not overshoot, so the message runs close to not-before.
-        delay, tier = self.routes.tier_at_most(max(remaining_ms, 0))
-        return self._deferral("not before", attempt, None, tier, delay, text, write)
+        # The last hop, shorter than every tier, waits in the smallest one with a per-message
+        # TTL of what is left: the broker dead-letters it back when either TTL is over. A
+        # message expires only at the head of its queue, so one queued behind a longer wait
+        # (a retry) can come back late by up to the tier's delay, never early.
+        remaining_ms = max(remaining_ms, 1)
+        delay, tier = self.routes.tier_at_most(remaining_ms)
+        plan = self._deferral("not before", attempt, None, tier, delay, text, write)
+        if delay <= remaining_ms:
+            return plan
+        return replace(plan, delay_ms=remaining_ms, expiration_ms=remaining_ms)
 
     def store_wait(self, exc: BaseException, attempt: int) -> Plan:
         """The plan for a delivery whose store did not answer: it waits, attempt unspent.

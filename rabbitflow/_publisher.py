@@ -337,7 +337,9 @@ def message_properties(
     )
 
 
-def copy_properties(props: spec.Basic.Properties, headers: dict[str, Any]) -> spec.Basic.Properties:
+def copy_properties(
+    props: spec.Basic.Properties, headers: dict[str, Any], *, expiration: int | None = None
+) -> spec.Basic.Properties:
     """The wire properties of a persistent copy of a received message, with ``headers``.
 
     The one place where a copy's fields are chosen, for retries, dead letters, deferrals and
@@ -350,7 +352,8 @@ def copy_properties(props: spec.Basic.Properties, headers: dict[str, Any]) -> sp
     - ``expiration``: a per-message TTL runs again from the moment a copy is published, and
       RabbitMQ expires a message at the head of a queue once its TTL is over, so a copy could
       vanish (or be dead-lettered as ``expired``) while it waits in a retry tier or a DLQ.
-      RabbitMQ itself removes it when it dead-letters a message for the same reason.
+      RabbitMQ itself removes it when it dead-letters a message for the same reason. A
+      deferral's last hop sets its own (``expiration``, milliseconds): the wait left.
     - ``user_id``: RabbitMQ validates it against the user of the publishing connection and
       refuses the publish (406 PRECONDITION_FAILED) when they differ, which they do when the
       original was sent by another service's user."""
@@ -366,6 +369,7 @@ def copy_properties(props: spec.Basic.Properties, headers: dict[str, Any]) -> sp
         timestamp=props.timestamp,
         message_type=props.message_type,
         app_id=props.app_id,
+        expiration=None if expiration is None else str(expiration),
     )
 
 

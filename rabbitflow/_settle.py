@@ -369,7 +369,7 @@ class Settler:
             properties = copy_properties(props, headers)
             body = envelope.wrap(properties, body)
         else:
-            properties = copy_properties(props, headers)
+            properties = copy_properties(props, headers, expiration=plan.expiration_ms or None)
         exchange, routing_key = plan.exchange, plan.routing_key
         try:
             with get_tracing().publish_span(exchange, routing_key, headers, props.message_id):

@@ -7,15 +7,18 @@ import contextlib
 import difflib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
+from rabbitflow import _headers as h
 from rabbitflow._batch import Batch
 from rabbitflow._border import broker_call
 from rabbitflow._broker_version import BrokerVersion, describe
+from rabbitflow._continuation import Startable
 from rabbitflow._duration import parse_duration
 from rabbitflow._handler import Consumer
 from rabbitflow._logging import get_logger
@@ -377,17 +380,23 @@ class App:
         priority: int | None = None,
         expiration: int | None = None,
         reply_to: str | None = None,
+        delay: str | int | timedelta | None = None,
     ) -> str:
         """Publish and wait for the broker's confirm; return the ``message_id``.
 
         Pydantic models and JSON values go as ``application/json``, ``str`` as ``text/plain``,
-        ``bytes`` as ``application/octet-stream``. Raises :class:`~rabbitflow.UnroutableError`
-        when no queue is bound for the routing key, :class:`~rabbitflow.PublishError` when
-        the broker does not confirm, and :class:`~rabbitflow.PublishConnectionError` (a
-        ``PublishError`` too, and the ``BrokerError`` of the connection) when no connection
-        could be opened: every way the message can fail to reach the broker is a
-        ``PublishError``.
+        ``bytes`` as ``application/octet-stream``. ``delay`` (``"10m"``, milliseconds or a
+        ``timedelta``) delivers the message to its handler no earlier than that: it carries a
+        ``rabbitflow-not-before`` and waits in the retry tiers of each queue it reaches (see
+        docs/workflows.md); ``ValueError`` for a delay that is not a duration. Raises
+        :class:`~rabbitflow.UnroutableError` when no queue is bound for the routing key,
+        :class:`~rabbitflow.PublishError` when the broker does not confirm, and
+        :class:`~rabbitflow.PublishConnectionError` (a ``PublishError`` too, and the
+        ``BrokerError`` of the connection) when no connection could be opened: every way the
+        message can fail to reach the broker is a ``PublishError``.
         """
+        if delay is not None:
+            headers = {**(headers or {}), h.NOT_BEFORE: h.not_before_after(delay)}
         publisher = await self._publisher_for(exchange, routing_key)
         return await publisher.publish(
             exchange,
@@ -413,6 +422,7 @@ class App:
         headers: dict[str, Any] | None = None,
         job_id: str | None = None,
         priority: int | None = None,
+        delay: str | int | timedelta | None = None,
     ) -> Job:
         """Publish a job and return it at once, ``queued`` (contract section 12).
 
@@ -421,7 +431,8 @@ class App:
         ``queued`` once the broker confirmed it: a publish that fails raises its
         ``PublishError`` and leaves no job behind. A consumer with ``track`` records the
         rest. When the job store does not answer the message is sent all the same and a
-        warning logged: the worker records the job once it runs it."""
+        warning logged: the worker records the job once it runs it. ``delay`` runs it no
+        earlier than that, as :meth:`publish` does (it stays ``queued`` meanwhile)."""
         book = self.jobs
         job_id = job_id or uuid.uuid4().hex
         await self.publish(
@@ -431,6 +442,7 @@ class App:
             headers=headers,
             message_id=job_id,
             priority=priority,
+            delay=delay,
         )
         try:
             await book.record_queued(job_id)
@@ -508,6 +520,21 @@ class App:
             return await self._ready_publisher()
         except BrokerError as exc:
             raise PublishConnectionError.of(exc, exchange, routing_key) from None
+
+    # -- workflows -----------------------------------------------------------------------
+
+    async def start(self, flow: Startable) -> Any:
+        """Start a workflow: ``chain``, ``group``, ``chord`` or a lone ``step`` of
+        :mod:`rabbitflow.workflows` (contract section 14). Returns its
+        :class:`~rabbitflow.workflows.Flow`, whose ``id`` names it; raises
+        :class:`~rabbitflow.errors.WorkflowError` for a workflow it cannot run (before
+        anything is published) and what :meth:`publish` raises."""
+        start = getattr(flow, "start", None)
+        if not callable(start):
+            raise TypeError(
+                f"app.start() takes a chain, group, chord or step, not {type(flow).__name__}"
+            )
+        return await flow.start(self)
 
     # -- request / reply -----------------------------------------------------------------
 

@@ -363,6 +363,16 @@ class BatchPublishError(PublishError):
         return tuple(m for i, m in enumerate(self.message_ids) if i not in failed)
 
 
+class WorkflowError(ConfigurationError):
+    """A workflow that ``app.start()`` cannot run: refused before anything is published
+    (a nesting rabbitflow does not run, a payload on a step that takes the one before's
+    result, a group without a jobs store). ``reason`` says which and how to write it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 class DecodeError(RabbitflowError):
     """A message body that cannot be decoded or validated; it goes to the DLQ at once."""
 

@@ -50,6 +50,10 @@ ALLOWED_UPWARD = {
     ("rabbitflow.app", "rabbitflow.idempotency._store"): "App(idempotency=store)",
     ("rabbitflow._consumers", "rabbitflow.idempotency._guard"): "one guard per consumer",
     ("rabbitflow._dispatch", "rabbitflow.idempotency._guard"): "the guard around the handler",
+    # `from rabbitflow import chain, chord, group, step` (contract section 14): the public
+    # names, imported on first use; the delivery path itself sees only the hook it defines
+    # (rabbitflow._continuation), which rabbitflow.workflows installs.
+    ("rabbitflow", "rabbitflow.workflows"): "the public names chain, chord, group, step",
 }
 
 

@@ -152,6 +152,9 @@ def run(
         )
         click.echo(exc.trace, err=True)
         sys.exit(1)
+    # Every worker carries workflows on (the step hook), whatever the app's module imports.
+    import rabbitflow.workflows  # noqa: F401
+
     topology = app.load_topology(topology_path)
     options = WorkerOptions(
         url=broker_urls(url or app.urls, topology.broker_urls, url_order),

@@ -88,6 +88,7 @@ class Book:
         "_watcher",
         "_writer",
         "max_result_bytes",
+        "steps_of",
         "ttl_ms",
     )
 
@@ -107,6 +108,8 @@ class Book:
         self._cancels: OrderedDict[str, None] = OrderedDict()
         self._watcher: asyncio.Task[None] | None = None
         self._owned: Any = None  # a store opened for this book alone, closed with it
+        # The steps of a workflow (rabbitflow.workflows sets it): None for any other job.
+        self.steps_of: Callable[[str], Awaitable[list[dict[str, Any]] | None]] | None = None
 
     def own(self, store: Any) -> None:
         """Close ``store`` with this book (a store opened for the book alone)."""
@@ -178,7 +181,14 @@ class Book:
 
     async def get(self, job_id: str) -> JobStatus | None:
         record = await self._call("get", self._backend.read(job_id))
-        return None if record is None else c.status_of(record)
+        if record is None:
+            return None
+        status = c.status_of(record)
+        if self.steps_of is not None:
+            steps = await self._call("get steps", self.steps_of(job_id))
+            if steps is not None:
+                status = status.model_copy(update={"steps": steps})
+        return status
 
     async def wait(self, job_id: str, timeout: float | None) -> JobStatus | None:
         # Not bounded by the store's timeout: the wait itself is the caller's.
