@@ -312,6 +312,11 @@ class App:
         return self.jobs.tracker(queue)
 
     @property
+    def keeps_jobs(self) -> bool:
+        """Whether the app keeps job statuses (``App(jobs=...)``)."""
+        return self._jobs is not None
+
+    @property
     def jobs(self) -> JobBook:
         """The job statuses (``App(jobs=store)``): ``await app.jobs.get(id)``."""
         if self._jobs is None:

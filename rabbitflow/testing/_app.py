@@ -303,6 +303,10 @@ class TestApp:
                 continue
             for consumer in self._running:
                 await consumer.flush()
+            if self.app.keeps_jobs:
+                # Job statuses are written in the background, batched: a drained app has
+                # them in its store, as a test reading app.jobs expects.
+                await self.app.jobs.flush()
             await asyncio.sleep(0)
             if not self.broker.pending():
                 break
