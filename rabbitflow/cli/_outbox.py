@@ -128,7 +128,7 @@ def relay(
 ) -> None:
     """Run the outbox relay of MODULE:APP alone, until SIGTERM or Ctrl-C.
 
-    Any number may run beside each other and beside `rabbitflow run` workers."""
+    Any number may run beside each other and beside "rabbitflow run" workers."""
     from rabbitflow._importer import load_app
     from rabbitflow._logging import configure_logging
     from rabbitflow._metrics import Metrics
