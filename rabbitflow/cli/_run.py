@@ -105,8 +105,8 @@ DUPLICATE_TERM_WINDOW = 0.5  # seconds
 @click.option(
     "--no-outbox-relay",
     is_flag=True,
-    help="Do not run the relay of the App's outbox in this process (run "rabbitflow outbox "
-    "relay" instead).",
+    help="Do not run the relay of the App's outbox in this process (run 'rabbitflow outbox "
+    "relay' instead).",
 )
 @click.option(
     "--worker-index",
