@@ -180,7 +180,7 @@ class Relay:
         for row, (error, _) in zip(rows, outcomes, strict=True):
             if error is None:
                 sent.append(row.id)
-            elif _refused(error):
+            elif _refused(error, row.exchange):
                 refused.append(Refusal(row.id, str(error), self._backoff(row.attempts + 1)))
             else:
                 released.append(row.id)
@@ -276,11 +276,13 @@ class Relay:
                 await asyncio.sleep(full_jitter(failures, RECONNECT_BASE, RECONNECT_CAP))
 
 
-def _refused(error: PublishError) -> bool:
+def _refused(error: PublishError, exchange: str) -> bool:
     """The broker said no to this message (it will say no again unless something changes),
-    rather than the message never getting an answer."""
-    return (
-        isinstance(error, UnroutableError | FrameTooLarge)
-        or error.missing
-        or error.reason == BATCH_NACKED
-    )
+    rather than the message never getting an answer.
+
+    A publish to a missing exchange closes the channel (404 NOT_FOUND - no exchange 'x'):
+    every message of the batch after it fails with the same error, though only the one
+    whose exchange the reply names was refused; the others were never looked at."""
+    if isinstance(error, UnroutableError | FrameTooLarge) or error.reason == BATCH_NACKED:
+        return True
+    return error.missing and f"exchange '{exchange}'" in error.reason
