@@ -278,5 +278,3 @@ def test_bad_settings_are_refused_when_the_outbox_is_made() -> None:
         PostgresOutbox(POSTGRES_URL, table="orders; DROP TABLE x")
     with pytest.raises(ConfigurationError, match="lease"):
         PostgresOutbox(POSTGRES_URL, lease="soon")
-
-
