@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -18,7 +23,7 @@ from pydantic import BaseModel
 from rabbitflow import App
 from rabbitflow.outbox import PostgresOutbox
 from tests.support.outbox import EXCHANGE, Sink, count_rows, outbox_in_own_schema, write_rows
-from tests.support.processes import run_cli
+from tests.support.processes import ROOT, run_cli
 from tests.support.services import POSTGRES_URL
 
 pytestmark = pytest.mark.broker
@@ -278,3 +283,46 @@ def test_bad_settings_are_refused_when_the_outbox_is_made() -> None:
         PostgresOutbox(POSTGRES_URL, table="orders; DROP TABLE x")
     with pytest.raises(ConfigurationError, match="lease"):
         PostgresOutbox(POSTGRES_URL, lease="soon")
+
+
+def _relay_env(outbox: PostgresOutbox, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "RF_OUTBOX_DSN": POSTGRES_URL,
+        "RF_OUTBOX_SCHEMA": outbox.schema or "",
+        **extra,
+    }
+
+
+async def test_rabbitflow_run_relays_unless_told_not_to(vhost_url: str, tmp_path: Path) -> None:
+    async with outbox_in_own_schema() as outbox, Sink(vhost_url) as sink:
+        ids = await write_rows(outbox, 50)
+        command = [sys.executable, "-m", "rabbitflow", "run", "tests.apps.outbox_app:app"]
+        command += ["--url", vhost_url, "--log-format", "json"]
+        # Told not to, the worker leaves the rows alone
+        quiet = subprocess.Popen(  # noqa: ASYNC220 - a worker, not awaited
+            [*command, "--no-outbox-relay"],
+            cwd=ROOT,
+            env=_relay_env(outbox),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await asyncio.sleep(4)
+            assert sink.ids == []
+        finally:
+            quiet.terminate()
+            quiet.wait(15)
+        # By default it relays them
+        log = tmp_path / "run.log"
+        with log.open("wb") as out:
+            worker = subprocess.Popen(  # noqa: ASYNC220 - a worker, not awaited
+                command, cwd=ROOT, env=_relay_env(outbox), stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            await sink.wait_for_ids(ids)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(20) == 0
+        assert sink.duplicates() == 0
+        assert '"outbox relay started"' in log.read_text()
