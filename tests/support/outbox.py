@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import psycopg
 
 from rabbitflow.outbox import PostgresOutbox
+from rabbitflow.testing.pytest_plugin import unavailable
 from tests.support.services import POSTGRES_URL, require_postgres
 
 EXCHANGE = "orders"
@@ -116,3 +123,70 @@ class Sink:
             missing = len(wanted - set(self.ids))
             assert loop.time() < deadline, f"{missing} of {len(wanted)} messages never arrived"
             await asyncio.sleep(0.05)
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (initdb in a temporary directory, a port of
+    5710-5719), that a test may stop and start again; removed at the end."""
+
+    def __init__(self) -> None:
+        self.bin = _postgres_bin()
+        # Not under pytest's tmp_path: its parents are root's alone, and the server runs as
+        # the postgres user.
+        self.root = Path(tempfile.mkdtemp(prefix="rf-outbox-pg-"))
+        self.data = self.root / "pgdata"
+        self.port = _free_port_in(range(5710, 5720))
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *command: str) -> None:
+        # initdb and postgres refuse to run as root.
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        done = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{command[0]}: {done.stdout}{done.stderr}"
+
+    def init(self) -> None:
+        self.data.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(self.data, "postgres")
+            shutil.chown(self.root, "postgres")
+        self._as_postgres(
+            str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust"
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        # -l: the server's output to a file, not to our pipe (which would stay open).
+        log = str(self.root / "server.log")
+        self._as_postgres(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start"
+        )
+
+    def stop(self, mode: str = "immediate") -> None:
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        """Stop the server if it runs, and delete its files."""
+        if (self.data / "postmaster.pid").exists():
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        unavailable(
+            "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin",
+            needed_by="the outbox test that restarts a PostgreSQL of its own",
+        )
+    return found[-1].parent
+
+
+def _free_port_in(ports: range) -> int:
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {ports.start}-{ports.stop - 1}")
