@@ -41,6 +41,18 @@ class Refusal:
     delay: float
 
 
+@dataclass(slots=True)
+class Settlement:
+    """What became of a batch: rows confirmed, refused, and given back unsent."""
+
+    sent: list[int]
+    refused: list[Refusal]
+    released: list[int]
+
+    def __bool__(self) -> bool:
+        return bool(self.sent or self.refused or self.released)
+
+
 @dataclass(frozen=True, slots=True)
 class Stats:
     pending: int
@@ -64,12 +76,49 @@ class Claims:
         return await cursor.fetchall() if cursor.description else []
 
     async def claim(self, limit: int, lease: float) -> list[Claimed]:
-        rows = await self._run(self.sql.claim, {"limit": limit, "lease": lease})
-        claimed = [
-            Claimed(row[0], row[1], row[2], row[3], row[4], row[5], float(row[6])) for row in rows
-        ]
-        claimed.sort(key=_id)  # UPDATE … RETURNING follows no order
-        return claimed
+        return _claimed(await self._run(self.sql.claim, {"limit": limit, "lease": lease}))
+
+    async def settle_and_claim(
+        self,
+        settlement: Settlement | None,
+        limit: int,
+        lease: float,
+        *,
+        delete: bool,
+        max_attempts: int,
+    ) -> tuple[list[int], list[Claimed]]:
+        """Settle the last batch and claim the next in one round trip: the ids parked, and
+        the rows claimed.
+
+        The statements go in one pipeline, in order, before one Sync: PostgreSQL runs them
+        as one implicit transaction, so the claim sees the rows just marked sent (the next
+        row of their key is a head already), and a failure of any undoes all of them."""
+        if not settlement:
+            return [], await self.claim(limit, lease)
+        connection = self.connection
+        self.round_trips += 1
+        refused = None
+        async with connection.pipeline():
+            if settlement.sent:
+                sql = self.sql.delete_sent if delete else self.sql.sent
+                await connection.execute(sql, {"ids": settlement.sent}, prepare=True)
+            if settlement.refused:
+                refused = await connection.execute(
+                    self.sql.refused,
+                    _refusal_params(settlement.refused, max_attempts),
+                    prepare=True,
+                )
+            if settlement.released:
+                await connection.execute(
+                    self.sql.release, {"ids": settlement.released}, prepare=True
+                )
+            claim = await connection.execute(
+                self.sql.claim, {"limit": limit, "lease": lease}, prepare=True
+            )
+        parked = (
+            [] if refused is None else [r[0] for r in await refused.fetchall() if r[1] == PARKED]
+        )
+        return parked, _claimed(await claim.fetchall())
 
     async def sent(self, ids: Sequence[int], *, delete: bool) -> None:
         if ids:
@@ -80,15 +129,7 @@ class Claims:
         """Record refusals; return the ids that were parked (out of attempts)."""
         if not refusals:
             return []
-        rows = await self._run(
-            self.sql.refused,
-            {
-                "ids": [r.id for r in refusals],
-                "errors": [r.error for r in refusals],
-                "delays": [r.delay for r in refusals],
-                "max_attempts": max_attempts,
-            },
-        )
+        rows = await self._run(self.sql.refused, _refusal_params(refusals, max_attempts))
         return [row[0] for row in rows if row[1] == PARKED]
 
     async def release(self, ids: Sequence[int]) -> None:
@@ -106,6 +147,23 @@ class Claims:
     async def stats(self) -> Stats:
         (row,) = await self._run(self.sql.stats, {})
         return Stats(int(row[0]), float(row[1]), int(row[2]))
+
+
+def _claimed(rows: list[tuple[Any, ...]]) -> list[Claimed]:
+    claimed = [
+        Claimed(row[0], row[1], row[2], row[3], row[4], row[5], float(row[6])) for row in rows
+    ]
+    claimed.sort(key=_id)  # UPDATE … RETURNING follows no order
+    return claimed
+
+
+def _refusal_params(refusals: Sequence[Refusal], max_attempts: int) -> dict[str, Any]:
+    return {
+        "ids": [r.id for r in refusals],
+        "errors": [r.error for r in refusals],
+        "delays": [r.delay for r in refusals],
+        "max_attempts": max_attempts,
+    }
 
 
 def _id(row: Claimed) -> int:

@@ -32,7 +32,7 @@ from rabbitflow._batch import BATCH_NACKED, Outgoing, _send_fitting
 from rabbitflow._border import LOST
 from rabbitflow._logging import get_logger
 from rabbitflow.errors import BrokerError, FrameTooLarge, PublishError, UnroutableError
-from rabbitflow.outbox._claims import Claimed, Claims, Refusal, Stats
+from rabbitflow.outbox._claims import Claimed, Claims, Refusal, Settlement, Stats
 from rabbitflow.outbox._row import read_properties
 from rabbitflow.outbox._schema import notify_channel
 
@@ -69,7 +69,7 @@ class Relay:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         # A settlement PostgreSQL did not take: written first once it answers again.
-        self._unsettled: tuple[list[int], list[Refusal], list[int]] | None = None
+        self._unsettled: Settlement | None = None
         self._lagging = False
         table = outbox.table
         if metrics is None:
@@ -127,7 +127,6 @@ class Relay:
         next_stats = next_sweep = loop.time()
         broker_failures = 0
         try:
-            await self._settle_leftover(claims)
             while not self._stopping.is_set():
                 now = loop.time()
                 if now >= next_stats:
@@ -137,23 +136,26 @@ class Relay:
                     next_sweep = now + SWEEP_INTERVAL
                     await claims.sweep(outbox.retention, SWEEP_LIMIT)
                 self._wake.clear()
-                rows = await claims.claim(outbox.batch_size, outbox.lease)
+                rows = await self._settle(claims, claim=True)
                 if not rows:
                     await self._idle(outbox.poll_interval)
                     continue
-                if await self._relay(claims, rows):
+                if await self._relay(rows):
                     broker_failures = 0
                     continue
+                await self._settle(claims, claim=False)
                 broker_failures += 1
                 await self._pause(full_jitter(broker_failures, RECONNECT_BASE, RECONNECT_CAP))
+            await self._settle(claims, claim=False)
         finally:
             self.round_trips += claims.round_trips
             self._claims = None
             with contextlib.suppress(Exception):
                 await connection.close()
 
-    async def _relay(self, claims: Claims, rows: Sequence[Claimed]) -> bool:
-        """Publish ``rows`` and settle them; False when the broker could not be reached."""
+    async def _relay(self, rows: Sequence[Claimed]) -> bool:
+        """Publish ``rows``; their settlement is written with the next claim. False when the
+        broker could not be reached."""
         outgoing = [
             Outgoing(row.exchange, row.routing_key, True, row.body, read_properties(row.properties))
             for row in rows
@@ -168,47 +170,60 @@ class Relay:
                 rows=len(rows),
                 error=str(exc) or type(exc).__name__,
             )
-            self._unsettled = ([], [], [row.id for row in rows])
-            await self._settle_leftover(claims)
+            self._unsettled = Settlement([], [], [row.id for row in rows])
             return False
         outcomes = await _send_fitting(
             channel, outgoing, publisher.frame_max, timeout=self.outbox.publish_timeout
         )
-        sent: list[int] = []
-        refused: list[Refusal] = []
-        released: list[int] = []
+        settlement = self._unsettled = Settlement([], [], [])
         for row, (error, _) in zip(rows, outcomes, strict=True):
             if error is None:
-                sent.append(row.id)
+                settlement.sent.append(row.id)
             elif _refused(error, row.exchange):
-                refused.append(Refusal(row.id, str(error), self._backoff(row.attempts + 1)))
+                delay = self._backoff(row.attempts + 1)
+                settlement.refused.append(Refusal(row.id, str(error), delay))
             else:
-                released.append(row.id)
-        self._unsettled = (sent, refused, released)
-        await self._settle_leftover(claims)
-        if released and not sent:
+                settlement.released.append(row.id)
+        if settlement.released and not settlement.sent:
             log.warning(
                 "outbox relay: the broker did not confirm the batch; rows wait",
                 table=self.outbox.table,
-                rows=len(released),
+                rows=len(settlement.released),
             )
             return False
         return True
 
-    async def _settle_leftover(self, claims: Claims) -> None:
-        if self._unsettled is None:
-            return
-        sent, refused, released = self._unsettled
-        await claims.sent(sent, delete=self.outbox.retention <= 0)
-        self._unsettled = ([], refused, released)
-        parked = await claims.refused(refused, self.outbox.max_attempts)
-        self._unsettled = ([], [], released)
-        await claims.release(released)
+    async def _settle(self, claims: Claims, *, claim: bool) -> list[Claimed]:
+        """Write the last batch's settlement (kept until PostgreSQL takes it, across
+        reconnections) and, with ``claim``, claim the next batch in the same round trip."""
+        settlement = self._unsettled
+        outbox = self.outbox
+        if claim:
+            parked, rows = await claims.settle_and_claim(
+                settlement,
+                outbox.batch_size,
+                outbox.lease,
+                delete=outbox.retention <= 0,
+                max_attempts=outbox.max_attempts,
+            )
+        else:
+            rows = []
+            if not settlement:
+                return rows
+            await claims.sent(settlement.sent, delete=outbox.retention <= 0)
+            parked = await claims.refused(settlement.refused, outbox.max_attempts)
+            await claims.release(settlement.released)
         self._unsettled = None
-        self.published += len(sent)
+        if settlement:
+            self._account(settlement, parked)
+        return rows
+
+    def _account(self, settlement: Settlement, parked: list[int]) -> None:
+        sent = len(settlement.sent)
+        self.published += sent
         if self._published is not None:
-            self._published.inc(len(sent))
-        for refusal in refused:
+            self._published.inc(sent)
+        for refusal in settlement.refused:
             if refusal.id in parked:
                 log.error(
                     "outbox row parked: the broker refused it on every attempt",
