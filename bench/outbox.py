@@ -47,7 +47,9 @@ async def _drop(outbox: PostgresOutbox) -> None:
         await conn.execute(f"DROP SCHEMA IF EXISTS {outbox.schema} CASCADE")
 
 
-async def _queue(url: str) -> tuple[aio_pika.abc.AbstractConnection, aio_pika.abc.AbstractQueue]:
+async def sink_queue(
+    url: str,
+) -> tuple[aio_pika.abc.AbstractConnection, aio_pika.abc.AbstractQueue]:
     connection = await aio_pika.connect(url)
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=2000)
@@ -106,7 +108,7 @@ async def drain(outbox: PostgresOutbox, app: App, rows: int) -> dict[str, float]
 async def cost_round(dsn: str, url: str, rows: int, batch: int) -> dict[str, float]:
     """The database cost of ``rows`` rows: written in transactions of 100, relayed."""
     outbox = await _outbox(dsn, batch_size=batch)
-    connection, _ = await _queue(url)
+    connection, _ = await sink_queue(url)
     app = App(url=url, outbox=outbox)
     try:
         before = await _lsn(dsn)
@@ -130,7 +132,7 @@ async def cost_round(dsn: str, url: str, rows: int, batch: int) -> dict[str, flo
 
 async def throughput_round(dsn: str, url: str, rows: int, batch: int) -> dict[str, float]:
     outbox = await _outbox(dsn, batch_size=batch)
-    connection, queue = await _queue(url)
+    connection, queue = await sink_queue(url)
     app = App(url=url, outbox=outbox)
     try:
         await write_backlog(outbox, rows)
@@ -156,7 +158,7 @@ async def throughput_round(dsn: str, url: str, rows: int, batch: int) -> dict[st
 
 async def latency_round(dsn: str, url: str, rate: int, seconds: float) -> dict[str, float]:
     outbox = await _outbox(dsn)
-    connection, queue = await _queue(url)
+    connection, queue = await sink_queue(url)
     app = App(url=url, outbox=outbox)
     committed: dict[str, float] = {}
     received: dict[str, float] = {}
