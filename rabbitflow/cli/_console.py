@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
@@ -14,6 +15,9 @@ from rabbitflow.cli import reports_errors
 from rabbitflow.errors import ConfigurationError
 from rabbitflow.topology import load_topology
 from rabbitflow.types import LogFormat
+
+if TYPE_CHECKING:
+    from rabbitflow.outbox import PostgresOutbox
 
 TOKEN_ENV = "RABBITFLOW_CONSOLE_TOKEN"
 
@@ -59,6 +63,22 @@ TOKEN_ENV = "RABBITFLOW_CONSOLE_TOKEN"
     show_default=True,
     help="Of the audit lines; auto: console on a terminal, JSON otherwise.",
 )
+@click.option(
+    "--outbox-dsn",
+    metavar="URL",
+    envvar="RABBITFLOW_OUTBOX_DSN",
+    help="The PostgreSQL of the transactional outbox: a page of its pending and parked rows "
+    "and its lag [env: RABBITFLOW_OUTBOX_DSN].",
+)
+@click.option(
+    "--outbox-table",
+    default="rabbitflow_outbox",
+    show_default=True,
+    help="The outbox table, with --outbox-dsn.",
+)
+@click.option(
+    "--outbox-schema", default=None, help="The outbox table's schema, if not the default."
+)
 @reports_errors
 def console(
     file: str,
@@ -70,6 +90,9 @@ def console(
     management_url: str | None,
     limit: int,
     log_format: LogFormat,
+    outbox_dsn: str | None,
+    outbox_table: str,
+    outbox_schema: str | None,
 ) -> None:
     """Serve the operator console for the queues of FILE on http://HOST:PORT/.
 
@@ -109,6 +132,7 @@ def console(
         host=host,
         management_url=management_url,
         limit=limit,
+        outbox=None if outbox_dsn is None else _outbox(outbox_dsn, outbox_table, outbox_schema),
     )
     configure_logging(log_format)
     where = f"[{host}]" if ":" in host else host
@@ -116,6 +140,15 @@ def console(
         f"rabbitflow console on http://{where}:{port}/" + (" (token required)" if token else "")
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+def _outbox(dsn: str, table: str, schema: str | None) -> PostgresOutbox:
+    from rabbitflow.outbox import PostgresOutbox
+
+    try:
+        return PostgresOutbox(dsn, table=table, schema=schema)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--outbox-table/--outbox-schema") from None
 
 
 def _loopback(host: str) -> bool:

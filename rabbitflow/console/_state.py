@@ -16,6 +16,7 @@ from rabbitflow.connection import connect
 from rabbitflow.console._actions import Outcome
 from rabbitflow.console._guard import Guard
 from rabbitflow.console._management import Management
+from rabbitflow.outbox import PostgresOutbox
 from rabbitflow.topology import Topology, derive
 
 RESULTS_KEPT = 50
@@ -32,6 +33,8 @@ class ConsoleSettings:
     host: str = "127.0.0.1"
     management_url: str | None = None
     limit: int = 500
+    # The outbox (``--outbox-dsn URL``): the /outbox page.
+    outbox: PostgresOutbox | None = None
 
 
 class Link:
