@@ -324,6 +324,8 @@ class ConsumerSet:
         # channel the consumer runs on, and the stores they need: an outage of one pauses
         # the consumers that need it (off with ``breakers``).
         self.guards = {queue: app.guard(queue, topology) for queue in self.consumers}
+        # The job recorder of each tracked queue (None: not tracked), shared likewise.
+        self.trackers = {queue: app.tracker(queue, topology) for queue in self.consumers}
         self.dependencies = self._dependencies() if breakers else Dependencies()
 
     def _dependencies(self) -> Dependencies:
@@ -444,6 +446,7 @@ class ConsumerSet:
             immediate_retries=config.immediate_retries,
             middleware=self.app.middleware,
             guard=self.guards[consumer.queue],
+            tracker=self.trackers[consumer.queue],
         )
         dispatcher = Dispatcher(
             spec,

@@ -35,6 +35,7 @@ from rabbitflow._rpc import Replier
 from rabbitflow._settle import Settler
 from rabbitflow._span import Scope
 from rabbitflow._telemetry import Telemetry
+from rabbitflow._tracking import Tracker
 from rabbitflow.errors import HandlerTimeout, StoreUnavailableError
 from rabbitflow.idempotency._guard import SKIPPED, Guard, InProgress, Invoke
 from rabbitflow.message import Message, read_attempt
@@ -60,6 +61,7 @@ class DispatchSpec:
     immediate_retries: int = 0
     middleware: Sequence[Middleware] = ()
     guard: Guard | None = None
+    tracker: Tracker | None = None
 
 
 class Dispatcher:
@@ -81,6 +83,7 @@ class Dispatcher:
         "_replier",
         "_settler",
         "_telemetry",
+        "_tracker",
     )
 
     def __init__(
@@ -111,6 +114,7 @@ class Dispatcher:
         self._breaker = breaker
         self._dependencies = dependencies
         self._replier = replier
+        self._tracker = spec.tracker
         self._debug = _debug_enabled()
         self._invoke = _invoker(spec, _runner(spec, asyncio.get_running_loop(), executor))
 
@@ -150,6 +154,8 @@ class Dispatcher:
             telemetry.in_flight.value -= 1
             telemetry.duration.observe(time.perf_counter() - started)
             span.close(plan)
+        if self._tracker is not None:
+            self._tracker.settled(delivery, plan, action)
         telemetry.outcomes[action].value += 1
         if self._debug:
             log.debug(
@@ -347,7 +353,10 @@ def _invoker(spec: DispatchSpec, run: Run) -> Invoke:
             props = delivery.header.properties
             return run((decode(queue, delivery.body, props.content_type),))
 
-    return invoke if spec.guard is None else spec.guard.wrap(invoke)
+    if spec.guard is not None:
+        invoke = spec.guard.wrap(invoke)
+    # The tracker is outermost: a cancelled job is acked before the guard claims its key.
+    return invoke if spec.tracker is None else spec.tracker.wrap(invoke)
 
 
 def _final(plan: Plan) -> bool:

@@ -25,6 +25,8 @@ class Consumer:
     dead_letter_on: ExceptionTypes = ()
     # @app.consumer(idempotent=...); None: the queue's `idempotent` key decides.
     idempotent: bool | None = None
+    # @app.consumer(track=...); None: the queue's `track` key decides.
+    track: bool | None = None
 
     @property
     def name(self) -> str:

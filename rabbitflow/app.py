@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from rabbitflow._batch import Batch
 from rabbitflow._border import broker_call
 from rabbitflow._broker_version import BrokerVersion, describe
+from rabbitflow._duration import parse_duration
 from rabbitflow._handler import Consumer
 from rabbitflow._logging import get_logger
 from rabbitflow._progress import DEFAULT_INTERVAL, interval_seconds
@@ -24,6 +25,7 @@ from rabbitflow._rpc import DEFAULT_TIMEOUT, Requester, read_reply
 from rabbitflow._schedule.entry import Schedule, default_name
 from rabbitflow._schedule.timing import Cron, Every, Timing
 from rabbitflow._state import State
+from rabbitflow._tracking import Tracker
 from rabbitflow._urls import mask_url, resolve_urls, split_urls, validate_url
 from rabbitflow.connection import connect, connected_url, underlay
 from rabbitflow.errors import (
@@ -34,6 +36,7 @@ from rabbitflow.errors import (
 )
 from rabbitflow.idempotency._guard import Guard
 from rabbitflow.idempotency._store import IdempotencyStore
+from rabbitflow.job import Job, JobBook
 from rabbitflow.middleware import Middleware, name_of
 from rabbitflow.topology import Topology, load_topology
 from rabbitflow.types import ExceptionTypes, Hook, Lifespan
@@ -61,6 +64,11 @@ class App:
     ``RABBITFLOW_URL``, the file's ``[broker]``). Every URL is validated here.
     ``lifespan`` is an optional ``(app) -> async context manager`` wrapped around the run.
     ``idempotency`` is the store of idempotent consumers (``rabbitflow.idempotency``).
+    ``jobs`` is where job statuses are kept (contract section 12): a store of
+    ``rabbitflow.idempotency`` (the same one as ``idempotency`` or another), whose
+    connections the job records share, or a book it made (``store.job_book(ttl_ms,
+    max_result_bytes=...)``); ``jobs_ttl`` is how long a job is kept after its last change
+    (``"1d"``). :attr:`jobs` is then the :class:`~rabbitflow.job.JobBook`.
     ``state`` is what handlers read as ``app.state`` (default: an empty
     :class:`~rabbitflow.state.State`; pass your own object for typed attributes).
     ``metrics_registry`` is the prometheus_client ``CollectorRegistry`` whose metrics
@@ -82,6 +90,8 @@ class App:
         lifespan: Lifespan[App] | None = None,
         name: str = "rabbitflow",
         idempotency: IdempotencyStore | None = None,
+        jobs: object | None = None,
+        jobs_ttl: str | int = "1d",
         state: Any = None,
         metrics_registry: CollectorRegistry | None = None,
         progress_interval: str | int | float | None = DEFAULT_INTERVAL,
@@ -96,6 +106,12 @@ class App:
         self.lifespan = lifespan
         self.idempotency = idempotency
         self.outbox = outbox
+        if outbox is not None:
+            outbox.bind(self)  # app.outbox.enqueue records its jobs in this app's book
+        self._jobs: JobBook | None = None if jobs is None else _job_book(jobs, jobs_ttl)
+        # The store under the book, closed with the app (a book given as such is closed
+        # as a book).
+        self._jobs_store = None if jobs is self._jobs else jobs
         self.state: Any = State() if state is None else state
         self.metrics_registry = metrics_registry
         self.consumers: dict[str, Consumer] = {}
@@ -132,6 +148,7 @@ class App:
         retry_on: ExceptionTypes = (),
         dead_letter_on: ExceptionTypes = (),
         idempotent: bool | None = None,
+        track: bool | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated function as the handler of ``queue``; return it unchanged.
 
@@ -139,11 +156,13 @@ class App:
         dead-lettered); ``dead_letter_on`` dead-letters these types without retrying.
         ``idempotent=True`` runs the handler once per ``message_id`` (needs
         ``App(idempotency=...)``); None leaves it to the queue's ``idempotent`` key.
+        ``track=True`` records each message's job status (needs ``App(jobs=...)``); None
+        leaves it to the queue's ``track`` key.
         """
 
         def register(func: F) -> F:
             self.add_consumer(
-                Consumer(queue, func, tuple(retry_on), tuple(dead_letter_on), idempotent)
+                Consumer(queue, func, tuple(retry_on), tuple(dead_letter_on), idempotent, track)
             )
             return func
 
@@ -263,6 +282,8 @@ class App:
                 log.warning("queue has no handler; it is declared but not consumed", queue=queue)
         for queue in self.consumers:
             self.guard(queue, topology)
+            if self.is_tracked(queue, topology):
+                self.jobs  # noqa: B018  # raises ConfigurationError without App(jobs=...)
 
     def is_idempotent(self, queue: str, topology: Topology) -> bool:
         """The consumer's ``idempotent=`` if given, else the queue's ``idempotent`` key."""
@@ -282,6 +303,29 @@ class App:
             )
         return Guard(queue, self.idempotency)
 
+    def is_tracked(self, queue: str, topology: Topology) -> bool:
+        """The consumer's ``track=`` if given, else the queue's ``track`` key."""
+        chosen = self.consumers[queue].track
+        if chosen is None:
+            return topology.queues[queue].track
+        return bool(chosen)
+
+    def tracker(self, queue: str, topology: Topology) -> Tracker | None:
+        """The job recorder of ``queue``'s handler; None when it is not tracked."""
+        if not self.is_tracked(queue, topology):
+            return None
+        return self.jobs.tracker(queue)
+
+    @property
+    def jobs(self) -> JobBook:
+        """The job statuses (``App(jobs=store)``): ``await app.jobs.get(id)``."""
+        if self._jobs is None:
+            raise ConfigurationError(
+                "the app keeps no jobs: App(..., jobs=RedisStore(...)) "
+                "(or PostgresStore, MemoryStore from rabbitflow.idempotency)"
+            )
+        return self._jobs
+
     @contextlib.asynccontextmanager
     async def lifespan_context(self) -> AsyncIterator[None]:
         """Start-up hooks and ``lifespan`` around the run; a failing start-up is fatal."""
@@ -289,6 +333,10 @@ class App:
         async with contextlib.AsyncExitStack() as stack:
             if self.idempotency is not None:
                 stack.push_async_callback(self._close_store, self.idempotency)
+            if self._jobs_store is not None and self._jobs_store is not self.idempotency:
+                stack.push_async_callback(self._close_store, self._jobs_store)
+            if self._jobs is not None:
+                stack.push_async_callback(self._close_jobs, self._jobs)
             if self.lifespan is not None:
                 await stack.enter_async_context(self.lifespan(self))
             for hook in self.startup_hooks:
@@ -303,11 +351,18 @@ class App:
                         log.error("shutdown hook failed", hook=_hook_name(hook), error=repr(exc))
 
     @staticmethod
-    async def _close_store(store: IdempotencyStore) -> None:
+    async def _close_store(store: Any) -> None:
         try:
             await store.close()
         except Exception as exc:
             log.error("closing the idempotency store failed", error=repr(exc))
+
+    @staticmethod
+    async def _close_jobs(book: JobBook) -> None:
+        try:
+            await book.close()
+        except Exception as exc:
+            log.error("closing the job store failed", error=repr(exc))
 
     # -- publishing --------------------------------------------------------------------
 
@@ -356,6 +411,48 @@ class App:
             expiration=expiration,
             reply_to=reply_to,
         )
+
+    async def enqueue(
+        self,
+        exchange: str,
+        routing_key: str,
+        payload: object,
+        *,
+        headers: dict[str, Any] | None = None,
+        job_id: str | None = None,
+        priority: int | None = None,
+    ) -> Job:
+        """Publish a job and return it at once, ``queued`` (contract section 12).
+
+        The message is published as :meth:`publish` does (confirmed, persistent, mandatory);
+        ``job_id`` (default: a new one) is its ``message_id``. The job is recorded
+        ``queued`` once the broker confirmed it: a publish that fails raises its
+        ``PublishError`` and leaves no job behind. A consumer with ``track`` records the
+        rest. When the job store does not answer the message is sent all the same and a
+        warning logged: the worker records the job once it runs it."""
+        book = self.jobs
+        job_id = job_id or uuid.uuid4().hex
+        await self.publish(
+            exchange,
+            routing_key,
+            payload,
+            headers=headers,
+            message_id=job_id,
+            priority=priority,
+        )
+        try:
+            await book.record_queued(job_id)
+        except Exception as exc:
+            log.warning(
+                "job sent, but the job store did not record it queued",
+                job_id=job_id,
+                error=str(exc),
+            )
+        return Job(job_id, book)
+
+    def job(self, job_id: str) -> Job:
+        """The job of this id (``job.status()``, ``job.result()``, ``job.cancel()``)."""
+        return Job(job_id, self.jobs)
 
     def batch(self, *, timeout: float | None = 30.0) -> Batch:
         """A batch of publishes, sent together and confirmed message by message.
@@ -571,7 +668,10 @@ class App:
             return []
 
     async def close(self) -> None:
-        """Close the connection ``publish()`` opened, if any."""
+        """Close the connection ``publish()`` opened, if any, and write the job statuses
+        still pending."""
+        if self._jobs is not None:
+            await self._close_jobs(self._jobs)
         self._requester = None
         if self._connection is not None:
             await self._connection.close()
@@ -597,6 +697,24 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
     # asyncio does not print "exception was never retrieved" (the next call raises it anew).
     if not task.cancelled():
         task.exception()
+
+
+def _job_book(store: object, ttl: str | int) -> JobBook:
+    """The job book on ``store``: a store of ``rabbitflow.idempotency`` (it opens one with
+    ``job_book(ttl_ms)``), or a job book already."""
+    ttl_ms = parse_duration(ttl)
+    if ttl_ms <= 0:
+        raise ValueError(f"jobs_ttl must be a positive duration, not {ttl!r}")
+    if callable(getattr(store, "tracker", None)) and callable(getattr(store, "get", None)):
+        return store  # type: ignore[return-value]  # a JobBook by its methods
+    opener = getattr(store, "job_book", None)
+    if not callable(opener):
+        raise ConfigurationError(
+            f"App(jobs=...) takes a store of rabbitflow.idempotency (RedisStore, "
+            f"PostgresStore, MemoryStore), not {store!r}"
+        )
+    book: JobBook = opener(ttl_ms)
+    return book
 
 
 async def _call_hook(hook: Hook) -> None:

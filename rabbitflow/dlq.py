@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import (
     AbstractChannel,
@@ -36,10 +36,16 @@ from rabbitflow import _envelope as envelope
 from rabbitflow import _headers as h
 from rabbitflow._border import broker_call
 from rabbitflow._broker_version import BrokerVersion
+from rabbitflow._logging import get_logger
 from rabbitflow._publisher import Publisher, copy_properties
 from rabbitflow.connection import underlay
 from rabbitflow.errors import AccessRefusedError, FrameTooLarge, PublishError, QueueNotFoundError
 from rabbitflow.topology import dlq_name
+
+if TYPE_CHECKING:
+    from rabbitflow.job import JobBook
+
+log = get_logger("rabbitflow.dlq")
 
 DLQ_SUFFIX = ".dlq"
 PREVIEW_BYTES = 120
@@ -245,6 +251,7 @@ async def replay(
     error_type: str | None = None,
     select: Callable[[DeadLetter], bool] | None = None,
     dry_run: bool = False,
+    jobs: JobBook | None = None,
 ) -> ReplayReport:
     """Move messages from ``Q.dlq`` back to ``Q``, oldest first.
 
@@ -263,7 +270,11 @@ async def replay(
     A dead letter whose headers were moved into its body (a rabbitflow envelope, see
     :mod:`rabbitflow._envelope`) goes back as it was published: headers, content type and
     encoding restored. One that cannot (its restored headers do not fit in a frame of this
-    connection, or the envelope is damaged) stays in the DLQ and is listed in ``kept``."""
+    connection, or the envelope is damaged) stays in the DLQ and is listed in ``kept``.
+
+    With ``jobs`` (``app.jobs``, contract section 12) the job of each message moved is
+    ``queued`` again once its copy is confirmed; a job store that does not answer is logged
+    and leaves the message moved (the worker records the job when it runs it)."""
     work, dlq = queue_names(queue)
     count = await ready_count(connection, dlq, hint=_missing_dlq_hint(work))
     await _check_target(connection, work)
@@ -289,12 +300,25 @@ async def replay(
                 if refused is not None:
                     kept.append(Kept(message.message_id, refused))
                     continue
+                if jobs is not None and message.message_id:
+                    await _requeue_job(jobs, message.message_id)
             moved += 1
             if len(reported) < REPORTED_MESSAGES:
                 reported.append(letter)
     return ReplayReport(
         work, dlq, count, moved, skipped, dry_run, tuple(reported), kept=tuple(kept)
     )
+
+
+async def _requeue_job(jobs: JobBook, job_id: str) -> None:
+    try:
+        await jobs.record_replayed(job_id)
+    except Exception as exc:
+        log.warning(
+            "message replayed, but the job store did not record its job queued",
+            job_id=job_id,
+            error=str(exc),
+        )
 
 
 def _picker(

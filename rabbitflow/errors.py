@@ -533,6 +533,61 @@ class RequestTimeout(RabbitflowError):
         )
 
 
+class JobError(RabbitflowError):
+    """Root of the errors of a job (``app.enqueue()``, contract section 12); ``job_id`` is
+    the job's id (its message_id)."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        self.job_id = job_id
+        super().__init__(message)
+
+
+class JobFailed(JobError):
+    """The job failed for good: its message is in the dead-letter queue (or was dropped).
+
+    ``error`` is the last failure as the worker recorded it (``"KeyError: 'x'"``),
+    ``error_type`` its exception's qualified name, ``attempt`` the attempt it failed on."""
+
+    def __init__(
+        self, job_id: str, error: str | None, *, error_type: str | None = None, attempt: int = 0
+    ) -> None:
+        self.error = error
+        self.error_type = error_type
+        self.attempt = attempt
+        detail = f": {error}" if error else ""
+        super().__init__(job_id, f"job {job_id!r} failed on attempt {attempt}{detail}")
+
+
+class JobCancelled(JobError):
+    """The job was cancelled (``job.cancel()``) before it finished."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id, f"job {job_id!r} was cancelled")
+
+
+class JobTimeout(RequestTimeout):
+    """``job.result(timeout=)`` saw no end of the job within ``timeout`` seconds; the job
+    goes on (it may still end later: ask again, or read ``app.jobs.get(id)``)."""
+
+    def __init__(self, job_id: str, seconds: float, state: str | None) -> None:
+        super().__init__("", "", seconds, sent=True, message_id=job_id)
+        self.job_id = job_id
+        self.state = state
+        Exception.__init__(
+            self, f"job {job_id!r} did not finish within {seconds:g}s (state: {state or 'unknown'})"
+        )
+
+
+class JobResultError(Reject):
+    """A tracked handler's return value cannot be kept as the job's result: not JSON, or
+    larger than the store's limit. Nothing is truncated: the message is dead-lettered
+    (no retry would change the value) and the job ends ``failed`` with this error."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"the result of job {job_id!r} cannot be kept: {reason}")
+
+
 class DrainError(RabbitflowError):
     """``TestApp.drain()`` could not finish: a handler hangs, messages loop, or the in-memory
     broker saw an error; ``reason`` says which."""

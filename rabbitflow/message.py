@@ -7,6 +7,7 @@ from typing import Any
 from aiormq.abc import DeliveredMessage
 
 from rabbitflow import _headers as h
+from rabbitflow._tracking import CURRENT
 
 
 def read_attempt(headers: dict[str, Any] | None) -> int:
@@ -68,6 +69,24 @@ class Message:
     @property
     def delivery_tag(self) -> int:
         return self._delivery.delivery_tag or 0
+
+    async def progress(self, fraction: float, note: str | None = None) -> None:
+        """Report how far the job of this message is (``fraction`` from 0 to 1) with an
+        optional ``note``: ``app.jobs.get(id)`` shows it while the handler runs. Returns at
+        once (the store is written in the background); nothing happens when the consumer is
+        not tracked (``track=True``)."""
+        if not 0 <= fraction <= 1:  # NaN too
+            raise ValueError(f"progress must be between 0 and 1, not {fraction!r}")
+        job = CURRENT.get()
+        if job is not None and job.job_id == self.message_id:
+            job.progress(float(fraction), note)
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether ``job.cancel()`` asked this message's job to stop (tracked consumers):
+        a handler that checks it may return early; the job then ends ``cancelled``."""
+        job = CURRENT.get()
+        return job is not None and job.job_id == self.message_id and job.cancelled
 
     def __repr__(self) -> str:
         return (

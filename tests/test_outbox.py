@@ -326,3 +326,47 @@ async def test_rabbitflow_run_relays_unless_told_not_to(vhost_url: str, tmp_path
             assert worker.wait(20) == 0
         assert sink.duplicates() == 0
         assert '"outbox relay started"' in log.read_text()
+
+
+async def test_a_job_enqueued_through_the_outbox_exists_once_committed(vhost_url: str) -> None:
+    from rabbitflow.idempotency import MemoryStore
+    from rabbitflow.job import JobState
+
+    async with outbox_in_own_schema() as outbox, Sink(vhost_url) as sink:
+        app = App(url=vhost_url, outbox=outbox, jobs=MemoryStore())
+        async with await psycopg.AsyncConnection.connect(POSTGRES_URL) as conn:
+            async with conn.transaction():
+                job = await app.outbox.enqueue(
+                    conn, EXCHANGE, "report.sales", {"month": "2026-10"}, job_id="report-1"
+                )
+            try:
+                async with conn.transaction():
+                    await app.outbox.enqueue(conn, EXCHANGE, "report.sales", {}, job_id="report-2")
+                    raise LookupError("rolled back")
+            except LookupError:
+                pass
+        assert job.id == "report-1"
+        async with outbox.relaying(app):
+            await sink.wait_for_ids(["report-1"])
+            for _ in range(100):
+                status = await app.jobs.get("report-1")
+                if status is not None:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(1.2)
+        await app.close()
+        assert sink.ids == ["report-1"]
+        assert status is not None
+        assert status.state is JobState.QUEUED
+        assert await app.jobs.get("report-2") is None
+
+
+async def test_enqueue_without_a_job_store_is_refused_before_anything_is_written() -> None:
+    from rabbitflow.errors import ConfigurationError
+
+    async with outbox_in_own_schema() as outbox:
+        app = App(outbox=outbox)
+        async with await psycopg.AsyncConnection.connect(POSTGRES_URL) as conn:
+            with pytest.raises(ConfigurationError, match="jobs"):
+                await app.outbox.enqueue(conn, EXCHANGE, "x", {})
+        assert await count_rows(outbox, "pending") == 0

@@ -13,6 +13,7 @@ from rabbitflow._logging import configure_logging
 from rabbitflow._urls import resolve_url
 from rabbitflow.cli import reports_errors
 from rabbitflow.errors import ConfigurationError
+from rabbitflow.job import JobBook
 from rabbitflow.topology import load_topology
 from rabbitflow.types import LogFormat
 
@@ -79,6 +80,19 @@ TOKEN_ENV = "RABBITFLOW_CONSOLE_TOKEN"
 @click.option(
     "--outbox-schema", default=None, help="The outbox table's schema, if not the default."
 )
+@click.option(
+    "--jobs",
+    "jobs_url",
+    metavar="URL",
+    envvar="RABBITFLOW_JOBS",
+    help="The job store (redis:// or postgresql://): a page per job, and replays that queue "
+    "jobs again [env: RABBITFLOW_JOBS].",
+)
+@click.option(
+    "--jobs-prefix",
+    metavar="NAME",
+    help="The job store's Redis key prefix or PostgreSQL table, if not the default.",
+)
 @reports_errors
 def console(
     file: str,
@@ -93,6 +107,8 @@ def console(
     outbox_dsn: str | None,
     outbox_table: str,
     outbox_schema: str | None,
+    jobs_url: str | None,
+    jobs_prefix: str | None,
 ) -> None:
     """Serve the operator console for the queues of FILE on http://HOST:PORT/.
 
@@ -133,6 +149,7 @@ def console(
         management_url=management_url,
         limit=limit,
         outbox=None if outbox_dsn is None else _outbox(outbox_dsn, outbox_table, outbox_schema),
+        jobs=None if jobs_url is None else _jobs(jobs_url, jobs_prefix),
     )
     configure_logging(log_format)
     where = f"[{host}]" if ":" in host else host
@@ -149,6 +166,12 @@ def _outbox(dsn: str, table: str, schema: str | None) -> PostgresOutbox:
         return PostgresOutbox(dsn, table=table, schema=schema)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--outbox-table/--outbox-schema") from None
+
+
+def _jobs(url: str, prefix: str | None) -> JobBook:
+    from rabbitflow.jobs._open import open_book
+
+    return open_book(url, prefix=prefix)
 
 
 def _loopback(host: str) -> bool:

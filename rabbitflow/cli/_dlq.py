@@ -117,6 +117,19 @@ def list_command(
     help="Only messages that failed with this exception (qualified or bare class name).",
 )
 @click.option("--dry-run", is_flag=True, help="Change nothing; print what would move.")
+@click.option(
+    "--jobs",
+    "jobs_url",
+    metavar="URL",
+    envvar="RABBITFLOW_JOBS",
+    help="The job store (redis:// or postgresql://): each job replayed is queued again "
+    "[env: RABBITFLOW_JOBS].",
+)
+@click.option(
+    "--jobs-prefix",
+    metavar="NAME",
+    help="The job store's Redis key prefix or PostgreSQL table, if not the default.",
+)
 @broker_options
 @reports_errors
 def replay_command(
@@ -124,6 +137,8 @@ def replay_command(
     limit: int | None,
     error_type: str | None,
     dry_run: bool,
+    jobs_url: str | None,
+    jobs_prefix: str | None,
     url: tuple[str, ...],
     url_order: str,
     topology_file: str,
@@ -132,11 +147,23 @@ def replay_command(
 
     A message is acked in the DLQ only after the broker confirmed its copy in QUEUE."""
     broker = Broker.resolve(url, topology_file, url_order)
-    report = broker.run(
-        queue,
-        "rabbitflow dlq replay",
-        lambda c: ops.replay(c, queue, limit=limit, error_type=error_type, dry_run=dry_run),
-    )
+
+    async def replay(connection: AbstractConnection) -> ops.ReplayReport:
+        if jobs_url is None or dry_run:
+            return await ops.replay(
+                connection, queue, limit=limit, error_type=error_type, dry_run=dry_run
+            )
+        from rabbitflow.jobs._open import open_book
+
+        book = open_book(jobs_url, prefix=jobs_prefix)
+        try:
+            return await ops.replay(
+                connection, queue, limit=limit, error_type=error_type, jobs=book
+            )
+        finally:
+            await book.close()
+
+    report = broker.run(queue, "rabbitflow dlq replay", replay)
     click.echo("\n".join(render_replay(report, error_type)))
 
 

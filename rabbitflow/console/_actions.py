@@ -18,6 +18,7 @@ from rabbitflow._format import render_replay
 from rabbitflow._logging import get_logger
 from rabbitflow.console._groups import NO_ERROR_TYPE, message_key
 from rabbitflow.errors import RabbitflowError
+from rabbitflow.job import JobBook
 
 audit = get_logger("rabbitflow.console.audit")
 
@@ -35,21 +36,22 @@ async def replay_where(
     queue: str,
     wanted: Callable[[ops.DeadLetter], bool],
     limit: int | None = None,
+    jobs: JobBook | None = None,
 ) -> ops.ReplayReport:
     """:func:`rabbitflow.dlq.replay` of the messages ``wanted`` picks: the DLQ is read in
     order without taking anything, a picked message is published (confirmed, mandatory) to
     the work queue and only then acked; the others stay in their places."""
-    return await ops.replay(connection, queue, limit=limit, select=wanted)
+    return await ops.replay(connection, queue, limit=limit, select=wanted, jobs=jobs)
 
 
 async def replay_group(
-    connection: AbstractConnection, queue: str, error_type: str
+    connection: AbstractConnection, queue: str, error_type: str, jobs: JobBook | None = None
 ) -> ops.ReplayReport:
     """Replay every message of one error group (``""``: those without an error type).
 
     The group is the exact error type: ``rabbitflow dlq replay --error-type KeyError`` also
     takes ``app.errors.KeyError`` (a bare name matches any module), a group does not."""
-    return await replay_where(connection, queue, lambda m: in_group(m, error_type))
+    return await replay_where(connection, queue, lambda m: in_group(m, error_type), jobs=jobs)
 
 
 def in_group(letter: ops.DeadLetter, error_type: str) -> bool:
@@ -58,10 +60,15 @@ def in_group(letter: ops.DeadLetter, error_type: str) -> bool:
 
 
 async def replay_selected(
-    connection: AbstractConnection, queue: str, keys: frozenset[str]
+    connection: AbstractConnection,
+    queue: str,
+    keys: frozenset[str],
+    jobs: JobBook | None = None,
 ) -> ops.ReplayReport:
     """Replay the messages named by ``keys`` (see :func:`message_key`)."""
-    return await replay_where(connection, queue, lambda m: message_key(m) in keys, limit=len(keys))
+    return await replay_where(
+        connection, queue, lambda m: message_key(m) in keys, limit=len(keys), jobs=jobs
+    )
 
 
 async def run_replay(
@@ -72,15 +79,17 @@ async def run_replay(
     error_type: str = NO_ERROR_TYPE,
     keys: frozenset[str] = frozenset(),
     client: str = "",
+    jobs: JobBook | None = None,
 ) -> Outcome:
-    """Replay ``scope`` (``group``, ``selected`` or ``all``) and write the audit line."""
+    """Replay ``scope`` (``group``, ``selected`` or ``all``) and write the audit line; with
+    ``jobs`` the job of each message moved is queued again."""
     try:
         if scope == "group":
-            report = await replay_group(connection, queue, error_type)
+            report = await replay_group(connection, queue, error_type, jobs)
         elif scope == "selected":
-            report = await replay_selected(connection, queue, keys)
+            report = await replay_selected(connection, queue, keys, jobs)
         else:
-            report = await ops.replay(connection, queue)
+            report = await ops.replay(connection, queue, jobs=jobs)
     except RabbitflowError as exc:
         return _failed("replay", queue, scope, exc, client, error_type=error_type)
     left = report.count - report.moved

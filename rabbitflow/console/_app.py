@@ -38,6 +38,7 @@ def create_app(settings: ConsoleSettings) -> Starlette:
         broker=mask_url(settings.url),
         source=settings.topology.source,
         outbox=settings.outbox is not None,
+        jobs=settings.jobs is not None,
     )
     management = None
     if settings.management_url:
@@ -55,6 +56,8 @@ def create_app(settings: ConsoleSettings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         await console.link.close()
+        if settings.jobs is not None:
+            await settings.jobs.close()
 
     app = Starlette(
         routes=[

@@ -24,6 +24,7 @@ from rabbitflow.console._groups import (
     message_key,
 )
 from rabbitflow.console._inventory import read_overview
+from rabbitflow.console._jobs import job_routes
 from rabbitflow.console._outbox import outbox_page
 from rabbitflow.console._reads import DEFAULT_LIMIT, broker_version, reads_are_counted, reads_left
 from rabbitflow.console._state import Console
@@ -45,6 +46,7 @@ def build(console: Console) -> list[BaseRoute]:
         Route("/dlq/{queue:path}/message", _bind(console, message_page)),
         Route("/dlq/{queue:path}/message/{key}", _bind(console, message_page)),  # older links
         Route("/dlq/{queue:path}", _bind(console, dlq_page)),
+        *job_routes(console),
     ]
     if console.settings.read_only:
         return pages
@@ -212,7 +214,13 @@ async def replay(console: Console, request: Request) -> Response:
     connection = await console.link.get()
     async with console.dlq_lock:
         outcome = await run_replay(
-            connection, queue, scope, error_type=error_type, keys=keys, client=_client(request)
+            connection,
+            queue,
+            scope,
+            error_type=error_type,
+            keys=keys,
+            client=_client(request),
+            jobs=console.settings.jobs,
         )
     return _done(console, queue, outcome)
 

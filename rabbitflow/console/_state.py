@@ -16,6 +16,7 @@ from rabbitflow.connection import connect
 from rabbitflow.console._actions import Outcome
 from rabbitflow.console._guard import Guard
 from rabbitflow.console._management import Management
+from rabbitflow.job import JobBook
 from rabbitflow.outbox import PostgresOutbox
 from rabbitflow.topology import Topology, derive
 
@@ -35,6 +36,8 @@ class ConsoleSettings:
     limit: int = 500
     # The outbox (``--outbox-dsn URL``): the /outbox page.
     outbox: PostgresOutbox | None = None
+    # The job store (``--jobs URL``): the job page, and replays that queue jobs again.
+    jobs: JobBook | None = None
 
 
 class Link:

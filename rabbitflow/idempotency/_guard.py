@@ -19,12 +19,13 @@ import asyncio
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
 from aiormq.abc import DeliveredMessage
 
 from rabbitflow._logging import get_logger
 from rabbitflow._metrics import Value
+from rabbitflow._tracking import SKIPPED as SKIPPED  # re-exported: the dispatcher reads it here
 from rabbitflow.errors import Retry, StoreUnavailableError
 from rabbitflow.idempotency._memory import MemoryStore
 from rabbitflow.idempotency._postgres_store import PostgresStore
@@ -47,17 +48,6 @@ OWED_MEMORY = 10_000
 
 # How the dispatcher calls the handler for one delivery on a given attempt.
 Invoke = Callable[[DeliveredMessage, int], Awaitable[Any]]
-
-
-class _Skipped:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "SKIPPED"
-
-
-SKIPPED: Final = _Skipped()
-"""What a guarded call returns for a message already handled: ack it, reply nothing."""
 
 
 class InProgress(Retry):

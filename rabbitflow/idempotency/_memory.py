@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rabbitflow import _clock as clock
 from rabbitflow.idempotency._store import (
     CLAIMED,
@@ -12,6 +14,9 @@ from rabbitflow.idempotency._store import (
     ClaimState,
     durations,
 )
+
+if TYPE_CHECKING:
+    from rabbitflow.jobs._book import Book
 
 _DONE = ""  # the owner of a done key
 
@@ -55,6 +60,14 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
+    def job_book(self, ttl_ms: int, *, max_result_bytes: int | None = None) -> Book:
+        """Job statuses in this process (``App(jobs=MemoryStore())``; contract section 12):
+        a :class:`rabbitflow.jobs.Book` whose records live ``ttl_ms``."""
+        from rabbitflow.jobs._book import Book
+        from rabbitflow.jobs._memory import MemoryJobs
+
+        return Book(MemoryJobs(ttl_ms), ttl_ms, **_limit(max_result_bytes))
+
     def _expire(self) -> None:
         now = self._ms()
         for key in [k for k, (_, expires) in self._keys.items() if expires <= now]:
@@ -63,3 +76,7 @@ class MemoryStore:
     def __len__(self) -> int:
         """Keys held (claimed or done, expired ones included until swept)."""
         return len(self._keys)
+
+
+def _limit(max_result_bytes: int | None) -> dict[str, int]:
+    return {} if max_result_bytes is None else {"max_result_bytes": max_result_bytes}

@@ -17,7 +17,7 @@ import contextlib
 import math
 import re
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rabbitflow._urls import mask_url
 from rabbitflow.errors import StoreUnavailableError
@@ -33,6 +33,9 @@ from rabbitflow.idempotency._store import (
     durations,
     timeout_seconds,
 )
+
+if TYPE_CHECKING:
+    from rabbitflow.jobs._book import Book
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Done rows past their ttl are deleted after this many completions by one process.
@@ -108,7 +111,10 @@ class PostgresStore:
         pool = self._pool
         if pool is None:
             pool = self._pool = await self._open_pool()
-        async with pool.connection(timeout=self.timeout) as conn:
+        async with pool.connection(timeout=self.timeout) as conn, conn.transaction():
+            # Two processes creating the same table at once collide in the catalog (a
+            # unique violation) despite IF NOT EXISTS: one waits for the other's lock.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
             await conn.execute(self._sql["create"])
         self._ready = pool
         return pool
@@ -197,6 +203,30 @@ class PostgresStore:
             await pool.close(timeout=self.timeout)
         for task in list(self._background):
             task.cancel()
+
+    def job_book(
+        self, ttl_ms: int, *, table: str | None = None, max_result_bytes: int | None = None
+    ) -> Book:
+        """Job statuses on this store's pool (``App(jobs=PostgresStore(...))``; contract
+        section 12): rows of ``table`` (default: this store's table with ``_jobs`` for
+        ``_idempotency``), kept ``ttl_ms`` after their last change."""
+        from rabbitflow.jobs._book import Book
+        from rabbitflow.jobs._postgres import PostgresJobs
+
+        if table is None:
+            base = self.table.removesuffix("_idempotency")
+            table = f"{base}_jobs" if base != self.table else f"{self.table}_jobs"
+        if not _IDENTIFIER.match(table) or len(table) > 50:
+            raise ValueError(f"jobs table {table!r} is not a short lower-case SQL identifier")
+
+        async def listener() -> Any:
+            return await self._psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=max(2, math.ceil(self.timeout))
+            )
+
+        backend = PostgresJobs(self._prepared, listener, table, ttl_ms, self.timeout, repr(self))
+        limit = {} if max_result_bytes is None else {"max_result_bytes": max_result_bytes}
+        return Book(backend, ttl_ms, **limit)
 
     def __repr__(self) -> str:
         return f"PostgresStore({mask_url(self.url)!r}, table={self.table!r})"

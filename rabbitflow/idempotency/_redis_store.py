@@ -8,7 +8,7 @@ of Redis is raised as :class:`~rabbitflow.errors.StoreUnavailableError`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rabbitflow._urls import mask_url
 from rabbitflow.idempotency._store import (
@@ -23,6 +23,9 @@ from rabbitflow.idempotency._store import (
     durations,
     timeout_seconds,
 )
+
+if TYPE_CHECKING:
+    from rabbitflow.jobs._book import Book
 
 # Returns 1 (claimed), 2 (done) or the remaining lease in ms, negated (busy). A key this
 # owner holds already counts as claimed: the client resends a call once when its connection
@@ -122,6 +125,22 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+    def job_book(
+        self, ttl_ms: int, *, prefix: str | None = None, max_result_bytes: int | None = None
+    ) -> Book:
+        """Job statuses on this store's connections (``App(jobs=RedisStore(...))``;
+        contract section 12): hashes under ``prefix`` (default: this store's prefix with
+        ``jobs:`` for ``idem:``), kept ``ttl_ms`` after their last change."""
+        from rabbitflow.jobs._book import Book
+        from rabbitflow.jobs._redis import RedisJobs
+
+        if prefix is None:
+            base = self.prefix.removesuffix("idem:")
+            prefix = f"{base}jobs:" if base != self.prefix else f"{self.prefix}jobs:"
+        backend = RedisJobs(self._client, prefix, ttl_ms, self.timeout, repr(self))
+        limit = {} if max_result_bytes is None else {"max_result_bytes": max_result_bytes}
+        return Book(backend, ttl_ms, **limit)
 
     def __repr__(self) -> str:
         return f"RedisStore({mask_url(self.url)!r}, prefix={self.prefix!r})"

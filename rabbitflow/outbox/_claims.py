@@ -13,7 +13,7 @@ the database cost per row that ``bench/outbox.py`` reports and a test gates.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rabbitflow.outbox._schema import PARKED, Statements
@@ -30,6 +30,8 @@ class Claimed:
     properties: bytes
     attempts: int
     age: float  # seconds since the row was written
+    message_id: str
+    job: bool  # written by app.outbox.enqueue
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class Settlement:
     sent: list[int]
     refused: list[Refusal]
     released: list[int]
+    jobs: list[str] = field(default_factory=list)  # job ids among the sent rows
 
     def __bool__(self) -> bool:
         return bool(self.sent or self.refused or self.released)
@@ -151,7 +154,8 @@ class Claims:
 
 def _claimed(rows: list[tuple[Any, ...]]) -> list[Claimed]:
     claimed = [
-        Claimed(row[0], row[1], row[2], row[3], row[4], row[5], float(row[6])) for row in rows
+        Claimed(row[0], row[1], row[2], row[3], row[4], row[5], float(row[6]), row[7], row[8])
+        for row in rows
     ]
     claimed.sort(key=_id)  # UPDATE … RETURNING follows no order
     return claimed

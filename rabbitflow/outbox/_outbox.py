@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from rabbitflow._duration import parse_duration
 from rabbitflow._logging import get_logger
 from rabbitflow._urls import mask_url
 from rabbitflow.errors import ConfigurationError
+from rabbitflow.job import Job
 from rabbitflow.outbox._row import build_message
 from rabbitflow.outbox._schema import DEFAULT_TABLE, Statements, check_identifier, ddl
 from rabbitflow.outbox._writer import write
@@ -77,6 +79,7 @@ class PostgresOutbox:
         self.shutdown_timeout = _seconds(shutdown_timeout, "shutdown_timeout", zero=True)
         self.notify = notify
         self.statements = Statements.build(self.table, self.schema)
+        self._app: App | None = None  # the App this outbox belongs to (App(outbox=...))
         self._psycopg = _client()
         self.db_errors: tuple[type[BaseException], ...] = (self._psycopg.Error, OSError)
 
@@ -128,6 +131,51 @@ class PostgresOutbox:
         )
         await write(connection, self.statements, message)
         return message.message_id
+
+    async def enqueue(
+        self,
+        connection: Any,
+        exchange: str,
+        routing_key: str,
+        payload: object,
+        *,
+        job_id: str | None = None,
+        key: str | None = None,
+        headers: dict[str, Any] | None = None,
+        priority: int | None = None,
+    ) -> Job:
+        """Enqueue a job through the outbox, in the caller's transaction (contract section
+        12): committed, the job is published and exists; rolled back, it never does.
+
+        The arguments are those of :meth:`App.enqueue` plus ``connection`` and ``key``;
+        ``job_id`` (default: a new one) is the message's ``message_id``. Returns the
+        :class:`~rabbitflow.job.Job` at once; the relay records it ``queued`` once the broker
+        confirmed it, unless a worker already recorded a later state. Needs
+        ``App(jobs=...)``."""
+        app = self._app
+        if app is None:
+            raise ConfigurationError(
+                "app.outbox.enqueue() needs the outbox to belong to an App: "
+                "App(outbox=PostgresOutbox(...), jobs=...)"
+            )
+        book = app.jobs  # ConfigurationError without App(jobs=...)
+        job_id = job_id or uuid.uuid4().hex
+        message = build_message(
+            exchange,
+            routing_key,
+            payload,
+            message_id=job_id,
+            key=key,
+            headers=headers,
+            priority=priority,
+            job=True,
+        )
+        await write(connection, self.statements, message)
+        return Job(job_id, book)
+
+    def bind(self, app: App) -> None:
+        """Called by ``App(outbox=...)``: the app whose jobs :meth:`enqueue` records."""
+        self._app = app
 
     # -- the table -----------------------------------------------------------------------
 

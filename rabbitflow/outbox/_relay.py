@@ -179,6 +179,8 @@ class Relay:
         for row, (error, _) in zip(rows, outcomes, strict=True):
             if error is None:
                 settlement.sent.append(row.id)
+                if row.job:
+                    settlement.jobs.append(row.message_id)
             elif _refused(error, row.exchange):
                 delay = self._backoff(row.attempts + 1)
                 settlement.refused.append(Refusal(row.id, str(error), delay))
@@ -216,7 +218,30 @@ class Relay:
         self._unsettled = None
         if settlement:
             self._account(settlement, parked)
+            if settlement.jobs:
+                await self._record_jobs(settlement.jobs)
         return rows
+
+    async def _record_jobs(self, job_ids: list[str]) -> None:
+        """The jobs of ``app.outbox.enqueue`` just published: ``queued``, unless the job
+        store knows them already (a worker may have run one since the confirm). A store
+        that does not answer costs the jobs nothing but this record: the worker records
+        each once it runs it."""
+        try:
+            book = self.app.jobs
+            results = await asyncio.gather(
+                *(book.record_queued(job_id) for job_id in job_ids), return_exceptions=True
+            )
+        except Exception as exc:
+            results = [exc]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning(
+                "outbox jobs published, but the job store did not record them queued",
+                table=self.outbox.table,
+                jobs=len(failed),
+                error=str(failed[0]) or type(failed[0]).__name__,
+            )
 
     def _account(self, settlement: Settlement, parked: list[int]) -> None:
         sent = len(settlement.sent)

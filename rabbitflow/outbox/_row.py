@@ -34,6 +34,7 @@ class OutboxMessage:
     key: str | None
     body: bytes
     properties: bytes
+    job: bool = False
 
     def params(self) -> dict[str, Any]:
         """The insert's parameters."""
@@ -44,6 +45,7 @@ class OutboxMessage:
             "message_id": self.message_id,
             "body": self.body,
             "properties": self.properties,
+            "job": self.job,
         }
 
 
@@ -61,6 +63,7 @@ def build_message(
     priority: int | None = None,
     expiration: int | None = None,
     reply_to: str | None = None,
+    job: bool = False,
 ) -> OutboxMessage:
     """Encode a message as :meth:`App.publish` does, with the trace context of a PRODUCER
     span opened now (in the caller's request), so that one trace runs from the caller
@@ -81,7 +84,9 @@ def build_message(
             reply_to=reply_to,
         )
     fit(properties, WRITE_FRAME_MAX, exchange=exchange, routing_key=routing_key)
-    return OutboxMessage(exchange, routing_key, message_id, key, body, bytes(properties.marshal()))
+    return OutboxMessage(
+        exchange, routing_key, message_id, key, body, bytes(properties.marshal()), job
+    )
 
 
 def read_properties(data: bytes) -> spec.Basic.Properties:

@@ -16,6 +16,7 @@ One row per message, written in the caller's transaction::
     created_at   timestamptz commit-to-publish lag is measured from it
     sent_at      timestamptz the broker's confirm; sent rows are deleted after the retention
     error        text        the last refusal
+    job          boolean     written by app.outbox.enqueue: the relay records the job queued
 
 Two partial indexes carry the relay: pending and parked rows by id (claims, the per-key head
 check, metrics), and sent rows by sent_at (the retention sweep). A sent row leaves both the
@@ -66,7 +67,8 @@ def ddl(table: str, schema: str | None = None) -> str:
     locked_until timestamptz,
     created_at timestamptz NOT NULL DEFAULT now(),
     sent_at timestamptz,
-    error text
+    error text,
+    job boolean NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS {table}_open ON {t} (id) WHERE state <> '{SENT}';
 CREATE INDEX IF NOT EXISTS {table}_key ON {t} (key, id) WHERE state <> '{SENT}' AND key IS NOT NULL;
@@ -121,8 +123,11 @@ class Statements:
     @classmethod
     def build(cls, table: str, schema: str | None = None) -> Statements:
         t = qualified(table, schema)
-        columns = "key, exchange, routing_key, message_id, body, properties"
-        values = "%(key)s, %(exchange)s, %(routing_key)s, %(message_id)s, %(body)s, %(properties)s"
+        columns = "key, exchange, routing_key, message_id, body, properties, job"
+        values = (
+            "%(key)s, %(exchange)s, %(routing_key)s, %(message_id)s, %(body)s, %(properties)s, "
+            "%(job)s"
+        )
         return cls(
             table=t,
             insert=f"INSERT INTO {t} ({columns}) VALUES ({values})",
@@ -154,7 +159,7 @@ class Statements:
 UPDATE {t} SET locked_until = now() + make_interval(secs => %(lease)s)
 FROM heads WHERE {t}.id = heads.id
 RETURNING {t}.id, {t}.exchange, {t}.routing_key, {t}.body, {t}.properties, {t}.attempts,
-    extract(epoch FROM now() - {t}.created_at)""",
+    extract(epoch FROM now() - {t}.created_at), {t}.message_id, {t}.job""",
             sent=(
                 f"UPDATE {t} SET state = '{SENT}', sent_at = now(), locked_until = NULL, "
                 f"error = NULL WHERE id = ANY(%(ids)s) AND state = '{PENDING}'"

@@ -61,6 +61,7 @@ class QueueConfig:
     consumer_timeout_ms: int | None = None
     stream_offset: StreamOffset = "next"
     idempotent: bool = False
+    track: bool = False
     leader_locator: str | None = None
     initial_group_size: int | None = None
 
@@ -135,6 +136,7 @@ def _resolve(name: str, table: QueueTable, parsed: TopologyFile) -> QueueConfig:
             else defaults.consumer_timeout
         ),
         idempotent=table.idempotent,
+        track=table.track,
         leader_locator=table.leader_locator or defaults.leader_locator,
         initial_group_size=table.initial_group_size or defaults.initial_group_size,
     )

@@ -228,6 +228,7 @@ class QueueTable(_Table):
     consumer_timeout: Duration | None = None
     stream_offset: Offset | None = None
     idempotent: bool = False  # handle each message_id once (needs App(idempotency=...))
+    track: bool = False  # record each message_id's job status (needs App(jobs=...))
     arguments: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("prefetch", mode="before")
