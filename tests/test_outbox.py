@@ -370,3 +370,69 @@ async def test_enqueue_without_a_job_store_is_refused_before_anything_is_written
             with pytest.raises(ConfigurationError, match="jobs"):
                 await app.outbox.enqueue(conn, EXCHANGE, "x", {})
         assert await count_rows(outbox, "pending") == 0
+
+
+async def test_the_trace_runs_from_the_writer_through_the_relayed_message(vhost_url: str) -> None:
+    from tests.support.spans import capture_spans
+
+    async with outbox_in_own_schema() as outbox, Sink(vhost_url) as sink:
+        app = App(url=vhost_url, outbox=outbox)
+        with capture_spans() as spans:
+            tracer = spans.provider.get_tracer("web")
+            # Given a row written inside a request's span
+            with tracer.start_as_current_span("POST /orders") as request:
+                async with (
+                    await psycopg.AsyncConnection.connect(POSTGRES_URL) as conn,
+                    conn.transaction(),
+                ):
+                    await app.outbox.publish(conn, EXCHANGE, "order.created", {}, message_id="t-1")
+            # When the relay publishes it later, outside any span
+            async with outbox.relaying(app):
+                await sink.wait_for_ids(["t-1"])
+        await app.close()
+        # Then the message carries the PRODUCER span opened in the request
+        [producer] = spans.named(f"publish {EXCHANGE}")
+        assert producer.parent is not None
+        assert producer.parent.span_id == request.get_span_context().span_id
+        traceparent = str(sink.received[0].headers["traceparent"])
+        assert f"{producer.context.trace_id:032x}" in traceparent
+        assert f"{producer.context.span_id:016x}" in traceparent
+
+
+async def test_metrics_and_a_warning_when_the_lag_passes_its_threshold(vhost_url: str) -> None:
+    from structlog.testing import capture_logs
+
+    from rabbitflow._metrics import Metrics
+
+    async with outbox_in_own_schema(lag_warning=0.2) as outbox, Sink(vhost_url) as sink:
+        # Given rows older than the threshold, and a relay that cannot reach the broker
+        ids = await write_rows(outbox, 20)
+        await asyncio.sleep(0.3)
+        metrics = Metrics()
+        table = outbox.table
+        unreachable = App(url="amqp://guest:guest@127.0.0.1:5719/", outbox=outbox)
+        with capture_logs() as logs:
+            async with outbox.relaying(unreachable, metrics):
+                for _ in range(100):
+                    if metrics.outbox_pending.labels(table).value == 20:
+                        break
+                    await asyncio.sleep(0.05)
+        # Then the gauges show the backlog and its age, and one WARNING says so
+        assert metrics.outbox_pending.labels(table).value == 20
+        assert metrics.outbox_oldest_age.labels(table).value >= 0.2
+        lag = [
+            e
+            for e in logs
+            if e["event"] == "outbox lag over the threshold: the oldest pending row waits"
+        ]
+        assert len(lag) == 1
+        assert lag[0]["log_level"] == "warning"
+        assert lag[0]["pending"] == 20
+        # And once a relay reaches the broker the rows are published and counted
+        app = App(url=vhost_url, outbox=outbox)
+        async with outbox.relaying(app, metrics):
+            await sink.wait_for_ids(ids)
+            await asyncio.sleep(0.2)
+        await app.close()
+        assert metrics.outbox_published.labels(table).value == 20
+        assert "rabbitflow_outbox_published_total" in metrics.render()
