@@ -283,6 +283,8 @@ def test_bad_settings_are_refused_when_the_outbox_is_made() -> None:
         PostgresOutbox(POSTGRES_URL, table="orders; DROP TABLE x")
     with pytest.raises(ConfigurationError, match="lease"):
         PostgresOutbox(POSTGRES_URL, lease="soon")
+    with pytest.raises(ConfigurationError, match="shorter than the lease"):
+        PostgresOutbox(POSTGRES_URL, lease="10s", publish_timeout="10s")
 
 
 def _relay_env(outbox: PostgresOutbox, **extra: str) -> dict[str, str]:

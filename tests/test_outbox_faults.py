@@ -34,7 +34,10 @@ BATCH = 500
 async def test_a_relay_killed_mid_batch_loses_nothing_and_repeats_at_most_a_batch(
     vhost_url: str, tmp_path: Path
 ) -> None:
-    async with outbox_in_own_schema(lease="2s") as outbox, Sink(vhost_url) as sink:
+    async with (
+        outbox_in_own_schema(lease="2s", publish_timeout="1s") as outbox,
+        Sink(vhost_url) as sink,
+    ):
         ids = await write_rows(outbox, 20_000, per_transaction=2_000)
         env = {
             **os.environ,
@@ -42,6 +45,7 @@ async def test_a_relay_killed_mid_batch_loses_nothing_and_repeats_at_most_a_batc
             "RF_OUTBOX_SCHEMA": outbox.schema or "",
             "RF_OUTBOX_BATCH": str(BATCH),
             "RF_OUTBOX_LEASE": "2s",
+            "RF_OUTBOX_PUBLISH_TIMEOUT": "1s",
         }
         command = [sys.executable, "-m", "rabbitflow", "outbox", "relay"]
         # Given a relay in a process of its own, publishing

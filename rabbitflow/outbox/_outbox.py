@@ -58,7 +58,7 @@ class PostgresOutbox:
         retry_backoff: str | float = "1s",
         retry_backoff_max: str | float = "5m",
         lag_warning: str | float = "60s",
-        publish_timeout: str | float = "30s",
+        publish_timeout: str | float = "20s",
         shutdown_timeout: str | float = "10s",
         notify: bool = True,
     ) -> None:
@@ -77,6 +77,13 @@ class PostgresOutbox:
         self.lag_warning = _seconds(lag_warning, "lag_warning")
         self.publish_timeout = _seconds(publish_timeout, "publish_timeout")
         self.shutdown_timeout = _seconds(shutdown_timeout, "shutdown_timeout", zero=True)
+        if self.publish_timeout >= self.lease:
+            # A batch still waiting for its confirms when its lease ends would be claimed and
+            # published again by another relay.
+            raise ConfigurationError(
+                f"PostgresOutbox(publish_timeout={publish_timeout!r}) must be shorter than "
+                f"the lease ({lease!r})"
+            )
         self.notify = notify
         self.statements = Statements.build(self.table, self.schema)
         self._app: App | None = None  # the App this outbox belongs to (App(outbox=...))

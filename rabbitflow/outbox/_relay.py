@@ -110,6 +110,18 @@ class Relay:
                         retry_in=round(wait, 2),
                     )
                     await self._pause(wait)
+                except Exception as exc:
+                    # Whatever else goes wrong, the relay must not stop for good while the
+                    # worker it runs in goes on consuming: log it, wait, start over.
+                    failures += 1
+                    wait = full_jitter(failures, RECONNECT_BASE, RECONNECT_CAP)
+                    log.error(
+                        "outbox relay failed; starting again",
+                        table=self.outbox.table,
+                        error=repr(exc),
+                        retry_in=round(wait, 2),
+                    )
+                    await self._pause(wait)
                 else:
                     failures = 0
         finally:
