@@ -25,6 +25,7 @@ from rabbitflow.outbox import PostgresOutbox
 from tests.support.outbox import EXCHANGE, Sink, count_rows, outbox_in_own_schema, write_rows
 from tests.support.processes import ROOT, run_cli
 from tests.support.services import POSTGRES_URL
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -438,3 +439,34 @@ async def test_metrics_and_a_warning_when_the_lag_passes_its_threshold(vhost_url
         await app.close()
         assert metrics.outbox_published.labels(table).value == 20
         assert "rabbitflow_outbox_published_total" in metrics.render()
+
+
+async def test_a_failing_row_holds_back_only_the_later_rows_of_its_key(vhost_url: str) -> None:
+    async with (
+        outbox_in_own_schema(max_attempts=2, retry_backoff=0.2, poll_interval=0.2) as outbox,
+        Sink(vhost_url) as sink,
+    ):
+        # Given key "a" whose first row goes to a missing exchange, then rows of "a", "b", none
+        async with await psycopg.AsyncConnection.connect(POSTGRES_URL) as conn, conn.transaction():
+            await outbox.publish(conn, "no-such-exchange", "x", {}, message_id="a-0", key="a")
+            for n in range(1, 4):
+                await outbox.publish(conn, EXCHANGE, "r", {}, message_id=f"a-{n}", key="a")
+                await outbox.publish(conn, EXCHANGE, "r", {}, message_id=f"b-{n}", key="b")
+                await outbox.publish(conn, EXCHANGE, "r", {}, message_id=f"none-{n}")
+        app = App(url=vhost_url, outbox=outbox)
+        async with outbox.relaying(app) as relay:
+            # Then "b" and the unkeyed rows flow, "a" waits behind its parked row
+            others = [f"{k}-{n}" for k in ("b", "none") for n in range(1, 4)]
+            await sink.wait_for_ids(others)
+            await wait_for(lambda: relay.parked >= 1, "the row to the missing exchange parked")
+            await asyncio.sleep(0.6)
+            assert not [i for i in sink.ids if i.startswith("a-")]
+            # And once the operator purges the parked row, the rest of "a" follows, in order
+            purged = run_cli(
+                "outbox", "purge", "--dsn", POSTGRES_URL, "--schema", outbox.schema or "", "--yes"
+            )
+            assert "1 parked row(s) deleted" in purged.stdout
+            await sink.wait_for_ids(["a-1", "a-2", "a-3"])
+        await app.close()
+        assert [i for i in sink.ids if i.startswith("a-")] == ["a-1", "a-2", "a-3"]
+        assert sink.duplicates() == 0

@@ -32,6 +32,7 @@ class Claimed:
     age: float  # seconds since the row was written
     message_id: str
     job: bool  # written by app.outbox.enqueue
+    key: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +155,9 @@ class Claims:
 
 def _claimed(rows: list[tuple[Any, ...]]) -> list[Claimed]:
     claimed = [
-        Claimed(row[0], row[1], row[2], row[3], row[4], row[5], float(row[6]), row[7], row[8])
+        Claimed(
+            row[0], row[1], row[2], row[3], row[4], row[5], float(row[6]), row[7], row[8], row[9]
+        )
         for row in rows
     ]
     claimed.sort(key=_id)  # UPDATE … RETURNING follows no order

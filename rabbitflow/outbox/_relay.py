@@ -168,10 +168,6 @@ class Relay:
     async def _relay(self, rows: Sequence[Claimed]) -> bool:
         """Publish ``rows``; their settlement is written with the next claim. False when the
         broker could not be reached."""
-        outgoing = [
-            Outgoing(row.exchange, row.routing_key, True, row.body, read_properties(row.properties))
-            for row in rows
-        ]
         try:
             publisher = await self.app._ready_publisher()
             channel = await publisher.ready_channel()
@@ -184,20 +180,41 @@ class Relay:
             )
             self._unsettled = Settlement([], [], [row.id for row in rows])
             return False
-        outcomes = await _send_fitting(
-            channel, outgoing, publisher.frame_max, timeout=self.outbox.publish_timeout
-        )
         settlement = self._unsettled = Settlement([], [], [])
-        for row, (error, _) in zip(rows, outcomes, strict=True):
-            if error is None:
-                settlement.sent.append(row.id)
-                if row.job:
-                    settlement.jobs.append(row.message_id)
-            elif _refused(error, row.exchange):
-                delay = self._backoff(row.attempts + 1)
-                settlement.refused.append(Refusal(row.id, str(error), delay))
-            else:
-                settlement.released.append(row.id)
+        held: set[str] = set()  # keys whose row in this batch was not confirmed
+        waves = _waves(rows)
+        for number, wave in enumerate(waves):
+            waiting = [row for row in wave if row.key not in held]
+            settlement.released += [row.id for row in wave if row.key in held]
+            if not waiting:
+                continue
+            outgoing = [
+                Outgoing(r.exchange, r.routing_key, True, r.body, read_properties(r.properties))
+                for r in waiting
+            ]
+            outcomes = await _send_fitting(
+                channel, outgoing, publisher.frame_max, timeout=self.outbox.publish_timeout
+            )
+            for row, (error, _) in zip(waiting, outcomes, strict=True):
+                if error is None:
+                    settlement.sent.append(row.id)
+                    if row.job:
+                        settlement.jobs.append(row.message_id)
+                    continue
+                if row.key is not None:
+                    held.add(row.key)  # the key's later rows wait for this one
+                if _refused(error, row.exchange):
+                    delay = self._backoff(row.attempts + 1)
+                    settlement.refused.append(Refusal(row.id, str(error), delay))
+                else:
+                    settlement.released.append(row.id)
+            if channel.is_closed and number + 1 < len(waves):
+                # A 404 closed it: the next round needs a fresh one.
+                try:
+                    channel = await publisher.ready_channel()
+                except (BrokerError, *LOST):
+                    settlement.released += [r.id for later in waves[number + 1 :] for r in later]
+                    break
         if settlement.released and not settlement.sent:
             log.warning(
                 "outbox relay: the broker did not confirm the batch; rows wait",
@@ -326,6 +343,24 @@ class Relay:
             except self.outbox.db_errors:
                 failures += 1
                 await asyncio.sleep(full_jitter(failures, RECONNECT_BASE, RECONNECT_CAP))
+
+
+def _waves(rows: Sequence[Claimed]) -> list[list[Claimed]]:
+    """The batch in publishing rounds: a row of a key goes one round after the key's row
+    before it, so that it is sent only once that one is confirmed (per-key order, and a row
+    that fails holds back the rest of its key). Rows without a key all go in the first."""
+    waves: list[list[Claimed]] = [[]]
+    rank: dict[str, int] = {}
+    for row in rows:  # by id: commit order within a key
+        if row.key is None:
+            waves[0].append(row)
+            continue
+        wave = rank.get(row.key, 0)
+        rank[row.key] = wave + 1
+        if wave == len(waves):
+            waves.append([])
+        waves[wave].append(row)
+    return waves
 
 
 def _refused(error: PublishError, exchange: str) -> bool:

@@ -141,9 +141,11 @@ class Statements:
             ),
             # One statement claims a batch: the first pending rows by id that are due and not
             # leased, skipping rows another relay's claim has locked (FOR UPDATE SKIP LOCKED), of
-            # which only the head of each key is kept (no earlier open row of the same key),
-            # then leased. It commits at once (autocommit): no lock lives longer than the
-            # statement, and the lease keeps other relays off the rows while they are published.
+            # which a keyed row is kept only when every earlier open row of its key is in the
+            # batch too (the key's oldest rows, in a run), then leased. The relay publishes a
+            # key's run one row after the other's confirm. The claim commits at once
+            # (autocommit): no lock outlives the statement, and the lease keeps other relays
+            # off the rows while they are published.
             claim=f"""WITH due AS (
     SELECT id, key FROM {t}
     WHERE state = '{PENDING}' AND available_at <= now()
@@ -154,12 +156,13 @@ class Statements:
     SELECT due.id FROM due
     WHERE due.key IS NULL OR NOT EXISTS (
         SELECT 1 FROM {t} earlier
-        WHERE earlier.key = due.key AND earlier.state <> '{SENT}' AND earlier.id < due.id)
+        WHERE earlier.key = due.key AND earlier.state <> '{SENT}' AND earlier.id < due.id
+          AND earlier.id NOT IN (SELECT id FROM due))
 )
 UPDATE {t} SET locked_until = now() + make_interval(secs => %(lease)s)
 FROM heads WHERE {t}.id = heads.id
 RETURNING {t}.id, {t}.exchange, {t}.routing_key, {t}.body, {t}.properties, {t}.attempts,
-    extract(epoch FROM now() - {t}.created_at), {t}.message_id, {t}.job""",
+    extract(epoch FROM now() - {t}.created_at), {t}.message_id, {t}.job, {t}.key""",
             sent=(
                 f"UPDATE {t} SET state = '{SENT}', sent_at = now(), locked_until = NULL, "
                 f"error = NULL WHERE id = ANY(%(ids)s) AND state = '{PENDING}'"
