@@ -183,18 +183,25 @@ class Relay:
         settlement = self._unsettled = Settlement([], [], [])
         held: set[str] = set()  # keys whose row in this batch was not confirmed
         waves = _waves(rows)
+        loop = asyncio.get_running_loop()
+        # The whole batch within publish_timeout, shorter than the lease: no other relay
+        # claims these rows while they may still be in flight.
+        deadline = loop.time() + self.outbox.publish_timeout
         for number, wave in enumerate(waves):
             waiting = [row for row in wave if row.key not in held]
             settlement.released += [row.id for row in wave if row.key in held]
             if not waiting:
                 continue
+            left = deadline - loop.time()
+            if left <= 0:
+                later = [r.id for rest in waves[number + 1 :] for r in rest]
+                settlement.released += [r.id for r in waiting] + later
+                break
             outgoing = [
                 Outgoing(r.exchange, r.routing_key, True, r.body, read_properties(r.properties))
                 for r in waiting
             ]
-            outcomes = await _send_fitting(
-                channel, outgoing, publisher.frame_max, timeout=self.outbox.publish_timeout
-            )
+            outcomes = await _send_fitting(channel, outgoing, publisher.frame_max, timeout=left)
             for row, (error, _) in zip(waiting, outcomes, strict=True):
                 if error is None:
                     settlement.sent.append(row.id)
