@@ -13,11 +13,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from rabbitflow import App, Message, Reject
+from rabbitflow import App, ConfigurationError, Message, Reject
 from rabbitflow.idempotency import MemoryStore, PostgresStore, RedisStore
 from rabbitflow.jobs import JobCancelled, JobFailed, JobState, JobTimeout
 from tests.support.services import POSTGRES_URL, REDIS_URL, require_postgres, require_redis
-from tests.support.waiting import wait_for
 from tests.support.worker import running
 from tests.test_idempotency_stores import delete_prefix, drop_table
 
@@ -287,4 +286,50 @@ async def until(probe: Any, what: str, timeout: float = 15.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-_ = (Reject, wait_for)
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+async def test_a_result_is_waited_for_longer_than_the_stores_call_timeout(
+    tmp_path: Path, vhost_url: str, kind: str
+) -> None:
+    # The wait is the caller's: a subscription quiet for longer than the store's call
+    # timeout (500 ms here) is not a store that does not answer.
+    name = uuid.uuid4().hex[:10]
+    if kind == "redis":
+        require_redis()
+        store: Any = RedisStore(REDIS_URL, prefix=f"rf-test:{name}:", timeout="500ms")
+    else:
+        require_postgres()
+        store = PostgresStore(POSTGRES_URL, table=f"rf_{name}", timeout="500ms")
+    app, _ = make_app(tmp_path, store, vhost_url)
+    try:
+        async with running(app, vhost_url), app:
+            job = await app.enqueue("reports", "report.sales", ReportRequest(month="w", slow=2))
+            assert await job.result(timeout=15) == {"month": "w", "total": 42}
+    finally:
+        await store.close()
+        if kind == "redis":
+            await delete_prefix(REDIS_URL, f"rf-test:{name}:")
+        else:
+            await drop_table(POSTGRES_URL, f"rf_{name}_jobs")
+            await drop_table(POSTGRES_URL, f"rf_{name}")
+
+
+def test_a_tracked_consumer_without_a_job_store_is_a_start_up_error(tmp_path: Path) -> None:
+    (tmp_path / "topology.toml").write_text(TOPOLOGY)
+    app = App(tmp_path / "topology.toml")
+
+    @app.consumer("sales")  # tracked by the file's track = true
+    async def build(req: dict[str, int]) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"App\(..., jobs=RedisStore"):
+        app.load_topology()
+
+
+def test_track_false_on_the_decorator_overrides_the_file(tmp_path: Path) -> None:
+    (tmp_path / "topology.toml").write_text(TOPOLOGY)
+    app = App(tmp_path / "topology.toml")
+
+    @app.consumer("sales", track=False)
+    async def build(req: dict[str, int]) -> None: ...
+
+    topology = app.load_topology()  # no store needed
+    assert app.tracker("sales", topology) is None
