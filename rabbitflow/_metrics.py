@@ -223,6 +223,31 @@ class Metrics:
             ("store",),
         )
         self.ready = Metric("rabbitflow_ready", "1 when every consumer is consuming.", "gauge")
+        self.outbox_pending = Metric(
+            "rabbitflow_outbox_pending_rows",
+            "Outbox rows committed and not yet confirmed by the broker (read every 5 s).",
+            "gauge",
+            ("table",),
+        )
+        self.outbox_oldest_age = Metric(
+            "rabbitflow_outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending outbox row: the relay's lag (read every 5 s).",
+            "gauge",
+            ("table",),
+        )
+        self.outbox_parked = Metric(
+            "rabbitflow_outbox_parked_rows",
+            "Outbox rows the broker refused on every attempt, waiting for `rabbitflow outbox "
+            "retry` or `purge`.",
+            "gauge",
+            ("table",),
+        )
+        self.outbox_published = Metric(
+            "rabbitflow_outbox_published_total",
+            "Outbox rows this process's relay published (confirmed by the broker).",
+            "counter",
+            ("table",),
+        )
 
     def all(self) -> tuple[Metric, ...]:
         return (
@@ -240,6 +265,10 @@ class Metrics:
             self.store_up,
             self.store_outages,
             self.ready,
+            self.outbox_pending,
+            self.outbox_oldest_age,
+            self.outbox_parked,
+            self.outbox_published,
         )
 
     def render(self) -> str:

@@ -24,6 +24,8 @@ class WorkerOptions:
     management_url: str | None = field(default_factory=configured_url)
     # Seconds between the INFO progress lines of each consumer with traffic; None: no lines.
     progress_interval: float | None = 60.0
+    # Run the relay of App(outbox=...) beside the consumers (--no-outbox-relay: not).
+    outbox_relay: bool = True
 
     @property
     def urls(self) -> list[str]:

@@ -12,7 +12,7 @@ reconnects, consumes and drains. Everything else is wired here, once, and the wo
 - :meth:`~Services.prepare`, on each new connection before consuming: declare the topology,
   or verify it (``--no-declare``);
 - :meth:`~Services.running`, from the app's start-up hooks until the consumers are drained,
-  across reconnections: the store checks, then the schedules;
+  across reconnections: the store checks, then the schedules and the outbox relay;
 - :meth:`~Services.consuming`, while the consumers run on one connection: the start-up
   summary (the first time), the tier monitor, and the connection the repairer declares on;
 - :meth:`~Services.stopped`, once drained and closed: the last progress lines;
@@ -153,8 +153,18 @@ class Services:
     async def running(self) -> AsyncIterator[None]:
         """From the app's start-up hooks until the consumers are drained."""
         await self.check_stores()
-        async with run_schedules(self._host.app.schedules.values(), self._host.options.urls):
+        async with (
+            run_schedules(self._host.app.schedules.values(), self._host.options.urls),
+            self._outbox_relay(),
+        ):
             yield
+
+    def _outbox_relay(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """The relay of the app's outbox, unless it has none or ``--no-outbox-relay``."""
+        outbox = self._host.app.outbox
+        if outbox is None or not self._host.options.outbox_relay:
+            return contextlib.nullcontext()
+        return outbox.relaying(self._host.app, self._host.consumers.metrics)
 
     async def check_stores(self) -> None:
         """Ask each store the consumers need to answer, all at once: one that does not is

@@ -47,6 +47,8 @@ from rabbitflow.types import ExceptionTypes, Hook, Lifespan
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from rabbitflow.outbox import PostgresOutbox
+
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=BaseModel)
 MW = TypeVar("MW", bound=Middleware)
@@ -75,6 +77,9 @@ class App:
     ``metrics_registry`` is the prometheus_client ``CollectorRegistry`` whose metrics
     ``/metrics`` serves beside rabbitflow's (default: prometheus_client's ``REGISTRY``, when
     it is installed).
+    ``outbox`` is the transactional outbox (:class:`rabbitflow.outbox.PostgresOutbox`):
+    ``app.outbox.publish(conn, ...)`` writes in the caller's transaction, and ``rabbitflow
+    run`` runs its relay beside the consumers.
     ``progress_interval`` is how often ``rabbitflow run`` logs each busy consumer's progress
     line at INFO (``"60s"``; ``--progress-interval`` overrides it; None or 0: no lines); kept
     as seconds in :attr:`progress_interval`.
@@ -93,6 +98,7 @@ class App:
         state: Any = None,
         metrics_registry: CollectorRegistry | None = None,
         progress_interval: str | int | float | None = DEFAULT_INTERVAL,
+        outbox: PostgresOutbox | None = None,
     ) -> None:
         self.topology_path = Path(topology)
         self.progress_interval: float | None = interval_seconds(progress_interval)
@@ -102,6 +108,9 @@ class App:
         self.name = name
         self.lifespan = lifespan
         self.idempotency = idempotency
+        self.outbox = outbox
+        if outbox is not None:
+            outbox.bind(self)  # app.outbox.enqueue records its jobs in this app's book
         self._jobs: JobBook | None = None if jobs is None else _job_book(jobs, jobs_ttl)
         # The store under the book, closed with the app (a book given as such is closed
         # as a book).

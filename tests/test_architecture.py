@@ -54,6 +54,10 @@ ALLOWED_UPWARD = {
     # names, imported on first use; the delivery path itself sees only the hook it defines
     # (rabbitflow._continuation), which rabbitflow.workflows installs.
     ("rabbitflow", "rabbitflow.workflows"): "the public names chain, chord, group, step",
+    # Typing only: ``App(outbox=PostgresOutbox(...))`` and ``app.outbox.publish`` typed for
+    # the user's mypy; the core never imports the outbox at run time (the relay is started
+    # through the object the user gave).
+    ("rabbitflow.app", "rabbitflow.outbox"): "App(outbox=...) is typed",
 }
 
 

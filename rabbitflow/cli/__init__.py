@@ -35,6 +35,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "docs",
         "Generate documentation from an app and its topology.",
     ),
+    "outbox": (
+        "rabbitflow.cli._outbox",
+        "outbox",
+        "Install, relay and inspect the transactional outbox.",
+    ),
     "publish": ("rabbitflow.cli._publish", "publish", "Publish BODY with publisher confirms."),
     "retries": (
         "rabbitflow.cli._retries",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
@@ -15,6 +16,9 @@ from rabbitflow.errors import ConfigurationError
 from rabbitflow.job import JobBook
 from rabbitflow.topology import load_topology
 from rabbitflow.types import LogFormat
+
+if TYPE_CHECKING:
+    from rabbitflow.outbox import PostgresOutbox
 
 TOKEN_ENV = "RABBITFLOW_CONSOLE_TOKEN"
 
@@ -61,6 +65,22 @@ TOKEN_ENV = "RABBITFLOW_CONSOLE_TOKEN"
     help="Of the audit lines; auto: console on a terminal, JSON otherwise.",
 )
 @click.option(
+    "--outbox-dsn",
+    metavar="URL",
+    envvar="RABBITFLOW_OUTBOX_DSN",
+    help="The PostgreSQL of the transactional outbox: a page of its pending and parked rows "
+    "and its lag [env: RABBITFLOW_OUTBOX_DSN].",
+)
+@click.option(
+    "--outbox-table",
+    default="rabbitflow_outbox",
+    show_default=True,
+    help="The outbox table, with --outbox-dsn.",
+)
+@click.option(
+    "--outbox-schema", default=None, help="The outbox table's schema, if not the default."
+)
+@click.option(
     "--jobs",
     "jobs_url",
     metavar="URL",
@@ -84,6 +104,9 @@ def console(
     management_url: str | None,
     limit: int,
     log_format: LogFormat,
+    outbox_dsn: str | None,
+    outbox_table: str,
+    outbox_schema: str | None,
     jobs_url: str | None,
     jobs_prefix: str | None,
 ) -> None:
@@ -125,6 +148,7 @@ def console(
         host=host,
         management_url=management_url,
         limit=limit,
+        outbox=None if outbox_dsn is None else _outbox(outbox_dsn, outbox_table, outbox_schema),
         jobs=None if jobs_url is None else _jobs(jobs_url, jobs_prefix),
     )
     configure_logging(log_format)
@@ -133,6 +157,15 @@ def console(
         f"rabbitflow console on http://{where}:{port}/" + (" (token required)" if token else "")
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+def _outbox(dsn: str, table: str, schema: str | None) -> PostgresOutbox:
+    from rabbitflow.outbox import PostgresOutbox
+
+    try:
+        return PostgresOutbox(dsn, table=table, schema=schema)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--outbox-table/--outbox-schema") from None
 
 
 def _jobs(url: str, prefix: str | None) -> JobBook:

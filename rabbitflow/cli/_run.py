@@ -103,6 +103,12 @@ DUPLICATE_TERM_WINDOW = 0.5  # seconds
     "retried, dead-lettered, rate, p50/p99 handler time (default: the App's, 60s; 0: off).",
 )
 @click.option(
+    "--no-outbox-relay",
+    is_flag=True,
+    help="Do not run the relay of the App's outbox in this process (run 'rabbitflow outbox "
+    "relay' instead).",
+)
+@click.option(
     "--worker-index",
     type=click.IntRange(min=0),
     default=None,
@@ -132,6 +138,7 @@ def run(
     metrics_host: str,
     management_url: str | None,
     progress_interval: str | None,
+    no_outbox_relay: bool,
     worker_index: int | None,
     loop: str,
 ) -> None:
@@ -166,6 +173,7 @@ def run(
         metrics_host=metrics_host,
         management_url=management_url,
         progress_interval=app.progress_interval if progress_interval is None else interval,
+        outbox_relay=not no_outbox_relay,
     )
     worker = Worker(app, topology, options)
     _run_loop(worker, loop)

@@ -37,6 +37,7 @@ def create_app(settings: ConsoleSettings) -> Starlette:
         read_only=settings.read_only,
         broker=mask_url(settings.url),
         source=settings.topology.source,
+        outbox=settings.outbox is not None,
         jobs=settings.jobs is not None,
     )
     management = None

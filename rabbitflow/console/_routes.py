@@ -25,6 +25,7 @@ from rabbitflow.console._groups import (
 )
 from rabbitflow.console._inventory import read_overview
 from rabbitflow.console._jobs import job_routes
+from rabbitflow.console._outbox import outbox_page
 from rabbitflow.console._reads import DEFAULT_LIMIT, broker_version, reads_are_counted, reads_left
 from rabbitflow.console._state import Console
 from rabbitflow.errors import RabbitflowError
@@ -39,6 +40,7 @@ def build(console: Console) -> list[BaseRoute]:
     pages: list[BaseRoute] = [
         Route("/", _bind(console, overview)),
         Route("/queues", _bind(console, queue_rows)),
+        Route("/outbox", _bind(console, outbox_page)),
         # The message is named in the query: a message_id may hold any character, and a
         # "/" in a path segment is a separator even when escaped (ASGI decodes %2F).
         Route("/dlq/{queue:path}/message", _bind(console, message_page)),

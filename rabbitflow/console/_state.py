@@ -17,6 +17,7 @@ from rabbitflow.console._actions import Outcome
 from rabbitflow.console._guard import Guard
 from rabbitflow.console._management import Management
 from rabbitflow.job import JobBook
+from rabbitflow.outbox import PostgresOutbox
 from rabbitflow.topology import Topology, derive
 
 RESULTS_KEPT = 50
@@ -33,6 +34,8 @@ class ConsoleSettings:
     host: str = "127.0.0.1"
     management_url: str | None = None
     limit: int = 500
+    # The outbox (``--outbox-dsn URL``): the /outbox page.
+    outbox: PostgresOutbox | None = None
     # The job store (``--jobs URL``): the job page, and replays that queue jobs again.
     jobs: JobBook | None = None
 
