@@ -17,6 +17,9 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+# Consumers run here carry workflow steps on (the step hook), as under `rabbitflow run`,
+# whatever the app's module imports.
+import rabbitflow.workflows  # noqa: F401
 from rabbitflow._logging import get_logger
 from rabbitflow._options import WorkerOptions
 from rabbitflow._urls import resolve_urls

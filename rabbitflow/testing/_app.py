@@ -20,6 +20,9 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 
+# Consumers run here carry workflow steps on (the step hook), as under `rabbitflow run`,
+# whatever the app's module imports.
+import rabbitflow.workflows  # noqa: F401
 from rabbitflow._consumers import ConsumerSet, RunningConsumer
 from rabbitflow._duration import parse_duration
 from rabbitflow._handler import Consumer, Signature
