@@ -135,10 +135,21 @@ def plan_command(
         click.echo(f"note: {why}: {result.unseen}")
     for note in result.notes:
         click.echo(f"note: {note}")
-    if result.conflicts:
+    if result.conflicts or result.migrations:
+        reasons = []
+        if result.conflicts:
+            reasons.append(plural(len(result.conflicts), "conflicting object"))
+        if result.migrations:
+            queues = " ".join(
+                sorted({_owner(item.name, declarations) for item in result.migrations})
+            )
+            reasons.append(
+                f"{plural(len(result.migrations), 'queue')} to migrate first: "
+                f"rabbitflow topology migrate {file} {queues}"
+            )
         click.echo(
-            f"error: declare would fail: {plural(len(result.conflicts), 'conflicting object')}; "
-            "see docs/topology.md on changing queue arguments",
+            f"error: declare would fail: {'; '.join(reasons)}; see docs/operations.md "
+            '"Changing a queue"',
             err=True,
         )
         sys.exit(1)
@@ -164,22 +175,71 @@ async def _plan(
     return await plan(connection, declarations, state), reason
 
 
+def _owner(name: str, declarations: Declarations) -> str:
+    spec = next((q for q in declarations.queues if q.name == name), None)
+    return spec.owner if spec is not None else name
+
+
+management_options = [
+    click.option(
+        "--management-url",
+        metavar="URL",
+        envvar="RABBITFLOW_MANAGEMENT_URL",
+        help="RabbitMQ's management HTTP API (default: http://HOST:15672/ of the broker URL, "
+        "with its credentials).",
+    ),
+    click.option(
+        "--no-management",
+        is_flag=True,
+        help="Do not use the management API (policies are then neither read nor applied).",
+    ),
+]
+
+
+def with_management(func: Callable[..., T]) -> Callable[..., T]:
+    """``--management-url`` and ``--no-management``."""
+    for option in reversed(management_options):
+        func = option(func)
+    return func
+
+
 @topology.command("declare")
 @file_argument
 @url_options
+@with_management
 @reports_errors
-def declare_command(file: str, url: tuple[str, ...], url_order: str) -> None:
-    """Declare every exchange, queue and binding of FILE (idempotent, never deletes)."""
-    from rabbitflow.topology._declare import declare
+def declare_command(
+    file: str,
+    url: tuple[str, ...],
+    url_order: str,
+    management_url: str | None,
+    no_management: bool,
+) -> None:
+    """Declare every exchange, queue and binding of FILE (idempotent, never deletes).
+
+    Every object is checked against the broker first: when one cannot be declared as FILE
+    says, nothing is declared. What a policy can carry is applied as rabbitflow's policy of
+    the queue (docs/operations.md "Changing a queue")."""
+    from rabbitflow.topology._declare import Management, declare
+    from rabbitflow.topology._management import vhost_of, with_credentials
 
     loaded = load(file)
     broker = broker_urls(url, loaded.broker_urls, url_order)
     click.echo(f"declaring {file} on {mask_urls(broker)}")
     declarations = derive(loaded)
+    management = None
+    if not no_management:
+        management = Management(with_credentials(management_url, broker[0]), vhost_of(broker[0]))
     done = _with_connection(
         broker,
         "rabbitflow topology declare",
-        lambda connection: declare(connection, declarations, on_declared=_print_declared),
+        lambda connection: declare(
+            connection,
+            declarations,
+            on_declared=_print_declared,
+            management=management,
+            file=file,
+        ),
     )
     click.echo(f"declared {_count(done)}")
 

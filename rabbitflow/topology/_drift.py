@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rabbitflow.topology._declare import binding_detail, binding_name
+from rabbitflow.topology._channels import binding_detail, binding_name
 from rabbitflow.topology._derived import BindingSpec, Declarations, ExchangeSpec, QueueSpec
 from rabbitflow.topology._management import BrokerState
 
