@@ -380,3 +380,119 @@ def _with_connection(
             await connection.close()
 
     return asyncio.run(run())
+
+
+@topology.command("migrate")
+@file_argument
+@click.argument("queues", nargs=-1)
+@url_options
+@with_management
+@click.option("--dry-run", is_flag=True, help="Print each step; change nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@reports_errors
+def migrate_command(
+    file: str,
+    queues: tuple[str, ...],
+    url: tuple[str, ...],
+    url_order: str,
+    management_url: str | None,
+    no_management: bool,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Re-create QUEUES (default: every queue of FILE) whose arguments changed, without
+    losing a message.
+
+    A queue whose change a policy can carry gets rabbitflow's policy (no message moves).
+    Otherwise a temporary queue QUEUE.migrating, bound like QUEUE, takes new messages; the
+    messages move to it (confirm, then ack); QUEUE is deleted, declared as FILE says and
+    bound again; the messages move back and the temporary queue is deleted. The queue's
+    retry tiers and DLQ follow. Run it again after an interruption: it resumes where it
+    stopped (docs/operations.md "Changing a queue")."""
+    from rabbitflow.topology._management import vhost_of, with_credentials
+    from rabbitflow.topology._migrate import Management
+
+    loaded = load(file)
+    broker = broker_urls(url, loaded.broker_urls, url_order)
+    declarations = derive(loaded)
+    management = None
+    if not no_management:
+        management = Management(with_credentials(management_url, broker[0]), vhost_of(broker[0]))
+    verb = "plan of the migration" if dry_run else "migrating"
+    click.echo(f"{verb} {file} on {mask_urls(broker)}")
+    _with_connection(
+        broker,
+        "rabbitflow topology migrate",
+        lambda connection: _migrate(
+            connection, declarations, list(queues), management, dry_run=dry_run, yes=yes
+        ),
+    )
+
+
+async def _migrate(
+    connection: AbstractConnection,
+    declarations: Declarations,
+    owners: list[str],
+    management: object,
+    *,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    import time
+
+    from rabbitflow.errors import TopologyConflictError
+    from rabbitflow.topology._migrate import Management, Migration
+
+    assert management is None or isinstance(management, Management)
+    migration = Migration(connection, declarations, management=management, say=click.echo)
+    started = time.monotonic()
+    try:
+        specs = await migration.queues(owners)
+        plans = [(spec, *await migration.state(spec)) for spec in specs]
+        todo = [(spec, state, checked) for spec, state, checked in plans if state != "done"]
+        for spec, state, checked in plans:
+            if state == "done":
+                click.echo(f"  {spec.name}: as the file says, nothing to do")
+            elif state == "missing":
+                click.echo(f"  {spec.name}: missing; `rabbitflow topology declare` creates it")
+            elif state == "policy" and checked is not None:
+                definition = ", ".join(f"{k} = {v!r}" for k, v in checked.policy_definition.items())
+                click.echo(
+                    f"  {spec.name}: policy rabbitflow.{spec.name}: {definition} (no message moves)"
+                )
+            else:
+                why = checked.detail() if checked is not None else "migration under way"
+                click.echo(f"  {spec.name}: {why}")
+                for step in migration.steps(spec, state, checked):
+                    click.echo(f"    step {step.number}/10: {step.text}")
+        work = [item for item in todo if item[1] not in ("missing",)]
+        if dry_run or not work:
+            return
+        if not yes:
+            click.confirm(f"migrate {plural(len(work), 'queue')}?", abort=True)
+        await migration.prepare_exchanges()
+        for spec, state, checked in work:
+            if state == "policy" and checked is not None:
+                await migration.apply_policy(checked)
+                click.echo(f"  {spec.name}: applied policy rabbitflow.{spec.name}")
+                continue
+            for attempt in range(3):
+                try:
+                    for step in migration.steps(spec, state, checked):
+                        click.echo(f"  {spec.name}: step {step.number}/10: {step.text}")
+                        await step.run()
+                    break
+                except TopologyConflictError as exc:
+                    # Declared back with its old arguments meanwhile (a worker running the old
+                    # file): the broker's state says where to go on.
+                    if attempt == 2:
+                        raise
+                    click.echo(f"  {spec.name}: {exc}; going on from the broker's state")
+                    state, checked = await migration.state(spec)
+        moved = sum(m.messages for _, _, m in migration.moved)
+        click.echo(
+            f"migrated {plural(len(work), 'queue')} in {time.monotonic() - started:.1f} s; "
+            f"{moved} messages moved"
+        )
+    finally:
+        await migration.close()
