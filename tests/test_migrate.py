@@ -159,7 +159,8 @@ async def test_classic_to_quorum_with_10000_waiting_loses_nothing(
     assert ("jobs", "work.migrating", "work") not in bindings(rabbit, vhost)
     # and every confirmed message is handled by the worker, which kept running; none was
     # refused or returned for want of a route
-    assert live.refused == [] and waiting.refused == []
+    assert live.refused == []
+    assert waiting.refused == []
     confirmed = set(waiting.confirmed) | set(live.confirmed)
     assert len(confirmed) >= 10_000
 
@@ -171,10 +172,12 @@ async def test_classic_to_quorum_with_10000_waiting_loses_nothing(
     counts = workers.records.ids("done")
     duplicates = sum(n - 1 for n in counts.values() if n > 1)
     assert duplicates <= 10  # the worker's prefetch
-    assert worker.process is not None and worker.process.poll() is None
+    assert worker.process is not None
+    assert worker.process.poll() is None
     # it followed the queue through the broker's basic.cancel, declaring nothing
     assert worker.has_event("the queue is back after a migration; consuming again")
-    assert "moved" in output and "migrated 3 queues" in output
+    assert "moved" in output
+    assert "migrated 3 queues" in output
 
 
 async def test_quorum_to_stream_is_refused(
