@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     # and export start fast.
     from aio_pika.abc import AbstractConnection
 
-    from rabbitflow.topology._declare import Declared
+    from rabbitflow.topology._declare import Declared, Management
     from rabbitflow.topology._plan import Plan, PlanItem
 
 T = TypeVar("T")
@@ -409,8 +409,8 @@ def migrate_command(
     bound again; the messages move back and the temporary queue is deleted. The queue's
     retry tiers and DLQ follow. Run it again after an interruption: it resumes where it
     stopped (docs/operations.md "Changing a queue")."""
+    from rabbitflow.topology._declare import Management
     from rabbitflow.topology._management import vhost_of, with_credentials
-    from rabbitflow.topology._migrate import Management
 
     loaded = load(file)
     broker = broker_urls(url, loaded.broker_urls, url_order)
@@ -433,7 +433,7 @@ async def _migrate(
     connection: AbstractConnection,
     declarations: Declarations,
     owners: list[str],
-    management: object,
+    management: Management | None,
     *,
     dry_run: bool,
     yes: bool,
@@ -441,9 +441,20 @@ async def _migrate(
     import time
 
     from rabbitflow.errors import TopologyConflictError
-    from rabbitflow.topology._migrate import Management, Migration
+    from rabbitflow.topology._migrate import Migration
 
-    assert management is None or isinstance(management, Management)
+    if management is not None:
+        from rabbitflow.errors import ManagementUnavailable
+        from rabbitflow.topology._management import read_state
+
+        try:
+            await read_state(management.api, management.vhost)
+        except ManagementUnavailable as exc:
+            click.echo(
+                f"note: the management API {exc.reason}: only the file's bindings are carried "
+                "over, and policies are not applied"
+            )
+            management = None
     migration = Migration(connection, declarations, management=management, say=click.echo)
     started = time.monotonic()
     try:

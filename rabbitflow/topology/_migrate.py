@@ -35,6 +35,7 @@ from aio_pika.abc import AbstractConnection
 from rabbitflow._broker_version import BrokerVersion
 from rabbitflow.errors import BrokerError, ManagementUnavailable, RabbitflowError
 from rabbitflow.topology._channels import ChannelSource, apply, describe, exists
+from rabbitflow.topology._declare import Management
 from rabbitflow.topology._derived import (
     BindingSpec,
     Declarations,
@@ -61,15 +62,6 @@ _START: dict[State, int] = {"old": 1, "holding": 2, "deleted": 6, "recreated": 7
 def temporary_name(queue: str) -> str:
     """``billing.order-created.migrating``."""
     return migrating_name(queue)
-
-
-@dataclass(frozen=True, slots=True)
-class Management:
-    """The management API (credentials in ``api``) and the vhost, for bindings not in the
-    file and for policies."""
-
-    api: str
-    vhost: str
 
 
 @dataclass(frozen=True, slots=True)
