@@ -400,10 +400,9 @@ def migrate_command(
     dry_run: bool,
     yes: bool,
 ) -> None:
-    """Re-create QUEUES (default: every queue of FILE) whose arguments changed, without
-    losing a message.
+    """Re-create queues whose arguments changed, without losing a message.
 
-    A queue whose change a policy can carry gets rabbitflow's policy (no message moves).
+    QUEUES default to every queue of FILE. A queue whose change a policy can carry gets rabbitflow's policy (no message moves).
     Otherwise a temporary queue QUEUE.migrating, bound like QUEUE, takes new messages; the
     messages move to it (confirm, then ack); QUEUE is deleted, declared as FILE says and
     bound again; the messages move back and the temporary queue is deleted. The queue's
