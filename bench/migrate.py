@@ -114,7 +114,7 @@ def one(amqp: str, management: str, count: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672")
-    parser.add_argument("--management-url", default="http://guest:guest@127.0.0.1:15672/")
+    parser.add_argument("--management-url", default="http://127.0.0.1:15672/")
     parser.add_argument("--messages", type=int, nargs="+", default=[10_000, 100_000])
     args = parser.parse_args()
     print(f"topology migrate, classic -> quorum, on {args.url.rsplit('@', 1)[-1]}")

@@ -245,11 +245,20 @@ async def test_dry_run_prints_each_step_and_changes_nothing(
 async def test_killed_at_each_step_resumes_and_loses_nothing(
     rabbit: Rabbit, vhost: str, vhost_url: str, tmp_path: Path, step: int
 ) -> None:
-    # Given a classic queue with 3,000 messages and a publisher publishing
-    old, new = topology(tmp_path, "classic"), topology(tmp_path, "quorum", name="new.toml")
+    # Given a classic queue (no tier, no DLQ: one queue to migrate) with 1,500 messages and a
+    # publisher publishing
+    bare = "dead_letter = false"
+    old = topology(tmp_path, "classic", bare)
+    new = topology(tmp_path, "quorum", bare, name="new.toml")
+    for path in (old, new):
+        path.write_text(
+            path.read_text().replace(
+                'retry = { delays = ["1s"], max_attempts = 2 }', "retry = false"
+            )
+        )
     declare(old, vhost_url)
     waiting = Publisher(vhost_url, "waiting")
-    await waiting.publish(3_000)
+    await waiting.publish(1_500)
     live = Publisher(vhost_url, "live")
     publishing = asyncio.create_task(live.run(rate=100))
 

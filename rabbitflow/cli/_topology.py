@@ -402,12 +402,12 @@ def migrate_command(
 ) -> None:
     """Re-create queues whose arguments changed, without losing a message.
 
-    QUEUES default to every queue of FILE. A queue whose change a policy can carry gets rabbitflow's policy (no message moves).
-    Otherwise a temporary queue QUEUE.migrating, bound like QUEUE, takes new messages; the
-    messages move to it (confirm, then ack); QUEUE is deleted, declared as FILE says and
-    bound again; the messages move back and the temporary queue is deleted. The queue's
-    retry tiers and DLQ follow. Run it again after an interruption: it resumes where it
-    stopped (docs/operations.md "Changing a queue")."""
+    QUEUES default to every queue of FILE. A queue whose change a policy can carry gets
+    rabbitflow's policy (no message moves). Otherwise a temporary queue QUEUE.migrating,
+    bound like QUEUE, takes new messages; the messages move to it (confirm, then ack); QUEUE
+    is deleted, declared as FILE says and bound again; the messages move back and the
+    temporary queue is deleted. The queue's retry tiers and DLQ follow. Run it again after
+    an interruption: it resumes where it stopped (docs/operations.md "Changing a queue")."""
     from rabbitflow.topology._declare import Management
     from rabbitflow.topology._management import vhost_of, with_credentials
 

@@ -126,7 +126,7 @@ async def declare(
         objects: list[ExchangeSpec | QueueSpec] = [*declarations.exchanges, *declarations.queues]
         for spec in objects:
             checks[(kind_of(spec), spec.name)] = await check(channels, spec, version, state)
-        refuse(list(checks.values()), declarations, file)
+        refuse(list(checks.values()), file)
         await _policies(list(checks.values()), management, state)
         for declared in ordered(declarations):
             checked = checks.get((kind_of(declared), getattr(declared, "name", "")))
@@ -140,7 +140,7 @@ async def declare(
     return done
 
 
-def refuse(checks: list[Checked], declarations: Declarations, file: str) -> None:
+def refuse(checks: list[Checked], file: str) -> None:
     """Raise :class:`TopologyConflictError` for the first object that needs a migration or
     cannot be declared at all; nothing when every object can be."""
     blocked = [c for c in checks if c.verdict in ("migrate", "conflict")]
@@ -156,7 +156,8 @@ def refuse(checks: list[Checked], declarations: Declarations, file: str) -> None
         raise RabbitflowError(
             f"{kind} {first.spec.name!r}: {first.detail()}; nothing was declared{more}"
         )
-    change = next(c for c in first.changes if c.how == first.verdict or first.verdict == "conflict")
+    hardest = [c for c in first.changes if c.how == first.verdict]
+    change = hardest[0] if hardest else first.changes[0]
     if first.verdict == "migrate":
         owner = first.spec.owner if isinstance(first.spec, QueueSpec) else first.spec.name
         resolve = (
@@ -164,7 +165,7 @@ def refuse(checks: list[Checked], declarations: Declarations, file: str) -> None
             f"`rabbitflow topology migrate {file} {owner}` to move the queue's messages to a "
             "queue declared as the file says"
         )
-    elif change.how == "policy" and first.policy is not None:
+    elif not hardest and first.policy is not None:
         resolve = first.policy.why(first.spec.name) + "; nothing was declared"
     else:
         resolve = f"{change.why}; nothing was declared"

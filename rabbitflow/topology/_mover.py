@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
+from rabbitflow.connection import underlay
 from rabbitflow.errors import BrokerError
+
+BasicProperties = Basic.Properties
 
 # Deliveries in flight: enough to keep the confirms pipelined, small enough that what a kill
 # can copy twice stays small.
@@ -69,34 +75,42 @@ async def move(
     source has no ready message and nothing of ours is in flight. Raises
     :class:`BrokerError` when the broker refuses a copy."""
     started = time.monotonic()
-    consuming = await connection.channel(publisher_confirms=False)
-    publishing = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    await consuming.set_qos(prefetch_count=prefetch)
+    amqp = underlay(connection)
+    # The AMQP client itself: each delivery's properties are published again as they are,
+    # and the confirms are awaited together (the per-message path of a migration).
+    consuming = await amqp.channel(publisher_confirms=False)
+    publishing = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+    await consuming.basic_qos(prefetch_count=prefetch)
     moved = Moved()
     in_flight: set[asyncio.Task[None]] = set()
     failures: list[BaseException] = []
-    exchange = publishing.default_exchange
 
-    async def forward(message: AbstractIncomingMessage) -> None:
+    async def forward(message: DeliveredMessage) -> None:
+        tag = message.delivery_tag
+        assert tag is not None
         try:
-            await exchange.publish(_copy(message), routing_key=target, mandatory=True)
+            await publishing.basic_publish(
+                message.body,
+                routing_key=target,
+                properties=_properties(message.header.properties),
+                mandatory=True,
+            )
         except Exception as exc:
             failures.append(exc)
             with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+                await consuming.basic_nack(tag, requeue=True)
             return
-        await message.ack()
+        await consuming.basic_ack(tag)
         moved.messages += 1
         if progress is not None:
             progress(moved.messages)
 
-    async def on_message(message: AbstractIncomingMessage) -> None:
+    async def on_message(message: DeliveredMessage) -> None:
         task = asyncio.create_task(forward(message))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
 
-    queue = await consuming.get_queue(source, ensure=False)
-    tag = await queue.consume(on_message)
+    consumer = await consuming.basic_consume(source, on_message)
     try:
         empty_polls = 0
         while empty_polls < 2:
@@ -107,10 +121,11 @@ async def move(
                     doing="moving messages",
                 )
             count = await depth(connection, source)
-            empty_polls = empty_polls + 1 if (count == 0 or count is None) and not in_flight else 0
+            empty = (count == 0 or count is None) and not in_flight
+            empty_polls = empty_polls + 1 if empty else 0
     finally:
         with contextlib.suppress(Exception):
-            await queue.cancel(tag)
+            await consuming.basic_cancel(str(consumer.consumer_tag))
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
         for channel in (consuming, publishing):
@@ -120,21 +135,10 @@ async def move(
     return moved
 
 
-def _copy(message: AbstractIncomingMessage) -> aio_pika.Message:
-    headers = {k: v for k, v in (message.headers or {}).items() if k not in _DROPPED_HEADERS}
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=message.delivery_mode or aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        expiration=message.expiration,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        user_id=message.user_id,
-        app_id=message.app_id,
-    )
+def _properties(properties: BasicProperties) -> BasicProperties:
+    headers = properties.headers
+    if not headers or not _DROPPED_HEADERS.intersection(headers):
+        return properties
+    copied = copy.copy(properties)
+    copied.headers = {k: v for k, v in headers.items() if k not in _DROPPED_HEADERS}
+    return copied
