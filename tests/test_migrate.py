@@ -291,3 +291,24 @@ async def test_killed_at_each_step_resumes_and_loses_nothing(
     assert live.refused == []
     assert confirmed - set(ids) == set(), f"lost after a kill at step {step}"
     assert len(ids) - len(set(ids)) <= 1000  # the mover's prefetch
+
+
+async def test_a_binding_made_by_hand_is_kept(
+    rabbit: Rabbit, vhost: str, vhost_url: str, tmp_path: Path
+) -> None:
+    declare(topology(tmp_path, "classic"), vhost_url)
+    connection = await aio_pika.connect(vhost_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue("work")
+        await queue.bind("jobs", "by-hand")
+    await Publisher(vhost_url, "m").publish(200)
+
+    code, output = await migrate(
+        str(topology(tmp_path, "quorum", name="new.toml")), "work", "--url", vhost_url, "--yes"
+    )
+
+    assert code == 0, output
+    assert {("jobs", "work", "work"), ("jobs", "work", "by-hand")} <= bindings(rabbit, vhost)
+    assert not any(b[1].endswith(".migrating") for b in bindings(rabbit, vhost))
+    assert sorted(await drain_ids(vhost_url, "work")) == sorted(f"m-{n}" for n in range(200))

@@ -13,7 +13,9 @@ import aiormq
 import pytest
 
 from rabbitflow._broker_version import BrokerVersion
+from rabbitflow.topology import derive, load_topology
 from rabbitflow.topology._changes import classify, verdict
+from rabbitflow.topology._declare import declare
 from tests.support.broker import Rabbit
 from tests.test_plan_drift import row, run_declare, run_plan
 
@@ -143,6 +145,7 @@ def test_a_max_length_is_applied_as_a_policy_without_moving_a_message(
     assert 50 <= depth(vhost_url, "billing.order-created") <= 51
     # And the next plan is ok
     again = run_plan(changed, vhost_url, "--exit-code")
+    assert again.exit_code == 0, again.output
     assert row(again, "ok", "queue", "billing.order-created") == (
         "x-max-length 50 by policy 'rabbitflow.billing.order-created'"
     )
@@ -205,3 +208,19 @@ def test_classification() -> None:
     changes = classify([("x-max-length", None, 1), ("durable", False, True)], kind="queue",
                        version=v310)  # fmt: skip
     assert verdict(changes) == "migrate"
+
+
+async def test_a_worker_keeps_a_queue_a_policy_would_change(vhost_url: str, tmp_path: Path) -> None:
+    # rabbitflow run declares without the management API: it applies no policy, keeps the
+    # queue as it is, and still declares the rest of the file
+    original = derive(load_topology(write(tmp_path, "quorum")))
+    changed = write(tmp_path, "quorum", 'arguments = { "x-max-length" = 50 }' + NEW_EXCHANGE,
+                    "changed.toml")  # fmt: skip
+    connection = await aio_pika.connect(vhost_url)
+    async with connection:
+        await declare(connection, original)
+        done = await declare(connection, derive(load_topology(changed)))
+        channel = await connection.channel()
+        await channel.get_exchange("invoices")  # declared: a passive declare finds it
+
+    assert "exchange invoices (fanout)" in [str(d) for d in done]

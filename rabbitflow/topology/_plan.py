@@ -226,7 +226,8 @@ def _policies(declarations: Declarations, state: BrokerState) -> list[PlanItem]:
     items = []
     for spec in declarations.queues:
         entry = state.queues.get(spec.name)
-        notes = policy_notes(spec, entry, state) if entry is not None else None
+        own = policy_name(spec.name)
+        notes = policy_notes(spec, entry, state, own=own) if entry is not None else None
         if notes is not None:
             items.append(PlanItem("policy", "queue", spec.name, notes))
     return items
