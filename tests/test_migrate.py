@@ -171,7 +171,11 @@ async def test_classic_to_quorum_with_10000_waiting_loses_nothing(
     wait_until(handled, 120, "every confirmed message to be handled")
     counts = workers.records.ids("done")
     duplicates = sum(n - 1 for n in counts.values() if n > 1)
-    assert duplicates <= 10  # the worker's prefetch
+    # A copy handled twice is one published while both queues were bound (steps 2-3 and 7-8,
+    # bound before unbound so that nothing is unroutable): milliseconds at 200 messages/s.
+    # Nothing is redelivered by the move itself (that takes a kill between confirm and ack).
+    twice = sorted(i for i, n in counts.items() if n > 1)
+    assert duplicates <= 20, f"{duplicates} duplicates: {twice[:20]}"
     assert worker.process is not None
     assert worker.process.poll() is None
     # it followed the queue through the broker's basic.cancel (waiting for it while it was
