@@ -42,6 +42,7 @@ from rabbitflow.app import App
 from rabbitflow.errors import BrokerError
 from rabbitflow.idempotency._guard import Guard
 from rabbitflow.topology import Declarations, QueueConfig, Topology, derive
+from rabbitflow.topology._derived import MIGRATING_SUFFIX
 
 log = get_logger("rabbitflow.worker")
 
@@ -54,6 +55,8 @@ Wrap = Callable[[Callback], Callback]
 BROKER_CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
 # Broker cancels within this window count towards the back-off before consuming again.
 CANCEL_WINDOW = 60.0
+# How long a consumer whose queue is being re-created by `topology migrate` waits for it.
+MIGRATION_WAIT = 60.0
 CANCEL_REASON = "the queue was deleted or became unavailable (a leader or stream member moved)"
 TIMEOUT_REASON = (
     "a delivery stayed unacknowledged past the consumer timeout ({limit}; RabbitMQ returns it "
@@ -170,7 +173,7 @@ class RunningConsumer:
         try:
             await channel.queue_declare(self.queue, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
-            return True
+            return not await self._migrated_back()
         except Exception:  # refused (no permission on 4.3+) or the connection went: not known
             return False
         finally:
@@ -178,6 +181,40 @@ class RunningConsumer:
                 with contextlib.suppress(Exception):
                     await channel.close()
         return False
+
+    async def _migrated_back(self) -> bool:
+        """Whether the queue, gone because ``rabbitflow topology migrate`` re-creates it
+        (its temporary queue ``<queue>.migrating`` exists), is back within a minute: then
+        this consumer follows it without declaring anything. What reached the temporary
+        queue meanwhile is moved back to the queue and consumed after."""
+        deadline = time.monotonic() + MIGRATION_WAIT
+        temporary = self.queue + MIGRATING_SUFFIX
+        while time.monotonic() < deadline:
+            found = {name: await self._exists(name) for name in (self.queue, temporary)}
+            if found[self.queue]:
+                log.info("the queue is back after a migration; consuming again", queue=self.queue)
+                return True
+            if not found[temporary]:
+                return False
+            await asyncio.sleep(0.1)
+        return False
+
+    async def _exists(self, queue: str) -> bool:
+        try:
+            channel = await self.channel.connection.channel()
+        except Exception:
+            return False
+        try:
+            await channel.queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        except Exception:  # refused, or the connection went: not known
+            return False
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        return True
 
     def _fail(self, reason: str) -> None:
         if not self.cancelled.done():

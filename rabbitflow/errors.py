@@ -167,19 +167,39 @@ class TopologyConflictError(BrokerError):
     """An object exists on the broker with other properties than the file asks for."""
 
     def __init__(
-        self, kind: str, name: str, argument: str, broker_value: object, file_value: object
+        self,
+        kind: str,
+        name: str,
+        argument: str,
+        broker_value: object,
+        file_value: object,
+        *,
+        resolve: str | None = None,
     ) -> None:
         self.kind = kind
         self.name = name
         self.argument = argument
         self.broker_value = broker_value
         self.file_value = file_value
+        # How to resolve it (the command that migrates the queue, or why nothing can), when
+        # the whole file was checked first: then nothing was declared.
+        self.resolve = resolve
+        if resolve is not None:
+            super().__init__(
+                f"{kind} {name!r}: {argument}: broker {_shown(broker_value)}, file "
+                f"{_shown(file_value)}; {resolve}"
+            )
+            return
         super().__init__(
             f"{kind} {name!r} exists with {_setting(argument, broker_value)} on the broker, "
             f"but the topology file asks for {_setting(argument, file_value)}; "
             "RabbitMQ cannot change it in place: delete the object (after draining it) "
             "or keep the broker's value in the file"
         )
+
+
+def _shown(value: object) -> str:
+    return "not set" if value is None else repr(value)
 
 
 def _setting(argument: str, value: object) -> str:

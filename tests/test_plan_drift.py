@@ -179,7 +179,7 @@ def test_every_differing_argument_is_named_with_or_without_management(
     # Then both name every argument declare would fail on, not just the first
     for result in (both, amqp):
         assert result.exit_code == 1, result.output
-        detail = row(result, "conflict", "queue", "audit")
+        detail = row(result, "migrate", "queue", "audit")
         assert "x-max-length: broker 5000, file 1000" in detail
         assert "x-message-ttl: broker 60000, file not set" in detail
     # and the management API shows what RabbitMQ does not compare (3.10 ignores
@@ -187,9 +187,9 @@ def test_every_differing_argument_is_named_with_or_without_management(
     # refuses it on classic queues, so neither side has it there)
     if timed:
         assert "x-consumer-timeout: broker 60000, file 3600000" in row(
-            both, "conflict", "queue", "audit"
+            both, "migrate", "queue", "audit"
         )
-    assert "x-consumer-timeout" not in row(amqp, "conflict", "queue", "audit")
+    assert "x-consumer-timeout" not in row(amqp, "migrate", "queue", "audit")
     assert amqp.stdout.splitlines()[-1].startswith("note: --no-management: bindings are not")
     # nothing changed: the queue still has the hand-made arguments
     queues = dict(rabbit.list(vhost, "queues", "name", "arguments"))

@@ -194,9 +194,11 @@ def test_conflicting_delivery_limit_names_both_values(
 
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: queue 'billing.order-created' exists with ")
-    assert "x-delivery-limit = 3 on the broker" in result.stderr
-    assert "the topology file asks for x-delivery-limit = 10" in result.stderr
+    assert result.stderr.startswith(
+        "error: queue 'billing.order-created': x-delivery-limit: broker 3, file 10; "
+        "RabbitMQ cannot change it in place; nothing was declared: run "
+        f"`rabbitflow topology migrate {EXAMPLE} billing.order-created`"
+    )
     assert "Traceback" not in result.output
     limit = broker_queues(rabbit, vhost)["billing.order-created"]["arguments"]["x-delivery-limit"]
     assert limit == 3  # never changed, never deleted
@@ -211,8 +213,7 @@ def test_conflicting_message_ttl_names_both_values(tmp_path: Path, vhost_url: st
     result = run_cli("topology", "declare", str(path), "--url", vhost_url)
 
     assert result.exit_code == 1
-    assert "x-message-ttl = 1000 on the broker" in result.stderr
-    assert "asks for x-message-ttl = 2000" in result.stderr
+    assert "x-message-ttl: broker 1000, file 2000" in result.stderr
     assert "Traceback" not in result.output
 
 
@@ -234,7 +235,7 @@ async def test_argument_missing_on_one_side_is_a_conflict(tmp_path: Path, vhost_
         10,
         None,
     )
-    assert "but the topology file asks for no x-max-length" in str(raised.value)
+    assert "x-max-length: broker 10, file not set" in str(raised.value)
 
 
 async def test_conflict_on_an_exchange_type(tmp_path: Path, vhost_url: str) -> None:
@@ -248,9 +249,9 @@ async def test_conflict_on_an_exchange_type(tmp_path: Path, vhost_url: str) -> N
         with pytest.raises(TopologyConflictError) as raised:
             await declare(channel, derive(load_topology(path)))
 
-    assert str(raised.value).startswith(
-        "exchange 'orders' exists with type = 'fanout' on the broker, "
-        "but the topology file asks for type = 'topic'"
+    assert str(raised.value) == (
+        "exchange 'orders': type: broker 'fanout', file 'topic'; an exchange cannot change "
+        "in place: delete it and declare it again; nothing was declared"
     )
 
 
@@ -301,27 +302,34 @@ async def test_plan_after_declare_is_all_ok(vhost_url: str) -> None:
 
 
 def test_plan_reports_a_conflict_and_exits_1(rabbit: Rabbit, vhost: str, vhost_url: str) -> None:
-    arguments = _work_queue_arguments("shipping.order-paid") | {"x-delivery-limit": 99}
+    arguments = _work_queue_arguments("shipping.order-paid") | {"x-delivery-limit": 3}
     predeclare(vhost_url, "shipping.order-paid", arguments)
 
     result = run_cli("topology", "plan", str(EXAMPLE), "--url", vhost_url, "--no-management")
 
     assert result.exit_code == 1
-    conflict_rows = [line.split() for line in result.stdout.splitlines() if "conflict  " in line]
-    assert conflict_rows == [
+    migrate_rows = [line.split() for line in result.stdout.splitlines() if "migrate  " in line]
+    assert migrate_rows == [
         [
-            "conflict",
+            "migrate",
             "queue",
             "shipping.order-paid",
             "x-delivery-limit:",
             "broker",
-            "99,",
+            "3,",
             "file",
             "10",
+            "(needs",
+            "`rabbitflow",
+            "topology",
+            "migrate`)",
         ]
     ]
-    assert "19 create, 0 ok, 1 conflict, 10 bind" in result.stdout
-    assert result.stderr.startswith("error: declare would fail: 1 conflicting object")
+    assert "19 create, 0 ok, 0 conflict, 1 migrate, 10 bind" in result.stdout
+    assert result.stderr.startswith(
+        "error: declare would fail: 1 queue to migrate first: "
+        f"rabbitflow topology migrate {EXAMPLE} shipping.order-paid"
+    )
     assert sorted(broker_queues(rabbit, vhost)) == ["shipping.order-paid"]  # nothing created
 
 

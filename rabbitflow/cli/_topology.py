@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     # and export start fast.
     from aio_pika.abc import AbstractConnection
 
-    from rabbitflow.topology._declare import Declared
+    from rabbitflow.topology._declare import Declared, Management
     from rabbitflow.topology._plan import Plan, PlanItem
 
 T = TypeVar("T")
@@ -135,10 +135,21 @@ def plan_command(
         click.echo(f"note: {why}: {result.unseen}")
     for note in result.notes:
         click.echo(f"note: {note}")
-    if result.conflicts:
+    if result.conflicts or result.migrations:
+        reasons = []
+        if result.conflicts:
+            reasons.append(plural(len(result.conflicts), "conflicting object"))
+        if result.migrations:
+            queues = " ".join(
+                sorted({_owner(item.name, declarations) for item in result.migrations})
+            )
+            reasons.append(
+                f"{plural(len(result.migrations), 'queue')} to migrate first: "
+                f"rabbitflow topology migrate {file} {queues}"
+            )
         click.echo(
-            f"error: declare would fail: {plural(len(result.conflicts), 'conflicting object')}; "
-            "see docs/topology.md on changing queue arguments",
+            f"error: declare would fail: {'; '.join(reasons)}; see docs/operations.md "
+            '"Changing a queue"',
             err=True,
         )
         sys.exit(1)
@@ -164,22 +175,71 @@ async def _plan(
     return await plan(connection, declarations, state), reason
 
 
+def _owner(name: str, declarations: Declarations) -> str:
+    spec = next((q for q in declarations.queues if q.name == name), None)
+    return spec.owner if spec is not None else name
+
+
+management_options = [
+    click.option(
+        "--management-url",
+        metavar="URL",
+        envvar="RABBITFLOW_MANAGEMENT_URL",
+        help="RabbitMQ's management HTTP API (default: http://HOST:15672/ of the broker URL, "
+        "with its credentials).",
+    ),
+    click.option(
+        "--no-management",
+        is_flag=True,
+        help="Do not use the management API (policies are then neither read nor applied).",
+    ),
+]
+
+
+def with_management(func: Callable[..., T]) -> Callable[..., T]:
+    """``--management-url`` and ``--no-management``."""
+    for option in reversed(management_options):
+        func = option(func)
+    return func
+
+
 @topology.command("declare")
 @file_argument
 @url_options
+@with_management
 @reports_errors
-def declare_command(file: str, url: tuple[str, ...], url_order: str) -> None:
-    """Declare every exchange, queue and binding of FILE (idempotent, never deletes)."""
-    from rabbitflow.topology._declare import declare
+def declare_command(
+    file: str,
+    url: tuple[str, ...],
+    url_order: str,
+    management_url: str | None,
+    no_management: bool,
+) -> None:
+    """Declare every exchange, queue and binding of FILE (idempotent, never deletes).
+
+    Every object is checked against the broker first: when one cannot be declared as FILE
+    says, nothing is declared. What a policy can carry is applied as rabbitflow's policy of
+    the queue (docs/operations.md "Changing a queue")."""
+    from rabbitflow.topology._declare import Management, declare
+    from rabbitflow.topology._management import vhost_of, with_credentials
 
     loaded = load(file)
     broker = broker_urls(url, loaded.broker_urls, url_order)
     click.echo(f"declaring {file} on {mask_urls(broker)}")
     declarations = derive(loaded)
+    management = None
+    if not no_management:
+        management = Management(with_credentials(management_url, broker[0]), vhost_of(broker[0]))
     done = _with_connection(
         broker,
         "rabbitflow topology declare",
-        lambda connection: declare(connection, declarations, on_declared=_print_declared),
+        lambda connection: declare(
+            connection,
+            declarations,
+            on_declared=_print_declared,
+            management=management,
+            file=file,
+        ),
     )
     click.echo(f"declared {_count(done)}")
 
@@ -320,3 +380,129 @@ def _with_connection(
             await connection.close()
 
     return asyncio.run(run())
+
+
+@topology.command("migrate")
+@file_argument
+@click.argument("queues", nargs=-1)
+@url_options
+@with_management
+@click.option("--dry-run", is_flag=True, help="Print each step; change nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@reports_errors
+def migrate_command(
+    file: str,
+    queues: tuple[str, ...],
+    url: tuple[str, ...],
+    url_order: str,
+    management_url: str | None,
+    no_management: bool,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Re-create queues whose arguments changed, without losing a message.
+
+    QUEUES default to every queue of FILE. A queue whose change a policy can carry gets
+    rabbitflow's policy (no message moves). Otherwise a temporary queue QUEUE.migrating,
+    bound like QUEUE, takes new messages; the messages move to it (confirm, then ack); QUEUE
+    is deleted, declared as FILE says and bound again; the messages move back and the
+    temporary queue is deleted. The queue's retry tiers and DLQ follow. Run it again after
+    an interruption: it resumes where it stopped (docs/operations.md "Changing a queue")."""
+    from rabbitflow.topology._declare import Management
+    from rabbitflow.topology._management import vhost_of, with_credentials
+
+    loaded = load(file)
+    broker = broker_urls(url, loaded.broker_urls, url_order)
+    declarations = derive(loaded)
+    management = None
+    if not no_management:
+        management = Management(with_credentials(management_url, broker[0]), vhost_of(broker[0]))
+    verb = "plan of the migration" if dry_run else "migrating"
+    click.echo(f"{verb} {file} on {mask_urls(broker)}")
+    _with_connection(
+        broker,
+        "rabbitflow topology migrate",
+        lambda connection: _migrate(
+            connection, declarations, list(queues), management, dry_run=dry_run, yes=yes
+        ),
+    )
+
+
+async def _migrate(
+    connection: AbstractConnection,
+    declarations: Declarations,
+    owners: list[str],
+    management: Management | None,
+    *,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    import time
+
+    from rabbitflow.errors import TopologyConflictError
+    from rabbitflow.topology._migrate import Migration
+
+    if management is not None:
+        from rabbitflow.errors import ManagementUnavailable
+        from rabbitflow.topology._management import read_state
+
+        try:
+            await read_state(management.api, management.vhost)
+        except ManagementUnavailable as exc:
+            click.echo(
+                f"note: the management API {exc.reason}: only the file's bindings are carried "
+                "over, and policies are not applied"
+            )
+            management = None
+    migration = Migration(connection, declarations, management=management, say=click.echo)
+    started = time.monotonic()
+    try:
+        specs = await migration.queues(owners)
+        plans = [(spec, *await migration.state(spec)) for spec in specs]
+        todo = [(spec, state, checked) for spec, state, checked in plans if state != "done"]
+        for spec, state, checked in plans:
+            if state == "done":
+                click.echo(f"  {spec.name}: as the file says, nothing to do")
+            elif state == "missing":
+                click.echo(f"  {spec.name}: missing; `rabbitflow topology declare` creates it")
+            elif state == "policy" and checked is not None:
+                definition = ", ".join(f"{k} = {v!r}" for k, v in checked.policy_definition.items())
+                click.echo(
+                    f"  {spec.name}: policy rabbitflow.{spec.name}: {definition} (no message moves)"
+                )
+            else:
+                why = checked.detail() if checked is not None else "migration under way"
+                click.echo(f"  {spec.name}: {why}")
+                for step in migration.steps(spec, state, checked):
+                    click.echo(f"    step {step.number}/10: {step.text}")
+        work = [item for item in todo if item[1] not in ("missing",)]
+        if dry_run or not work:
+            return
+        if not yes:
+            click.confirm(f"migrate {plural(len(work), 'queue')}?", abort=True)
+        await migration.prepare_exchanges()
+        for spec, state, checked in work:
+            if state == "policy" and checked is not None:
+                await migration.apply_policy(checked)
+                click.echo(f"  {spec.name}: applied policy rabbitflow.{spec.name}")
+                continue
+            for attempt in range(3):
+                try:
+                    for step in migration.steps(spec, state, checked):
+                        click.echo(f"  {spec.name}: step {step.number}/10: {step.text}")
+                        await step.run()
+                    break
+                except TopologyConflictError as exc:
+                    # Declared back with its old arguments meanwhile (a worker running the old
+                    # file): the broker's state says where to go on.
+                    if attempt == 2:
+                        raise
+                    click.echo(f"  {spec.name}: {exc}; going on from the broker's state")
+                    state, checked = await migration.state(spec)
+        moved = sum(m.messages for _, _, m in migration.moved)
+        click.echo(
+            f"migrated {plural(len(work), 'queue')} in {time.monotonic() - started:.1f} s; "
+            f"{moved} messages moved"
+        )
+    finally:
+        await migration.close()

@@ -1,108 +1,84 @@
-"""Declaring a topology on the broker: in dependency order, idempotent, never deleting.
+"""Declaring a topology on the broker: checked whole first, then in dependency order,
+idempotent, never deleting, never partial.
 
-Every object comes from :func:`rabbitflow.topology._derived.derive`; nothing here computes a
-name or an argument. Broker refusals become rabbitflow errors that name the object.
+Every exchange and queue is first checked against the live broker
+(:mod:`rabbitflow.topology._preflight`): when one of them cannot be declared as the file
+says, nothing is declared and the error names the argument that differs, both values, and
+what resolves it. Only then are the objects declared, in order. A difference a policy can
+carry is applied as rabbitflow's policy of that queue (through the management API), and the
+queue is redeclared with the arguments it has.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass
 
-import aiormq
-import aiormq.abc
-from aio_pika.abc import AbstractChannel, AbstractConnection
-
-from rabbitflow._border import refusal, reply_text
-from rabbitflow._broker_version import BrokerVersion
-from rabbitflow._duration import format_duration
 from rabbitflow._logging import get_logger
 from rabbitflow.errors import (
-    AccessRefusedError,
+    ManagementUnavailable,
     RabbitflowError,
     TopologyConflictError,
     TopologyMismatchError,
 )
+from rabbitflow.topology._channels import (
+    ChannelSource,
+    Declared,
+    Kind,
+    Spec,
+    Target,
+    apply,
+    binding_detail,
+    binding_name,
+    broker_error,
+    describe,
+    exists,
+    file_value_of,
+    kind_of,
+    parse_conflict,
+    visible,
+)
 from rabbitflow.topology._derived import (
-    BindingSpec,
     Declarations,
     ExchangeSpec,
     QueueSpec,
     for_broker,
 )
+from rabbitflow.topology._management import BrokerState, put_policy, read_state
+from rabbitflow.topology._policies import policy_body, policy_name
+from rabbitflow.topology._preflight import Checked, check
 
 log = get_logger("rabbitflow.declare")
 
-Target = AbstractConnection | AbstractChannel
-Spec = ExchangeSpec | QueueSpec | BindingSpec
-Kind = Literal["exchange", "queue", "binding"]
-
-# "inequivalent arg 'x-message-ttl' for queue 'q' in vhost 'v': received '2000' but current
-# is '1000'". A value is `none`, `'text'` (same type on both sides) or
-# `the value 'text' of type 'long'` (types differ, or one side is missing).
-_INEQUIVALENT = re.compile(
-    r"inequivalent arg '(?P<argument>[^']*)' for (?P<kind>exchange|queue) '(?P<name>.*)' "
-    r"in vhost '.*': received (?P<received>.*?) but current is (?P<current>.*)$",
-    re.DOTALL,
-)
-_VALUE = re.compile(
-    r"^(?:none|'(?P<plain>.*)'|the value '(?P<typed>.*)' of type '(?P<type>[\w-]+)')$"
-)
-_INTEGER_TYPES = frozenset(
-    {"byte", "unsignedbyte", "short", "unsignedshort", "signedint", "unsignedint", "long"}
-)
-# Properties RabbitMQ compares on redeclaration that are not x-arguments.
-_PROPERTIES = frozenset({"type", "durable", "auto_delete", "exclusive", "internal"})
+__all__ = [
+    "ChannelSource",
+    "Declared",
+    "Kind",
+    "Management",
+    "Spec",
+    "Target",
+    "apply",
+    "binding_detail",
+    "binding_name",
+    "broker_error",
+    "declare",
+    "describe",
+    "exists",
+    "file_value_of",
+    "ordered",
+    "parse_conflict",
+    "verify",
+    "visible",
+]
 
 
 @dataclass(frozen=True, slots=True)
-class Declared:
-    """One object as the CLI reports it: ``queue billing.order-created (quorum, ...)``."""
+class Management:
+    """The management HTTP API of the broker (credentials in ``api``) and the vhost: where
+    ``declare`` reads policies and applies rabbitflow's own."""
 
-    kind: Kind
-    name: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        detail = f" ({self.detail})" if self.detail else ""
-        return f"{self.kind} {self.name}{detail}"
-
-
-class ChannelSource:
-    """A usable channel on demand; a fresh one after the broker closes it on an error.
-
-    RabbitMQ answers a failed declare (404, 405, 406, 403) by closing the channel, so the
-    next operation needs a new one. Only channels opened here are closed here."""
-
-    __slots__ = ("_channel", "_owned", "_target")
-
-    def __init__(self, target: Target) -> None:
-        self._target = target
-        self._owned = isinstance(target, AbstractConnection)
-        self._channel: AbstractChannel | None = (
-            None if isinstance(target, AbstractConnection) else target
-        )
-
-    async def get(self) -> aiormq.abc.AbstractChannel:
-        """The underlying aiormq channel, reopened if the broker closed it."""
-        if self._channel is None or (self._owned and self._channel.is_closed):
-            assert isinstance(self._target, AbstractConnection)
-            self._channel = await self._target.channel(publisher_confirms=False)
-        elif self._channel.is_closed:
-            await self._channel.reopen()
-        return await self._channel.get_underlay_channel()
-
-    async def version(self) -> BrokerVersion | None:
-        """The version of the broker the channels are on."""
-        channel = await self.get()
-        return BrokerVersion.from_properties(channel.connection.server_properties)
-
-    async def close(self) -> None:
-        """Close the channel if this source opened it."""
-        if self._owned and self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+    api: str
+    vhost: str
 
 
 def ordered(declarations: Declarations) -> Iterator[Spec]:
@@ -119,28 +95,107 @@ async def declare(
     *,
     passive: bool = False,
     on_declared: Callable[[Declared], None] | None = None,
+    management: Management | None = None,
+    file: str = "FILE",
 ) -> list[Declared]:
-    """Declare every exchange, queue and binding; return what was declared, in order.
+    """Check every exchange and queue against the broker, then declare every exchange,
+    queue and binding; return what was declared, in order.
 
     Idempotent: an object that exists with the same properties is left as it is. Nothing is
-    ever deleted. The first refusal stops the run with :class:`TopologyConflictError`,
-    :class:`AccessRefusedError` or :class:`BrokerError`; there is no retry. With
-    ``passive=True`` nothing is declared: see :func:`verify`."""
+    ever deleted, and nothing is declared when one object cannot be:
+    :class:`TopologyConflictError` names it (``file`` is the topology's path, for the
+    command it suggests). A difference a policy can carry is applied as rabbitflow's policy
+    when ``management`` is given; without it the queue is kept as it is and a warning says
+    what to run. With ``passive=True`` nothing is declared: see :func:`verify`."""
     if passive:
         await verify(target, declarations)
         return []
     channels = ChannelSource(target)
     done: list[Declared] = []
     try:
-        declarations = for_broker(declarations, await channels.version())
-        for spec in ordered(declarations):
-            await apply(channels, spec)
-            done.append(describe(spec))
+        version = await channels.version()
+        declarations = for_broker(declarations, version)
+        state = None
+        if management is not None:
+            try:
+                state = await read_state(management.api, management.vhost)
+            except ManagementUnavailable as exc:
+                log.warning(f"policies not read: the management API {exc.reason}")
+                management = None
+        checks: dict[tuple[str, str], Checked] = {}
+        objects: list[ExchangeSpec | QueueSpec] = [*declarations.exchanges, *declarations.queues]
+        for spec in objects:
+            checks[(kind_of(spec), spec.name)] = await check(channels, spec, version, state)
+        refuse(list(checks.values()), file)
+        await _policies(list(checks.values()), management, state)
+        for declared in ordered(declarations):
+            checked = checks.get((kind_of(declared), getattr(declared, "name", "")))
+            sent = checked.send if checked is not None and checked.send is not None else declared
+            await apply(channels, sent)
+            done.append(describe(declared))
             if on_declared is not None:
                 on_declared(done[-1])
     finally:
         await channels.close()
     return done
+
+
+def refuse(checks: list[Checked], file: str) -> None:
+    """Raise :class:`TopologyConflictError` for the first object that needs a migration or
+    cannot be declared at all; nothing when every object can be."""
+    blocked = [c for c in checks if c.verdict in ("migrate", "conflict")]
+    if not blocked:
+        return
+    first = blocked[0]
+    more = ""
+    if len(blocked) > 1:
+        names = ", ".join(f"{c.spec.name!r}" for c in blocked[1:])
+        more = f"; also {names} (see `rabbitflow topology plan`)"
+    kind = "exchange" if isinstance(first.spec, ExchangeSpec) else "queue"
+    if first.error is not None or not first.changes:
+        raise RabbitflowError(
+            f"{kind} {first.spec.name!r}: {first.detail()}; nothing was declared{more}"
+        )
+    hardest = [c for c in first.changes if c.how == first.verdict]
+    change = hardest[0] if hardest else first.changes[0]
+    if first.verdict == "migrate":
+        owner = first.spec.owner if isinstance(first.spec, QueueSpec) else first.spec.name
+        resolve = (
+            "RabbitMQ cannot change it in place; nothing was declared: run "
+            f"`rabbitflow topology migrate {file} {owner}` to move the queue's messages to a "
+            "queue declared as the file says"
+        )
+    elif not hardest and first.policy is not None:
+        resolve = first.policy.why(first.spec.name) + "; nothing was declared"
+    else:
+        resolve = f"{change.why}; nothing was declared"
+    raise TopologyConflictError(
+        kind, first.spec.name, change.argument, change.broker, change.file, resolve=resolve + more
+    )
+
+
+async def _policies(
+    checks: list[Checked], management: Management | None, state: BrokerState | None
+) -> None:
+    for checked in checks:
+        if checked.verdict != "policy" or checked.policy_in_place:
+            continue
+        name = checked.spec.name
+        definition = checked.policy_definition
+        keys = ", ".join(f"{key} = {value!r}" for key, value in definition.items())
+        if management is None or state is None:
+            log.warning(
+                f"queue {name!r} differs from the file in what a policy can carry ({keys}): "
+                "kept as it is",
+                queue=name,
+                hint="run `rabbitflow topology declare`: it applies them as the policy "
+                f"{policy_name(name)!r}",
+            )
+            continue
+        await put_policy(
+            management.api, management.vhost, policy_name(name), policy_body(name, definition)
+        )
+        log.info(f"applied policy {policy_name(name)!r} to queue {name!r}: {keys}", queue=name)
 
 
 async def verify(target: Target, declarations: Declarations) -> list[str]:
@@ -160,13 +215,13 @@ async def verify(target: Target, declarations: Declarations) -> list[str]:
         for spec in specs:
             found = await visible(channels, spec)
             if found is None:
-                unchecked.append(f"{_kind(spec)} {spec.name!r}")
+                unchecked.append(f"{kind_of(spec)} {spec.name!r}")
             elif not found:
                 missing.append(spec)
     finally:
         await channels.close()
     if missing:
-        raise TopologyMismatchError([f"{_kind(spec)} {spec.name!r}" for spec in missing])
+        raise TopologyMismatchError([f"{kind_of(spec)} {spec.name!r}" for spec in missing])
     if unchecked:
         log.info(
             "not checked, the user has no permission on them (RabbitMQ 4.3 and later let a "
@@ -174,248 +229,3 @@ async def verify(target: Target, declarations: Declarations) -> list[str]:
             hint="grant write on them to have them checked (docs/operations.md)",
         )
     return unchecked
-
-
-async def exists(channels: ChannelSource, spec: ExchangeSpec | QueueSpec) -> bool:
-    """Whether the object exists, by a passive declare (which never creates anything)."""
-    try:
-        await _passive(await channels.get(), spec)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return False
-    except aiormq.exceptions.ChannelLockedResource:
-        # An exclusive queue owned by another connection (a running worker) exists.
-        return True
-    except aiormq.exceptions.AMQPError as exc:
-        raise broker_error(exc, spec, "check") from None
-    return True
-
-
-async def visible(channels: ChannelSource, spec: ExchangeSpec | QueueSpec) -> bool | None:
-    """:func:`exists`, or None when the broker refuses the user a look at the object.
-
-    RabbitMQ checks the permission before the object, so a refusal says nothing about it."""
-    try:
-        return await exists(channels, spec)
-    except AccessRefusedError:
-        return None
-
-
-async def apply(channels: ChannelSource, spec: Spec) -> None:
-    """Declare one object (or bind), converting a refusal into a rabbitflow error."""
-    try:
-        await _active(await channels.get(), spec)
-    except aiormq.exceptions.AMQPError as exc:
-        error = broker_error(exc, spec, "declare")
-        if not isinstance(spec, QueueSpec) or not isinstance(error, TopologyConflictError):
-            raise error from None
-        cost = _added_later(spec, error)
-        if cost is None:
-            raise error from None
-        # RabbitMQ cannot add an argument to an existing queue, and refuses a declaration
-        # that differs: a queue declared by an earlier rabbitflow is kept as it is.
-        log.warning(
-            f"queue {spec.name!r} was declared without {error.argument} (by an earlier "
-            f"rabbitflow) and is kept as it is: {cost}",
-            queue=spec.name,
-            argument=error.argument,
-        )
-        arguments = {k: v for k, v in spec.arguments.items() if k != error.argument}
-        await apply(channels, replace(spec, arguments=arguments))
-
-
-# Arguments rabbitflow declares since a later release, by queue role: an existing queue that
-# lacks one is accepted without it (what that costs, and the policy that adds it).
-_ADDED_LATER: dict[tuple[str, str], str] = {
-    ("dlq", "x-delivery-limit"): (
-        "on RabbitMQ 4 its messages are deleted after 20 reads by `dlq list`; recreate it "
-        "when empty"
-    ),
-    ("retry", "x-delivery-limit"): (
-        "on RabbitMQ 4 a copy read 20 times by `retries list` goes back to its queue early"
-    ),
-    ("work", "x-dead-letter-strategy"): (
-        "what the broker dead-letters while the DLQ is missing is dropped; apply a policy "
-        "with dead-letter-strategy = at-least-once and overflow = reject-publish "
-        "(docs/recoverability.md), or recreate the queue"
-    ),
-    ("work", "x-overflow"): (
-        "apply a policy with overflow = reject-publish (docs/recoverability.md), or recreate "
-        "the queue"
-    ),
-}
-
-
-def _added_later(spec: QueueSpec, error: TopologyConflictError) -> str | None:
-    if error.broker_value is not None:
-        return None
-    return _ADDED_LATER.get((spec.role, error.argument))
-
-
-async def _active(channel: aiormq.abc.AbstractChannel, spec: Spec) -> None:
-    if isinstance(spec, ExchangeSpec):
-        await channel.exchange_declare(
-            spec.name,
-            exchange_type=spec.type,
-            durable=spec.durable,
-            auto_delete=spec.auto_delete,
-            internal=spec.internal,
-            arguments=spec.arguments,
-        )
-    elif isinstance(spec, QueueSpec):
-        await channel.queue_declare(
-            spec.name,
-            durable=spec.durable,
-            exclusive=spec.exclusive,
-            auto_delete=spec.auto_delete,
-            arguments=spec.arguments,
-        )
-    elif spec.destination_type == "exchange":
-        await channel.exchange_bind(
-            spec.destination, spec.source, spec.routing_key, arguments=spec.arguments
-        )
-    else:
-        await channel.queue_bind(
-            spec.destination, spec.source, spec.routing_key, arguments=spec.arguments
-        )
-
-
-async def _passive(channel: aiormq.abc.AbstractChannel, spec: ExchangeSpec | QueueSpec) -> None:
-    if isinstance(spec, ExchangeSpec):
-        await channel.exchange_declare(spec.name, passive=True)
-    else:
-        await channel.queue_declare(spec.name, passive=True)
-
-
-def broker_error(exc: aiormq.exceptions.AMQPError, spec: Spec, verb: str) -> RabbitflowError:
-    """The rabbitflow error for a broker refusal of ``verb`` on ``spec``."""
-    text = reply_text(exc)
-    if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed) and not isinstance(
-        spec, BindingSpec
-    ):
-        conflict = parse_conflict(text, spec)
-        if conflict is not None:
-            return conflict
-    return refusal(exc, f"{verb} {_label(spec)}", permission=_permission(spec))
-
-
-def parse_conflict(text: str, spec: ExchangeSpec | QueueSpec) -> TopologyConflictError | None:
-    """Turn a PRECONDITION_FAILED "inequivalent arg" reply into a conflict naming both values.
-
-    The file's value is taken from ``spec`` (what we sent), the broker's from the reply."""
-    match = _INEQUIVALENT.search(text)
-    if match is None:
-        return None
-    argument = match["argument"]
-    file_value = file_value_of(spec, argument)
-    broker_value = _broker_value(match["current"], file_value)
-    return TopologyConflictError(_kind(spec), spec.name, argument, broker_value, file_value)
-
-
-def file_value_of(spec: ExchangeSpec | QueueSpec, argument: str) -> object:
-    """What the file asks for: an x-argument, a property such as ``durable``, or None."""
-    if argument in spec.arguments:
-        return spec.arguments[argument]
-    if argument in _PROPERTIES:
-        return getattr(spec, argument, None)
-    return None
-
-
-def _broker_value(text: str, like: object) -> object:
-    match = _VALUE.match(text.strip())
-    if match is None:
-        return text
-    if match["plain"] is None and match["typed"] is None:
-        return None
-    raw: str = match["plain"] if match["plain"] is not None else match["typed"]
-    kind = match["type"]
-    if kind == "bool" or (kind is None and isinstance(like, bool)):
-        return raw == "true"
-    if kind in _INTEGER_TYPES or (kind is None and isinstance(like, int)):
-        return _int_or_text(raw)
-    return raw
-
-
-def _int_or_text(raw: str) -> int | str:
-    try:
-        return int(raw)
-    except ValueError:
-        return raw
-
-
-def _kind(spec: Spec) -> Kind:
-    if isinstance(spec, ExchangeSpec):
-        return "exchange"
-    return "queue" if isinstance(spec, QueueSpec) else "binding"
-
-
-def _label(spec: Spec) -> str:
-    if isinstance(spec, BindingSpec):
-        return f"binding {binding_name(spec)!r}"
-    return f"{_kind(spec)} {spec.name!r}"
-
-
-def _permission(spec: Spec) -> str:
-    # Declaring needs "configure" on the object; binding needs "write" on the destination
-    # and "read" on the source exchange (RabbitMQ access control).
-    if isinstance(spec, BindingSpec):
-        return (
-            f"the user lacks write permission on {spec.destination!r} "
-            f"or read permission on {spec.source!r} in this vhost"
-        )
-    if isinstance(spec, QueueSpec) and "x-dead-letter-exchange" in spec.arguments:
-        # A queue that dead-letters also needs read on itself and write on its dead-letter
-        # exchange: RabbitMQ checks both when the queue is declared.
-        return (
-            f"the user lacks configure permission on {spec.name!r}, or read permission on it "
-            f"or write permission on {spec.arguments['x-dead-letter-exchange'] or 'amq.default'!r}"
-            " in this vhost"
-        )
-    return f"the user lacks configure permission on {spec.name!r} in this vhost"
-
-
-def binding_name(spec: BindingSpec) -> str:
-    """``orders -> billing.order-created``."""
-    return f"{spec.source} -> {spec.destination}"
-
-
-def binding_detail(spec: BindingSpec) -> str:
-    """The routing key, or the header match of a headers binding."""
-    if spec.arguments:
-        return ", ".join(f"{key}={value}" for key, value in spec.arguments.items())
-    return f"routing key {spec.routing_key!r}" if spec.routing_key else ""
-
-
-def describe(spec: Spec) -> Declared:
-    """A one-line description of an object for people."""
-    if isinstance(spec, BindingSpec):
-        return Declared("binding", binding_name(spec), binding_detail(spec))
-    if isinstance(spec, ExchangeSpec):
-        return Declared("exchange", spec.name, _exchange_detail(spec))
-    return Declared("queue", spec.name, _queue_detail(spec))
-
-
-def _exchange_detail(spec: ExchangeSpec) -> str:
-    flags = [spec.type]
-    flags += [] if spec.durable else ["transient"]
-    flags += ["auto-delete"] if spec.auto_delete else []
-    flags += ["internal"] if spec.internal else []
-    return ", ".join(flags)
-
-
-def _queue_detail(spec: QueueSpec) -> str:
-    arguments: dict[str, Any] = spec.arguments
-    parts = [str(arguments.get("x-queue-type", "classic"))]
-    if spec.role == "retry":
-        ttl = format_duration(int(arguments["x-message-ttl"]))
-        parts.append(f"retry tier of {spec.owner}, TTL {ttl}")
-    elif spec.role == "dlq":
-        parts.append(f"dead-letter queue of {spec.owner}")
-    elif arguments.get("x-dead-letter-exchange"):
-        parts.append(f"dead-letters to {arguments['x-dead-letter-exchange']}")
-    parts += ["exclusive"] if spec.exclusive else []
-    if "x-queue-leader-locator" in arguments:
-        parts.append(f"leader {arguments['x-queue-leader-locator']}")
-    replicas = arguments.get("x-quorum-initial-group-size", arguments.get("x-initial-cluster-size"))
-    if replicas is not None:
-        parts.append(f"{replicas} replicas")
-    return ", ".join(parts)

@@ -90,6 +90,16 @@ def tier_name(queue: str, delay_ms: int) -> str:
     return f"{queue}.retry.{format_duration(delay_ms)}"
 
 
+# ``rabbitflow topology migrate`` holds a queue's messages in ``<queue>.migrating`` while it
+# re-creates the queue; consumers that see the queue gone wait for it while that one exists.
+MIGRATING_SUFFIX = ".migrating"
+
+
+def migrating_name(queue: str) -> str:
+    """``billing.order-created.migrating``."""
+    return queue + MIGRATING_SUFFIX
+
+
 def dlq_name(queue: str) -> str:
     """``billing.order-created.dlq``."""
     return f"{queue}.dlq"

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rabbitflow.topology._declare import binding_detail, binding_name
+from rabbitflow.topology._channels import binding_detail, binding_name
 from rabbitflow.topology._derived import BindingSpec, Declarations, ExchangeSpec, QueueSpec
 from rabbitflow.topology._management import BrokerState
 
@@ -94,9 +94,12 @@ def _same(broker: object, file: object) -> bool:
     return broker == file
 
 
-def policy_notes(spec: QueueSpec, entry: dict[str, Any], state: BrokerState) -> str | None:
+def policy_notes(
+    spec: QueueSpec, entry: dict[str, Any], state: BrokerState, *, own: str | None = None
+) -> str | None:
     """The policy and operator policy applied to a queue, and what they set against the
-    file's arguments; None when none applies."""
+    file's arguments; None when none applies. The policy named ``own`` (rabbitflow's, which
+    the queue's own row shows) is left out."""
     queue_type = str(entry.get("type", "classic"))
     notes = []
     for label, policies in (
@@ -104,7 +107,7 @@ def policy_notes(spec: QueueSpec, entry: dict[str, Any], state: BrokerState) -> 
         ("operator policy", state.operator_policies),
     ):
         applied = applied_policy(spec.name, queue_type, policies or [])
-        if applied is not None:
+        if applied is not None and not (label == "policy" and applied.get("name") == own):
             definition: dict[str, Any] = dict(applied.get("definition") or {})
             keys = "; ".join(
                 _policy_key(key, value, spec.arguments) for key, value in sorted(definition.items())

@@ -123,6 +123,37 @@ async def queue_depths(
     }
 
 
+async def put_policy(api_url: str, vhost: str, name: str, body: dict[str, Any]) -> None:
+    """Create or replace the policy ``name`` of ``vhost``."""
+    path = f"policies/{quote(vhost, safe='')}/{quote(name, safe='')}"
+    await asyncio.to_thread(_Client(api_url, 10.0).send, "PUT", path, body)
+
+
+async def delete_policy(api_url: str, vhost: str, name: str) -> None:
+    """Delete the policy ``name`` of ``vhost`` (nothing when it is not there)."""
+    path = f"policies/{quote(vhost, safe='')}/{quote(name, safe='')}"
+    await asyncio.to_thread(_Client(api_url, 10.0).send, "DELETE", path, None)
+
+
+async def queue_entry(api_url: str, vhost: str, queue: str) -> dict[str, Any] | None:
+    """One queue as the management API lists it (leader node, bindings excluded); None when
+    it does not exist."""
+    path = f"queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
+    try:
+        return await asyncio.to_thread(_Client(api_url, 10.0).get_one, path)
+    except ManagementUnavailable as exc:
+        if "404" in exc.reason:
+            return None
+        raise
+
+
+async def queue_bindings(api_url: str, vhost: str, queue: str) -> list[dict[str, Any]]:
+    """The bindings of ``queue`` (the default exchange's left out)."""
+    path = f"queues/{quote(vhost, safe='')}/{quote(queue, safe='')}/bindings"
+    rows = await asyncio.to_thread(_Client(api_url, 10.0).get, path)
+    return [row for row in rows if row.get("source")]
+
+
 class _Client:
     __slots__ = ("_authorization", "_base", "_timeout", "url")
 
@@ -138,7 +169,38 @@ class _Client:
         self._authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
         self._timeout = timeout
 
+    def send(self, method: str, path: str, body: dict[str, Any] | None) -> None:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Authorization": self._authorization, "content-type": "application/json"}
+        request = urllib.request.Request(self._base + path, data, headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout):
+                pass
+        except urllib.error.HTTPError as exc:
+            if method == "DELETE" and exc.code == 404:
+                return
+            detail = exc.read().decode(errors="replace")[:300]
+            raise ManagementUnavailable(
+                mask_url(self.url), f"{_refusal(exc.code)} to {method} /api/{path}: {detail}"
+            ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            text = getattr(reason, "strerror", None) or str(reason)
+            raise ManagementUnavailable(mask_url(self.url), f"is not reachable ({text})") from None
+
+    def get_one(self, path: str) -> dict[str, Any]:
+        document: Any = self._get(path)
+        if not isinstance(document, dict):
+            raise ManagementUnavailable(mask_url(self.url), f"unexpected answer to /api/{path}")
+        return document
+
     def get(self, path: str) -> list[dict[str, Any]]:
+        document = self._get(path)
+        if not isinstance(document, list):
+            raise ManagementUnavailable(mask_url(self.url), f"unexpected answer to /api/{path}")
+        return document
+
+    def _get(self, path: str) -> object:
         request = urllib.request.Request(
             self._base + path, headers={"Authorization": self._authorization}
         )
@@ -151,8 +213,6 @@ class _Client:
             reason = getattr(exc, "reason", None) or exc
             text = getattr(reason, "strerror", None) or str(reason)
             raise ManagementUnavailable(mask_url(self.url), f"is not reachable ({text})") from None
-        if not isinstance(document, list):
-            raise ManagementUnavailable(mask_url(self.url), f"unexpected answer to /api/{path}")
         return document
 
 

@@ -16,21 +16,13 @@ the broker's value: "differs").
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from rabbitflow._broker_version import BrokerVersion
-from rabbitflow.errors import AccessRefusedError, BrokerError, TopologyConflictError
-from rabbitflow.topology._declare import (
-    ChannelSource,
-    Kind,
-    Target,
-    apply,
-    describe,
-    exists,
-)
+from rabbitflow.errors import TopologyConflictError
+from rabbitflow.topology._declare import ChannelSource, Kind, Target, describe
 from rabbitflow.topology._derived import (
     BindingSpec,
     Declarations,
@@ -47,12 +39,17 @@ from rabbitflow.topology._drift import (
     policy_notes,
 )
 from rabbitflow.topology._management import BrokerState
+from rabbitflow.topology._policies import policy_name
+from rabbitflow.topology._preflight import check
 
-Action = Literal["create", "ok", "conflict", "differs", "bind", "change", "policy", "not in file"]
+Action = Literal[
+    "create", "ok", "conflict", "migrate", "differs", "bind", "change", "policy", "not in file"
+]
 ACTIONS: tuple[Action, ...] = (
     "create",
     "ok",
     "conflict",
+    "migrate",
     "bind",
     "differs",
     "change",
@@ -61,10 +58,8 @@ ACTIONS: tuple[Action, ...] = (
 )
 # Rows that say the broker is not what the file describes (``plan --exit-code`` exits 2).
 DIFFERENT: frozenset[Action] = frozenset(
-    {"create", "conflict", "differs", "change", "policy", "not in file"}
+    {"create", "conflict", "migrate", "differs", "change", "policy", "not in file"}
 )
-_PROPERTIES = frozenset({"type", "durable", "auto_delete", "exclusive", "internal"})
-_MAX_ROUNDS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +87,13 @@ class Plan:
 
     @property
     def conflicts(self) -> list[PlanItem]:
-        """Rows on which declare would fail."""
+        """Rows that cannot be resolved for the user (declare fails on them)."""
         return [item for item in self.items if item.action == "conflict"]
+
+    @property
+    def migrations(self) -> list[PlanItem]:
+        """Queues that only ``rabbitflow topology migrate`` can change (declare fails)."""
+        return [item for item in self.items if item.action == "migrate"]
 
     @property
     def differences(self) -> list[PlanItem]:
@@ -135,7 +135,7 @@ async def plan(
         declarations = for_broker(declarations, version)
         objects: list[ExchangeSpec | QueueSpec] = [*declarations.exchanges, *declarations.queues]
         for spec in objects:
-            items.append(await _plan_object(channels, spec, _entry(state, spec)))
+            items.append(await _plan_object(channels, spec, version, state))
     finally:
         await channels.close()
     if state is None:
@@ -179,67 +179,41 @@ def _entry(state: BrokerState | None, spec: ExchangeSpec | QueueSpec) -> dict[st
 
 
 async def _plan_object(
-    channels: ChannelSource, spec: ExchangeSpec | QueueSpec, entry: dict[str, Any] | None
+    channels: ChannelSource,
+    spec: ExchangeSpec | QueueSpec,
+    version: BrokerVersion | None,
+    state: BrokerState | None,
 ) -> PlanItem:
     described = describe(spec)
-    if not await exists(channels, spec):
+    checked = await check(channels, spec, version, state)
+    verdict = checked.verdict
+    if verdict == "create":
         return PlanItem("create", described.kind, spec.name, described.detail)
-    try:
-        found = await _conflicts(channels, spec)
-    except AccessRefusedError:
-        raise
-    except BrokerError as exc:
-        # e.g. RESOURCE_LOCKED: an exclusive flag that differs; declare would fail the same way.
-        return PlanItem("conflict", described.kind, spec.name, str(exc))
-    if found:
-        detail = "; ".join(_conflict_text(conflict) for conflict in found)
-        named = {conflict.argument for conflict in found}
-        others = [d for d in _unchecked(spec, entry) if d.argument not in named]
+    named = set(checked.probed)
+    retyped = any(change.argument == "x-queue-type" for change in checked.changes)
+    unchecked = _unchecked(spec, _entry(state, spec))
+    others = [] if retyped else [d for d in unchecked if d.argument not in named]
+    if verdict == "ok" or (verdict == "policy" and checked.policy_in_place):
+        if checked.changes:
+            detail = "; ".join(
+                f"{c.argument} {c.file!r} by policy {policy_name(spec.name)!r}"
+                for c in checked.changes
+                if c.how == "policy"
+            )
+            return PlanItem("ok", described.kind, spec.name, detail)
         if others:
-            detail += "; also differs, not compared by RabbitMQ: " + "; ".join(map(str, others))
-        return PlanItem("conflict", described.kind, spec.name, detail, tuple(found))
-    unchecked = _unchecked(spec, entry)
-    if unchecked:
-        detail = "; ".join(map(str, unchecked))
-        detail += " (RabbitMQ does not compare these: declare keeps the broker's values)"
-        return PlanItem("differs", described.kind, spec.name, detail)
-    return PlanItem("ok", described.kind, spec.name, described.detail)
-
-
-async def _conflicts(
-    channels: ChannelSource, spec: ExchangeSpec | QueueSpec
-) -> list[TopologyConflictError]:
-    """Every argument a redeclaration of ``spec`` fails on (``spec`` exists)."""
-    found: list[TopologyConflictError] = []
-    current = spec
-    for _ in range(_MAX_ROUNDS):
-        try:
-            # Safe only because the object exists: an equivalent declare changes nothing, and
-            # each round adopts the broker's value of the argument just reported. (Should
-            # the object be deleted meanwhile, this would create it with those values.)
-            await apply(channels, current)
-        except TopologyConflictError as conflict:
-            if any(seen.argument == conflict.argument for seen in found):
-                break  # the broker's value could not be sent back as it is (its type)
-            found.append(conflict)
-            current = _adopt(current, conflict)
-        else:
-            break
-    return found
-
-
-def _adopt(
-    spec: ExchangeSpec | QueueSpec, conflict: TopologyConflictError
-) -> ExchangeSpec | QueueSpec:
-    if conflict.argument in _PROPERTIES and hasattr(spec, conflict.argument):
-        changes: dict[str, Any] = {conflict.argument: conflict.broker_value}
-        return dataclasses.replace(spec, **changes)
-    arguments = dict(spec.arguments)
-    if conflict.broker_value is None:
-        arguments.pop(conflict.argument, None)
-    else:
-        arguments[conflict.argument] = conflict.broker_value
-    return dataclasses.replace(spec, arguments=arguments)
+            detail = "; ".join(map(str, others))
+            detail += " (RabbitMQ does not compare these: declare keeps the broker's values)"
+            return PlanItem("differs", described.kind, spec.name, detail)
+        return PlanItem("ok", described.kind, spec.name, described.detail)
+    detail = checked.detail()
+    if verdict == "policy":
+        detail += f" (declare applies policy {policy_name(spec.name)!r})"
+    elif verdict == "migrate":
+        detail += " (needs `rabbitflow topology migrate`)"
+    if others:
+        detail += "; also differs, not compared by RabbitMQ: " + "; ".join(map(str, others))
+    return PlanItem(verdict, described.kind, spec.name, detail)
 
 
 def _unchecked(spec: ExchangeSpec | QueueSpec, entry: dict[str, Any] | None) -> list[Difference]:
@@ -252,7 +226,8 @@ def _policies(declarations: Declarations, state: BrokerState) -> list[PlanItem]:
     items = []
     for spec in declarations.queues:
         entry = state.queues.get(spec.name)
-        notes = policy_notes(spec, entry, state) if entry is not None else None
+        own = policy_name(spec.name)
+        notes = policy_notes(spec, entry, state, own=own) if entry is not None else None
         if notes is not None:
             items.append(PlanItem("policy", "queue", spec.name, notes))
     return items
@@ -261,12 +236,3 @@ def _policies(declarations: Declarations, state: BrokerState) -> list[PlanItem]:
 def _plan_binding(spec: BindingSpec) -> PlanItem:
     described = describe(spec)
     return PlanItem("bind", "binding", described.name, described.detail)
-
-
-def _conflict_text(conflict: TopologyConflictError) -> str:
-    broker, file = _show(conflict.broker_value), _show(conflict.file_value)
-    return f"{conflict.argument}: broker {broker}, file {file}"
-
-
-def _show(value: object) -> str:
-    return "not set" if value is None else repr(value)
