@@ -133,7 +133,10 @@ def configure_logging(
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line: print() writes the line and its newline apart, so with an
+        # unbuffered stderr (PYTHONUNBUFFERED, common in containers) the lines of --workers N
+        # children sharing one output could interleave into lines that are not JSON.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     # aiormq/aio-pika log through the stdlib; keep their warnings, drop their chatter. Their

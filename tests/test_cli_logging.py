@@ -3,6 +3,7 @@ lines next to rabbitflow's own in the CLI."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -66,3 +67,45 @@ def test_run_shows_no_client_log_lines_during_an_outage() -> None:
     assert "broker unreachable; retrying" in output
     assert "aiormq" not in output, output
     assert "error when creating transport" not in output, output
+
+
+LOGGING_CHILD = """
+import sys
+from rabbitflow._logging import configure_logging, get_logger
+configure_logging("json", worker=int(sys.argv[1]))
+log = get_logger("rabbitflow.test")
+for n in range(3000):
+    log.info("stopped", n=n)
+"""
+
+
+def test_workers_sharing_one_unbuffered_output_write_whole_json_lines(tmp_path: Path) -> None:
+    # Given four --workers children writing to one file with an unbuffered stderr
+    # (PYTHONUNBUFFERED=1, as in many container images), all logging at the same moment
+    out = tmp_path / "out.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with out.open("ab") as sink:
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", LOGGING_CHILD, str(index)],
+                stderr=sink,
+                env=env,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+            for index in range(4)
+        ]
+        codes = [child.wait(60) for child in children]
+    assert codes == [0, 0, 0, 0]
+    # Then every line is one whole JSON object: none was cut by another child's line
+    lines = out.read_text().splitlines()
+    broken = [line for line in lines if not _is_json(line)]
+    assert broken == []
+    assert len(lines) == 4 * 3000
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
