@@ -4,6 +4,7 @@ GET, and a gate in front of the broker."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,11 @@ class BrokerGate:
     which the worker's reconnection attempts are refused and retried, for as long as a test
     needs, without touching the broker's configuration."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 5672) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        if port is None:
+            # The broker under test: the 4.0 and 4.3 passes point RABBITFLOW_TEST_URL elsewhere.
+            tested = os.environ.get("RABBITFLOW_TEST_URL") or "amqp://127.0.0.1:5672/"
+            port = urlsplit(tested).port or 5672
         self.upstream = (host, port)
         self.port = free_port()
         self._server: asyncio.Server | None = None
