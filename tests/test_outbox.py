@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,12 +21,14 @@ import psycopg
 import pytest
 from pydantic import BaseModel
 
-from rabbitflow import App
+from rabbitflow import App, Message
 from rabbitflow.outbox import PostgresOutbox
 from tests.support.outbox import EXCHANGE, Sink, count_rows, outbox_in_own_schema, write_rows
 from tests.support.processes import ROOT, run_cli
 from tests.support.services import POSTGRES_URL
+from tests.support.topology import app_for
 from tests.support.waiting import wait_for
+from tests.support.worker import running
 
 pytestmark = pytest.mark.broker
 
@@ -470,3 +473,42 @@ async def test_a_failing_row_holds_back_only_the_later_rows_of_its_key(vhost_url
         await app.close()
         assert [i for i in sink.ids if i.startswith("a-")] == ["a-1", "a-2", "a-3"]
         assert sink.duplicates() == 0
+
+
+DELAYED_TOPOLOGY = """
+[queues.later]
+prefetch = 50
+retry = { delays = ["1s", "10s"], max_attempts = 3 }
+"""
+
+
+async def test_a_delayed_row_runs_no_earlier_than_its_delay_after_the_write(
+    vhost_url: str, tmp_path: Path
+) -> None:
+    # Given a queue with tiers of 1s and 10s and a handler noting when each message runs
+    consumer = app_for(tmp_path, DELAYED_TOPOLOGY)
+    ran: dict[str, float] = {}
+
+    @consumer.consumer("later")
+    async def later(message: Message) -> None:
+        ran.setdefault(message.message_id or "", time.time())
+
+    async with outbox_in_own_schema() as outbox, running(consumer, vhost_url):
+        writer = App(url=vhost_url, outbox=outbox)
+        # When 20 rows are written with a 2 s delay, and a relay publishes them at once
+        written: dict[str, float] = {}
+        async with await psycopg.AsyncConnection.connect(POSTGRES_URL) as conn:
+            for i in range(20):
+                async with conn.transaction():
+                    written[f"d{i}"] = time.time()
+                    await writer.outbox.publish(
+                        conn, "", "later", {"i": i}, message_id=f"d{i}", delay="2s"
+                    )
+        async with outbox.relaying(writer):
+            await wait_for(lambda: len(ran) == 20, "the 20 delayed rows to run", 15)
+        await writer.close()
+
+    # Then none ran before 2.000 s after its write, and none a whole tier late
+    waits = [ran[key] - written[key] for key in written]
+    assert min(waits) >= 2.0, min(waits)
+    assert max(waits) < 3.0, max(waits)

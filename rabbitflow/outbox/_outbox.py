@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from rabbitflow._duration import parse_duration
@@ -111,6 +112,7 @@ class PostgresOutbox:
         priority: int | None = None,
         expiration: int | None = None,
         reply_to: str | None = None,
+        delay: str | int | timedelta | None = None,
     ) -> str:
         """Write the message into the outbox on ``connection``, in its transaction; return
         its ``message_id``.
@@ -121,7 +123,9 @@ class PostgresOutbox:
         and publisher confirms; rolled back, it is never published. Messages with the same
         ``key`` are published in commit order (transactions writing one key take turns from
         this call until they end). ``message_id`` (default: a new one) is what an idempotent
-        consumer recognises a relay's duplicate by."""
+        consumer recognises a relay's duplicate by. ``delay`` (``"10m"``, milliseconds or a
+        ``timedelta``) delivers it to its handler no earlier than that after this write, as
+        :meth:`App.publish` does."""
         message = build_message(
             exchange,
             routing_key,
@@ -135,6 +139,7 @@ class PostgresOutbox:
             priority=priority,
             expiration=expiration,
             reply_to=reply_to,
+            delay=delay,
         )
         await write(connection, self.statements, message)
         return message.message_id
@@ -150,6 +155,7 @@ class PostgresOutbox:
         key: str | None = None,
         headers: dict[str, Any] | None = None,
         priority: int | None = None,
+        delay: str | int | timedelta | None = None,
     ) -> Job:
         """Enqueue a job through the outbox, in the caller's transaction (contract section
         12): committed, the job is published and exists; rolled back, it never does.
@@ -176,6 +182,7 @@ class PostgresOutbox:
             headers=headers,
             priority=priority,
             job=True,
+            delay=delay,
         )
         await write(connection, self.statements, message)
         return Job(job_id, book)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from pamqp import commands as spec
 
+from rabbitflow import _headers as h
 from rabbitflow._payload import encode
 from rabbitflow._publisher import fit, message_properties
 from rabbitflow._tracing import get_tracing
@@ -64,6 +66,7 @@ def build_message(
     expiration: int | None = None,
     reply_to: str | None = None,
     job: bool = False,
+    delay: str | int | timedelta | None = None,
 ) -> OutboxMessage:
     """Encode a message as :meth:`App.publish` does, with the trace context of a PRODUCER
     span opened now (in the caller's request), so that one trace runs from the caller
@@ -71,6 +74,10 @@ def build_message(
     body, detected = encode(payload)
     message_id = message_id or uuid.uuid4().hex
     carried = dict(headers or {})
+    if delay is not None:
+        # Counted from the write, as app.publish counts from its call: a relay that is late
+        # delivers it late, never early.
+        carried[h.NOT_BEFORE] = h.not_before_after(delay)
     # The span covers the write: the message leaves the caller here, the relay only carries it.
     with get_tracing().publish_span(exchange, routing_key, carried, message_id):
         properties = message_properties(
