@@ -31,10 +31,9 @@ from rabbitflow.testing import TestApp
 from tests.support.amqp import message_counts
 from tests.support.network import free_port
 from tests.support.processes import Workers
-from tests.support.services import REDIS_URL, require_redis
+from tests.support.services import REDIS_URL, delete_prefix, require_redis
 from tests.support.waiting import wait_until
 from tests.support.web import WebProcess
-from tests.test_idempotency_stores import delete_prefix
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

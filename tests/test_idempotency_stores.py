@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -21,40 +20,14 @@ from rabbitflow.idempotency import (
     IdempotencyStore,
     MemoryStore,
     PostgresStore,
-    RedisStore,
 )
 from rabbitflow.idempotency._guard import InProgress
 from rabbitflow.testing import TestApp
 from rabbitflow.topology import derive, parse_topology
 from tests.support.services import (
     POSTGRES_URL,
-    REDIS_URL,
-    delete_prefix,
-    drop_table,
-    require_postgres,
-    require_redis,
 )
-
-
-async def make_store(kind: str, **options: str | int) -> tuple[IdempotencyStore, object]:
-    """A fresh store of ``kind`` and a token for :func:`dispose`."""
-    if kind == "memory":
-        return MemoryStore(**options), None  # type: ignore[arg-type]
-    if kind == "redis":
-        require_redis()
-        prefix = f"rf-test:{uuid.uuid4().hex[:10]}:"
-        return RedisStore(REDIS_URL, prefix=prefix, **options), prefix  # type: ignore[arg-type]
-    require_postgres()
-    table = f"rf_test_{uuid.uuid4().hex[:10]}"
-    return PostgresStore(POSTGRES_URL, table=table, **options), table  # type: ignore[arg-type]
-
-
-async def dispose(kind: str, store: IdempotencyStore, token: object) -> None:
-    await store.close()
-    if kind == "redis":
-        await delete_prefix(REDIS_URL, str(token))
-    elif kind == "postgres":
-        await drop_table(POSTGRES_URL, str(token))
+from tests.support.stores import dispose, make_store
 
 
 @pytest.fixture(params=["memory", "redis", "postgres"])

@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from rabbitflow import App, ConfigurationError, Message, Reject
-from rabbitflow.idempotency import MemoryStore, PostgresStore, RedisStore
+from rabbitflow.idempotency import PostgresStore, RedisStore
 from rabbitflow.jobs import JobCancelled, JobFailed, JobState, JobTimeout
 from tests.support.services import (
     POSTGRES_URL,
@@ -24,6 +24,7 @@ from tests.support.services import (
     require_postgres,
     require_redis,
 )
+from tests.support.stores import dispose, make_store
 from tests.support.worker import running
 
 pytestmark = [pytest.mark.broker]
@@ -54,24 +55,11 @@ class Report(BaseModel):
 
 @pytest.fixture(params=["redis", "postgres", "memory"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    name = uuid.uuid4().hex[:10]
-    if request.param == "redis":
-        require_redis()
-        prefix = f"rf-test:{name}:"
-        redis_store = RedisStore(REDIS_URL, prefix=prefix)
-        yield redis_store
-        await redis_store.close()
-        await delete_prefix(REDIS_URL, prefix)
-    elif request.param == "postgres":
-        require_postgres()
-        table = f"rf_{name}"
-        pg_store = PostgresStore(POSTGRES_URL, table=table)
-        yield pg_store
-        await pg_store.close()
-        await drop_table(POSTGRES_URL, f"{table}_jobs")
-        await drop_table(POSTGRES_URL, table)
-    else:
-        yield MemoryStore()
+    made, token = await make_store(request.param)
+    try:
+        yield made
+    finally:
+        await dispose(request.param, made, token)
 
 
 def make_app(tmp_path: Path, store: Any, url: str) -> tuple[App, dict[str, Any]]:

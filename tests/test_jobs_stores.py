@@ -11,17 +11,9 @@ from typing import Any
 
 import pytest
 
-from rabbitflow.idempotency import MemoryStore, PostgresStore, RedisStore
 from rabbitflow.jobs import Book, Change, JobState
 from rabbitflow.jobs import _change as c
-from tests.support.services import (
-    POSTGRES_URL,
-    REDIS_URL,
-    delete_prefix,
-    drop_table,
-    require_postgres,
-    require_redis,
-)
+from tests.support.stores import dispose, make_store
 
 T0 = time.time()
 
@@ -99,23 +91,11 @@ STORIES: dict[str, tuple[list[Change], tuple[JobState, int]]] = {
 
 @pytest.fixture(params=["redis", "postgres", "memory"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    name = uuid.uuid4().hex[:10]
-    if request.param == "redis":
-        require_redis()
-        prefix = f"rf-test:{name}:"
-        redis_store = RedisStore(REDIS_URL, prefix=prefix)
-        yield redis_store
-        await redis_store.close()
-        await delete_prefix(REDIS_URL, prefix)
-    elif request.param == "postgres":
-        require_postgres()
-        pg_store = PostgresStore(POSTGRES_URL, table=f"rf_{name}")
-        yield pg_store
-        await pg_store.close()
-        await drop_table(POSTGRES_URL, f"rf_{name}_jobs")
-        await drop_table(POSTGRES_URL, f"rf_{name}")
-    else:
-        yield MemoryStore()
+    made, token = await make_store(request.param)
+    try:
+        yield made
+    finally:
+        await dispose(request.param, made, token)
 
 
 def fresh(changes: list[Change], job_id: str) -> list[Change]:

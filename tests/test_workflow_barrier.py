@@ -13,7 +13,7 @@ import pytest
 from rabbitflow import App
 from rabbitflow.workflows._record import CLAIM, UNKNOWN, WAIT, FlowRecord
 from rabbitflow.workflows._store import FlowStore, store_of
-from tests.test_idempotency_stores import dispose, make_store
+from tests.support.stores import dispose, make_store
 
 
 @pytest.fixture(params=["memory", "redis", "postgres"])

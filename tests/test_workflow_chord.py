@@ -16,9 +16,9 @@ from rabbitflow import App, Message, chain, chord, group, step
 from rabbitflow.dlq import replay
 from rabbitflow.idempotency import MemoryStore
 from tests.support.spans import Spans, capture_spans
+from tests.support.stores import dispose, make_store
 from tests.support.waiting import wait_for
 from tests.support.worker import running
-from tests.test_idempotency_stores import dispose, make_store
 
 pytestmark = pytest.mark.broker
 

@@ -18,8 +18,7 @@ from pydantic import BaseModel
 
 from rabbitflow import App, chord, group, step
 from rabbitflow.idempotency import RedisStore
-from tests.support.services import REDIS_URL, require_redis
-from tests.test_idempotency_stores import delete_prefix
+from tests.support.services import REDIS_URL, delete_prefix, require_redis
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.crash]
 

@@ -7,8 +7,8 @@ import pytest
 
 from examples.workflows.app import make_app
 from examples.workflows.start import main
+from tests.support.stores import dispose, make_store
 from tests.support.worker import running
-from tests.test_idempotency_stores import dispose, make_store
 
 pytestmark = pytest.mark.broker
 
