@@ -27,10 +27,10 @@ hidden=(
   "RABBITFLOW_TEST_CHROMIUM=/nonexistent/chromium"
 )
 
-# Every module that needs one of them: through tests/support/services.py, the management
+# Every module that needs one of them: through tests/support/services.py or stores.py, the management
 # marker, or the services' own clients.
 mapfile -t modules < <(
-  grep -rlE 'tests\.support\.services|mark\.management|redis\.|psycopg|playwright|:15672|management_for' \
+  grep -rlE 'tests\.support\.(services|stores)|mark\.management|redis\.|psycopg|playwright|:15672|management_for' \
     tests --include='test_*.py' | sort
 )
 echo "bare machine: ${#modules[@]} modules, services hidden behind 127.0.0.1:$closed"
