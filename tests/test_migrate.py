@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.broker import Rabbit
 from tests.support.processes import ROOT, Workers, run_cli
-from tests.support.waiting import wait_until
+from tests.support.waiting import wait_progressing
 
 pytestmark = [pytest.mark.broker, pytest.mark.management]
 
@@ -164,11 +164,24 @@ async def test_classic_to_quorum_with_10000_waiting_loses_nothing(
     confirmed = set(waiting.confirmed) | set(live.confirmed)
     assert len(confirmed) >= 10_000
 
-    def handled() -> set[str] | None:
+    def handled() -> tuple[set[str] | None, int]:
         done = set(workers.records.ids("done"))
-        return done if confirmed <= done else None
+        return (done if confirmed <= done else None), len(done)
 
-    wait_until(handled, 120, "every confirmed message to be handled")
+    try:
+        # The worker handles at most 500 messages a second; on a loaded machine far fewer.
+        wait_progressing(handled, 30, "every confirmed message to be handled")
+    except AssertionError:
+        missing = sorted(confirmed - set(workers.records.ids("done")))
+        started = set(workers.records.ids("start"))
+        columns = ("name", "messages_ready", "messages_unacknowledged", "consumers")
+        raise AssertionError(
+            f"{len(missing)} confirmed messages not handled"
+            f" ({sum(m in started for m in missing)} started), e.g. {missing[:10]};"
+            f" queues {columns}: {rabbit.list(vhost, 'queues', *columns)};"
+            f" worker alive: {worker.process is not None and worker.process.poll() is None}"
+            f"\n{worker.output()[-4000:]}"
+        ) from None
     counts = workers.records.ids("done")
     duplicates = sum(n - 1 for n in counts.values() if n > 1)
     # A copy handled twice is one published while both queues were bound (steps 2-3 and 7-8,

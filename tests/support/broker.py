@@ -4,6 +4,7 @@ memory alarms), its version, and the broker's view of queues and connections."""
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ class Rabbit:
         out = self.ctl(f"list_{what}", "-p", vhost, "--no-table-headers", "--quiet", *columns)
         return [line.split("\t") for line in out.splitlines() if line.strip()]
 
-    def connections(self, *columns: str) -> list[list[str]]:
+    def connections(self, *columns: str) -> builtins.list[builtins.list[str]]:
         """Rows of ``rabbitmqctl list_connections COLUMNS`` (every vhost)."""
         out = self.ctl("list_connections", "--no-table-headers", "--quiet", *columns)
         return [line.split("\t") for line in out.splitlines() if line.strip()]

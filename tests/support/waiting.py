@@ -27,6 +27,33 @@ def wait_until(
     return value
 
 
+def wait_progressing(
+    probe: Callable[[], tuple[T | None, int]],
+    stall: float,
+    what: str,
+    limit: float = 900.0,
+    interval: float = 0.2,
+) -> T:
+    """Poll ``probe`` (which answers the awaited value or None, and a count that grows while
+    work goes on) until the value comes; fail naming ``what`` once the count has not grown
+    for ``stall`` seconds, or after ``limit``. A slow machine takes longer; what is lost
+    stops the count."""
+    start = last_change = time.monotonic()
+    last = -1
+    while True:
+        value, count = probe()
+        if value:
+            return value
+        now = time.monotonic()
+        if count != last:
+            last, last_change = count, now
+        if now - last_change > stall:
+            raise AssertionError(f"no progress for {stall:g}s (at {count}) waiting for {what}")
+        if now - start > limit:
+            raise AssertionError(f"timed out after {limit:g}s (at {count}) waiting for {what}")
+        time.sleep(interval)
+
+
 async def wait_for(
     probe: Callable[[], T | None], what: str, timeout: float = 10.0, interval: float = 0.02
 ) -> T:
