@@ -18,9 +18,8 @@ import pytest
 from rabbitflow import App
 from rabbitflow.idempotency import PostgresStore, RedisStore
 from rabbitflow.jobs import JobState, JobStatus
-from tests.reliability.stores import Killable, PrivateRedis
+from tests.reliability.stores import PrivateRedis
 from tests.support.amqp import message_counts
-from tests.support.network import free_port
 from tests.support.processes import ROOT, WorkerProcess, run_cli
 from tests.support.records import Records
 from tests.support.services import (
@@ -248,8 +247,7 @@ class JobsRedis(PrivateRedis):
     """A private ``redis-server`` on a port of this test's range (5720-5729)."""
 
     def __init__(self, log: Path) -> None:
-        PrivateRedis.__init__(self, log)
-        Killable.__init__(self, free_port(range(5720, 5730)), log)
+        PrivateRedis.__init__(self, log, range(5720, 5730))
 
 
 @pytest.mark.chaos

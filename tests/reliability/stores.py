@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from rabbitflow.testing.pytest_plugin import unavailable
-from tests.support.network import answers, free_port
+from tests.support.network import PortLease, answers
 from tests.support.processes import ROOT
 from tests.support.services import require_postgres
 from tests.support.waiting import wait_until
@@ -32,10 +32,12 @@ PROXY_PORTS = range(5770, 5780)
 
 
 class Killable:
-    """A server process on a fixed port: start, kill -9 by pid, start again."""
+    """A server process on a port of ``ports`` held for the test: start, kill -9 by pid,
+    start again on the same port."""
 
-    def __init__(self, port: int, log: Path) -> None:
-        self.port = port
+    def __init__(self, ports: range, log: Path) -> None:
+        self._lease = PortLease(ports)
+        self.port = self._lease.port
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -77,15 +79,16 @@ class Killable:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGCONT)
         self.kill()
+        self._lease.release()
 
 
 class PrivateRedis(Killable):
     """``redis-server`` on a private port, no persistence: an outage forgets every key."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, ports: range = REDIS_PORTS) -> None:
         if shutil.which("redis-server") is None:
             unavailable("redis-server is not installed", needed_by="the private Redis outages")
-        super().__init__(free_port(REDIS_PORTS), log)
+        super().__init__(ports, log)
 
     def command(self) -> list[str]:
         return [
@@ -112,7 +115,7 @@ class PostgresProxy(Killable):
 
     def __init__(self, log: Path) -> None:
         self.upstream = urlsplit(require_postgres())
-        super().__init__(free_port(PROXY_PORTS), log)
+        super().__init__(PROXY_PORTS, log)
 
     def command(self) -> list[str]:
         upstream = str(self.upstream.port or 5432)

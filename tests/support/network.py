@@ -4,10 +4,13 @@ GET, and a gate in front of the broker."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import socket
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -83,6 +86,41 @@ def free_port(ports: range | None = None) -> int:
             chosen: int = sock.getsockname()[1]
             return chosen
     raise RuntimeError(f"no free port in {ports}")
+
+
+class PortLease:
+    """A port of a private range held for one test, across processes: a lock file per port
+    (``flock``), so that a server the test kills and starts again finds its port still its
+    own, though another test session (the 4.0 and 4.3 passes run side by side) looks for a
+    free port meanwhile. :meth:`release` (or the process's exit) gives it back."""
+
+    def __init__(self, ports: range) -> None:
+        for port in ports:
+            lock = Path(tempfile.gettempdir(), f"rabbitflow-test-port-{port}.lock").open("wb")  # noqa: SIM115 (held until release)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                continue
+            if _bindable(port):
+                self.port, self._lock = port, lock
+                return
+            lock.close()  # taken by something that does not lease (a server left running)
+        raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
+
+    def release(self) -> None:
+        if not self._lock.closed:
+            self._lock.close()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def via(broker_url: str, port: int) -> str:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -22,6 +21,7 @@ import psycopg
 
 from rabbitflow.outbox import PostgresOutbox
 from rabbitflow.testing.pytest_plugin import unavailable
+from tests.support.network import PortLease
 from tests.support.services import POSTGRES_URL, require_postgres
 
 EXCHANGE = "orders"
@@ -135,7 +135,8 @@ class PrivatePostgres:
         # the postgres user.
         self.root = Path(tempfile.mkdtemp(prefix="rf-outbox-pg-"))
         self.data = self.root / "pgdata"
-        self.port = _free_port_in(range(5710, 5720))
+        self._lease = PortLease(range(5710, 5720))
+        self.port = self._lease.port
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _as_postgres(self, *command: str) -> None:
@@ -169,6 +170,7 @@ class PrivatePostgres:
         if (self.data / "postmaster.pid").exists():
             self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+        self._lease.release()
 
 
 def _postgres_bin() -> Path:
@@ -179,14 +181,3 @@ def _postgres_bin() -> Path:
             needed_by="the outbox test that restarts a PostgreSQL of its own",
         )
     return found[-1].parent
-
-
-def _free_port_in(ports: range) -> int:
-    for port in ports:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError(f"no free port in {ports.start}-{ports.stop - 1}")
