@@ -15,9 +15,10 @@ from pydantic import BaseModel, RootModel
 from rabbitflow import App, Message, chain, chord, group, step
 from rabbitflow.dlq import replay
 from rabbitflow.idempotency import MemoryStore
+from rabbitflow.jobs import JobStatus
 from tests.support.spans import Spans, capture_spans
 from tests.support.stores import dispose, make_store
-from tests.support.waiting import wait_for
+from tests.support.waiting import eventually, wait_for
 from tests.support.worker import running
 
 pytestmark = pytest.mark.broker
@@ -280,12 +281,14 @@ async def test_a_chain_with_a_store_is_a_job_and_cancelling_it_stops_its_next_st
         # When it runs to its second step and is cancelled there
         flow = await app.start(chain(step("etl.a", Img(id=1)), step("etl.b"), step("etl.c")))
         await wait_for(lambda: seen == ["a", "b"], "the second step", 10)
-        running_status = None
-        for _ in range(100):  # the first step's status is written just after it published
-            running_status = await app.jobs.get(flow.id)
-            if running_status is not None and running_status.steps[0]["state"] == "succeeded":
-                break
-            await asyncio.sleep(0.02)
+
+        async def first_done() -> JobStatus | None:
+            # The first step's state is written just after it published the second step.
+            status = await app.jobs.get(flow.id)
+            done = status is not None and status.steps[0]["state"] == "succeeded"
+            return status if done else None
+
+        running_status = await eventually(first_done, "the first step's status", 10)
         assert await flow.cancel()
         release.set()
         await wait_for_state(app, flow.id, "cancelled")

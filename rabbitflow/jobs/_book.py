@@ -211,6 +211,11 @@ class Book:
         change = c.Change(job_id, c.QUEUED, clock.now(), queue=queue)
         await self._call("record queued", self._backend.apply([change]))
 
+    async def write(self, *changes: c.Change) -> None:
+        """Write ``changes`` in order before returning, in one round trip: for a caller's
+        path (``app.start``), never a delivery's."""
+        await self._call("record", self._backend.apply(list(changes)))
+
     async def record_replayed(self, job_id: str) -> None:
         change = c.Change(job_id, c.REPLAYED, clock.now())
         await self._call("record replayed", self._backend.apply([change]))

@@ -19,9 +19,11 @@ if TYPE_CHECKING:
 
 
 async def started(app: App, flow: str) -> None:
-    """The workflow's first messages are about to be published."""
-    await app.jobs.record_queued(flow)
-    app.jobs.record(Change(flow, c.RUNNING, clock.now(), attempt=1))  # type: ignore[attr-defined]
+    """The workflow's first messages are about to be published: it is ``running`` from now,
+    written before they are, so that no step can finish while its workflow reads ``queued``."""
+    now = clock.now()
+    queued, running = Change(flow, c.QUEUED, now), Change(flow, c.RUNNING, now, attempt=1)
+    await app.jobs.write(queued, running)  # type: ignore[attr-defined]
 
 
 def succeeded(app: App, flow: str, result: bytes | None) -> None:
