@@ -27,7 +27,7 @@ from tests.support.outbox import EXCHANGE, Sink, count_rows, outbox_in_own_schem
 from tests.support.processes import ROOT, run_cli
 from tests.support.services import POSTGRES_URL
 from tests.support.topology import app_for
-from tests.support.waiting import wait_for
+from tests.support.waiting import eventually, wait_for
 from tests.support.worker import running
 
 pytestmark = pytest.mark.broker
@@ -354,11 +354,8 @@ async def test_a_job_enqueued_through_the_outbox_exists_once_committed(vhost_url
         assert job.id == "report-1"
         async with outbox.relaying(app):
             await sink.wait_for_ids(["report-1"])
-            for _ in range(100):
-                status = await app.jobs.get("report-1")
-                if status is not None:
-                    break
-                await asyncio.sleep(0.02)
+            # The relay records the job after the broker confirmed its message.
+            status = await eventually(lambda: app.jobs.get("report-1"), "report-1's status", 10)
             await asyncio.sleep(1.2)
         await app.close()
         assert sink.ids == ["report-1"]
