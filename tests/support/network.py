@@ -73,19 +73,14 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-def free_port(ports: range | None = None) -> int:
-    """A port nothing listens on (yet): a connection to it is refused at once. The first free
-    one of ``ports`` when given (a private range: tests in parallel take the others)."""
-    for port in ports or (0,):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            chosen: int = sock.getsockname()[1]
-            return chosen
-    raise RuntimeError(f"no free port in {ports}")
+def free_port() -> int:
+    """A port nothing listens on (yet): a connection to it is refused at once. For a server a
+    test kills and starts again on the same port, :class:`PortLease`."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 class PortLease:
@@ -96,7 +91,8 @@ class PortLease:
 
     def __init__(self, ports: range) -> None:
         for port in ports:
-            lock = Path(tempfile.gettempdir(), f"rabbitflow-test-port-{port}.lock").open("wb")  # noqa: SIM115 (held until release)
+            path = Path(tempfile.gettempdir(), f"rabbitflow-test-port-{port}.lock")
+            lock = path.open("wb")  # held until release(), not closed here
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
