@@ -433,7 +433,14 @@ class _Reader:
     another channel gives its messages back, or it would take them again (see below); and
     (3) the channels give their messages back one after the other, in the order they were read
     (``close`` waits for the broker to count each batch as ready again before closing the
-    next channel; this also means the queue is settled when the operation returns).
+    next channel; this also means the queue is settled when the operation returns); and (4)
+    no delivery is still on its way when the messages are given back. An ack frees the
+    consumer's prefetch, so the queue sends the next message at once, and a consumer opened
+    on a filter gets the whole queue: a message the queue has sent that has not reached the
+    channel yet is missed by the ``basic.nack`` and comes back on its own, at the head, when
+    the channel closes (seen on 4.3.6: ``m-4, m-3, m-5`` after moving ``m-1, m-2``). So
+    ``close`` first waits until the open window is full or holds every message counted at
+    the start.
 
     One consumer holds at most its prefetch count of unacked messages, a 16-bit field. When it
     is full, another window (channel and consumer) is opened, sized to the messages still to
@@ -494,12 +501,16 @@ class _Reader:
         try:
             while self._last_redelivered and await self.next() is not None:
                 pass  # held: see (1) in the class docstring
-            if len(self._windows) > 1:
-                await _until(self._windows[-1].filled)  # (2)
+            await _until(self._in_hand)  # (2) and (4)
             await self._give_back()
         finally:
             for window in self._windows:
                 await window.close()
+
+    async def _in_hand(self) -> bool:
+        """Every delivery the broker can have sent has arrived: the open window is full, or
+        every message counted at the start has been delivered."""
+        return self._active is None or self._active.full or self._delivered >= self._expected
 
     async def _give_back(self) -> None:
         if not self._windows:
@@ -552,9 +563,6 @@ class _Window:
     @property
     def full(self) -> bool:
         return self.held >= self.capacity
-
-    async def filled(self) -> bool:
-        return self.full
 
     async def close(self) -> None:
         if self.channel.is_closed:
