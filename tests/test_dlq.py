@@ -382,8 +382,11 @@ def test_replay_select_from_python_moves_the_picked_messages_as_plain_copies(
 
 
 @pytest.mark.broker
-def test_replay_limit_moves_the_oldest_first(vhost_url: str) -> None:
-    seed(vhost_url, list(two_error_types(5)))
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_replay_limit_moves_the_oldest_first(vhost_url: str, queue_type: str) -> None:
+    # The messages left behind keep their order: on 4.3 a quorum DLQ gets them back by one
+    # basic.nack, which must not miss the ones the moved messages' acks have just let through.
+    seed(vhost_url, list(two_error_types(5)), queue_type)
 
     result = invoke("dlq", "replay", Q, "--limit", "2", "--url", vhost_url)
 
